@@ -1,0 +1,528 @@
+"""Uniform, learned-step-size and binary quantizers with straight-through gradients.
+
+Every quantizer here is a pure function of arrays, safe under ``jax.jit``,
+``jax.vmap`` and ``jax.grad``. Conventions used throughout trquant:
+
+* ``scale`` is the *step size* of the integer grid: ``codes = clip(round(x /
+  scale), lo, hi)`` and the dequantized value is ``scale * codes``.
+* Grid for ``b`` bits: signed ``[-2^(b-1), 2^(b-1) - 1]``; signed and narrow
+  ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; unsigned ``[0, 2^b - 1]``. ``bits=1`` with
+  ``signed=True`` is binary: codes ``sign(x)`` in ``{-1, +1}`` (``sign(0) = +1``).
+  The clipping bound is the last grid point itself (``hi * scale``), not
+  ``(hi + 0.5) * scale`` as some libraries use.
+* ``scale`` broadcasts against ``x``: a scalar for per-tensor quantization or a
+  keep-dims array (e.g. shape ``(1, out)`` for a Flax ``(in, out)`` kernel) for
+  per-channel quantization. It may not enlarge ``x``'s shape.
+* Rounding is round-half-to-even (``jnp.round``).
+
+References:
+  Esser et al., `Learned Step Size Quantization <https://arxiv.org/abs/1902.08153>`_, ICLR 2020.
+  Lee et al., `Scheduling Weight Transitions for Quantization-Aware Training
+  <https://arxiv.org/abs/2404.19248>`_, ICCV 2025 (Eq. 13).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Axis = Optional[Union[int, Sequence[int]]]
+
+MAX_BITS = 16
+
+
+def _check_bits(bits, name: str = "bits") -> int:
+  if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Integral):
+    raise ValueError(f"`{name}` must be a Python int in [1, {MAX_BITS}], got {bits!r}.")
+  bits = int(bits)
+  if not 1 <= bits <= MAX_BITS:
+    raise ValueError(f"`{name}` must be in [1, {MAX_BITS}], got {bits}.")
+  return bits
+
+
+def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
+  """Returns the integer grid ``(lo, hi)`` for a bit width.
+
+  Args:
+    bits: bit width, an int in ``[1, 16]``.
+    signed: signed (weights) or unsigned (post-ReLU activations) grid.
+    narrow: drop the most negative signed code, making the grid symmetric
+      (``bits=2, narrow=True`` is ternary ``{-1, 0, 1}``).
+
+  Returns:
+    ``(lo, hi)`` as Python ints. ``bits=1, signed=True`` gives ``(-1, 1)``:
+    the binary grid ``{-1, +1}``.
+
+  Example:
+    >>> import trquant
+    >>> trquant.quant_range(4)
+    (-8, 7)
+    >>> trquant.quant_range(4, signed=False)
+    (0, 15)
+  """
+  bits = _check_bits(bits)
+  if not signed:
+    if narrow:
+      raise ValueError("`narrow=True` only applies to signed grids (signed=True).")
+    return 0, 2**bits - 1
+  if bits == 1:
+    if narrow:
+      raise ValueError("`narrow=True` is meaningless for binary (bits=1) quantization.")
+    return -1, 1
+  hi = 2 ** (bits - 1) - 1
+  return (-hi if narrow else -hi - 1), hi
+
+
+def _check_scale(x, scale, name: str = "scale"):
+  """Validates `scale` (shape always; value when it is a concrete host number)."""
+  if isinstance(scale, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be a positive number or array, got {scale!r}.")
+  if isinstance(scale, numbers.Number):
+    if not math.isfinite(float(scale)) or float(scale) <= 0:
+      raise ValueError(f"`{name}` must be positive and finite, got {scale!r}.")
+  elif isinstance(scale, np.ndarray):
+    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
+      raise ValueError(f"`{name}` must be positive and finite everywhere; got min {scale.min()!r}.")
+  scale_shape = np.shape(scale)
+  x_shape = np.shape(x)
+  try:
+    out_shape = np.broadcast_shapes(x_shape, scale_shape)
+  except ValueError:
+    out_shape = None
+  if out_shape != tuple(x_shape):
+    raise ValueError(
+        f"`{name}` of shape {scale_shape} does not broadcast to x of shape {x_shape}; use a"
+        " scalar for per-tensor or a keep-dims array (e.g. init_scale(..., axis=-1)) for"
+        " per-channel quantization."
+    )
+
+
+def _sum_to_shape(g, shape):
+  """Reduces a broadcast gradient back to `shape` (the reverse of broadcasting)."""
+  if g.shape == tuple(shape):
+    return g
+  lead = g.ndim - len(shape)
+  axes = tuple(range(lead)) + tuple(
+      lead + i for i, dim in enumerate(shape) if dim == 1 and g.shape[lead + i] != 1
+  )
+  return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
+
+
+def _codes(v, lo: int, hi: int):
+  """Integer codes of already-scaled values ``v = x / scale``."""
+  if lo == -1 and hi == 1:  # binary
+    return jnp.where(v >= 0, 1, -1).astype(v.dtype)
+  return jnp.clip(jnp.round(v), lo, hi)
+
+
+def _compute_dtype(x, scale):
+  return jnp.promote_types(jnp.result_type(x), jnp.result_type(scale))
+
+
+# --------------------------------------------------------------------------------------
+# Integer codes
+# --------------------------------------------------------------------------------------
+
+
+def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
+  """Integer codes ``clip(round(x / scale), lo, hi)`` of ``x``.
+
+  The codes are integer-valued but keep ``x``'s floating dtype, so they can be
+  compared, counted or dequantized without casts. Not differentiable (use
+  :func:`fake_quant` for training): its gradient is zero.
+
+  Args:
+    x: array to quantize.
+    scale: positive step size, a scalar (per-tensor) or an array that
+      broadcasts to ``x`` (per-channel).
+    bits: bit width in ``[1, 16]``; ``bits=1, signed=True`` gives binary codes.
+    signed: signed or unsigned grid (see :func:`quant_range`).
+    narrow: symmetric signed grid without the most negative code.
+
+  Returns:
+    Codes with ``x``'s shape and floating dtype.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> trquant.quantize(jnp.array([-1.0, 0.26, 0.9, 5.0]), 0.5, bits=2)
+    Array([-2.,  1.,  1.,  1.], dtype=float32)
+  """
+  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  _check_scale(x, scale)
+  x = jnp.asarray(x)
+  dtype = _compute_dtype(x, scale)
+  v = jax.lax.stop_gradient(x.astype(dtype) / jnp.asarray(scale, dtype))
+  return _codes(v, lo, hi).astype(x.dtype)
+
+
+def dequantize(codes, scale):
+  """Dequantized values ``scale * codes`` (in the floating dtype of ``codes``/``scale``).
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> trquant.dequantize(jnp.array([-2.0, 1.0]), 0.5)
+    Array([-1. ,  0.5], dtype=float32)
+  """
+  _check_scale(codes, scale)
+  codes = jnp.asarray(codes)
+  if not jnp.issubdtype(codes.dtype, jnp.floating):
+    codes = codes.astype(jnp.result_type(scale, jnp.float32))
+  return (codes * jnp.asarray(scale)).astype(_compute_dtype(codes, scale))
+
+
+def transition_rate(codes_before, codes_after):
+  """Fraction of quantized weights whose integer level changed (TR paper Eq. 5).
+
+  Args:
+    codes_before: codes (array or pytree of arrays) before an update.
+    codes_after: codes of the same structure and shapes after the update.
+
+  Returns:
+    A float32 scalar per leaf, with the structure of the inputs:
+    ``mean(codes_after != codes_before)``.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> trquant.transition_rate(jnp.array([0., 1., 1., -1.]), jnp.array([0., 1., 0., -1.]))
+    Array(0.25, dtype=float32)
+  """
+  before_def = jax.tree.structure(codes_before)
+  after_def = jax.tree.structure(codes_after)
+  if before_def != after_def:
+    raise ValueError(
+        "`codes_before` and `codes_after` must have the same tree structure; got"
+        f" {before_def} and {after_def}."
+    )
+
+  def rate(before, after):
+    if np.shape(before) != np.shape(after):
+      raise ValueError(
+          f"codes shapes differ: {np.shape(before)} before and {np.shape(after)} after."
+      )
+    return jnp.mean(jnp.asarray(before) != jnp.asarray(after), dtype=jnp.float32)
+
+  return jax.tree.map(rate, codes_before, codes_after)
+
+
+# --------------------------------------------------------------------------------------
+# Straight-through estimators
+# --------------------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def round_ste(x):
+  """``round(x)`` whose gradient is the identity (straight-through estimator).
+
+  Example:
+    >>> import jax, trquant
+    >>> jax.grad(trquant.round_ste)(0.3)
+    Array(1., dtype=float32, weak_type=True)
+  """
+  return jnp.round(x)
+
+
+def _round_ste_fwd(x):
+  return jnp.round(x), None
+
+
+def _round_ste_bwd(_, g):
+  return (g,)
+
+
+round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _fake_quant(x, scale, lo: int, hi: int):
+  dtype = _compute_dtype(x, scale)
+  scale_c = scale.astype(dtype)
+  return (scale_c * _codes(x.astype(dtype) / scale_c, lo, hi)).astype(x.dtype)
+
+
+def _fake_quant_fwd(x, scale, lo, hi):
+  return _fake_quant(x, scale, lo, hi), (x, scale)
+
+
+def _fake_quant_bwd(lo, hi, residuals, g):
+  x, scale = residuals
+  dtype = _compute_dtype(x, scale)
+  v = x.astype(dtype) / scale.astype(dtype)
+  g = g.astype(dtype)
+  below, above = v < lo, v > hi
+  inside = ~(below | above)
+  grad_x = jnp.where(inside, g, 0).astype(x.dtype)
+  # LSQ: d(scale * codes)/d scale = codes - v inside the range, lo / hi outside.
+  dq_dscale = jnp.where(below, lo, jnp.where(above, hi, _codes(v, lo, hi) - v))
+  grad_scale = _sum_to_shape(g * dq_dscale, scale.shape).astype(scale.dtype)
+  return grad_x, grad_scale
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
+
+
+def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
+  """Quantize-dequantize with straight-through gradients.
+
+  Forward: ``scale * clip(round(x / scale), lo, hi)``. Backward: the gradient
+  w.r.t. ``x`` is passed straight through inside the clipping range
+  ``[lo * scale, hi * scale]`` and is zero outside; ``scale`` gets the LSQ
+  gradient (``round(v) - v`` inside, ``lo`` below, ``hi`` above, with
+  ``v = x / scale``), summed over the elements that share it. No gradient
+  scaling is applied; see :func:`lsq` for that.
+
+  Args:
+    x: array to quantize (any floating dtype; the output keeps it).
+    scale: positive step size, scalar or broadcastable keep-dims array.
+    bits: bit width in ``[1, 16]``; ``bits=1, signed=True`` gives
+      ``scale * sign(x)`` with gradient mask ``|x| <= scale``.
+    signed: signed or unsigned grid.
+    narrow: symmetric signed grid.
+
+  Returns:
+    The fake-quantized array, same shape and dtype as ``x``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, trquant
+    >>> x = jnp.array([-0.7, 0.2, 3.0])
+    >>> trquant.fake_quant(x, 0.5, bits=2)
+    Array([-0.5,  0. ,  0.5], dtype=float32)
+    >>> jax.grad(lambda x: trquant.fake_quant(x, 0.5, bits=2).sum())(x)
+    Array([1., 1., 0.], dtype=float32)
+  """
+  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  _check_scale(x, scale)
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"`x` must have a floating dtype to be fake-quantized, got {x.dtype}.")
+  scale = jnp.asarray(scale)
+  if not jnp.issubdtype(scale.dtype, jnp.floating):
+    scale = scale.astype(x.dtype)
+  return _fake_quant(x, scale, lo, hi)
+
+
+def _grad_scaled(scale, grad_scale):
+  """Value of ``scale`` whose gradient is multiplied by ``grad_scale``."""
+  return scale * grad_scale + jax.lax.stop_gradient(scale - scale * grad_scale)
+
+
+def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_scale=None):
+  """Learned step size quantization (LSQ): :func:`fake_quant` with a scaled step-size gradient.
+
+  The step size's gradient is multiplied by ``grad_scale`` (default
+  ``1 / sqrt(N * hi)``, N = number of elements of ``x`` that share one step
+  size, i.e. ``x.size // scale.size``), applied as
+  ``s * g + stop_gradient(s - s * g)`` so the forward value is unchanged. For
+  activations the LSQ paper uses N = features per example: pass
+  ``grad_scale=1 / sqrt(features * hi)`` explicitly.
+
+  Args:
+    x: array to quantize.
+    scale: learnable positive step size (scalar or keep-dims array).
+    bits: bit width in ``[1, 16]``.
+    signed: signed or unsigned grid.
+    narrow: symmetric signed grid.
+    grad_scale: multiplier of the step size gradient, or None for LSQ's default.
+
+  Returns:
+    The fake-quantized array, same shape and dtype as ``x``.
+
+  References:
+    Esser et al., `Learned Step Size Quantization <https://arxiv.org/abs/1902.08153>`_, 2020.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, trquant
+    >>> w = jnp.linspace(-1.0, 1.0, 16)
+    >>> s = trquant.init_scale(w, bits=4, method="lsq")
+    >>> jax.grad(lambda s: trquant.lsq(w, s, bits=4).sum())(s).shape
+    ()
+  """
+  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  _check_scale(x, scale)
+  if grad_scale is None:
+    shares = max(int(np.size(x)) // max(int(np.size(scale)), 1), 1)
+    grad_scale = 1.0 / math.sqrt(shares * max(hi, 1))
+  elif isinstance(grad_scale, numbers.Number) and not float(grad_scale) > 0:
+    raise ValueError(f"`grad_scale` must be positive, got {grad_scale!r}.")
+  scale = jnp.asarray(scale)
+  return fake_quant(x, _grad_scaled(scale, grad_scale), bits=bits, signed=signed, narrow=narrow)
+
+
+def binarize(x, scale=None):
+  """Binary quantization ``scale * sign(x)`` (``sign(0) = +1``) with a clipped-identity STE.
+
+  The gradient w.r.t. ``x`` is passed through where ``|x| <= scale`` (``|x| <=
+  1`` without a scale) and is zero elsewhere. A given ``scale`` gets the LSQ
+  gradient of the binary grid (``sign(v) - v`` inside, ``-1``/``+1`` outside).
+  Same as ``fake_quant(x, scale, bits=1)``.
+
+  Args:
+    x: array to binarize.
+    scale: optional positive scale (scalar or keep-dims array); None means 1.
+
+  Returns:
+    Values in ``{-scale, +scale}``, same shape and dtype as ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> trquant.binarize(jnp.array([-0.3, 0.0, 2.0]))
+    Array([-1.,  1.,  1.], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  if scale is None:
+    scale = jnp.ones((), x.dtype)
+  return fake_quant(x, scale, bits=1, signed=True)
+
+
+def fake_quant_unscaled(x, scale, *, bits: int, signed: bool = True):
+  """The TR paper's quantizer (Eq. 13): normalized codes, no multiplication by the scale.
+
+  ``x_q = (1 / gamma) * round(clip(gamma * x / s, alpha, beta))`` with
+  ``(alpha, beta, gamma) = (-2^(b-1), 2^(b-1) - 1, 2^(b-1))`` for signed and
+  ``(0, 2^b - 1, 2^b)`` for unsigned inputs; binary (``bits=1``, signed) uses
+  ``sign`` and ``(-1, 1, 1)``. Here ``scale`` is trquant's step size, i.e. the
+  paper's clipping range ``s`` divided by ``gamma``, so the codes equal
+  :func:`quantize`'s and the output is ``quantize(x, scale) / gamma``, a value in
+  about ``[-1, 1]`` independent of the scale. It relies on a normalization
+  layer (BatchNorm) after the layer to restore magnitudes.
+
+  Gradients: rounding is straight-through; the clip and the division are
+  differentiated exactly, so ``x`` gets ``1 / (gamma * scale)`` inside the range
+  and the scale ``-x / (gamma * scale^2)`` inside, zero outside.
+
+  Args:
+    x: array to quantize.
+    scale: positive step size (``s / gamma`` in the paper's notation).
+    bits: bit width in ``[1, 16]``.
+    signed: weights (signed) or post-ReLU activations (unsigned).
+
+  Returns:
+    Normalized quantized values, same shape and dtype as ``x``.
+
+  References:
+    Lee et al., `Scheduling Weight Transitions for Quantization-Aware Training
+    <https://arxiv.org/abs/2404.19248>`_, ICCV 2025, Eq. 13.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> trquant.fake_quant_unscaled(jnp.array([-1.0, 0.3, 5.0]), 0.25, bits=2)
+    Array([-1. ,  0.5,  0.5], dtype=float32)
+  """
+  lo, hi = quant_range(bits, signed=signed)
+  _check_scale(x, scale)
+  x = jnp.asarray(x)
+  dtype = _compute_dtype(x, scale)
+  v = x.astype(dtype) / jnp.asarray(scale, dtype)
+  if lo == -1 and hi == 1:
+    clipped = jnp.clip(v, -1.0, 1.0)
+    codes = clipped + jax.lax.stop_gradient(_codes(v, lo, hi) - clipped)
+    return codes.astype(x.dtype)
+  gamma = 2 ** (bits - 1) if signed else 2**bits
+  return (round_ste(jnp.clip(v, lo, hi)) / gamma).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Scale initialisation
+# --------------------------------------------------------------------------------------
+
+INIT_METHODS = ("lsq", "std3", "absmax", "mse")
+
+
+def _reduce_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
+  """Axes to reduce over when `axis` (keep-dims, per-channel) is kept."""
+  if axis is None:
+    return tuple(range(ndim))
+  kept = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+  normalized = set()
+  for a in kept:
+    if not isinstance(a, numbers.Integral) or not -ndim <= a < ndim:
+      raise ValueError(f"`axis` {axis!r} is out of range for an array of rank {ndim}.")
+    normalized.add(int(a) % ndim)
+  return tuple(i for i in range(ndim) if i not in normalized)
+
+
+def init_scale(
+    x,
+    *,
+    bits: int,
+    method: str = "lsq",
+    axis: Axis = None,
+    signed: bool = True,
+    narrow: bool = False,
+    num_candidates: int = 100,
+):
+  """Initial step size for quantizing ``x``.
+
+  Args:
+    x: the tensor to be quantized (a weight, or a batch of activations).
+    bits: bit width in ``[1, 16]``.
+    method: ``"lsq"``: ``2 * mean(|x|) / sqrt(hi)`` (LSQ paper);
+      ``"std3"``: clipping range ``3 * std(x)`` mapped onto the grid,
+      ``3 * std(x) / gamma`` with ``gamma = 2^(b-1)`` signed or ``2^b``
+      unsigned (the TR paper's initialisation);
+      ``"absmax"``: ``max(|x|) / hi`` (no clipping);
+      ``"mse"``: grid search over ``num_candidates`` clipping ranges
+      ``c * max(|x|)``, ``c`` in ``(0, 1]``, minimising the mean squared
+      quantization error. For binary (``bits=1, signed=True``) every method
+      returns ``mean(|x|)``, the error-minimising binary scale.
+    axis: None for one per-tensor scale, or the axis (axes) to keep for
+      per-channel scales, e.g. ``axis=-1`` for the output channels of a Flax
+      kernel. The result keeps reduced dimensions, so it broadcasts to ``x``.
+    signed: signed or unsigned grid.
+    narrow: symmetric signed grid.
+    num_candidates: number of clipping ranges tried by ``"mse"``.
+
+  Returns:
+    A float32 positive step size: a scalar, or a keep-dims array when ``axis``
+    is given. Zero tensors get a tiny positive scale instead of zero.
+
+  Example:
+    >>> import jax, trquant
+    >>> w = jax.random.normal(jax.random.key(0), (64, 8))
+    >>> trquant.init_scale(w, bits=4, method="mse", axis=-1).shape
+    (1, 8)
+  """
+  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  if method not in INIT_METHODS:
+    raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
+  if not isinstance(num_candidates, numbers.Integral) or num_candidates < 1:
+    raise ValueError(f"`num_candidates` must be a positive int, got {num_candidates!r}.")
+  x = jnp.asarray(x, jnp.float32)
+  if x.size == 0:
+    raise ValueError("`x` is empty: cannot initialise a scale from no values.")
+  axes = _reduce_axes(x.ndim, axis)
+  keep = axis is not None
+  abs_x = jnp.abs(x)
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def reduce(fn, value):
+    out = fn(value, axis=axes, keepdims=keep)
+    return out if keep else out.reshape(())
+
+  if lo == -1 and hi == 1:  # binary
+    scale = reduce(jnp.mean, abs_x)
+  elif method == "lsq":
+    scale = 2.0 * reduce(jnp.mean, abs_x) / math.sqrt(hi)
+  elif method == "std3":
+    gamma = 2 ** (bits - 1) if signed else 2**bits
+    scale = 3.0 * reduce(jnp.std, x) / gamma
+  elif method == "absmax":
+    scale = reduce(jnp.max, abs_x) / hi
+  else:
+    absmax = reduce(jnp.max, abs_x)
+    fractions = jnp.arange(1, num_candidates + 1, dtype=jnp.float32) / num_candidates
+
+    def error(fraction):
+      step = jnp.maximum(fraction * absmax / hi, tiny)
+      x_q = step * jnp.clip(jnp.round(x / step), lo, hi)
+      return reduce(jnp.mean, jnp.square(x_q - x))
+
+    errors = jax.lax.map(error, fractions)  # (num_candidates, *scale_shape)
+    best = jnp.argmin(errors, axis=0)
+    scale = fractions[best] * absmax / hi
+  return jnp.maximum(scale, tiny).astype(jnp.float32)

@@ -1,0 +1,373 @@
+"""Transition-rate (TR) scheduling: a transition-adaptive learning rate (TALR) as an optax transform.
+
+Chained after an optimizer, :func:`tr_schedule` rescales the optimizer's final
+step of each quantized weight tensor by a dimensionless multiplier ``u`` so that
+the running fraction of quantized weights that change level per step (the
+transition rate) follows a target schedule.
+
+References:
+  Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
+  Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+CodesFn = Callable[[Any], Any]
+# (multiplier u, target R_t, running TR K_{t-1}, gain eta, previous target R_{t-1}) -> new u
+Controller = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+_NO_PARAMS_MSG = (
+    "tr_schedule needs the current parameters to count transitions: call"
+    " `tx.update(updates, state, params)`. optax.chain, optax.partition and"
+    " nnx.Optimizer pass them for you."
+)
+
+
+class TransitionRateState(NamedTuple):
+  """State of :func:`tr_schedule`.
+
+  Per-group vectors have one entry per quantized leaf of ``codes_fn(params)``
+  in tree-flatten order (``per_layer=True``), or a single entry for all
+  quantized weights together (``per_layer=False``). No copy of the weights or
+  of their codes is kept.
+  """
+
+  tr_step: jax.Array  # shape=(), int32: number of updates seen
+  target_transition_rate: jax.Array  # shape=(), float32: target R used at the last step
+  measured_transition_rate: jax.Array  # shape=(groups,), float32: k of the last applied update
+  running_transition_rate: jax.Array  # shape=(groups,), float32: running TR K (EMA of k)
+  talr_multiplier: jax.Array  # shape=(groups,), float32: TALR multiplier u applied at the last step
+
+
+# ---------------------------------------------------------------------------------------
+# Controllers: (u, R_t, K_{t-1}, eta, R_{t-1}) -> new multiplier, on float32 vectors.
+# ---------------------------------------------------------------------------------------
+
+
+def _additive(u, target, running, eta, previous_target):
+  del previous_target
+  # TR paper Eq. 11 in units of the initial LR: U/U_0 += (eta_abs/U_0) * (R - K).
+  return jnp.maximum(u + eta * (target - running), 0.0)
+
+
+def _momentum(u, target, running, eta, previous_target):
+  del previous_target
+  # Public reference code: u = m*u + (1-m)*u*R/K with m = 1 - eta. K = 0 (nothing
+  # moves) would divide by zero; the ratio is capped instead, see max_scale.
+  ratio = target / jnp.maximum(running, jnp.finfo(jnp.float32).tiny)
+  return u * (1.0 - eta) + eta * u * jnp.minimum(ratio, 1e6)
+
+
+def _log(u, target, running, eta, previous_target):
+  # Scale-free: the relative error moves log(u) by at most eta per step. With a
+  # zero target every transition counts as the full error -1.
+  safe_target = jnp.where(target > 0, target, 1.0)
+  rel_error = jnp.where(target > 0, (target - running) / safe_target, -(running > 0).astype(jnp.float32))
+  # Feed-forward: the rate scales about linearly with the step size, so a target
+  # that moves by a factor moves u by the same factor (bounded per step).
+  ratio = jnp.where(previous_target > 0, target / jnp.where(previous_target > 0, previous_target, 1.0), 1.0)
+  return u * jnp.clip(ratio, 0.5, 2.0) * jnp.exp(eta * jnp.clip(rel_error, -1.0, 1.0))
+
+
+CONTROLLERS = {"log": _log, "additive": _additive, "momentum": _momentum}
+DEFAULT_ETA = {"log": 0.005, "additive": 1.0, "momentum": 0.01}
+
+
+def _is_none(x) -> bool:
+  return x is None
+
+
+def _path_str(path) -> str:
+  return jax.tree_util.keystr(path) or "<root>"
+
+
+def _match_codes(codes, params):
+  """Matches the output of codes_fn (arrays or shape structs) against params.
+
+  Returns the treedef of the codes tree (None treated as a leaf) and, for each
+  of its leaves, whether it is quantized. Raises a ValueError naming the first
+  mismatching tree path.
+  """
+  codes_with_path, codes_def = jax.tree_util.tree_flatten_with_path(codes, is_leaf=_is_none)
+  param_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+  quantized = []
+  for path, leaf in codes_with_path:
+    if leaf is None:
+      quantized.append(False)
+      continue
+    if path not in param_leaves:
+      raise ValueError(
+          f"codes_fn(params) returned codes at {_path_str(path)}, which is not a leaf of params."
+          " Return a tree with the structure of params (or a prefix of it) and None for"
+          " leaves that are not quantized."
+      )
+    param_shape = np.shape(param_leaves[path])
+    if tuple(leaf.shape) != tuple(param_shape):
+      raise ValueError(
+          f"codes_fn(params) returned codes of shape {tuple(leaf.shape)} at"
+          f" {_path_str(path)}, but the parameter there has shape {tuple(param_shape)}."
+      )
+    quantized.append(True)
+  try:
+    codes_def.flatten_up_to(params)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        "codes_fn(params) must return a tree with the structure of params (or a prefix of"
+        f" it), with None for leaves that are not quantized: {error}"
+    ) from error
+  return codes_def, quantized
+
+
+def _flatten_like(codes_def, tree, name: str):
+  try:
+    return codes_def.flatten_up_to(tree)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        f"`{name}` does not have the structure of params (as seen by codes_fn): {error}"
+    ) from error
+
+
+def _validate_positive(name: str, value, allow_zero: bool = False):
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be a number, got {value!r}.")
+  if isinstance(value, numbers.Number):
+    value = float(value)
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+      bound = "non-negative" if allow_zero else "positive"
+      raise ValueError(f"`{name}` must be {bound} and finite, got {value!r}.")
+
+
+def tr_schedule(
+    target_tr: Union[float, optax.Schedule],
+    *,
+    codes_fn: CodesFn,
+    controller: Union[str, Controller] = "log",
+    eta: Optional[float] = None,
+    momentum: float = 0.99,
+    per_layer: bool = True,
+    init_scale: float = 1.0,
+    max_scale: Optional[float] = 1e3,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Schedules the transition rate of quantized weights with a transition-adaptive LR.
+
+  Place it after an optimizer: ``optax.chain(optax.adam(1e-3), tr_schedule(...))``.
+  The incoming update of each quantized leaf is the optimizer's final step
+  ``-lr * direction``; it is multiplied by that layer's TALR multiplier ``u``
+  (dimensionless, starting at ``init_scale``), so the effective learning rate is
+  ``u * lr``. Leaves that ``codes_fn`` marks as not quantized (``None``) pass
+  through unchanged; give them their own schedule with ``optax.partition``.
+
+  At step ``t`` (``t = tr_step``, starting at 0), with target ``R_t = target_tr(t)``:
+
+  1. ``u_t = controller(u_{t-1}, R_t, K_{t-1})`` with ``u_{-1} = init_scale``,
+     ``K_{-1} = R_0`` (as in the reference code) and ``R_{-1} = R_0``, so the
+     first step uses ``init_scale``;
+  2. the update ``u_t * update`` is returned;
+  3. ``k_t = mean(codes_fn(params + u_t * update) != codes_fn(params))`` per
+     quantized leaf (the transitions this very update causes, counted with
+     ``optax.apply_updates``' arithmetic), and ``K_t = m * K_{t-1} + (1 - m) * k_t``.
+
+  So the multiplier applied at step ``t`` reacts to the target of step ``t`` and
+  to every transition caused up to step ``t - 1``: the ordering of the paper's
+  Eqs. 10-12, where ``K_t`` counts the transitions caused by update ``t - 1``.
+  ``u_t``, ``K_t``, ``k_t`` and ``R_t`` are what the state holds after step ``t``.
+
+  Controllers (``eta`` is the gain; None picks the default listed):
+
+  * ``"log"`` (default, ``eta=0.005``):
+    ``u <- u * clip(R_t / R_{t-1}, 1/2, 2) * exp(eta * clip((R_t - K) / R_t, -1, 1))``.
+    Scale-free: one gain tracks small and large targets, for SGD and Adam. The
+    feed-forward factor ``R_t / R_{t-1}`` (the transition rate scales roughly
+    linearly with the step size) removes the lag an integral rule has on a
+    moving target such as a cosine; the feedback term moves ``u`` by at most a
+    factor ``e^eta`` per step. A zero target drives ``u`` towards 0 (frozen
+    weights).
+  * ``"additive"`` (paper Eq. 11, ``eta=1``): ``u <- max(0, u + eta * (R - K))``.
+    Here ``u = U / U_0``, so ``eta = 1`` is the paper's ``eta = U_0``. Because
+    ``R - K`` is of the order of the target (1e-3), ``u`` moves by about 1e-3 per
+    step and may not reach the target within a short run.
+  * ``"momentum"`` (public reference code, ``eta=0.01``): ``u <- (1 - eta) * u +
+    eta * u * R / K``, i.e. momentum ``1 - eta = 0.99``.
+  * a callable ``(u, R_t, K_{t-1}, eta, R_{t-1}) -> new u`` on float32 arrays
+    (``u`` and ``K`` have one entry per group, ``R`` and ``eta`` are scalars).
+
+  The result is clipped to ``[0, max_scale]``.
+
+  Non-finite updates: when a quantized leaf's incoming update has a NaN or
+  inf, that layer's ``u``, ``K`` and ``k`` keep their previous values for the
+  step (all layers with ``per_layer=False``), so the state stays finite. The
+  returned update is still ``u * update``, non-finite values included: wrap the
+  whole chain in ``optax.apply_if_finite`` to skip such steps.
+
+  Args:
+    target_tr: target transition rate, a float or an optax schedule
+      ``step -> rate`` (e.g. ``optax.cosine_decay_schedule(5e-3, total_steps)``).
+    codes_fn: ``params -> tree`` of the integer codes of each quantized weight
+      (e.g. ``trquant.quantize(w, frozen_scale, bits=2)``), with the structure of
+      ``params`` or a prefix of it, and ``None`` for leaves (or subtrees) that are
+      not quantized. It must be jit-traceable. Weight scales should be frozen
+      (the paper's footnote 2): a moving scale changes codes with no update.
+    controller: ``"log"``, ``"additive"``, ``"momentum"`` or a callable.
+    eta: controller gain; None for the controller's default.
+    momentum: ``m`` of the running transition rate, in ``[0, 1)``.
+    per_layer: one multiplier per quantized leaf (True, as in the paper), or one
+      global multiplier and running TR over all quantized weights, weighted by
+      their counts (False).
+    init_scale: initial multiplier ``u`` (1 = the optimizer's own LR).
+    max_scale: upper bound on ``u`` (None for no bound).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``. Its state is a
+    :class:`TransitionRateState`; read its fields with ``optax.tree.get``.
+
+  Raises:
+    ValueError: on invalid arguments, when ``params`` is not passed to
+      ``update``, or when ``codes_fn(params)`` does not match ``params``.
+
+  References:
+    Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
+    Training <https://arxiv.org/abs/2404.19248>`_, ICCV 2025, Eqs. 5, 10-12.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, trquant
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (16, 4)), "b": jnp.zeros(4)}
+    >>> scale = trquant.init_scale(params["w"], bits=2)
+    >>> codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=2), "b": None}
+    >>> tx = optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn))
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> optax.tree.get(state, "talr_multiplier").shape
+    (1,)
+  """
+  if isinstance(controller, str):
+    if controller not in CONTROLLERS:
+      raise ValueError(
+          f"`controller` must be one of {tuple(CONTROLLERS)} or a callable, got {controller!r}."
+      )
+    control = CONTROLLERS[controller]
+    if eta is None:
+      eta = DEFAULT_ETA[controller]
+  elif callable(controller):
+    control = controller
+    if eta is None:
+      raise ValueError("`eta` must be given with a custom controller callable.")
+  else:
+    raise ValueError(f"`controller` must be a string or a callable, got {controller!r}.")
+  if not callable(codes_fn):
+    raise ValueError(f"`codes_fn` must be a callable params -> codes tree, got {codes_fn!r}.")
+  if not callable(target_tr):
+    _validate_positive("target_tr", target_tr, allow_zero=True)
+    if isinstance(target_tr, numbers.Number) and target_tr > 1:
+      raise ValueError(f"`target_tr` is a fraction of weights per step, <= 1; got {target_tr}.")
+  _validate_positive("eta", eta)
+  _validate_positive("init_scale", init_scale, allow_zero=True)
+  if isinstance(momentum, numbers.Number) and not 0.0 <= float(momentum) < 1.0:
+    raise ValueError(f"`momentum` must be in [0, 1), got {momentum!r}.")
+  if max_scale is not None:
+    _validate_positive("max_scale", max_scale)
+  if not isinstance(per_layer, (bool, np.bool_)):
+    raise ValueError(f"`per_layer` must be a bool, got {per_layer!r}.")
+
+  def target_at(step):
+    value = target_tr(step) if callable(target_tr) else target_tr
+    return jnp.asarray(value, jnp.float32)
+
+  def num_groups(quantized) -> int:
+    return sum(quantized) if per_layer else 1
+
+  def init_fn(params):
+    if params is None:
+      raise ValueError(_NO_PARAMS_MSG)
+    _, quantized = _match_codes(jax.eval_shape(codes_fn, params), params)
+    groups = num_groups(quantized)
+    if groups == 0:
+      raise ValueError(
+          "codes_fn(params) marks no leaf as quantized (all None): tr_schedule has nothing"
+          " to schedule. Return codes for the quantized weights."
+      )
+    target = target_at(jnp.zeros([], jnp.int32))
+    return TransitionRateState(
+        tr_step=jnp.zeros([], jnp.int32),
+        target_transition_rate=target,
+        measured_transition_rate=jnp.zeros([groups], jnp.float32),
+        running_transition_rate=jnp.full([groups], target, jnp.float32),
+        talr_multiplier=jnp.full([groups], init_scale, jnp.float32),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(_NO_PARAMS_MSG)
+    codes_before = codes_fn(params)
+    codes_def, quantized = _match_codes(codes_before, params)
+    groups = num_groups(quantized)
+    if state.talr_multiplier.shape != (groups,):
+      raise ValueError(
+          f"tr_schedule state has {state.talr_multiplier.shape[0]} groups but codes_fn(params)"
+          f" now gives {groups}: the quantized leaves changed since init."
+      )
+    update_slots = _flatten_like(codes_def, updates, "updates")
+    group_of = np.cumsum(quantized) - 1 if per_layer else np.zeros(len(quantized), int)
+
+    # 1. Controller: u_t from u_{t-1}, R_t and K_{t-1}.
+    target = target_at(state.tr_step)
+    multiplier = control(
+        state.talr_multiplier,
+        target,
+        state.running_transition_rate,
+        jnp.asarray(eta, jnp.float32),
+        state.target_transition_rate,
+    )
+    upper = jnp.inf if max_scale is None else max_scale
+    multiplier = jnp.clip(multiplier.astype(jnp.float32), 0.0, upper)
+
+    # 2. Scale the quantized updates; the rest pass through untouched.
+    scaled_slots = []
+    for slot, (update, is_quantized) in enumerate(zip(update_slots, quantized)):
+      if is_quantized:
+        factor = multiplier[group_of[slot]]
+        update = (factor * update).astype(jnp.result_type(update))
+      scaled_slots.append(update)
+    scaled_updates = codes_def.unflatten(scaled_slots)
+
+    # 3. Count the transitions this update causes, with the arithmetic of apply_updates.
+    new_params = optax.apply_updates(params, scaled_updates)
+    codes_after = codes_def.flatten_up_to(codes_fn(new_params))
+    changed, total, finite = [], [], []
+    for before, after, update, is_quantized in zip(
+        codes_def.flatten_up_to(codes_before), codes_after, update_slots, quantized
+    ):
+      if is_quantized:
+        changed.append(jnp.sum(before != after, dtype=jnp.float32))
+        total.append(float(np.size(before)))
+        finite.append(jnp.all(jnp.isfinite(update)))
+    changed, finite = jnp.stack(changed), jnp.stack(finite)
+    total = np.asarray(total, np.float32)
+    if per_layer:
+      measured = changed / np.maximum(total, 1.0)
+    else:
+      measured = (jnp.sum(changed) / max(total.sum(), 1.0))[None]
+      finite = jnp.all(finite)[None]
+    running = momentum * state.running_transition_rate + (1.0 - momentum) * measured
+
+    new_state = TransitionRateState(
+        tr_step=optax.safe_increment(state.tr_step),
+        target_transition_rate=target,
+        measured_transition_rate=jnp.where(finite, measured, state.measured_transition_rate),
+        running_transition_rate=jnp.where(finite, running, state.running_transition_rate),
+        talr_multiplier=jnp.where(finite, multiplier, state.talr_multiplier),
+    )
+    return scaled_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
