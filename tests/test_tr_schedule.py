@@ -1,0 +1,443 @@
+"""Semantics, optax conformance and bad input of trquant.tr_schedule."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import trquant
+
+BITS = 2
+
+
+def _params(dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(0), 2)
+  return {
+      "dense": {"kernel": jax.random.normal(keys[0], (32, 16), dtype), "bias": jnp.zeros(16, dtype)},
+      "head": {"kernel": jax.random.normal(keys[1], (16, 4), dtype), "bias": jnp.zeros(4, dtype)},
+  }
+
+
+SCALES = {"dense": 0.5, "head": 0.5}
+
+
+def _codes_fn(params):
+  return {
+      name: {"kernel": trquant.quantize(layer["kernel"], SCALES[name], bits=BITS), "bias": None}
+      for name, layer in params.items()
+  }
+
+
+def _grads(params, seed=1):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten(
+      [jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+  )
+
+
+def _tx(lr=0.1, **kwargs):
+  kwargs.setdefault("codes_fn", _codes_fn)
+  return optax.chain(optax.sgd(lr), trquant.tr_schedule(kwargs.pop("target_tr", 1e-2), **kwargs))
+
+
+# ---------------------------------------------------------------------------------------
+# Semantics
+# ---------------------------------------------------------------------------------------
+
+
+def test_state_fields_and_shapes():
+  params = _params()
+  state = _tx().init(params)
+  assert optax.tree.get(state, "tr_step").dtype == jnp.int32
+  for field in ("measured_transition_rate", "running_transition_rate", "talr_multiplier"):
+    value = optax.tree.get(state, field)
+    assert value.shape == (2,) and value.dtype == jnp.float32, field
+  np.testing.assert_allclose(optax.tree.get(state, "running_transition_rate"), 1e-2)
+  np.testing.assert_allclose(optax.tree.get(state, "talr_multiplier"), 1.0)
+  assert optax.tree.get(state, "target_transition_rate").shape == ()
+  global_state = _tx(per_layer=False).init(params)
+  assert optax.tree.get(global_state, "talr_multiplier").shape == (1,)
+
+
+def test_state_holds_no_copy_of_weights():
+  state = _tx().init(_params())
+  tr_state = state[1]
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 1 + 1 + 3 * 2
+
+
+def test_first_step_scales_quantized_leaves_and_passes_others():
+  params = _params()
+  grads = _grads(params)
+  tx = optax.chain(optax.sgd(0.1), trquant.tr_schedule(1e-2, codes_fn=_codes_fn, init_scale=0.5))
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for name in params:
+    np.testing.assert_allclose(updates[name]["kernel"], -0.05 * grads[name]["kernel"], rtol=1e-6)
+    np.testing.assert_array_equal(updates[name]["bias"], -0.1 * grads[name]["bias"])
+
+
+def test_measured_rate_is_that_of_the_applied_update():
+  params = _params()
+  tx = _tx(lr=0.3)
+  state = tx.init(params)
+  updates, state = tx.update(_grads(params), state, params)
+  before, after = _codes_fn(params), _codes_fn(optax.apply_updates(params, updates))
+  expected = [float(trquant.transition_rate(before[n]["kernel"], after[n]["kernel"])) for n in sorted(params)]
+  assert min(expected) > 0
+  np.testing.assert_allclose(optax.tree.get(state, "measured_transition_rate"), expected)
+  np.testing.assert_allclose(
+      optax.tree.get(state, "running_transition_rate"), 0.99 * 1e-2 + 0.01 * np.array(expected), rtol=1e-6
+  )
+
+
+def test_global_rate_is_count_weighted():
+  params = _params()
+  tx = _tx(lr=0.3, per_layer=False)
+  updates, state = tx.update(_grads(params), tx.init(params), params)
+  before, after = _codes_fn(params), _codes_fn(optax.apply_updates(params, updates))
+  changed = sum(int(jnp.sum(before[n]["kernel"] != after[n]["kernel"])) for n in params)
+  total = sum(params[n]["kernel"].size for n in params)
+  np.testing.assert_allclose(optax.tree.get(state, "measured_transition_rate"), [changed / total], rtol=1e-6)
+
+
+def test_controller_sees_target_of_this_step_and_previous_running_rate():
+  """u_t = controller(u_{t-1}, R_t, K_{t-1}, eta, R_{t-1}): recorded through a custom rule."""
+  params = _params()
+  schedule = lambda step: 1e-2 * (step + 1)
+
+  def record(u, target, running, eta, previous_target):
+    # Encodes its inputs in u so that the state exposes them.
+    del u, eta
+    return jnp.stack([target, previous_target]) * 0 + running * 1000 + target
+
+  tx = optax.chain(optax.sgd(0.3), trquant.tr_schedule(schedule, codes_fn=_codes_fn, controller=record, eta=1.0))
+  state = tx.init(params)
+  _, state = tx.update(_grads(params), state, params)
+  # Step 0: R_0 = 0.01 and K_{-1} = R_0.
+  np.testing.assert_allclose(optax.tree.get(state, "talr_multiplier"), 0.01 * 1000 + 0.01, rtol=1e-6)
+  running_0 = np.asarray(optax.tree.get(state, "running_transition_rate"))
+  _, state = tx.update(_grads(params, 2), state, params)
+  np.testing.assert_allclose(optax.tree.get(state, "talr_multiplier"), running_0 * 1000 + 0.02, rtol=1e-5)
+  assert float(optax.tree.get(state, "target_transition_rate")) == pytest.approx(0.02)
+  assert int(optax.tree.get(state, "tr_step")) == 2
+
+
+@pytest.mark.parametrize("controller", ["log", "additive", "momentum"])
+def test_controllers_move_towards_target(controller):
+  # Running rate above the target lowers u; below it raises u.
+  params = _params()
+  for target, direction in [(1e-6, -1), (0.9, 1)]:
+    tx = _tx(lr=0.3, target_tr=target, controller=controller, momentum=0.0)
+    state = tx.init(params)
+    for seed in range(3):
+      _, state = tx.update(_grads(params, seed), state, params)
+    u = np.asarray(optax.tree.get(state, "talr_multiplier"))
+    assert np.all(np.sign(u - 1.0) == direction), (controller, target, u)
+
+
+def test_log_feed_forward_follows_target_ratio():
+  # With K equal to the target the feedback term is zero: u moves with R_t / R_{t-1}.
+  params = _params()
+  schedule = optax.piecewise_constant_schedule(1e-2, {1: 0.5})
+  tx = trquant.tr_schedule(schedule, codes_fn=_codes_fn, momentum=0.0)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  _, state = tx.update(zeros, state, params)
+  state = state._replace(running_transition_rate=jnp.full((2,), 5e-3))
+  _, state = tx.update(zeros, state, params)
+  np.testing.assert_allclose(optax.tree.get(state, "talr_multiplier"), 0.5, rtol=1e-6)
+
+
+def test_zero_target_freezes():
+  params = _params()
+  tx = _tx(lr=0.3, target_tr=0.0)
+  state = tx.init(params)
+  for seed in range(200):
+    _, state = tx.update(_grads(params, seed), state, params)
+  assert np.all(np.asarray(optax.tree.get(state, "talr_multiplier")) < 0.5)
+
+
+def test_max_scale_bounds_multiplier():
+  params = _params()
+  tx = _tx(lr=1e-6, target_tr=0.5, controller="momentum", max_scale=3.0)
+  state = tx.init(params)
+  for seed in range(50):
+    _, state = tx.update(_grads(params, seed), state, params)
+  u = np.asarray(optax.tree.get(state, "talr_multiplier"))
+  assert np.all(u <= 3.0) and np.all(np.isfinite(u))
+
+
+def test_prefix_codes_tree():
+  params = _params()
+  codes_fn = lambda p: {"dense": {"kernel": trquant.quantize(p["dense"]["kernel"], 0.5, bits=BITS), "bias": None}, "head": None}
+  tx = optax.chain(optax.sgd(0.1), trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_scale=2.0))
+  grads = _grads(params)
+  updates, state = tx.update(grads, tx.init(params), params)
+  assert optax.tree.get(state, "talr_multiplier").shape == (1,)
+  np.testing.assert_allclose(updates["dense"]["kernel"], -0.2 * grads["dense"]["kernel"], rtol=1e-6)
+  np.testing.assert_allclose(updates["head"]["kernel"], -0.1 * grads["head"]["kernel"], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite updates
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_update_keeps_state_finite(bad):
+  params = _params()
+  tx = _tx(lr=0.3, target_tr=0.2)
+  state = tx.init(params)
+  _, state = tx.update(_grads(params), state, params)
+  grads = _grads(params, 2)
+  grads["dense"]["kernel"] = grads["dense"]["kernel"].at[0, 0].set(bad)
+  updates, new_state = tx.update(grads, state, params)
+  assert not np.all(np.isfinite(updates["dense"]["kernel"]))  # documented: passed through
+  for field in ("measured_transition_rate", "running_transition_rate", "talr_multiplier"):
+    old, new = np.asarray(optax.tree.get(state, field)), np.asarray(optax.tree.get(new_state, field))
+    assert np.all(np.isfinite(new)), field
+    assert new[0] == old[0], field  # the non-finite layer ("dense", first in tree order) is skipped
+    assert new[1] != old[1], field  # the finite layer is updated
+
+
+def test_apply_if_finite_skips_whole_step():
+  params = _params()
+  tx = optax.apply_if_finite(_tx(lr=0.3), max_consecutive_errors=5)
+  state = tx.init(params)
+  grads = _grads(params)
+  grads["head"]["bias"] = grads["head"]["bias"].at[0].set(np.nan)
+  updates, new_state = tx.update(grads, state, params)
+  assert all(np.all(u == 0) for u in jax.tree.leaves(updates))
+  assert int(optax.tree.get(new_state, "tr_step")) == 0
+
+
+def test_long_run_multiplier_stays_finite_and_non_negative():
+  params = _params()
+  for controller in ("log", "additive", "momentum"):
+    tx = _tx(lr=0.05, target_tr=optax.cosine_decay_schedule(0.05, 2000), controller=controller)
+
+    def step(carry, key):
+      p, s = carry
+      updates, s = tx.update(_grads_like(p, key), s, p)
+      return (optax.apply_updates(p, updates), s), optax.tree.get(s, "talr_multiplier")
+
+    _, history = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(3), 3000))
+    history = np.asarray(history)
+    assert np.all(np.isfinite(history)) and np.all(history >= 0), controller
+
+
+def _grads_like(params, key):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
+
+
+# ---------------------------------------------------------------------------------------
+# Composition with jax and optax
+# ---------------------------------------------------------------------------------------
+
+
+def test_jit_does_not_retrace():
+  params = _params()
+  tx = _tx()
+  traces = []
+
+  @jax.jit
+  def step(p, s, g):
+    traces.append(None)
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  state = tx.init(params)
+  for seed in range(3):
+    params, state = step(params, state, _grads(params, seed))
+  assert len(traces) == 1
+
+
+def test_init_on_shape_dtype_structs():
+  params = _params()
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  abstract_state = jax.eval_shape(_tx().init, abstract)
+  concrete_state = _tx().init(params)
+  assert jax.tree.structure(abstract_state) == jax.tree.structure(concrete_state)
+  for a, c in zip(jax.tree.leaves(abstract_state), jax.tree.leaves(concrete_state)):
+    assert a.shape == c.shape and a.dtype == c.dtype
+  # init itself also accepts shape structs (it only traces codes_fn).
+  state = trquant.tr_schedule(1e-2, codes_fn=_codes_fn).init(abstract)
+  assert state.talr_multiplier.shape == (2,)
+
+
+def test_unknown_extra_args_ignored():
+  params = _params()
+  tx = trquant.tr_schedule(1e-2, codes_fn=_codes_fn)
+  updates, _ = tx.update(_grads(params), tx.init(params), params, value=jnp.ones(()), foo="bar")
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dtypes_preserved(dtype):
+  params = _params(dtype)
+  tx = optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=_codes_fn))
+  state = tx.init(params)
+  updates, new_state = jax.jit(tx.update)(_grads(params), state, params)
+  for u, p in zip(jax.tree.leaves(updates), jax.tree.leaves(params)):
+    assert u.dtype == p.dtype
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+    assert a.dtype == b.dtype and a.shape == b.shape
+
+
+def test_inject_hyperparams():
+  params = _params()
+  make = optax.inject_hyperparams(trquant.tr_schedule, static_args=("codes_fn", "controller"))
+  tx = optax.chain(optax.sgd(0.3), make(target_tr=1e-2, codes_fn=_codes_fn, eta=0.005))
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  _, state = step(_grads(params), state, params)
+  inject_state = state[1]
+  assert set(inject_state.hyperparams) >= {"target_tr", "eta", "momentum"}
+  # A larger injected gain moves u further for the same error.
+  small = inject_state
+  large = inject_state._replace(hyperparams={**inject_state.hyperparams, "eta": jnp.asarray(0.5)})
+  moves = []
+  for s in (small, large):
+    _, new = step(_grads(params, 2), (state[0], s), params)
+    moves.append(np.abs(np.log(np.asarray(optax.tree.get(new, "talr_multiplier")))))
+  assert np.all(moves[1] > moves[0])
+
+
+def test_inject_hyperparams_schedule_target():
+  params = _params()
+  make = optax.inject_hyperparams(trquant.tr_schedule, static_args=("codes_fn",))
+  schedule = optax.linear_schedule(1e-2, 0.0, 10)
+  tx = make(target_tr=schedule, codes_fn=_codes_fn)
+  state = tx.init(params)
+  for seed in range(4):
+    _, state = tx.update(_grads(params, seed), state, params)
+  assert float(optax.tree.get(state.inner_state, "target_transition_rate")) == pytest.approx(schedule(3))
+
+
+def test_multi_steps():
+  params = _params()
+  tx = optax.MultiSteps(_tx(), every_k_schedule=2)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  for seed in range(4):
+    updates, state = step(_grads(params, seed), state, params)
+    params = optax.apply_updates(params, updates)
+  assert int(optax.tree.get(state.inner_opt_state, "tr_step")) == 2
+
+
+def test_partition_with_float_group():
+  params = _params()
+  labels = {name: {"kernel": "quant", "bias": "float"} for name in params}
+  codes_fn = lambda p: {n: {"kernel": trquant.quantize(l["kernel"], SCALES[n], bits=BITS), "bias": None} for n, l in p.items()}
+  tx = optax.partition(
+      {
+          "quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_scale=2.0)),
+          "float": optax.adam(optax.cosine_decay_schedule(1e-2, 100)),
+      },
+      labels,
+  )
+  state = tx.init(params)
+  grads = _grads(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  reference = optax.adam(1e-2)
+  ref_updates, _ = reference.update(grads, reference.init(params), params)
+  for name in params:
+    np.testing.assert_allclose(updates[name]["kernel"], 2.0 * ref_updates[name]["kernel"], rtol=1e-5)
+    np.testing.assert_allclose(updates[name]["bias"], ref_updates[name]["bias"], rtol=1e-5)
+  assert optax.tree.get(state, "talr_multiplier").shape == (2,)
+
+
+def test_nnx_optimizer():
+  model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+
+  def codes_fn(params):
+    # params is the nnx.State of nnx.Param variables (plain arrays at update).
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: trquant.quantize(x, 0.1, bits=BITS) if "kernel" in jax.tree_util.keystr(path) else None,
+        params,
+    )
+
+  optimizer = nnx.Optimizer(
+      model, optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn)), wrt=nnx.Param
+  )
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss_fn = lambda m: jnp.mean((m(x) - y) ** 2)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  x = jax.random.normal(jax.random.key(0), (32, 8))
+  y = jax.random.normal(jax.random.key(1), (32, 4))
+  losses = [float(train_step(model, optimizer, x, y)) for _ in range(20)]
+  assert losses[-1] < losses[0]
+  state = optimizer.opt_state
+  assert optax.tree.get(state, "talr_multiplier").shape == (2,)
+  assert int(optax.tree.get(state, "tr_step")) == 20
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------
+
+
+def test_params_required():
+  params = _params()
+  tx = trquant.tr_schedule(1e-2, codes_fn=_codes_fn)
+  with pytest.raises(ValueError, match="params"):
+    tx.init(None)
+  with pytest.raises(ValueError, match="params"):
+    tx.update(_grads(params), tx.init(params), None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"controller": "pid"}, "controller"),
+        ({"controller": 3}, "controller"),
+        ({"eta": 0.0}, "eta"),
+        ({"eta": -1.0}, "eta"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"momentum": -0.1}, "momentum"),
+        ({"target_tr": -1e-3}, "target_tr"),
+        ({"target_tr": 2.0}, "target_tr"),
+        ({"target_tr": float("nan")}, "target_tr"),
+        ({"init_scale": -1.0}, "init_scale"),
+        ({"max_scale": 0.0}, "max_scale"),
+        ({"per_layer": "yes"}, "per_layer"),
+        ({"codes_fn": "kernel"}, "codes_fn"),
+        ({"controller": lambda u, r, k, e, p: u}, "eta"),
+    ],
+)
+def test_invalid_arguments(kwargs, match):
+  kwargs = {"target_tr": 1e-2, "codes_fn": _codes_fn, **kwargs}
+  target = kwargs.pop("target_tr")
+  with pytest.raises(ValueError, match=match):
+    trquant.tr_schedule(target, **kwargs)
+
+
+def test_codes_tree_mismatch_names_path():
+  params = _params()
+  bad_key = lambda p: {"dense": {"kernel": None, "bias": None}, "headd": {"kernel": jnp.zeros((16, 4))}}
+  with pytest.raises(ValueError, match=r"\['headd'\]\['kernel'\]"):
+    trquant.tr_schedule(1e-2, codes_fn=bad_key).init(params)
+  bad_shape = lambda p: {"dense": {"kernel": jnp.zeros((32,)), "bias": None}, "head": None}
+  with pytest.raises(ValueError, match=r"\['dense'\]\['kernel'\].*shape"):
+    trquant.tr_schedule(1e-2, codes_fn=bad_shape).init(params)
+
+
+def test_no_quantized_leaf():
+  with pytest.raises(ValueError, match="no leaf as quantized"):
+    trquant.tr_schedule(1e-2, codes_fn=lambda p: jax.tree.map(lambda _: None, p)).init(_params())
+
+
+def test_updates_structure_mismatch():
+  params = _params()
+  tx = trquant.tr_schedule(1e-2, codes_fn=_codes_fn)
+  with pytest.raises(ValueError, match="updates"):
+    tx.update({"dense": _grads(params)["dense"]}, tx.init(params), params)
