@@ -175,9 +175,6 @@ def train(params, tx, loss_fn, train_data, test_data, *, epochs, batch_size, see
     history["loss"].append(float(np.mean(jax.device_get(losses))))
     history["test_accuracy"].append(test_accuracy)
     bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", acc=f"{test_accuracy:.4f}")
-    if progress:
-      tqdm.write(f"{desc:>8s} epoch {epoch + 1:3d}  loss {history['loss'][-1]:.4f}  "
-                 f"test acc {test_accuracy:.4f}")
   steps = jax.device_get(steps)
   records = {k: np.stack([s[k] for s in steps]) for k in (steps[0] if steps else {})}
   return params, history, records
@@ -249,7 +246,21 @@ def run_seed(args, seed, progress):
         "best_test_accuracy": max(history["test_accuracy"]),
         "mean_tr_last_epoch": float(record["measured_tr"][-steps_per_epoch:].mean()),
     }
+  print_epochs(seed, histories, records["tr"], steps_per_epoch)
   return results, histories, records
+
+
+def print_epochs(seed, histories, tr_record, steps_per_epoch):
+  """Per-epoch table of both QAT runs, with the TR run's rates at the end of each epoch."""
+  print(f"\nseed {seed}: {'epoch':>5s} {'LR loss':>8s} {'LR acc':>7s} {'TR loss':>8s} {'TR acc':>7s}"
+        f" {'target R':>9s} {'running K':>9s} {'TALR u':>8s}")
+  for i, epoch in enumerate(histories["tr"]["epoch"]):
+    end = (i + 1) * steps_per_epoch - 1
+    print(f"{'':8s}{epoch:5d} {histories['lr']['loss'][i]:8.4f} {histories['lr']['test_accuracy'][i]:7.4f}"
+          f" {histories['tr']['loss'][i]:8.4f} {histories['tr']['test_accuracy'][i]:7.4f}"
+          f" {tr_record['target_transition_rate'][end]:9.2e}"
+          f" {tr_record['running_transition_rate'][end].mean():9.2e}"
+          f" {tr_record['talr_multiplier'][end].mean():8.3f}")
 
 
 def main(argv=None):
@@ -265,7 +276,7 @@ def main(argv=None):
     per_seed.append({"seed": seed, "results": results, "history": histories})
     if seed == 0:
       first_histories, first_records = histories, records
-    print(f"seed {seed}: FP {results['fp']['final_test_accuracy']:.4f}  "
+    print(f"seed {seed} final: FP {results['fp']['final_test_accuracy']:.4f}  "
           f"LR {results['lr']['final_test_accuracy']:.4f}  TR {results['tr']['final_test_accuracy']:.4f}")
   elapsed = time.perf_counter() - start
 

@@ -351,6 +351,32 @@ def test_partition_with_float_group():
   assert optax.tree.get(state, "talr_multiplier").shape == (2,)
 
 
+def test_masked():
+  # optax.masked hands the inner transform params with MaskedNode in place of masked leaves.
+  params = _params()
+  mask = {name: {"kernel": True, "bias": False} for name in params}
+  codes_fn = lambda p: {n: {"kernel": trquant.quantize(l["kernel"], SCALES[n], bits=BITS), "bias": None} for n, l in p.items()}
+  tx = optax.chain(optax.sgd(0.1), optax.masked(trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_scale=3.0), mask))
+  grads = _grads(params)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  for name in params:
+    np.testing.assert_allclose(updates[name]["kernel"], -0.3 * grads[name]["kernel"], rtol=1e-6)
+    np.testing.assert_allclose(updates[name]["bias"], -0.1 * grads[name]["bias"], rtol=1e-6)
+  assert optax.tree.get(state, "talr_multiplier").shape == (2,)
+
+
+def test_x64_mode_keeps_state_dtypes():
+  params = _params()
+  with jax.enable_x64(True):
+    params64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
+    tx = _tx()
+    state = tx.init(params64)
+    updates, new_state = jax.jit(tx.update)(_grads(params64), state, params64)
+    assert all(u.dtype == jnp.float64 for u in jax.tree.leaves(updates))
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(new_state)):
+      assert a.dtype == b.dtype and a.shape == b.shape
+
+
 def test_nnx_optimizer():
   model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
 
