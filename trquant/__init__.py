@@ -4,6 +4,7 @@ Quantizers with straight-through gradients and transition-rate (TR) scheduling
 of quantized weights as an optax transform.
 """
 
+from trquant import nnx
 from trquant.quantizers import binarize
 from trquant.quantizers import dequantize
 from trquant.quantizers import fake_quant
@@ -27,6 +28,7 @@ __all__ = [
     "fake_quant_unscaled",
     "init_scale",
     "lsq",
+    "nnx",
     "quant_range",
     "quantize",
     "round_ste",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,19 @@ def _check_bits(bits, name: str = "bits") -> int:
   if not 1 <= bits <= MAX_BITS:
     raise ValueError(f"`{name}` must be in [1, {MAX_BITS}], got {bits}.")
   return bits
+
+
+class _Grid(NamedTuple):
+  """Integer grid; `binary` distinguishes sign codes {-1, +1} from ternary {-1, 0, 1}."""
+
+  lo: int
+  hi: int
+  binary: bool
+
+
+def _grid(bits: int, signed: bool, narrow: bool) -> _Grid:
+  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  return _Grid(lo, hi, signed and int(bits) == 1)
 
 
 def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tuple[int, int]:
@@ -114,11 +127,11 @@ def _sum_to_shape(g, shape):
   return jnp.sum(g, axis=axes, keepdims=True).reshape(shape)
 
 
-def _codes(v, lo: int, hi: int):
+def _codes(v, grid: _Grid):
   """Integer codes of already-scaled values ``v = x / scale``."""
-  if lo == -1 and hi == 1:  # binary
+  if grid.binary:
     return jnp.where(v >= 0, 1, -1).astype(v.dtype)
-  return jnp.clip(jnp.round(v), lo, hi)
+  return jnp.clip(jnp.round(v), grid.lo, grid.hi)
 
 
 def _compute_dtype(x, scale):
@@ -153,12 +166,12 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
     >>> trquant.quantize(jnp.array([-1.0, 0.26, 0.9, 5.0]), 0.5, bits=2)
     Array([-2.,  1.,  1.,  1.], dtype=float32)
   """
-  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  grid = _grid(bits, signed, narrow)
   _check_scale(x, scale)
   x = jnp.asarray(x)
   dtype = _compute_dtype(x, scale)
   v = jax.lax.stop_gradient(x.astype(dtype) / jnp.asarray(scale, dtype))
-  return _codes(v, lo, hi).astype(x.dtype)
+  return _codes(v, grid).astype(x.dtype)
 
 
 def dequantize(codes, scale):
@@ -238,18 +251,19 @@ def _round_ste_bwd(_, g):
 round_ste.defvjp(_round_ste_fwd, _round_ste_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _fake_quant(x, scale, lo: int, hi: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fake_quant(x, scale, grid: _Grid):
   dtype = _compute_dtype(x, scale)
   scale_c = scale.astype(dtype)
-  return (scale_c * _codes(x.astype(dtype) / scale_c, lo, hi)).astype(x.dtype)
+  return (scale_c * _codes(x.astype(dtype) / scale_c, grid)).astype(x.dtype)
 
 
-def _fake_quant_fwd(x, scale, lo, hi):
-  return _fake_quant(x, scale, lo, hi), (x, scale)
+def _fake_quant_fwd(x, scale, grid):
+  return _fake_quant(x, scale, grid), (x, scale)
 
 
-def _fake_quant_bwd(lo, hi, residuals, g):
+def _fake_quant_bwd(grid, residuals, g):
+  lo, hi = grid.lo, grid.hi
   x, scale = residuals
   dtype = _compute_dtype(x, scale)
   v = x.astype(dtype) / scale.astype(dtype)
@@ -258,7 +272,7 @@ def _fake_quant_bwd(lo, hi, residuals, g):
   inside = ~(below | above)
   grad_x = jnp.where(inside, g, 0).astype(x.dtype)
   # LSQ: d(scale * codes)/d scale = codes - v inside the range, lo / hi outside.
-  dq_dscale = jnp.where(below, lo, jnp.where(above, hi, _codes(v, lo, hi) - v))
+  dq_dscale = jnp.where(below, lo, jnp.where(above, hi, _codes(v, grid) - v))
   grad_scale = _sum_to_shape(g * dq_dscale, scale.shape).astype(scale.dtype)
   return grad_x, grad_scale
 
@@ -295,7 +309,7 @@ def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False
     >>> jax.grad(lambda x: trquant.fake_quant(x, 0.5, bits=2).sum())(x)
     Array([1., 1., 0.], dtype=float32)
   """
-  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  grid = _grid(bits, signed, narrow)
   _check_scale(x, scale)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -303,7 +317,7 @@ def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False
   scale = jnp.asarray(scale)
   if not jnp.issubdtype(scale.dtype, jnp.floating):
     scale = scale.astype(x.dtype)
-  return _fake_quant(x, scale, lo, hi)
+  return _fake_quant(x, scale, grid)
 
 
 def _grad_scaled(scale, grad_scale):
@@ -413,14 +427,15 @@ def fake_quant_unscaled(x, scale, *, bits: int, signed: bool = True):
     >>> trquant.fake_quant_unscaled(jnp.array([-1.0, 0.3, 5.0]), 0.25, bits=2)
     Array([-1. ,  0.5,  0.5], dtype=float32)
   """
-  lo, hi = quant_range(bits, signed=signed)
+  grid = _grid(bits, signed, False)
+  lo, hi = grid.lo, grid.hi
   _check_scale(x, scale)
   x = jnp.asarray(x)
   dtype = _compute_dtype(x, scale)
   v = x.astype(dtype) / jnp.asarray(scale, dtype)
-  if lo == -1 and hi == 1:
+  if grid.binary:
     clipped = jnp.clip(v, -1.0, 1.0)
-    codes = clipped + jax.lax.stop_gradient(_codes(v, lo, hi) - clipped)
+    codes = clipped + jax.lax.stop_gradient(_codes(v, grid) - clipped)
     return codes.astype(x.dtype)
   gamma = 2 ** (bits - 1) if signed else 2**bits
   return (round_ste(jnp.clip(v, lo, hi)) / gamma).astype(x.dtype)
@@ -487,7 +502,8 @@ def init_scale(
     >>> trquant.init_scale(w, bits=4, method="mse", axis=-1).shape
     (1, 8)
   """
-  lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+  grid = _grid(bits, signed, narrow)
+  lo, hi = grid.lo, grid.hi
   if method not in INIT_METHODS:
     raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
   if not isinstance(num_candidates, numbers.Integral) or num_candidates < 1:
@@ -504,7 +520,7 @@ def init_scale(
     out = fn(value, axis=axes, keepdims=keep)
     return out if keep else out.reshape(())
 
-  if lo == -1 and hi == 1:  # binary
+  if grid.binary:
     scale = reduce(jnp.mean, abs_x)
   elif method == "lsq":
     scale = 2.0 * reduce(jnp.mean, abs_x) / math.sqrt(hi)

@@ -1,0 +1,307 @@
+"""trquant.nnx: quantized NNX layers, codes_fn / param_labels, calibration and BN re-estimation."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import trquant
+from trquant.nnx import (ActScale, LearnedWeightScale, QuantConv, QuantLinear, QuantWeight,
+                         WeightScale)
+
+
+def _mlp(weight_quantizer="fixed", act_bits=4, seed=0):
+  rngs = nnx.Rngs(seed)
+  return nnx.Sequential(
+      QuantLinear(16, 32, weight_bits=2, rngs=rngs, weight_quantizer=weight_quantizer),
+      nnx.relu,
+      QuantLinear(32, 8, weight_bits=2, act_bits=act_bits, rngs=rngs,
+                  weight_quantizer=weight_quantizer),
+  )
+
+
+class _ConvNet(nnx.Module):
+  def __init__(self, rngs, weight_bits=3):
+    self.conv = QuantConv(1, 8, 3, weight_bits=weight_bits, use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.depthwise = QuantConv(8, 8, 3, feature_group_count=8, weight_bits=weight_bits,
+                               act_bits=weight_bits, per_channel=True, rngs=rngs)
+    self.head = QuantLinear(8, 10, weight_bits=None, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn(self.conv(x)))
+    x = nnx.relu(self.depthwise(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+# ---------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------
+
+
+def test_quant_linear_forward_matches_functional():
+  layer = QuantLinear(16, 8, weight_bits=3, act_bits=4, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(1), (4, 16))
+  kernel = trquant.fake_quant(layer.kernel.get_value(), layer.weight_scale.get_value(), bits=3)
+  x_q = trquant.fake_quant(x, layer.act_scale.get_value(), bits=4, signed=False)
+  np.testing.assert_allclose(layer(x), x_q @ kernel + layer.bias.get_value(), rtol=1e-6)
+
+
+def test_full_precision_mode_is_plain_linear():
+  layer = QuantLinear(16, 8, weight_bits=None, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  np.testing.assert_allclose(layer(x), x @ layer.kernel.get_value() + layer.bias.get_value(), rtol=1e-6)
+  assert layer.weight_scale is None
+
+
+def test_quant_conv_matches_lax_conv_and_supports_depthwise():
+  conv = QuantConv(8, 8, (3, 3), strides=2, feature_group_count=8, weight_bits=4,
+                   per_channel=True, rngs=nnx.Rngs(0))
+  assert conv.kernel.get_value().shape == (3, 3, 1, 8)
+  assert conv.weight_scale.get_value().shape == (1, 1, 1, 8)
+  x = jax.random.normal(jax.random.key(1), (2, 9, 9, 8))
+  kernel = trquant.fake_quant(conv.kernel.get_value(), conv.weight_scale.get_value(), bits=4)
+  expected = jax.lax.conv_general_dilated(
+      x, kernel, (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=8) + conv.bias.get_value()
+  out = conv(x)
+  assert out.shape == (2, 5, 5, 8)
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_variable_types_and_metadata():
+  fixed = QuantLinear(16, 8, weight_bits=2, act_bits=4, rngs=nnx.Rngs(0))
+  assert isinstance(fixed.kernel, QuantWeight) and fixed.kernel.bits == 2
+  assert isinstance(fixed.weight_scale, WeightScale) and not isinstance(fixed.weight_scale, nnx.Param)
+  assert isinstance(fixed.act_scale, ActScale) and isinstance(fixed.act_scale, nnx.Param)
+  learned = QuantLinear(16, 8, weight_bits=2, weight_quantizer="lsq", rngs=nnx.Rngs(0))
+  assert isinstance(learned.weight_scale, LearnedWeightScale)
+  # Frozen scales are outside the optimizer's view; learned ones inside.
+  assert len(jax.tree.leaves(nnx.state(fixed, WeightScale))) == 1
+  assert len(jax.tree.leaves(nnx.state(fixed, nnx.Param))) == 3  # kernel, bias, act scale
+  assert len(jax.tree.leaves(nnx.state(learned, nnx.Param))) == 3  # kernel, bias, weight scale
+
+
+def test_scales_receive_gradients():
+  model = _mlp(weight_quantizer="lsq")
+  x = jax.random.uniform(jax.random.key(1), (32, 16))
+  grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+  assert float(jnp.abs(grads.layers[0].weight_scale.get_value())) > 0
+  assert float(jnp.abs(grads.layers[2].weight_scale.get_value())) > 0
+  assert float(jnp.abs(grads.layers[2].act_scale.get_value())) > 0
+
+
+def test_binary_mode():
+  layer = QuantLinear(16, 8, weight_bits=1, act_bits=1, signed_act=True, rngs=nnx.Rngs(0))
+  scale = float(layer.weight_scale.get_value())
+  np.testing.assert_allclose(scale, np.mean(np.abs(layer.kernel.get_value())), rtol=1e-6)
+  kernel = layer.quantized_kernel()
+  np.testing.assert_allclose(np.abs(kernel), scale, rtol=1e-6)
+  x = jax.random.normal(jax.random.key(1), (4, 16))
+  codes = layer.quantize_input(x) / layer.act_scale.get_value()
+  assert set(np.unique(np.asarray(codes)).tolist()) <= {-1.0, 1.0}
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"weight_bits": 0}, "bits"), ({"weight_bits": 2.5}, "bits"), ({"act_bits": 17}, "bits"),
+     ({"weight_quantizer": "pact"}, "weight_quantizer")],
+)
+def test_bad_layer_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    QuantLinear(4, 4, rngs=nnx.Rngs(0), **kwargs)
+
+
+def test_bad_group_count():
+  with pytest.raises(ValueError, match="feature_group_count"):
+    QuantConv(6, 8, 3, feature_group_count=4, rngs=nnx.Rngs(0))
+
+
+# ---------------------------------------------------------------------------------------
+# codes_fn and param_labels with nnx.Optimizer
+# ---------------------------------------------------------------------------------------
+
+
+def test_param_labels():
+  model = _ConvNet(nnx.Rngs(0))
+  labels = nnx.to_flat_state(trquant.nnx.param_labels(model))
+  flat = {tuple(path): label for path, label in labels}
+  assert flat[("conv", "kernel")] == "quant"
+  assert flat[("depthwise", "kernel")] == "quant"
+  assert flat[("head", "kernel")] == "float"  # full-precision layer
+  assert flat[("depthwise", "act_scale")] == "float"
+  assert flat[("bn", "scale")] == "float"
+  assert sum(label == "quant" for label in flat.values()) == 2
+
+
+def _train(model, tx, steps=5, seed=0):
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(seed), (16, 16))
+  y = jax.random.normal(jax.random.key(seed + 1), (16, 8))
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(steps)]
+  return optimizer, losses
+
+
+def test_codes_fn_with_optimizer_counts_applied_transitions():
+  model = _mlp()
+  codes = trquant.nnx.codes_fn(model)
+  tx = optax.partition({
+      "quant": optax.chain(optax.adam(5e-2), trquant.tr_schedule(1e-2, codes_fn=codes)),
+      "float": optax.adam(1e-3)}, trquant.nnx.param_labels(model))
+  before = [np.asarray(model.layers[i].weight_codes()) for i in (0, 2)]
+  scales_before = [np.asarray(model.layers[i].weight_scale.get_value()) for i in (0, 2)]
+  optimizer, losses = _train(model, tx, steps=1)
+  after = [np.asarray(model.layers[i].weight_codes()) for i in (0, 2)]
+  expected = [np.mean(a != b) for a, b in zip(before, after)]
+  measured = np.asarray(optax.tree.get(optimizer.opt_state, "measured_transition_rate"))
+  assert measured.shape == (2,) and max(expected) > 0
+  np.testing.assert_allclose(measured, expected, rtol=1e-6)
+  # The frozen scales did not move.
+  for i, scale in zip((0, 2), scales_before):
+    np.testing.assert_array_equal(model.layers[i].weight_scale.get_value(), scale)
+
+
+def test_training_with_tr_schedule_reduces_loss():
+  model = _mlp()
+  tx = optax.partition({
+      "quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(
+          optax.cosine_decay_schedule(1e-2, 40), codes_fn=trquant.nnx.codes_fn(model))),
+      "float": optax.adam(1e-2)}, trquant.nnx.param_labels(model))
+  optimizer, losses = _train(model, tx, steps=40)
+  assert losses[-1] < losses[0]
+  assert int(optax.tree.get(optimizer.opt_state, "tr_step")) == 40
+
+
+def test_codes_fn_rejects_learned_weight_scales():
+  with pytest.raises(ValueError, match="weight_quantizer='fixed'"):
+    trquant.nnx.codes_fn(_mlp(weight_quantizer="lsq"))
+
+
+def test_codes_fn_needs_a_quantized_layer():
+  model = nnx.Sequential(QuantLinear(4, 4, weight_bits=None, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="no quantized"):
+    trquant.nnx.codes_fn(model)
+
+
+# ---------------------------------------------------------------------------------------
+# Scales from data, BatchNorm re-estimation
+# ---------------------------------------------------------------------------------------
+
+
+def test_calibrate_activations_sets_lsq_init():
+  layer = QuantLinear(16, 8, weight_bits=2, act_bits=4, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(1), (64, 16)) * 3.0
+  trquant.nnx.calibrate_activations(layer, x)
+  np.testing.assert_allclose(layer.act_scale.get_value(), 2 * np.mean(np.abs(x)) / np.sqrt(15), rtol=1e-5)
+  assert not layer.calibrating
+
+
+def test_init_weight_scales_follows_loaded_weights():
+  layer = QuantLinear(16, 8, weight_bits=2, rngs=nnx.Rngs(0))
+  old = float(layer.weight_scale.get_value())
+  layer.kernel.set_value(layer.kernel.get_value() * 10.0)
+  trquant.nnx.init_weight_scales(layer)
+  np.testing.assert_allclose(float(layer.weight_scale.get_value()), 10.0 * old, rtol=1e-4)
+
+
+def test_reestimate_batchnorm_is_plain_average_of_batch_statistics():
+  model = _ConvNet(nnx.Rngs(0))
+  batches = [jax.random.normal(jax.random.key(i), (8, 6, 6, 1)) * (1 + i) for i in range(5)]
+  means, variances = [], []
+  for batch in batches:
+    features = model.conv(batch)
+    means.append(features.mean(axis=(0, 1, 2)))
+    variances.append(features.var(axis=(0, 1, 2)))
+  momentum = model.bn.momentum
+  used = trquant.nnx.reestimate_batchnorm(model, ((b, None) for b in batches), num_batches=4)
+  assert used == 4
+  np.testing.assert_allclose(model.bn.mean.get_value(), np.mean(means[:4], axis=0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(model.bn.var.get_value(), np.mean(variances[:4], axis=0), rtol=1e-4, atol=1e-6)
+  assert model.bn.momentum == momentum and model.bn.use_running_average
+
+
+def test_reestimate_batchnorm_bad_input():
+  with pytest.raises(ValueError, match="BatchNorm"):
+    trquant.nnx.reestimate_batchnorm(_mlp(), [jnp.ones((2, 16))])
+  with pytest.raises(ValueError, match="num_batches"):
+    trquant.nnx.reestimate_batchnorm(_ConvNet(nnx.Rngs(0)), [], num_batches=0)
+  with pytest.raises(ValueError, match="no batch"):
+    trquant.nnx.reestimate_batchnorm(_ConvNet(nnx.Rngs(0)), [])
+
+
+# ---------------------------------------------------------------------------------------
+# Sharded over an 8-device CPU mesh (in a subprocess: the device count is fixed at start-up)
+# ---------------------------------------------------------------------------------------
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    import trquant
+    from trquant.nnx import QuantLinear
+    assert jax.device_count() == 8, jax.devices()
+
+    class Model(nnx.Module):
+      def __init__(self, rngs, sharded):
+        init = nnx.initializers.lecun_normal()
+        shard = (lambda spec: nnx.with_partitioning(init, spec)) if sharded else (lambda spec: init)
+        self.hidden = QuantLinear(16, 64, weight_bits=2, kernel_init=shard((None, "model")), rngs=rngs)
+        self.out = QuantLinear(64, 8, weight_bits=2, act_bits=4, kernel_init=shard(("model", None)), rngs=rngs)
+      def __call__(self, x):
+        return self.out(nnx.relu(self.hidden(x)))
+
+    def run(sharded):
+      model = Model(nnx.Rngs(0), sharded)
+      labels = trquant.nnx.param_labels(model)
+      tx = optax.partition({
+          "quant": optax.chain(optax.adam(3e-2), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(model))),
+          "float": optax.adam(1e-3)}, labels)
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      x = jax.random.normal(jax.random.key(1), (32, 16))
+      y = jax.random.normal(jax.random.key(2), (32, 8))
+
+      @nnx.jit
+      def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+      for _ in range(5):
+        step(model, optimizer)
+      return model, optimizer
+
+    plain_model, plain_opt = run(False)
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+      model, opt = run(True)
+      spec = model.hidden.kernel.get_value().sharding.spec
+      assert tuple(spec) == (None, "model"), spec
+      assert len(model.hidden.kernel.get_value().sharding.device_set) == 8
+      for field in ("running_transition_rate", "talr_multiplier", "measured_transition_rate"):
+        np.testing.assert_allclose(optax.tree.get(opt.opt_state, field),
+                                   optax.tree.get(plain_opt.opt_state, field), rtol=1e-5, atol=1e-7)
+      for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(plain_model, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+      print("SHARDED OK", optax.tree.get(opt.opt_state, "measured_transition_rate"))
+""")
+
+
+def test_sharded_model_matches_unsharded():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "SHARDED OK" in result.stdout

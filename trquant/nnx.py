@@ -1,0 +1,422 @@
+"""Flax NNX quantized layers and the glue between NNX models and trquant's transforms.
+
+* :class:`QuantLinear` and :class:`QuantConv`: ``nnx.Linear`` / ``nnx.Conv`` with
+  fake-quantized weights (frozen or LSQ scales, per-tensor or per-channel, binary)
+  and optionally LSQ-quantized inputs.
+* Variables: the kernel is a :class:`QuantWeight` (an ``nnx.Param`` carrying ``bits``
+  metadata); weight scales are :class:`WeightScale` (frozen, not an ``nnx.Param``, so
+  ``nnx.Optimizer(..., wrt=nnx.Param)`` never moves it) or :class:`LearnedWeightScale`
+  (an ``nnx.Param``); activation scales are :class:`ActScale` (an ``nnx.Param``).
+* :func:`codes_fn` and :func:`param_labels` turn a model into the ``codes_fn`` of
+  :func:`trquant.tr_schedule` and the label tree of ``optax.partition``.
+* :func:`calibrate_activations`, :func:`init_weight_scales` and
+  :func:`reestimate_batchnorm` set scales and BatchNorm statistics from data.
+
+Example:
+  >>> import jax, jax.numpy as jnp, optax, trquant
+  >>> from flax import nnx
+  >>> model = nnx.Sequential(
+  ...     trquant.nnx.QuantLinear(64, 32, weight_bits=2, rngs=nnx.Rngs(0)), nnx.relu,
+  ...     trquant.nnx.QuantLinear(32, 10, weight_bits=2, act_bits=4, rngs=nnx.Rngs(1)))
+  >>> tx = optax.partition({
+  ...     "quant": optax.chain(optax.adam(1e-3),
+  ...                          trquant.tr_schedule(3e-3, codes_fn=trquant.nnx.codes_fn(model))),
+  ...     "float": optax.adam(1e-3)}, trquant.nnx.param_labels(model))
+  >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  >>> grads = nnx.grad(lambda m: m(jnp.ones((8, 64))).sum())(model)
+  >>> _ = optimizer.update(model, grads)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trquant import quantizers
+
+__all__ = [
+    "ActScale",
+    "LearnedWeightScale",
+    "QuantConv",
+    "QuantLinear",
+    "QuantWeight",
+    "WeightScale",
+    "calibrate_activations",
+    "codes_fn",
+    "init_weight_scales",
+    "param_labels",
+    "reestimate_batchnorm",
+]
+
+WEIGHT_QUANTIZERS = ("fixed", "lsq")
+
+
+class QuantWeight(nnx.Param):
+  """A quantized kernel. Metadata: ``bits`` (None = full precision), ``signed``, ``narrow``."""
+
+
+class WeightScale(nnx.Variable):
+  """Frozen weight step size (not an ``nnx.Param``: optimizers over ``nnx.Param`` skip it)."""
+
+
+class LearnedWeightScale(nnx.Param):
+  """Weight step size learned with LSQ."""
+
+
+class ActScale(nnx.Param):
+  """Activation (input) step size learned with LSQ."""
+
+
+class _QuantMixin:
+  """Weight and input quantization shared by QuantLinear and QuantConv."""
+
+  def _init_quantization(self, kernel, *, weight_bits, act_bits, per_channel, weight_quantizer,
+                         signed_act, scale_method):
+    if weight_bits is not None:
+      quantizers.quant_range(weight_bits, signed=True)  # validates the bit width
+    if act_bits is not None:
+      quantizers.quant_range(act_bits, signed=signed_act)
+    if weight_quantizer not in WEIGHT_QUANTIZERS:
+      raise ValueError(
+          f"`weight_quantizer` must be one of {WEIGHT_QUANTIZERS}, got {weight_quantizer!r}."
+      )
+    self.weight_quantizer = weight_quantizer
+    self.per_channel = bool(per_channel)
+    self.scale_method = scale_method
+    metadata = {}
+    if isinstance(kernel, nnx.VariableMetadata):  # e.g. from nnx.with_partitioning
+      metadata, kernel = dict(kernel.metadata), kernel.raw_value
+    self.kernel = QuantWeight(kernel, bits=weight_bits, signed=True, narrow=False, **metadata)
+    scale_type = LearnedWeightScale if weight_quantizer == "lsq" else WeightScale
+    self.weight_scale = (scale_type(self._initial_weight_scale(kernel, scale_method))
+                         if weight_bits is not None else None)
+    self.act_bits = act_bits
+    self.signed_act = bool(signed_act)
+    self.act_scale = ActScale(jnp.ones((), jnp.float32)) if act_bits is not None else None
+    self.calibrating = False
+
+  @property
+  def weight_bits(self) -> Optional[int]:
+    return self.kernel.bits
+
+  def _initial_weight_scale(self, kernel, method):
+    if self.weight_quantizer == "lsq" and method == "mse":
+      method = "lsq"  # LSQ's own initialisation when the scale is learned
+    return quantizers.init_scale(kernel, bits=self.kernel.bits, method=method,
+                                 axis=-1 if self.per_channel else None)
+
+  def quantized_kernel(self):
+    """The fake-quantized kernel used in the forward pass."""
+    kernel = self.kernel.get_value()
+    bits = self.kernel.bits
+    if bits is None:
+      return kernel
+    scale = self.weight_scale.get_value()
+    if self.weight_quantizer == "lsq":
+      return quantizers.lsq(kernel, scale, bits=bits)
+    return quantizers.fake_quant(kernel, jax.lax.stop_gradient(scale), bits=bits)
+
+  def weight_codes(self, kernel=None):
+    """Integer codes of the kernel (or of `kernel`, e.g. a params leaf)."""
+    if self.kernel.bits is None:
+      raise ValueError("this layer's weights are not quantized (weight_bits=None).")
+    kernel = self.kernel.get_value() if kernel is None else kernel
+    return quantizers.quantize(kernel, self.weight_scale.get_value(), bits=self.kernel.bits)
+
+  def quantize_input(self, x):
+    if self.act_bits is None:
+      return x
+    if self.calibrating:
+      self.act_scale.set_value(quantizers.init_scale(
+          x, bits=self.act_bits, method="lsq", signed=self.signed_act))
+    _, hi = quantizers.quant_range(self.act_bits, signed=self.signed_act)
+    features = int(np.prod(x.shape[1:])) if x.ndim > 1 else int(x.shape[0])
+    return quantizers.lsq(x, self.act_scale.get_value(), bits=self.act_bits, signed=self.signed_act,
+                          grad_scale=1.0 / np.sqrt(features * hi))
+
+
+class QuantLinear(_QuantMixin, nnx.Module):
+  """``nnx.Linear`` with quantized weights and (optionally) quantized inputs.
+
+  Args:
+    in_features, out_features, use_bias, dtype, param_dtype, kernel_init,
+      bias_init, rngs: as ``nnx.Linear``.
+    weight_bits: weight bit width (1 = binary ``scale * sign(w)``); None keeps
+      full-precision weights (an FP model of the same structure).
+    act_bits: input bit width, LSQ-quantized; None keeps full-precision inputs.
+    per_channel: one weight scale per output channel (last kernel axis).
+    weight_quantizer: ``"fixed"`` (frozen scale initialised from the weights, as
+      TR scheduling requires) or ``"lsq"`` (learned scale).
+    signed_act: signed input grid (e.g. for inputs that are not post-ReLU, or
+      binary ``sign`` activations with ``act_bits=1``).
+    scale_method: weight scale initialiser, see :func:`trquant.init_scale`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
+               weight_bits: Optional[int] = 4, act_bits: Optional[int] = None,
+               per_channel: bool = False, weight_quantizer: str = "fixed",
+               signed_act: bool = False, scale_method: str = "mse", dtype=None,
+               param_dtype=jnp.float32, kernel_init=nnx.initializers.lecun_normal(),
+               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+    self.in_features, self.out_features = in_features, out_features
+    self.dtype = dtype
+    kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
+    self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
+                            per_channel=per_channel, weight_quantizer=weight_quantizer,
+                            signed_act=signed_act, scale_method=scale_method)
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+
+  def __call__(self, x):
+    x = self.quantize_input(x)
+    kernel = self.quantized_kernel()
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.bias is not None:
+      y = y + self.bias.get_value().astype(dtype)
+    return y
+
+
+class QuantConv(_QuantMixin, nnx.Module):
+  """``nnx.Conv`` (NHWC) with quantized weights and (optionally) quantized inputs.
+
+  Args:
+    in_features, out_features, kernel_size, strides, padding,
+      feature_group_count (``= in_features`` for depth-wise), use_bias, dtype,
+      param_dtype, kernel_init, bias_init, rngs: as ``nnx.Conv``.
+    weight_bits, act_bits, per_channel, weight_quantizer, signed_act,
+      scale_method: as :class:`QuantLinear`.
+  """
+
+  def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
+               *, strides: Union[int, Sequence[int]] = 1, padding: Any = "SAME",
+               feature_group_count: int = 1, use_bias: bool = True,
+               weight_bits: Optional[int] = 4, act_bits: Optional[int] = None,
+               per_channel: bool = False, weight_quantizer: str = "fixed",
+               signed_act: bool = False, scale_method: str = "mse", dtype=None,
+               param_dtype=jnp.float32, kernel_init=nnx.initializers.lecun_normal(),
+               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+    if isinstance(kernel_size, int):
+      kernel_size = (kernel_size, kernel_size)
+    if isinstance(strides, int):
+      strides = (strides,) * len(kernel_size)
+    if in_features % feature_group_count or out_features % feature_group_count:
+      raise ValueError(
+          f"in_features ({in_features}) and out_features ({out_features}) must be divisible by"
+          f" feature_group_count ({feature_group_count})."
+      )
+    self.in_features, self.out_features = in_features, out_features
+    self.kernel_size, self.strides = tuple(kernel_size), tuple(strides)
+    self.padding, self.feature_group_count, self.dtype = padding, feature_group_count, dtype
+    shape = (*self.kernel_size, in_features // feature_group_count, out_features)
+    kernel = kernel_init(rngs.params(), shape, param_dtype)
+    self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
+                            per_channel=per_channel, weight_quantizer=weight_quantizer,
+                            signed_act=signed_act, scale_method=scale_method)
+    self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+
+  def __call__(self, x):
+    x = self.quantize_input(x)
+    kernel = self.quantized_kernel()
+    dtype = self.dtype or jnp.result_type(x, kernel)
+    padding = self.padding
+    if isinstance(padding, int):
+      padding = [(padding, padding)] * len(self.kernel_size)
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), kernel.astype(dtype), window_strides=self.strides, padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.feature_group_count)
+    if self.bias is not None:
+      y = y + self.bias.get_value().astype(dtype)
+    return y
+
+
+QUANT_LAYERS = (QuantLinear, QuantConv)
+
+
+# ---------------------------------------------------------------------------------------
+# Model-level helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _quant_layers(model) -> list[tuple[tuple, _QuantMixin]]:
+  return [(tuple(path), module) for path, module in model.iter_modules()
+          if isinstance(module, QUANT_LAYERS)]
+
+
+def _key_value(entry):
+  for attribute in ("key", "idx", "name"):
+    if hasattr(entry, attribute):
+      return getattr(entry, attribute)
+  return entry
+
+
+def _state_path(path) -> tuple:
+  """A jax key path inside an nnx.State as a tuple of keys, without a trailing `.value`."""
+  keys = tuple(_key_value(entry) for entry in path)
+  if keys and keys[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+    keys = keys[:-1]
+  return keys
+
+
+@dataclasses.dataclass(frozen=True)
+class _KernelCodes:
+  scale: Any
+  bits: int
+
+  def __call__(self, kernel):
+    return quantizers.quantize(kernel, self.scale, bits=self.bits)
+
+
+def codes_fn(model) -> Callable[[Any], Any]:
+  """Returns ``codes_fn`` for :func:`trquant.tr_schedule` from an NNX model of trquant layers.
+
+  The function maps the params that ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+  passes to the transform (an ``nnx.State``; also under ``optax.partition``) to a
+  tree of the same structure: the integer codes of every quantized kernel, None
+  elsewhere. The frozen weight scales are captured now, by value: call it after
+  the scales are final (e.g. after :func:`init_weight_scales`).
+
+  Raises:
+    ValueError: if a quantized layer learns its weight scale (``weight_quantizer="lsq"``):
+      TR scheduling needs frozen weight scales, since a moving scale changes codes
+      without any weight update. Use ``weight_quantizer="fixed"``.
+  """
+  kernels = {}
+  for path, layer in _quant_layers(model):
+    if layer.kernel.bits is None:
+      continue
+    if layer.weight_quantizer != "fixed":
+      raise ValueError(
+          f"layer {'/'.join(map(str, path)) or '<root>'} learns its weight scale"
+          " (weight_quantizer='lsq'); TR scheduling needs frozen weight scales. Build the"
+          " model with weight_quantizer='fixed'."
+      )
+    kernels[path + ("kernel",)] = _KernelCodes(jnp.asarray(layer.weight_scale.get_value()),
+                                                layer.kernel.bits)
+  if not kernels:
+    raise ValueError("the model has no quantized trquant.nnx layer (weight_bits set).")
+
+  def model_codes_fn(params):
+    def leaf_codes(path, leaf):
+      codes = kernels.get(_state_path(path))
+      return None if codes is None else codes(leaf)
+
+    return jax.tree_util.tree_map_with_path(leaf_codes, params)
+
+  return model_codes_fn
+
+
+def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
+                 float_label: str = "float"):
+  """Label tree for ``optax.partition``: quantized kernels vs every other parameter.
+
+  Args:
+    model: an NNX model.
+    wrt: the filter passed to ``nnx.Optimizer`` (default ``nnx.Param``).
+    quant_label, float_label: the labels.
+
+  Returns:
+    An ``nnx.State`` with the structure of ``nnx.state(model, wrt)`` holding
+    ``quant_label`` for :class:`QuantWeight` variables with ``bits`` set and
+    ``float_label`` for the rest (biases, BatchNorm, learned scales, FP layers).
+  """
+  state = nnx.state(model, wrt)
+
+  def label(variable):
+    if isinstance(variable, QuantWeight) and variable.bits is not None:
+      return quant_label
+    return float_label
+
+  return jax.tree.map(label, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_weight_scales(model, *, method: Optional[str] = None) -> None:
+  """Re-initialises every quantized layer's weight scale from its current kernel.
+
+  Call after loading full-precision weights into a quantized model (QAT starts
+  from an FP checkpoint). ``method`` defaults to each layer's ``scale_method``.
+  """
+  for _, layer in _quant_layers(model):
+    if layer.kernel.bits is not None:
+      layer.weight_scale.set_value(layer._initial_weight_scale(
+          layer.kernel.get_value(), method or layer.scale_method))
+
+
+def calibrate_activations(model, *args, **kwargs):
+  """Sets each quantized input's LSQ scale to ``2 * mean(|x|) / sqrt(hi)`` on a batch.
+
+  Runs ``model(*args, **kwargs)`` eagerly once with calibration on, and returns its output.
+  """
+  layers = [layer for _, layer in _quant_layers(model)]
+  for layer in layers:
+    layer.calibrating = True
+  try:
+    return model(*args, **kwargs)
+  finally:
+    for layer in layers:
+      layer.calibrating = False
+
+
+def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
+                         apply_fn: Optional[Callable] = None) -> int:
+  """Replaces BatchNorm running statistics by the plain average of per-batch statistics.
+
+  Runs the model in training mode on up to ``num_batches`` batches (each either
+  an input array or a tuple whose first element is the input) and sets every
+  ``nnx.BatchNorm``'s ``mean`` and ``var`` to the average over batches of that
+  batch's statistics, as in the oscillation paper's BN re-estimation. Other
+  state (weights, scales) is untouched; the model is left in evaluation mode.
+
+  Args:
+    model: an NNX model containing ``nnx.BatchNorm`` layers.
+    batches: iterable of batches.
+    num_batches: maximum number of batches to use (positive).
+    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+
+  Returns:
+    The number of batches used.
+  """
+  if not isinstance(num_batches, int) or num_batches < 1:
+    raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}.")
+  norms = _batchnorms(model)
+  if not norms:
+    raise ValueError("the model has no nnx.BatchNorm layer to re-estimate.")
+  apply_fn = apply_fn or (lambda m, x: m(x))
+  saved_momentum = [norm.momentum for norm in norms]
+  # With momentum 0 each forward pass leaves exactly that batch's statistics.
+  for norm in norms:
+    norm.momentum = 0.0
+  model.train()
+
+  @nnx.jit
+  def batch_statistics(model, inputs):
+    apply_fn(model, inputs)
+    return [(norm.mean.get_value(), norm.var.get_value()) for norm in _batchnorms(model)]
+
+  sums, used = None, 0
+  try:
+    for batch in batches:
+      if used >= num_batches:
+        break
+      inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+      stats = batch_statistics(model, jnp.asarray(inputs))
+      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+      used += 1
+  finally:
+    for norm, momentum in zip(norms, saved_momentum):
+      norm.momentum = momentum
+    model.eval()
+  if used == 0:
+    raise ValueError("`batches` yielded no batch.")
+  for norm, (mean_sum, var_sum) in zip(norms, sums):
+    norm.mean.set_value(mean_sum / used)
+    norm.var.set_value(var_sum / used)
+  return used
+
+
+def _batchnorms(model):
+  return [module for _, module in model.iter_modules() if isinstance(module, nnx.BatchNorm)]
