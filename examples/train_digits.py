@@ -1,7 +1,8 @@
 """Quantization-aware training of a 2-bit MLP on scikit-learn's digits: TR scheduling vs LR scheduling.
 
-Trains a full-precision MLP, then fine-tunes it twice from the same checkpoint
-with 2-bit weights (frozen per-tensor scales) and LSQ-quantized activations:
+Trains a full-precision MLP of ``trquant.nnx.QuantLinear`` layers, then fine-tunes
+it twice from the same checkpoint with 2-bit weights (frozen per-tensor scales)
+and LSQ-quantized activations, with ``nnx.Optimizer``:
 
 * ``lr``: Adam with a cosine learning-rate schedule (the usual recipe);
 * ``tr``: Adam followed by ``trquant.tr_schedule``, whose cosine schedule sets the
@@ -26,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from sklearn.datasets import load_digits
 from tqdm import tqdm
 
 import trquant
+from trquant.nnx import QuantLinear
 
 
 def parse_args(argv=None):
@@ -66,123 +69,70 @@ def load_data(seed):
   return (images[:split], labels[:split]), (images[split:], labels[split:])
 
 
-def init_mlp(key, sizes):
-  keys = jax.random.split(key, len(sizes) - 1)
-  params = {}
-  for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-    params[f"layer{i}"] = {
-        "kernel": jax.random.normal(keys[i], (n_in, n_out)) * np.sqrt(2.0 / n_in),
-        "bias": jnp.zeros(n_out),
-    }
-    if i > 0:  # input of a hidden or output layer: a post-ReLU activation
-      params[f"layer{i}"]["act_scale"] = jnp.ones(())
-  return params
+class MLP(nnx.Module):
+  """64 -> hidden -> hidden -> 10 MLP of trquant.nnx.QuantLinear layers.
+
+  With ``weight_bits=None, act_bits=None`` it is the full-precision model, with the
+  same parameter tree, so FP weights load into the quantized model directly. The
+  inputs of the second and third layers (post-ReLU) are quantized to ``act_bits``.
+  """
+
+  def __init__(self, hidden, *, weight_bits, act_bits, rngs):
+    self.layers = nnx.List([
+        QuantLinear(64, hidden, weight_bits=weight_bits, rngs=rngs),
+        QuantLinear(hidden, hidden, weight_bits=weight_bits, act_bits=act_bits, rngs=rngs),
+        QuantLinear(hidden, 10, weight_bits=weight_bits, act_bits=act_bits, rngs=rngs),
+    ])
+
+  def __call__(self, x):
+    for layer in self.layers[:-1]:
+      x = nnx.relu(layer(x))
+    return self.layers[-1](x)
 
 
-class Quantization:
-  """Frozen weight scales (as TR scheduling requires) and the quantized forward pass."""
-
-  def __init__(self, params, weight_bits, act_bits):
-    self.weight_bits = weight_bits
-    self.act_bits = act_bits
-    self.weight_scales = {
-        name: trquant.init_scale(layer["kernel"], bits=weight_bits, method="mse")
-        for name, layer in params.items()
-    }
-
-  def codes_fn(self, params):
-    """Integer codes of the quantized kernels; None for everything else."""
-    return {
-        name: {
-            key: trquant.quantize(value, self.weight_scales[name], bits=self.weight_bits)
-            if key == "kernel" else None
-            for key, value in layer.items()
-        }
-        for name, layer in params.items()
-    }
-
-  def apply(self, params, x):
-    for i, name in enumerate(sorted(params)):
-      layer = params[name]
-      if self.act_bits and "act_scale" in layer:
-        x = trquant.lsq(x, layer["act_scale"], bits=self.act_bits, signed=False,
-                        grad_scale=1.0 / np.sqrt(x.shape[-1] * (2**self.act_bits - 1)))
-      kernel = trquant.fake_quant(layer["kernel"], self.weight_scales[name], bits=self.weight_bits)
-      x = x @ kernel + layer["bias"]
-      if i < len(params) - 1:
-        x = jax.nn.relu(x)
-    return x
-
-
-def fp_apply(params, x):
-  for i, name in enumerate(sorted(params)):
-    x = x @ params[name]["kernel"] + params[name]["bias"]
-    if i < len(params) - 1:
-      x = jax.nn.relu(x)
-  return x
-
-
-def accuracy(apply_fn, params, data):
+def accuracy(model, data):
   images, labels = data
-  return float(jnp.mean(jnp.argmax(apply_fn(params, jnp.asarray(images)), -1) == labels))
+  return float(jnp.mean(jnp.argmax(model(jnp.asarray(images)), -1) == labels))
 
 
-# ---------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------
-
-
-def make_loss(apply_fn, noise, label_smoothing):
-  def loss_fn(params, images, labels, key):
-    images = images + noise * jax.random.normal(key, images.shape)
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, 10), label_smoothing)
-    return optax.softmax_cross_entropy(apply_fn(params, images), targets).mean()
-
-  return loss_fn
-
-
-def train(params, tx, loss_fn, train_data, test_data, *, epochs, batch_size, seed, eval_fn,
+def train(model, tx, train_data, test_data, *, epochs, batch_size, seed, noise, label_smoothing,
           desc, progress, record=None):
-  """Minibatch training; returns params and per-epoch history (plus per-step records)."""
+  """Minibatch training with noise augmentation; returns per-epoch history and per-step records."""
   images, labels = (jnp.asarray(a) for a in train_data)
   steps_per_epoch = len(images) // batch_size
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
-  @jax.jit
-  def step(params, opt_state, indices, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, images[indices], labels[indices], key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    extra = record(params, new_params, opt_state) if record is not None else {}
-    return new_params, opt_state, loss, extra
+  @nnx.jit
+  def step(model, optimizer, indices, key):
+    def loss_fn(model):
+      x = images[indices] + noise * jax.random.normal(key, (len(indices), images.shape[1]))
+      targets = optax.smooth_labels(jax.nn.one_hot(labels[indices], 10), label_smoothing)
+      return optax.softmax_cross_entropy(model(x), targets).mean()
 
-  opt_state = tx.init(params)
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    old_params = trquant.nnx.values(nnx.state(model, nnx.Param))  # snapshot, not live Variables
+    optimizer.update(model, grads)
+    extra = record(old_params, trquant.nnx.values(nnx.state(model, nnx.Param)), optimizer) if record else {}
+    return loss, extra
+
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
   history = {"epoch": [], "loss": [], "test_accuracy": []}
   steps = []
-  bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
-  for epoch in bar:
+  for epoch in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
     order = rng.permutation(len(images))
     losses = []
     for i in range(steps_per_epoch):
       key, step_key = jax.random.split(key)
-      indices = order[i * batch_size:(i + 1) * batch_size]
-      params, opt_state, loss, extra = step(params, opt_state, indices, step_key)
+      loss, extra = step(model, optimizer, order[i * batch_size:(i + 1) * batch_size], step_key)
       losses.append(loss)
       steps.append(extra)
-    test_accuracy = eval_fn(params, test_data)
     history["epoch"].append(epoch + 1)
     history["loss"].append(float(np.mean(jax.device_get(losses))))
-    history["test_accuracy"].append(test_accuracy)
-    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}", acc=f"{test_accuracy:.4f}")
+    history["test_accuracy"].append(accuracy(model, test_data))
   steps = jax.device_get(steps)
   records = {k: np.stack([s[k] for s in steps]) for k in (steps[0] if steps else {})}
-  return params, history, records
-
-
-def param_labels(params):
-  return {name: {key: "quant" if key == "kernel" else "float" for key in layer}
-          for name, layer in params.items()}
+  return history, records
 
 
 def running_average(values, initial, momentum=0.99):
@@ -196,50 +146,48 @@ def running_average(values, initial, momentum=0.99):
 def run_seed(args, seed, progress):
   """FP pre-training, then the LR-scheduled and the TR-scheduled QAT runs from it."""
   train_data, test_data = load_data(seed)
-  sizes = (64, args.hidden, args.hidden, 10)
   steps_per_epoch = len(train_data[0]) // args.batch_size
   total_steps = args.epochs * steps_per_epoch
+  common = dict(batch_size=args.batch_size, noise=args.noise, label_smoothing=args.label_smoothing,
+                progress=progress)
 
   # Full-precision checkpoint that both QAT runs start from.
-  params = init_mlp(jax.random.key(seed), sizes)
-  fp_loss = make_loss(fp_apply, args.noise, args.label_smoothing)
-  params, _, _ = train(
-      params, optax.adam(args.lr), fp_loss, train_data, test_data, epochs=args.fp_epochs,
-      batch_size=args.batch_size, seed=seed, eval_fn=lambda p, d: accuracy(fp_apply, p, d),
-      desc="fp", progress=progress)
-  fp_accuracy = accuracy(fp_apply, params, test_data)
+  fp_model = MLP(args.hidden, weight_bits=None, act_bits=None, rngs=nnx.Rngs(seed))
+  train(fp_model, optax.adam(args.lr), train_data, test_data, epochs=args.fp_epochs, seed=seed,
+        desc="fp", **common)
+  fp_accuracy = accuracy(fp_model, test_data)
+  checkpoint = nnx.state(fp_model, nnx.Param)
 
-  quant = Quantization(params, args.weight_bits, args.act_bits)
-  qat_loss = make_loss(quant.apply, args.noise, args.label_smoothing)
-  eval_q = lambda p, d: accuracy(quant.apply, p, d)
-  labels = param_labels(params)
+  def quantized_model():
+    model = MLP(args.hidden, weight_bits=args.weight_bits, act_bits=args.act_bits or None,
+                rngs=nnx.Rngs(seed))
+    trquant.nnx.load_float_weights(model, checkpoint)  # keeps the QuantWeight bits
+    trquant.nnx.init_weight_scales(model, method="mse")  # frozen from the FP weights
+    trquant.nnx.calibrate_activations(model, jnp.asarray(train_data[0][:256]))
+    return model
+
   cosine_lr = optax.cosine_decay_schedule(args.lr, total_steps)
-  float_group = optax.adam(cosine_lr)
   target = optax.cosine_decay_schedule(args.target_tr, total_steps)
-
-  def measure_transitions(old_params, new_params, opt_state):
-    """Per-layer transition rate of this step, and the TR transform's state if any."""
-    rates = trquant.transition_rate(quant.codes_fn(old_params), quant.codes_fn(new_params))
-    record = {"measured_tr": jnp.stack([rates[name]["kernel"] for name in sorted(rates)])}
-    for field in ("talr_multiplier", "running_transition_rate", "target_transition_rate"):
-      value = optax.tree.get(opt_state, field)
-      if value is not None:
-        record[field] = value
-    return record
-
-  runs = {
-      "lr": optax.partition({"quant": optax.adam(cosine_lr), "float": float_group}, labels),
-      "tr": optax.partition({
-          "quant": optax.chain(optax.adam(args.lr), trquant.tr_schedule(
-              target, codes_fn=quant.codes_fn, controller=args.controller, eta=args.eta)),
-          "float": float_group}, labels),
-  }
   results, histories, records = {"fp": {"final_test_accuracy": fp_accuracy}}, {}, {}
-  for name, tx in runs.items():
-    _, history, record = train(
-        params, tx, qat_loss, train_data, test_data, epochs=args.epochs,
-        batch_size=args.batch_size, seed=seed + 1, eval_fn=eval_q,
-        desc=f"qat-{name}", progress=progress, record=measure_transitions)
+  for name in ("lr", "tr"):
+    model = quantized_model()
+    codes_fn = trquant.nnx.codes_fn(model)
+    labels = trquant.nnx.param_labels(model)
+    quant_group = optax.adam(cosine_lr) if name == "lr" else optax.chain(
+        optax.adam(args.lr),
+        trquant.tr_schedule(target, codes_fn=codes_fn, controller=args.controller, eta=args.eta))
+    tx = optax.partition({"quant": quant_group, "float": optax.adam(cosine_lr)}, labels)
+
+    def measure_transitions(old_params, new_params, optimizer):
+      """Per-layer transition rate of this step, and the TR transform's state if any."""
+      rates = jax.tree.leaves(trquant.transition_rate(codes_fn(old_params), codes_fn(new_params)))
+      record = {"measured_tr": jnp.stack(rates)}
+      if name == "tr":
+        record.update(trquant.nnx.transition_stats(optimizer))
+      return record
+
+    history, record = train(model, tx, train_data, test_data, epochs=args.epochs, seed=seed + 1,
+                            desc=f"qat-{name}", record=measure_transitions, **common)
     histories[name], records[name] = history, record
     results[name] = {
         "final_test_accuracy": history["test_accuracy"][-1],

@@ -197,6 +197,51 @@ def test_codes_fn_needs_a_quantized_layer():
     trquant.nnx.codes_fn(model)
 
 
+def test_transition_stats_are_snapshots_inside_jit():
+  model = _mlp()
+  tx = optax.partition({
+      "quant": optax.chain(optax.adam(5e-2), trquant.tr_schedule(
+          optax.linear_schedule(1e-2, 0.0, 10), codes_fn=trquant.nnx.codes_fn(model))),
+      "float": optax.adam(1e-3)}, trquant.nnx.param_labels(model))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(0), (16, 16))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    before = trquant.nnx.values(nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    return before, trquant.nnx.transition_stats(optimizer)
+
+  records = [step(model, optimizer) for _ in range(3)]
+  steps = [int(stats["tr_step"]) for _, stats in records]
+  targets = [float(stats["target_transition_rate"]) for _, stats in records]
+  assert steps == [1, 2, 3]  # each record kept its own step, not the final state
+  assert targets == pytest.approx([1e-2, 9e-3, 8e-3])
+  kernels = [np.asarray(before["layers"][0]["kernel"]) for before, _ in records]
+  assert not np.array_equal(kernels[0], kernels[1])
+  assert set(records[0][1]) == set(trquant.nnx.TRANSITION_FIELDS)
+
+
+def test_transition_stats_needs_tr_schedule():
+  model = _mlp()
+  with pytest.raises(ValueError, match="no trquant.tr_schedule"):
+    trquant.nnx.transition_stats(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
+
+
+def test_load_float_weights_keeps_quantization():
+  fp_model = nnx.Sequential(QuantLinear(16, 32, weight_bits=None, rngs=nnx.Rngs(5)), nnx.relu,
+                            QuantLinear(32, 8, weight_bits=None, rngs=nnx.Rngs(6)))
+  model = _mlp()
+  loaded = trquant.nnx.load_float_weights(model, fp_model)
+  assert ("layers", 0, "kernel") in loaded
+  np.testing.assert_array_equal(model.layers[0].kernel.get_value(), fp_model.layers[0].kernel.get_value())
+  assert model.layers[0].kernel.bits == 2  # nnx.update would have replaced it with bits=None
+  wrong = nnx.Sequential(QuantLinear(16, 33, weight_bits=None, rngs=nnx.Rngs(5)))
+  with pytest.raises(ValueError, match="shape"):
+    trquant.nnx.load_float_weights(model, wrong)
+
+
 # ---------------------------------------------------------------------------------------
 # Scales from data, BatchNorm re-estimation
 # ---------------------------------------------------------------------------------------

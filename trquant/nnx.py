@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from trquant import quantizers
@@ -49,8 +50,11 @@ __all__ = [
     "calibrate_activations",
     "codes_fn",
     "init_weight_scales",
+    "load_float_weights",
     "param_labels",
     "reestimate_batchnorm",
+    "transition_stats",
+    "values",
 ]
 
 WEIGHT_QUANTIZERS = ("fixed", "lsq")
@@ -310,6 +314,48 @@ def codes_fn(model) -> Callable[[Any], Any]:
   return model_codes_fn
 
 
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def values(tree):
+  """The tree with every ``nnx.Variable`` replaced by its current array.
+
+  Inside ``nnx.jit``, ``nnx.state(model)`` and ``optimizer.opt_state`` hold live
+  Variables that a later ``optimizer.update`` mutates: take ``values(...)`` to keep
+  a snapshot (e.g. the params before an update).
+  """
+  return jax.tree.map(lambda x: x.get_value() if _is_variable(x) else x, tree, is_leaf=_is_variable)
+
+
+TRANSITION_FIELDS = ("tr_step", "target_transition_rate", "measured_transition_rate",
+                     "running_transition_rate", "talr_multiplier")
+
+
+def transition_stats(optimizer) -> dict:
+  """Arrays of the :func:`trquant.tr_schedule` state held by an ``nnx.Optimizer``.
+
+  Returns:
+    ``{field: array}`` for the fields of :class:`trquant.TransitionRateState`
+    (snapshots, safe to return from ``nnx.jit`` and to keep per step).
+
+  Raises:
+    ValueError: if the optimizer has no (or several) ``tr_schedule`` in its chain.
+  """
+  state = values(optimizer.opt_state)
+  stats = {}
+  for field in TRANSITION_FIELDS:
+    try:
+      value = optax.tree.get(state, field)
+    except KeyError as error:
+      raise ValueError("the optimizer has several tr_schedule transforms; read them with"
+                       " optax.tree.get on trquant.nnx.values(optimizer.opt_state).") from error
+    if value is None:
+      raise ValueError("the optimizer's transform has no trquant.tr_schedule.")
+    stats[field] = value
+  return stats
+
+
 def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
                  float_label: str = "float"):
   """Label tree for ``optax.partition``: quantized kernels vs every other parameter.
@@ -332,6 +378,44 @@ def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
     return float_label
 
   return jax.tree.map(label, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def load_float_weights(model, source) -> list[tuple]:
+  """Copies parameter and BatchNorm values from ``source`` into ``model``, keeping its metadata.
+
+  QAT starts from a full-precision checkpoint. ``nnx.update(quant_model, fp_state)``
+  would replace the quantized model's variables with the FP ones, metadata
+  included (a :class:`QuantWeight` with ``bits=None``), silently turning
+  quantization off; this copies values only. Entries the source lacks (scales)
+  are left as they are: re-initialise weight scales afterwards with
+  :func:`init_weight_scales`.
+
+  Args:
+    model: the (quantized) NNX model to load into.
+    source: an NNX model or an ``nnx.State`` with the same parameter paths.
+
+  Returns:
+    The paths loaded.
+
+  Raises:
+    ValueError: if the source has a path the model lacks, or a shape differs.
+  """
+  if isinstance(source, nnx.Module):
+    source = nnx.state(source, nnx.Any(nnx.Param, nnx.BatchStat))
+  targets = dict(nnx.to_flat_state(nnx.state(model)))
+  loaded = []
+  for path, variable in nnx.to_flat_state(source):
+    path = tuple(path)
+    value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+    if path not in targets:
+      raise ValueError(f"the source has {'/'.join(map(str, path))}, which the model lacks.")
+    target = targets[path]
+    if np.shape(value) != np.shape(target.get_value()):
+      raise ValueError(f"{'/'.join(map(str, path))}: source shape {np.shape(value)}, model shape"
+                       f" {np.shape(target.get_value())}.")
+    target.set_value(jnp.asarray(value, dtype=target.get_value().dtype))
+    loaded.append(path)
+  return loaded
 
 
 def init_weight_scales(model, *, method: Optional[str] = None) -> None:

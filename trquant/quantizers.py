@@ -159,7 +159,8 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
     narrow: symmetric signed grid without the most negative code.
 
   Returns:
-    Codes with ``x``'s shape and floating dtype.
+    Codes with ``x``'s shape and floating dtype. bfloat16 holds integers exactly
+    only up to 256, so quantize bfloat16 inputs to more than 8 bits in float32.
 
   Example:
     >>> import jax.numpy as jnp, trquant

@@ -1,0 +1,154 @@
+"""Headline experiment: TR scheduling vs LR scheduling, from one full-precision checkpoint.
+
+For each bit setting (W2A2, W1A1 by default), each optimizer (Adam, SGD) and each
+schedule (cosine LR; TR scheduling with a cosine target), fine-tunes the same
+FP checkpoint for the same number of epochs with several seeds, then sweeps the
+initial target TR (W2A2, Adam). Writes every run's JSON, a markdown summary and
+plots to ``--out``.
+
+    python benchmarks/tr_vs_lr.py --dataset fashion-mnist --data-dir DIR --model cnn \
+        --fp-epochs 4 --epochs 3 --seeds 3 --out benchmarks/results/tr_vs_lr_cnn
+    python benchmarks/tr_vs_lr.py --quick        # digits, a couple of minutes, used by the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
+import train_qat  # noqa: E402
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="cnn")
+  parser.add_argument("--dataset", default="fashion-mnist")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--fp-epochs", type=int, default=4)
+  parser.add_argument("--epochs", type=int, default=3)
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--bits", default="2,1", help="comma-separated W=A bit widths")
+  parser.add_argument("--optimizers", default="adam,sgd")
+  parser.add_argument("--target-tr", type=float, default=5e-3, help="R_0 of the main comparison")
+  parser.add_argument("--sweep", default="1e-3,2e-3,5e-3,1e-2", help="R_0 values (W{first bits}, adam)")
+  parser.add_argument("--sweep-seeds", type=int, default=1)
+  parser.add_argument("--max-steps-per-epoch", type=int, default=None)
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--out", default="benchmarks/results/tr_vs_lr")
+  parser.add_argument("--quick", action="store_true",
+                      help="digits, tiny epochs, 1 seed: checks the pipeline in a few minutes")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.dataset, args.fp_epochs, args.epochs, args.seeds = "digits", 3, 2, 1
+    args.bits, args.sweep, args.max_steps_per_epoch, args.batch_size = "2", "2e-3,1e-2", 10, 64
+  return args
+
+
+def _train(args, out, **overrides):
+  argv = ["--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
+          "--batch-size", str(args.batch_size), "--out", out, "--no-progress", "--no-plot"]
+  if args.data_dir:
+    argv += ["--data-dir", args.data_dir]
+  if args.max_steps_per_epoch:
+    argv += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
+  for key, value in overrides.items():
+    argv += [f"--{key.replace('_', '-')}", str(value)]
+  run_args = train_qat.parse_args(argv)
+  results = train_qat.run(run_args)
+  with open(os.path.join(out, f"{train_qat.run_name(run_args)}.json"), "w") as f:
+    json.dump(results, f)
+  return results
+
+
+def _stats(values):
+  values = np.asarray(values, float)
+  return float(values.mean()), float(values.std())
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  start = time.perf_counter()
+  checkpoint = os.path.join(args.out, f"fp_{args.model}_{args.dataset}.npz")
+  fp = _train(args, args.out, weight_bits=0, act_bits=0, optimizer="adam", epochs=args.fp_epochs,
+              save=checkpoint, tag=f"fp-{args.model}")
+  fp_accuracy = fp["final_test_accuracy"]
+  print(f"FP {args.model} on {args.dataset}: {fp_accuracy:.4f}", flush=True)
+
+  bits_list = [int(b) for b in args.bits.split(",")]
+  optimizers = args.optimizers.split(",")
+  table = {}
+  for bits in bits_list:
+    for optimizer in optimizers:
+      for schedule in ("lr", "tr"):
+        accuracies, reestimated, seconds = [], [], []
+        for seed in range(args.seeds):
+          result = _train(args, args.out, weight_bits=bits, act_bits=bits, optimizer=optimizer,
+                          schedule=schedule, target_tr=args.target_tr, seed=seed,
+                          init_from=checkpoint)
+          accuracies.append(result["final_test_accuracy"])
+          reestimated.append(result.get("final_test_accuracy_bn_reestimated", np.nan))
+          seconds.append(result["train_seconds"])
+          print(f"W{bits}A{bits} {optimizer:5s} {schedule}: seed {seed} "
+                f"acc {accuracies[-1]:.4f} (BN re-est. {reestimated[-1]:.4f})", flush=True)
+        table[(bits, optimizer, schedule)] = {
+            "accuracy": _stats(accuracies), "bn_reestimated": _stats(reestimated),
+            "seconds": float(np.mean(seconds)), "runs": accuracies}
+
+  sweep = {}
+  sweep_bits = bits_list[0]
+  for target in [float(t) for t in args.sweep.split(",")]:
+    accuracies = []
+    for seed in range(args.sweep_seeds):
+      result = _train(args, args.out, weight_bits=sweep_bits, act_bits=sweep_bits, optimizer="adam",
+                      schedule="tr", target_tr=target, seed=seed, init_from=checkpoint,
+                      tag=f"sweep-R{target:g}-s{seed}")
+      accuracies.append(result["final_test_accuracy"])
+      transitions = result["transitions"]
+    running = np.asarray(transitions["running_transition_rate"])
+    sweep[target] = {"accuracy": _stats(accuracies),
+                     "running_tr_mid": float(np.mean(running[len(running) // 2])),
+                     "talr_mid": float(np.mean(np.asarray(transitions["talr_multiplier"])[len(running) // 2]))}
+    print(f"sweep R0={target:g}: acc {sweep[target]['accuracy'][0]:.4f}", flush=True)
+  elapsed = time.perf_counter() - start
+
+  lines = [f"Model `{args.model}` on `{args.dataset}`: FP checkpoint ({args.fp_epochs} epochs, Adam)"
+           f" test accuracy **{fp_accuracy:.4f}**; QAT {args.epochs} epochs from it"
+           f"{f' (at most {args.max_steps_per_epoch} steps/epoch)' if args.max_steps_per_epoch else ''},"
+           f" batch {args.batch_size}, {args.seeds} seed(s), target R_0 = {args.target_tr:g} (cosine),"
+           f" frozen weight scales, first conv and last linear in FP. Total {elapsed / 60:.1f} min.", "",
+           "| bits | optimizer | cosine LR | TR scheduling | LR, BN re-est. | TR, BN re-est. |",
+           "|---|---|---|---|---|---|"]
+  for bits in bits_list:
+    for optimizer in optimizers:
+      lr, tr = table[(bits, optimizer, "lr")], table[(bits, optimizer, "tr")]
+      cell = lambda s: f"{100 * s[0]:.2f} ± {100 * s[1]:.2f}"
+      lines.append(f"| W{bits}A{bits} | {optimizer} | {cell(lr['accuracy'])} | {cell(tr['accuracy'])} |"
+                   f" {cell(lr['bn_reestimated'])} | {cell(tr['bn_reestimated'])} |")
+  lines += ["", f"Sweep of R_0 (W{sweep_bits}A{sweep_bits}, Adam, {args.sweep_seeds} seed(s)):", "",
+            "| R_0 | accuracy | running TR at mid-training | mean TALR u at mid-training |",
+            "|---|---|---|---|"]
+  for target, row in sweep.items():
+    lines.append(f"| {target:g} | {100 * row['accuracy'][0]:.2f} ± {100 * row['accuracy'][1]:.2f} |"
+                 f" {row['running_tr_mid']:.2e} | {row['talr_mid']:.3f} |")
+  summary = "\n".join(lines) + "\n"
+  with open(os.path.join(args.out, "summary.md"), "w") as f:
+    f.write(summary)
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump({"fp_accuracy": fp_accuracy, "seconds": elapsed,
+               "table": {f"W{b}A{b}-{o}-{s}": v for (b, o, s), v in table.items()},
+               "sweep": {f"{t:g}": v for t, v in sweep.items()}, "args": vars(args)}, f, indent=2)
+  print("\n" + summary)
+  return table, sweep
+
+
+if __name__ == "__main__":
+  main()

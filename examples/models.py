@@ -1,0 +1,301 @@
+"""Image classifiers built from trquant.nnx layers: a small CNN, ResNet-20 and a small MobileNetV2.
+
+Every convolution and linear layer is a :class:`trquant.nnx.QuantConv` /
+:class:`trquant.nnx.QuantLinear`, so one constructor builds both the
+full-precision model (``weight_bits=None, act_bits=None``) and its quantized
+counterpart with the same module tree, so an FP checkpoint loads into a quantized
+model: ``load_state(quant_model, nnx.state(fp_model, nnx.Param), nnx.state(fp_model,
+nnx.BatchStat))``, then ``trquant.nnx.init_weight_scales(quant_model)``. The
+quantized model only adds activation (and, with ``weight_quantizer="lsq"``,
+weight) step sizes. Load values only (:func:`load_state`, or ``nnx.update`` with
+``nnx.to_pure_dict(state)``): ``nnx.update`` with an ``nnx.State`` of Variables
+also copies their metadata, which sets every quantized kernel's ``bits`` to the
+FP model's None and so silently turns the quantized model into an FP one.
+
+Activation quantization applies to each layer's *input*. Inputs that follow a
+ReLU / ReLU6 use the unsigned grid; the normalized input image, MobileNetV2's
+linear-bottleneck outputs and residual sums that are not followed by a ReLU use
+the signed grid.
+
+    >>> from flax import nnx
+    >>> model = build_model("resnet20", num_classes=10, in_channels=3, weight_bits=2,
+    ...                     act_bits=2, rngs=nnx.Rngs(0))
+    >>> model(jnp.zeros((1, 32, 32, 3))).shape
+    (1, 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from trquant.nnx import QuantConv, QuantLinear
+
+MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2")
+FIRST_LAST_MODES = ("fp", "8bit", "same")
+
+# PyTorch's BatchNorm defaults (running-average weight 0.1 on each new batch).
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+# He initialisation suits convolutions followed by ReLU.
+CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+__all__ = ["MODEL_NAMES", "SmallCNN", "ResNet20", "MobileNetV2", "build_model", "count_params",
+           "load_state"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerQuant:
+  """Quantization settings of one layer (None bits = full precision)."""
+
+  weight_bits: Optional[int] = None
+  act_bits: Optional[int] = None
+  weight_quantizer: str = "fixed"
+  per_channel: bool = False
+
+  def kwargs(self, *, signed_act: bool) -> dict:
+    """Keyword arguments for QuantConv / QuantLinear; `signed_act` describes the layer's input."""
+    return dict(weight_bits=self.weight_bits, act_bits=self.act_bits,
+                weight_quantizer=self.weight_quantizer, per_channel=self.per_channel,
+                signed_act=signed_act)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelQuant:
+  """Quantization settings of a model: the first layer, the hidden layers, the last layer."""
+
+  first: LayerQuant
+  body: LayerQuant
+  last: LayerQuant
+
+  @classmethod
+  def create(cls, *, weight_bits, act_bits, first_last="fp", weight_quantizer="fixed",
+             per_channel=False) -> "ModelQuant":
+    if first_last not in FIRST_LAST_MODES:
+      raise ValueError(f"`first_last` must be one of {FIRST_LAST_MODES}, got {first_last!r}.")
+    body = LayerQuant(weight_bits, act_bits, weight_quantizer, per_channel)
+    if first_last == "same":
+      edge = body
+    elif first_last == "8bit":
+      # 8 bits only where the body is quantized: the FP model stays FP everywhere.
+      edge = LayerQuant(8 if weight_bits is not None else None,
+                        8 if act_bits is not None else None, weight_quantizer, per_channel)
+    else:
+      edge = LayerQuant(None, None, weight_quantizer, per_channel)
+    return cls(first=edge, body=body, last=edge)
+
+
+class ConvBN(nnx.Module):
+  """QuantConv (no bias: BatchNorm's shift replaces it) followed by BatchNorm."""
+
+  def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, strides: int = 1,
+               groups: int = 1, quant: LayerQuant, signed_input: bool, rngs: nnx.Rngs):
+    # Symmetric padding (PyTorch style), so stride-2 outputs are ceil(size / 2) for 1x1 and 3x3.
+    self.conv = QuantConv(in_channels, out_channels, kernel_size, strides=strides,
+                          padding=kernel_size // 2, feature_group_count=groups, use_bias=False,
+                          kernel_init=CONV_INIT, rngs=rngs, **quant.kwargs(signed_act=signed_input))
+    self.bn = nnx.BatchNorm(out_channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+
+  def __call__(self, x):
+    return self.bn(self.conv(x))
+
+
+def _global_avg_pool(x):
+  return jnp.mean(x, axis=(1, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Small CNN
+# ---------------------------------------------------------------------------------------
+
+
+class SmallCNN(nnx.Module):
+  """conv3x3(32)-BN-ReLU, conv3x3(64, /2)-BN-ReLU, conv3x3(128, /2)-BN-ReLU, avg pool, linear."""
+
+  def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs):
+    self.conv1 = ConvBN(in_channels, 32, 3, quant=quant.first, signed_input=True, rngs=rngs)
+    self.conv2 = ConvBN(32, 64, 3, strides=2, quant=quant.body, signed_input=False, rngs=rngs)
+    self.conv3 = ConvBN(64, 128, 3, strides=2, quant=quant.body, signed_input=False, rngs=rngs)
+    self.head = QuantLinear(128, num_classes, rngs=rngs, **quant.last.kwargs(signed_act=False))
+
+  def __call__(self, x):
+    x = nnx.relu(self.conv1(x))
+    x = nnx.relu(self.conv2(x))
+    x = nnx.relu(self.conv3(x))
+    return self.head(_global_avg_pool(x))
+
+
+# ---------------------------------------------------------------------------------------
+# ResNet-20
+# ---------------------------------------------------------------------------------------
+
+
+class BasicBlock(nnx.Module):
+  """Two conv3x3-BN with a ReLU between, an identity or 1x1 conv-BN shortcut, ReLU after the sum."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, strides: int, quant: LayerQuant,
+               rngs: nnx.Rngs):
+    # The block input is the stem's or the previous block's output, both post-ReLU.
+    self.conv1 = ConvBN(in_channels, out_channels, 3, strides=strides, quant=quant,
+                        signed_input=False, rngs=rngs)
+    self.conv2 = ConvBN(out_channels, out_channels, 3, quant=quant, signed_input=False, rngs=rngs)
+    if strides != 1 or in_channels != out_channels:  # option B: projection shortcut
+      self.shortcut = ConvBN(in_channels, out_channels, 1, strides=strides, quant=quant,
+                             signed_input=False, rngs=rngs)
+    else:
+      self.shortcut = None
+
+  def __call__(self, x):
+    residual = x if self.shortcut is None else self.shortcut(x)
+    y = nnx.relu(self.conv1(x))
+    return nnx.relu(self.conv2(y) + residual)
+
+
+class ResNet20(nnx.Module):
+  """CIFAR ResNet-20 (He et al. 2016): stem, 3 stages x 3 basic blocks (16/32/64), pool, linear."""
+
+  STAGE_CHANNELS = (16, 32, 64)
+  BLOCKS_PER_STAGE = 3
+
+  def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs):
+    self.stem = ConvBN(in_channels, 16, 3, quant=quant.first, signed_input=True, rngs=rngs)
+    blocks, channels = [], 16
+    for stage, out_channels in enumerate(self.STAGE_CHANNELS):
+      for index in range(self.BLOCKS_PER_STAGE):
+        strides = 2 if stage > 0 and index == 0 else 1
+        blocks.append(BasicBlock(channels, out_channels, strides=strides, quant=quant.body,
+                                 rngs=rngs))
+        channels = out_channels
+    self.blocks = nnx.List(blocks)
+    self.head = QuantLinear(channels, num_classes, rngs=rngs, **quant.last.kwargs(signed_act=False))
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem(x))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(_global_avg_pool(x))
+
+
+# ---------------------------------------------------------------------------------------
+# MobileNetV2
+# ---------------------------------------------------------------------------------------
+
+
+class InvertedResidual(nnx.Module):
+  """MobileNetV2 block: 1x1 expand-BN-ReLU6, 3x3 depth-wise-BN-ReLU6, 1x1 project-BN (+ input).
+
+  With expansion 1 there is no expand conv (as in the paper). The output has no
+  activation (linear bottleneck), so it is signed.
+  """
+
+  def __init__(self, in_channels: int, out_channels: int, *, expansion: int, strides: int,
+               signed_input: bool, quant: LayerQuant, rngs: nnx.Rngs):
+    hidden = in_channels * expansion
+    if expansion != 1:
+      self.expand = ConvBN(in_channels, hidden, 1, quant=quant, signed_input=signed_input,
+                           rngs=rngs)
+    else:
+      self.expand = None
+    # Without an expand conv the depth-wise conv reads the block input directly.
+    self.depthwise = ConvBN(hidden, hidden, 3, strides=strides, groups=hidden, quant=quant,
+                            signed_input=signed_input if expansion == 1 else False, rngs=rngs)
+    self.project = ConvBN(hidden, out_channels, 1, quant=quant, signed_input=False, rngs=rngs)
+    self.use_residual = strides == 1 and in_channels == out_channels
+
+  def __call__(self, x):
+    y = x if self.expand is None else nnx.relu6(self.expand(x))
+    y = nnx.relu6(self.depthwise(y))
+    y = self.project(y)
+    return x + y if self.use_residual else y
+
+
+class MobileNetV2(nnx.Module):
+  """A small MobileNetV2 for 28x28 inputs: stem conv3x3(16), inverted residuals, 1x1 conv(256), pool, linear."""
+
+  # (expansion, out_channels, num_blocks, stride of the first block)
+  BLOCK_CONFIG = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 1))
+  STEM_CHANNELS = 16
+  HEAD_CHANNELS = 256
+
+  def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs,
+               block_config: Sequence[tuple[int, int, int, int]] = BLOCK_CONFIG):
+    self.stem = ConvBN(in_channels, self.STEM_CHANNELS, 3, quant=quant.first, signed_input=True,
+                       rngs=rngs)
+    blocks, channels, signed = [], self.STEM_CHANNELS, False  # the stem output is post-ReLU6
+    for expansion, out_channels, num_blocks, first_stride in block_config:
+      for index in range(num_blocks):
+        blocks.append(InvertedResidual(channels, out_channels, expansion=expansion,
+                                       strides=first_stride if index == 0 else 1,
+                                       signed_input=signed, quant=quant.body, rngs=rngs))
+        channels, signed = out_channels, True  # a block output is a linear bottleneck
+    self.blocks = nnx.List(blocks)
+    self.head_conv = ConvBN(channels, self.HEAD_CHANNELS, 1, quant=quant.body,
+                            signed_input=signed, rngs=rngs)
+    self.head = QuantLinear(self.HEAD_CHANNELS, num_classes, rngs=rngs,
+                            **quant.last.kwargs(signed_act=False))
+
+  def __call__(self, x):
+    x = nnx.relu6(self.stem(x))
+    for block in self.blocks:
+      x = block(x)
+    x = nnx.relu6(self.head_conv(x))
+    return self.head(_global_avg_pool(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Public helpers
+# ---------------------------------------------------------------------------------------
+
+_MODEL_CLASSES = {"cnn": SmallCNN, "resnet20": ResNet20, "mobilenetv2": MobileNetV2}
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: Optional[int],
+                act_bits: Optional[int], first_last: str = "fp", weight_quantizer: str = "fixed",
+                per_channel: bool = False, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds one of MODEL_NAMES; NHWC float images in, logits out.
+
+  Args:
+    name: "cnn", "resnet20" or "mobilenetv2".
+    num_classes: number of logits.
+    in_channels: image channels (1 for (Fashion-)MNIST, 3 for CIFAR).
+    weight_bits: bit width of the weights of the hidden layers; None = full precision.
+    act_bits: bit width of the inputs of the hidden layers (LSQ); None = full precision.
+    first_last: the first conv and the last linear layer are "fp" (full precision),
+      "8bit" (8-bit weights and inputs, where the body quantizes weights / inputs)
+      or "same" (quantized like the other layers).
+    weight_quantizer: "fixed" (frozen weight scales, needed by TR scheduling) or "lsq".
+    per_channel: one weight scale per output channel.
+    rngs: parameter initialisation.
+
+  Raises:
+    ValueError: for an unknown `name` or `first_last`.
+  """
+  if name not in _MODEL_CLASSES:
+    raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}.")
+  quant = ModelQuant.create(weight_bits=weight_bits, act_bits=act_bits, first_last=first_last,
+                            weight_quantizer=weight_quantizer, per_channel=per_channel)
+  return _MODEL_CLASSES[name](num_classes=num_classes, in_channels=in_channels, quant=quant,
+                              rngs=rngs)
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of scalars in the model's nnx.Param variables (BatchNorm statistics excluded)."""
+  return sum(int(leaf.size) for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def load_state(model: nnx.Module, *states) -> None:
+  """Loads the values of `states` (``nnx.State`` or pure dicts, e.g. an FP checkpoint) into `model`.
+
+  Only the arrays are copied: ``nnx.update(model, state)`` with Variables would
+  also copy their metadata, overwriting each QuantWeight's ``bits`` with the
+  source model's (None for an FP checkpoint). Entries of `model` missing from
+  `states` (activation scales, frozen weight scales) are left as they are; call
+  :func:`trquant.nnx.init_weight_scales` afterwards to fit the weight scales to
+  the loaded kernels.
+  """
+  for state in states:
+    nnx.update(model, nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state)

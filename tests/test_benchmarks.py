@@ -1,0 +1,54 @@
+"""The benchmarks' --quick modes run end to end and report what they measured."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+from flax import nnx
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _load(relative, name):
+  spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tr_vs_lr_quick(tmp_path):
+  tr_vs_lr = _load("benchmarks/tr_vs_lr.py", "trquant_bench_tr_vs_lr")
+  table, sweep = tr_vs_lr.main(["--quick", "--out", str(tmp_path)])
+  assert set(table) == {(2, "adam", "lr"), (2, "adam", "tr"), (2, "sgd", "lr"), (2, "sgd", "tr")}
+  for row in table.values():
+    mean, std = row["accuracy"]
+    assert 0.1 < mean <= 1.0 and std == 0.0  # one seed
+  assert sorted(sweep) == [2e-3, 1e-2]
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| W2A2 | adam |" in summary and "Sweep of R_0" in summary
+  saved = json.loads((tmp_path / "summary.json").read_text())
+  assert saved["fp_accuracy"] > 0.5
+  assert (tmp_path / "fp_cnn_digits.npz").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_train_qat_checkpoint_round_trip(tmp_path):
+  train_qat = _load("examples/train_qat.py", "trquant_examples_train_qat")
+  common = ["--model", "cnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "64",
+            "--max-steps-per-epoch", "5", "--no-progress", "--out", str(tmp_path)]
+  fp = train_qat.main(common + ["--weight-bits", "0", "--act-bits", "0",
+                                "--save", str(tmp_path / "fp.npz")])
+  assert (tmp_path / "fp.npz").exists() and fp["final_test_accuracy"] > 0.1
+  qat = train_qat.main(common + ["--weight-bits", "2", "--act-bits", "2", "--schedule", "tr",
+                                 "--init-from", str(tmp_path / "fp.npz")])
+  transitions = qat["transitions"]
+  assert len(transitions["talr_multiplier"]) == 5
+  assert len(list(tmp_path.glob("cnn-digits-W2A2-adam-tr-*.png"))) == 1
+  other_model = train_qat.models.build_model(
+      "resnet20", num_classes=10, in_channels=1, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="entries this model lacks"):
+    train_qat.load_checkpoint(other_model, tmp_path / "fp.npz")
