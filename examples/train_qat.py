@@ -92,18 +92,7 @@ def save_checkpoint(model, path):
 def load_checkpoint(model, path):
   """Loads matching entries; a quantized model keeps its own scales. Returns the keys loaded."""
   with np.load(path) as saved:
-    variables = _flat_variables(model)
-    missing = [key for key in saved.files if key not in variables]
-    if missing:
-      raise ValueError(f"{path} has entries this model lacks: {missing[:5]}; is it the same"
-                       " --model and dataset?")
-    for key in saved.files:
-      target = variables[key]
-      if tuple(saved[key].shape) != tuple(np.shape(target.get_value())):
-        raise ValueError(f"{path}: {key} has shape {saved[key].shape}, the model"
-                         f" {np.shape(target.get_value())}.")
-      target.set_value(jnp.asarray(saved[key]))
-    return list(saved.files)
+    return trquant.nnx.load_float_weights(model, dict(saved))
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,7 +148,8 @@ def run(args):
   model = models.build_model(
       args.model, num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1],
       weight_bits=args.weight_bits or None, act_bits=args.act_bits or None,
-      first_last=args.first_last, per_channel=args.per_channel, rngs=nnx.Rngs(args.seed))
+      first_last=args.first_last, per_channel=args.per_channel,
+      image_size=dataset.image_shape[0], rngs=nnx.Rngs(args.seed))
   rng = np.random.default_rng(args.seed)
   if args.init_from:
     load_checkpoint(model, args.init_from)

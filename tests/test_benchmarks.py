@@ -50,5 +50,5 @@ def test_train_qat_checkpoint_round_trip(tmp_path):
   assert len(list(tmp_path.glob("cnn-digits-W2A2-adam-tr-*.png"))) == 1
   other_model = train_qat.models.build_model(
       "resnet20", num_classes=10, in_channels=1, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="entries this model lacks"):
+  with pytest.raises(ValueError, match="which the model lacks"):
     train_qat.load_checkpoint(other_model, tmp_path / "fp.npz")

@@ -242,6 +242,20 @@ def test_load_float_weights_keeps_quantization():
     trquant.nnx.load_float_weights(model, wrong)
 
 
+def test_load_float_weights_from_flat_arrays():
+  # The layout of an .npz checkpoint: "/"-joined paths (integer keys as digits) to arrays.
+  fp_model = nnx.Sequential(QuantLinear(16, 32, weight_bits=None, rngs=nnx.Rngs(5)), nnx.relu,
+                            QuantLinear(32, 8, weight_bits=None, rngs=nnx.Rngs(6)))
+  arrays = {"/".join(map(str, path)): np.asarray(value) for path, value in
+            nnx.to_flat_state(nnx.state(fp_model, nnx.Param))}
+  model = _mlp()
+  trquant.nnx.load_float_weights(model, arrays)
+  np.testing.assert_array_equal(model.layers[2].kernel.get_value(), arrays["layers/2/kernel"])
+  assert model.layers[2].kernel.bits == 2
+  with pytest.raises(ValueError, match="layers/9/kernel.*lacks"):
+    trquant.nnx.load_float_weights(model, {"layers/9/kernel": arrays["layers/2/kernel"]})
+
+
 # ---------------------------------------------------------------------------------------
 # Scales from data, BatchNorm re-estimation
 # ---------------------------------------------------------------------------------------

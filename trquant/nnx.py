@@ -392,7 +392,8 @@ def load_float_weights(model, source) -> list[tuple]:
 
   Args:
     model: the (quantized) NNX model to load into.
-    source: an NNX model or an ``nnx.State`` with the same parameter paths.
+    source: an NNX model, an ``nnx.State`` with the same parameter paths, or a
+      mapping from ``"/"``-joined paths to arrays (e.g. an opened ``.npz``).
 
   Returns:
     The paths loaded.
@@ -402,20 +403,30 @@ def load_float_weights(model, source) -> list[tuple]:
   """
   if isinstance(source, nnx.Module):
     source = nnx.state(source, nnx.Any(nnx.Param, nnx.BatchStat))
-  targets = dict(nnx.to_flat_state(nnx.state(model)))
+  if isinstance(source, nnx.State):
+    entries = [(tuple(path), value) for path, value in nnx.to_flat_state(source)]
+  else:
+    entries = [(tuple(key.split("/")), value) for key, value in source.items()]
+  # Keys as strings, so "layers/0/kernel" from a file matches the path ("layers", 0, "kernel").
+  targets = {_path_name(path): variable for path, variable in nnx.to_flat_state(nnx.state(model))}
+  missing = [_path_name(path) for path, _ in entries if _path_name(path) not in targets]
+  if missing:
+    raise ValueError(f"the source has {missing[:5]} ({len(missing)} in all), which the model"
+                     " lacks; was it saved from the same architecture?")
   loaded = []
-  for path, variable in nnx.to_flat_state(source):
-    path = tuple(path)
-    value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
-    if path not in targets:
-      raise ValueError(f"the source has {'/'.join(map(str, path))}, which the model lacks.")
-    target = targets[path]
+  for path, value in entries:
+    target = targets[_path_name(path)]
+    value = value.get_value() if isinstance(value, nnx.Variable) else value
     if np.shape(value) != np.shape(target.get_value()):
-      raise ValueError(f"{'/'.join(map(str, path))}: source shape {np.shape(value)}, model shape"
+      raise ValueError(f"{_path_name(path)}: source shape {np.shape(value)}, model shape"
                        f" {np.shape(target.get_value())}.")
     target.set_value(jnp.asarray(value, dtype=target.get_value().dtype))
     loaded.append(path)
   return loaded
+
+
+def _path_name(path) -> str:
+  return "/".join(map(str, path))
 
 
 def init_weight_scales(model, *, method: Optional[str] = None) -> None:
