@@ -15,6 +15,14 @@ trquant.tr_schedule`` with a cosine target transition rate (the optimizer's LR i
 the TALR's U_0) and everything else (biases, BatchNorm, activation scales,
 full-precision layers) the cosine LR. Weight scales are frozen in both modes
 (``weight_quantizer="fixed"``), so the two schedules are compared on equal terms.
+
+Against weight oscillations (either schedule): ``--dampening LAMBDA`` adds the
+dampening loss with a weight that is 0 for the first ``--osc-start`` fraction of
+the steps, then ramps (cosine) to LAMBDA; ``--freeze`` appends
+``trquant.freeze_oscillations`` (threshold cosine-annealed from
+``--freeze-threshold`` to ``--freeze-threshold-final`` after the same warm-up);
+``--track-oscillations`` appends ``trquant.track_oscillations`` to report the
+fraction of oscillating weights per layer (implied by ``--freeze``).
 """
 
 from __future__ import annotations
@@ -65,6 +73,21 @@ def parse_args(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--init-from", default=None, help="FP checkpoint (.npz) to start QAT from")
   parser.add_argument("--save", default=None, help="write the trained model's weights here (.npz)")
+  parser.add_argument("--dampening", type=float, default=0.0,
+                      help="final weight of the oscillation-dampening loss (0: off; the paper: 0.1)")
+  parser.add_argument("--freeze", action="store_true", help="iterative freezing of oscillating weights")
+  parser.add_argument("--freeze-threshold", type=float, default=0.1, help="freezing threshold at the start")
+  parser.add_argument("--freeze-threshold-final", type=float, default=0.01,
+                      help="freezing threshold at the end (cosine annealed)")
+  parser.add_argument("--osc-start", type=float, default=0.25,
+                      help="fraction of the steps before dampening / freezing starts")
+  parser.add_argument("--osc-momentum", type=float, default=None,
+                      help="EMA momentum of the oscillation frequency (default: 1e-3, raised for"
+                           " short runs to 5 / warm-up steps)")
+  parser.add_argument("--osc-threshold", type=float, default=0.005,
+                      help="frequency above which a weight counts as oscillating (reports)")
+  parser.add_argument("--track-oscillations", action="store_true",
+                      help="report the fraction of oscillating weights per layer")
   parser.add_argument("--bn-reestimate", type=int, default=50,
                       help="batches for BatchNorm re-estimation before the final evaluation (0: off)")
   parser.add_argument("--out", default="outputs", help="directory for results JSON and plots")
@@ -115,11 +138,53 @@ def make_transform(args, model, total_steps):
   opt = lambda rate: make_optimizer(args.optimizer, rate, momentum=args.momentum,
                                     weight_decay=args.weight_decay)
   if args.schedule == "lr":
-    return opt(cosine_lr)
-  target = optax.cosine_decay_schedule(args.target_tr, total_steps)
-  quant = optax.chain(opt(lr), trquant.tr_schedule(
-      target, codes_fn=trquant.nnx.codes_fn(model), controller=args.controller, eta=args.eta))
-  return optax.partition({"quant": quant, "float": opt(cosine_lr)}, trquant.nnx.param_labels(model))
+    tx = opt(cosine_lr)
+  else:
+    target = optax.cosine_decay_schedule(args.target_tr, total_steps)
+    quant = optax.chain(opt(lr), trquant.tr_schedule(
+        target, codes_fn=trquant.nnx.codes_fn(model), controller=args.controller, eta=args.eta))
+    tx = optax.partition({"quant": quant, "float": opt(cosine_lr)}, trquant.nnx.param_labels(model))
+  oscillations = oscillation_transform(args, model, total_steps)
+  # Last in the chain: it must see (and, when freezing, override) the update actually applied.
+  return tx if oscillations is None else optax.chain(tx, oscillations)
+
+
+def oscillation_momentum(args, total_steps):
+  """The paper's 1e-3, raised so that the warm-up spans at least 5 EMA time constants."""
+  if args.osc_momentum is not None:
+    return args.osc_momentum
+  warmup = max(args.osc_start * total_steps, 1.0)
+  return min(max(1e-3, 5.0 / warmup), 0.05)
+
+
+def oscillation_transform(args, model, total_steps):
+  """trquant.freeze_oscillations / track_oscillations as configured, or None."""
+  momentum = oscillation_momentum(args, total_steps)
+  if args.freeze:
+    threshold = trquant.freeze_threshold_schedule(
+        total_steps, init_value=args.freeze_threshold, end_value=args.freeze_threshold_final,
+        start_fraction=args.osc_start)
+    return trquant.freeze_oscillations(
+        trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model), total_steps=total_steps,
+        threshold=threshold, momentum=momentum, start_fraction=args.osc_start,
+        report_threshold=args.osc_threshold)
+  if args.track_oscillations:
+    return trquant.track_oscillations(trquant.nnx.codes_fn(model), momentum=momentum,
+                                      threshold=args.osc_threshold)
+  return None
+
+
+def quantized_layers(model):
+  """Names and sizes of the quantized kernels, in the order of the per-layer oscillation stats."""
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  codes = jax.eval_shape(trquant.nnx.codes_fn(model), params)
+  names, sizes = [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(codes, is_leaf=lambda x: x is None)[0]:
+    if leaf is not None:
+      keys = [getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path]
+      names.append("/".join(str(k) for k in keys))
+      sizes.append(int(np.prod(leaf.shape)))
+  return names, sizes
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,17 +192,17 @@ def make_transform(args, model, total_steps):
 # ---------------------------------------------------------------------------------------
 
 
+@nnx.jit
+def _correct(model, x, y):
+  return jnp.sum(jnp.argmax(model(x), -1) == y)
+
+
 def evaluate(model, images, labels, batch_size=1000):
   model.eval()
-
-  @nnx.jit
-  def correct(model, x, y):
-    return jnp.sum(jnp.argmax(model(x), -1) == y)
-
   total = 0
   for start in range(0, len(images), batch_size):
-    total += int(correct(model, jnp.asarray(images[start:start + batch_size]),
-                         jnp.asarray(labels[start:start + batch_size])))
+    total += int(_correct(model, jnp.asarray(images[start:start + batch_size]),
+                          jnp.asarray(labels[start:start + batch_size])))
   return total / len(images)
 
 
@@ -164,23 +229,35 @@ def run(args):
   total_steps = args.epochs * steps_per_epoch
   if args.schedule == "tr" and not args.weight_bits:
     raise SystemExit("--schedule tr needs quantized weights (--weight-bits > 0)")
+  tracks_osc = bool(args.freeze or args.track_oscillations)
+  if (args.dampening or tracks_osc) and not args.weight_bits:
+    raise SystemExit("--dampening / --freeze / --track-oscillations need quantized weights")
   tx = make_transform(args, model, total_steps)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   tracks_tr = args.schedule == "tr"
+  dampening = (trquant.dampening_weight_schedule(total_steps, end_value=args.dampening,
+                                                 start_fraction=args.osc_start)
+               if args.dampening else None)
 
   @nnx.jit
-  def train_step(model, optimizer, x, y):
+  def train_step(model, optimizer, x, y, step):
     def loss_fn(model):
       logits = model(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+      if dampening is not None:
+        loss = loss + dampening(step) * trquant.nnx.dampening_loss(model)
+      return loss
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
-    if not tracks_tr:
-      return loss, {}
-    return loss, trquant.nnx.transition_stats(optimizer)
+    record = trquant.nnx.transition_stats(optimizer) if tracks_tr else {}
+    if tracks_osc:
+      stats = trquant.nnx.oscillation_stats(optimizer)
+      record.update({f"osc/{key}": value for key, value in stats.items()})
+    return loss, record
 
   history = {"epoch": [], "train_loss": [], "test_accuracy": [], "seconds": []}
+  layer_names, layer_sizes = quantized_layers(model) if tracks_osc else ([], [])
   steps = []
   start = time.perf_counter()
   bar = tqdm(total=total_steps, disable=args.no_progress, desc=run_name(args), leave=False)
@@ -189,7 +266,8 @@ def run(args):
     losses = []
     batches = datasets.batches(dataset.train_images, dataset.train_labels, args.batch_size, rng=rng)
     for _, (x, y) in zip(range(steps_per_epoch), batches):
-      loss, record = train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y))
+      loss, record = train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y),
+                                jnp.asarray(len(steps), jnp.int32))
       losses.append(loss)
       steps.append(record)
       bar.update()
@@ -205,6 +283,11 @@ def run(args):
       line += (f"  target {float(last['target_transition_rate']):.2e}"
                f"  running TR {np.mean(last['running_transition_rate']):.2e}"
                f"  TALR {np.mean(last['talr_multiplier']):.3f}")
+    if tracks_osc:
+      last = jax.device_get(steps[-1])
+      line += f"  oscillating {_weighted(last['osc/oscillating_fraction'], layer_sizes):.2%}"
+      if "osc/frozen_fraction" in last:
+        line += f"  frozen {_weighted(last['osc/frozen_fraction'], layer_sizes):.2%}"
     tqdm.write(line)
   bar.close()
 
@@ -218,10 +301,35 @@ def run(args):
   if tracks_tr:
     records = jax.device_get(steps)
     results["transitions"] = {key: np.stack([r[key] for r in records]).tolist()
-                              for key in records[0]}
+                              for key in records[0] if not key.startswith("osc/")}
+  if tracks_osc:
+    results["oscillations"] = oscillation_results(jax.device_get(steps), layer_names, layer_sizes,
+                                                  steps_per_epoch)
+    results["oscillations"]["momentum"] = oscillation_momentum(args, total_steps)
   if args.save:
     save_checkpoint(model, args.save)
   return results
+
+
+def _weighted(per_layer, sizes):
+  return float(np.average(np.asarray(per_layer), weights=sizes))
+
+
+def oscillation_results(records, names, sizes, steps_per_epoch):
+  """Final per-layer oscillation (and freezing) statistics, and weighted means per epoch."""
+  out = {"layers": names, "weights": sizes}
+  for key in ("oscillating_fraction", "frozen_fraction"):
+    if f"osc/{key}" not in records[0]:
+      continue
+    per_step = np.stack([r[f"osc/{key}"] for r in records])
+    out[key] = per_step[-1].tolist()
+    out[f"{key}_mean"] = _weighted(per_step[-1], sizes)
+    epoch_ends = per_step[steps_per_epoch - 1::steps_per_epoch]
+    out[f"{key}_per_epoch"] = [_weighted(row, sizes) for row in epoch_ends]
+  counts = np.stack([r["osc/oscillation_count"] for r in records])
+  out["oscillations_per_weight_last_epoch"] = float(
+      counts[-steps_per_epoch:].sum() / max(sum(sizes), 1))
+  return out
 
 
 def run_name(args):
@@ -229,6 +337,10 @@ def run_name(args):
     return args.tag
   bits = f"W{args.weight_bits or 32}A{args.act_bits or 32}"
   sched = f"{args.schedule}" + (f"-R{args.target_tr:g}" if args.schedule == "tr" else "")
+  if args.dampening:
+    sched += f"-damp{args.dampening:g}"
+  if args.freeze:
+    sched += "-freeze"
   return f"{args.model}-{args.dataset}-{bits}-{args.optimizer}-{sched}-s{args.seed}"
 
 
@@ -272,6 +384,10 @@ def main(argv=None):
   summary = f"{name}: final test accuracy {results['final_test_accuracy']:.4f}"
   if "final_test_accuracy_bn_reestimated" in results:
     summary += f" (BN re-estimated: {results['final_test_accuracy_bn_reestimated']:.4f})"
+  if "oscillations" in results:
+    summary += f", oscillating weights {results['oscillations']['oscillating_fraction_mean']:.2%}"
+    if "frozen_fraction_mean" in results["oscillations"]:
+      summary += f", frozen {results['oscillations']['frozen_fraction_mean']:.2%}"
   print(summary + f", {results['train_seconds']:.0f} s")
   return results
 

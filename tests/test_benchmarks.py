@@ -52,3 +52,23 @@ def test_train_qat_checkpoint_round_trip(tmp_path):
       "resnet20", num_classes=10, in_channels=1, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="which the model lacks"):
     train_qat.load_checkpoint(other_model, tmp_path / "fp.npz")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_oscillations_quick(tmp_path):
+  oscillations = _load("benchmarks/oscillations.py", "trquant_bench_oscillations")
+  table, per_layer = oscillations.main(["--quick", "--out", str(tmp_path)])
+  methods = ("lsq", "damp", "freeze", "tr", "tr+freeze")
+  assert set(table) == {(4, method) for method in methods}
+  for (bits, method), row in table.items():
+    assert 0.1 < row["accuracy"][0] <= 1.0 and row["accuracy"][1] == 0.0  # one seed
+    assert 0.1 < row["bn_reestimated"][0] <= 1.0
+    assert 0.0 <= row["oscillating"][0] <= 1.0
+    assert (row["frozen"][0] > 0.0) == method.endswith("freeze"), method
+    layers = per_layer[(bits, method)]
+    assert len(layers["layers"]) == len(layers["oscillating_fraction"]) == 2  # cnn: conv2, conv3
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| W4A4 | tr+freeze |" in summary and "conv2/conv/kernel" in summary
+  saved = json.loads((tmp_path / "summary.json").read_text())
+  assert set(saved["table"]) == {f"W4A4-{method}" for method in methods}
+  assert saved["fp_accuracy"] > 0.5

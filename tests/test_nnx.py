@@ -1,8 +1,5 @@
 """trquant.nnx: quantized NNX layers, codes_fn / param_labels, calibration and BN re-estimation."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -358,9 +355,5 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sharded_model_matches_unsharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True,
-                          text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-4000:]
-  assert "SHARDED OK" in result.stdout
+def test_sharded_model_matches_unsharded(run_on_cpu_mesh):
+  assert "SHARDED OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)

@@ -214,16 +214,18 @@ def test_apply_if_finite_skips_whole_step():
 
 
 def test_long_run_multiplier_stays_finite_and_non_negative():
+  # 50k steps: the cosine target reaches 0 at 20k and stays there, where the log rule
+  # drives u down and the additive one sits on its max(0, .) floor.
   params = _params()
   for controller in ("log", "additive", "momentum"):
-    tx = _tx(lr=0.05, target_tr=optax.cosine_decay_schedule(0.05, 2000), controller=controller)
+    tx = _tx(lr=0.05, target_tr=optax.cosine_decay_schedule(0.05, 20_000), controller=controller)
 
     def step(carry, key):
       p, s = carry
       updates, s = tx.update(_grads_like(p, key), s, p)
       return (optax.apply_updates(p, updates), s), optax.tree.get(s, "talr_multiplier")
 
-    _, history = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(3), 3000))
+    _, history = jax.lax.scan(step, (params, tx.init(params)), jax.random.split(jax.random.key(3), 50_000))
     history = np.asarray(history)
     assert np.all(np.isfinite(history)) and np.all(history >= 0), controller
 
@@ -460,6 +462,38 @@ def test_codes_tree_mismatch_names_path():
 def test_no_quantized_leaf():
   with pytest.raises(ValueError, match="no leaf as quantized"):
     trquant.tr_schedule(1e-2, codes_fn=lambda p: jax.tree.map(lambda _: None, p)).init(_params())
+
+
+def test_empty_params_tree():
+  with pytest.raises(ValueError, match="no leaf as quantized"):
+    trquant.tr_schedule(1e-2, codes_fn=lambda p: p).init({})
+
+
+def test_integer_params_rejected():
+  params = {"w": jnp.arange(6, dtype=jnp.int32)}
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"].astype(jnp.float32), 0.5, bits=2)}
+  with pytest.raises(ValueError, match=r"\['w'\].*int32.*floating"):
+    trquant.tr_schedule(1e-2, codes_fn=codes_fn).init(params)
+
+
+def test_state_is_stable_through_lax_cond():
+  # Both branches of a cond must give the state the same shapes and dtypes (e.g. to skip
+  # the optimizer on some steps inside a jitted loop).
+  params = _params()
+  tx = _tx()
+  state = tx.init(params)
+
+  @jax.jit
+  def maybe_update(skip, state):
+    return jax.lax.cond(skip, lambda s: s, lambda s: tx.update(_grads(params), s, params)[1],
+                        state)
+
+  skipped = maybe_update(True, state)
+  updated = maybe_update(False, state)
+  assert int(optax.tree.get(skipped, "tr_step")) == 0
+  assert int(optax.tree.get(updated, "tr_step")) == 1
+  for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(updated)):
+    assert a.shape == b.shape and a.dtype == b.dtype
 
 
 def test_updates_structure_mismatch():

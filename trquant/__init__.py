@@ -1,10 +1,19 @@
 """trquant: low-bit quantization for JAX and Optax.
 
-Quantizers with straight-through gradients and transition-rate (TR) scheduling
-of quantized weights as an optax transform.
+Quantizers with straight-through gradients, transition-rate (TR) scheduling of
+quantized weights as an optax transform, and tools against weight oscillations
+(tracking, iterative freezing, the dampening loss).
 """
 
+from trquant import export
 from trquant import nnx
+from trquant.oscillations import FreezeOscillationsState
+from trquant.oscillations import OscillationState
+from trquant.oscillations import dampening_loss
+from trquant.oscillations import dampening_weight_schedule
+from trquant.oscillations import freeze_oscillations
+from trquant.oscillations import freeze_threshold_schedule
+from trquant.oscillations import track_oscillations
 from trquant.quantizers import binarize
 from trquant.quantizers import dequantize
 from trquant.quantizers import fake_quant
@@ -21,11 +30,18 @@ from trquant.tr_schedule import tr_schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "FreezeOscillationsState",
+    "OscillationState",
     "TransitionRateState",
     "binarize",
+    "dampening_loss",
+    "dampening_weight_schedule",
     "dequantize",
+    "export",
     "fake_quant",
     "fake_quant_unscaled",
+    "freeze_oscillations",
+    "freeze_threshold_schedule",
     "init_scale",
     "lsq",
     "nnx",
@@ -33,5 +49,6 @@ __all__ = [
     "quantize",
     "round_ste",
     "tr_schedule",
+    "track_oscillations",
     "transition_rate",
 ]

@@ -8,7 +8,9 @@
   ``nnx.Optimizer(..., wrt=nnx.Param)`` never moves it) or :class:`LearnedWeightScale`
   (an ``nnx.Param``); activation scales are :class:`ActScale` (an ``nnx.Param``).
 * :func:`codes_fn` and :func:`param_labels` turn a model into the ``codes_fn`` of
-  :func:`trquant.tr_schedule` and the label tree of ``optax.partition``.
+  :func:`trquant.tr_schedule` and the label tree of ``optax.partition``;
+  :func:`scales_fn` gives the ``scale_fn`` of :func:`trquant.freeze_oscillations`
+  and :func:`dampening_loss` the model's oscillation-dampening loss.
 * :func:`calibrate_activations`, :func:`init_weight_scales` and
   :func:`reestimate_batchnorm` set scales and BatchNorm statistics from data.
 
@@ -38,6 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from trquant import oscillations
 from trquant import quantizers
 
 __all__ = [
@@ -49,10 +52,13 @@ __all__ = [
     "WeightScale",
     "calibrate_activations",
     "codes_fn",
+    "dampening_loss",
     "init_weight_scales",
     "load_float_weights",
+    "oscillation_stats",
     "param_labels",
     "reestimate_batchnorm",
+    "scales_fn",
     "transition_stats",
     "values",
 ]
@@ -247,7 +253,7 @@ QUANT_LAYERS = (QuantLinear, QuantConv)
 
 
 def _quant_layers(model) -> list[tuple[tuple, _QuantMixin]]:
-  return [(tuple(path), module) for path, module in model.iter_modules()
+  return [(tuple(path), module) for path, module in nnx.iter_modules(model)
           if isinstance(module, QUANT_LAYERS)]
 
 
@@ -314,6 +320,39 @@ def codes_fn(model) -> Callable[[Any], Any]:
   return model_codes_fn
 
 
+def scales_fn(model) -> Callable[[Any], Any]:
+  """Returns ``scale_fn`` for :func:`trquant.freeze_oscillations` from an NNX model.
+
+  The companion of :func:`codes_fn`: the same tree (the structure of the params
+  that ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes, also under
+  ``optax.partition``) with every quantized kernel's frozen step size (a scalar,
+  or a keep-dims array for per-channel scales) and None elsewhere, so that the
+  bin centre of code ``c`` is ``c * scale``. The scales are captured now, by value.
+
+  Raises:
+    ValueError: if a quantized layer learns its weight scale (``weight_quantizer="lsq"``):
+      a moving scale would move frozen weights off their grid points.
+  """
+  scales = {}
+  for path, layer in _quant_layers(model):
+    if layer.kernel.bits is None:
+      continue
+    if layer.weight_quantizer != "fixed":
+      raise ValueError(
+          f"layer {'/'.join(map(str, path)) or '<root>'} learns its weight scale"
+          " (weight_quantizer='lsq'); freezing needs frozen weight scales. Build the"
+          " model with weight_quantizer='fixed'."
+      )
+    scales[path + ("kernel",)] = jnp.asarray(layer.weight_scale.get_value())
+  if not scales:
+    raise ValueError("the model has no quantized trquant.nnx layer (weight_bits set).")
+
+  def model_scales_fn(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: scales.get(_state_path(path)), params)
+
+  return model_scales_fn
+
+
 def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -354,6 +393,64 @@ def transition_stats(optimizer) -> dict:
       raise ValueError("the optimizer's transform has no trquant.tr_schedule.")
     stats[field] = value
   return stats
+
+
+OSCILLATION_FIELDS = ("osc_step", "oscillation_count", "oscillating_fraction")
+FREEZE_FIELDS = ("freeze_threshold", "frozen_fraction")
+
+
+def oscillation_stats(optimizer) -> dict:
+  """Per-layer arrays of the oscillation tracker (or freezer) held by an ``nnx.Optimizer``.
+
+  Returns:
+    ``{field: array}`` (snapshots) for ``osc_step``, ``oscillation_count`` and
+    ``oscillating_fraction`` of :func:`trquant.track_oscillations` or
+    :func:`trquant.freeze_oscillations`, plus ``freeze_threshold`` and
+    ``frozen_fraction`` for the latter. Per-layer vectors follow the tree order of
+    the quantized kernels.
+
+  Raises:
+    ValueError: if the optimizer has no (or several) oscillation transforms in its chain.
+  """
+  state = values(optimizer.opt_state)
+  stats = {}
+  for field in OSCILLATION_FIELDS + FREEZE_FIELDS:
+    try:
+      value = optax.tree.get(state, field)
+    except KeyError as error:
+      raise ValueError("the optimizer has several oscillation transforms; read them with"
+                       " optax.tree.get on trquant.nnx.values(optimizer.opt_state).") from error
+    if value is None:
+      if field in FREEZE_FIELDS:
+        continue
+      raise ValueError("the optimizer's transform has no trquant.track_oscillations or"
+                       " trquant.freeze_oscillations.")
+    stats[field] = value
+  return stats
+
+
+def dampening_loss(model, *, aggregation: str = "kernel_mean"):
+  """The oscillation-dampening loss summed over every quantized layer of an NNX model.
+
+  For each :class:`QuantLinear` / :class:`QuantConv` with ``weight_bits`` set:
+  :func:`trquant.dampening_loss` of its kernel with its current weight scale and
+  grid. Call it inside the loss function differentiated by ``nnx.grad``, weighted
+  by :func:`trquant.dampening_weight_schedule`::
+
+    loss = task_loss + lam(step) * trquant.nnx.dampening_loss(model)
+
+  Returns:
+    A float32 scalar (0 for a model without quantized layers).
+  """
+  total = jnp.zeros([], jnp.float32)
+  for _, layer in _quant_layers(model):
+    kernel = layer.kernel
+    if kernel.bits is None:
+      continue
+    total = total + oscillations.dampening_loss(
+        kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
+        signed=kernel.signed, narrow=kernel.narrow, aggregation=aggregation)
+  return total
 
 
 def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
@@ -514,4 +611,4 @@ def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
 
 
 def _batchnorms(model):
-  return [module for _, module in model.iter_modules() if isinstance(module, nnx.BatchNorm)]
+  return [module for _, module in nnx.iter_modules(model) if isinstance(module, nnx.BatchNorm)]

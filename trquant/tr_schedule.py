@@ -116,6 +116,13 @@ def _match_codes(codes, params):
           f"codes_fn(params) returned codes of shape {tuple(leaf.shape)} at"
           f" {_path_str(path)}, but the parameter there has shape {tuple(param_shape)}."
       )
+    param_dtype = jnp.result_type(param_leaves[path])
+    if not jnp.issubdtype(param_dtype, jnp.floating):
+      raise ValueError(
+          f"the quantized parameter at {_path_str(path)} has dtype {param_dtype}; latent"
+          " weights must be floating point (keep integer codes out of params, or mark the"
+          " leaf None in codes_fn)."
+      )
     quantized.append(True)
   try:
     codes_def.flatten_up_to(params)

@@ -1,0 +1,139 @@
+"""Integer export: packing, exact round trips to the fake-quantized weights, NNX models."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trquant
+from trquant.export import IntegerTensor, from_integer, nbytes, to_integer
+from trquant.nnx import QuantLinear
+
+GRIDS = [(bits, signed, narrow) for bits in (1, 2, 3, 4, 5, 8, 9, 16) for signed in (True, False)
+         for narrow in (False, True)
+         if not (narrow and (not signed or bits == 1))]
+
+
+def _weights(shape, seed=0, dtype=jnp.float32):
+  return (jax.random.normal(jax.random.key(seed), shape) * 0.3).astype(dtype)
+
+
+@pytest.mark.parametrize("bits,signed,narrow", GRIDS)
+def test_round_trip_equals_fake_quant(bits, signed, narrow):
+  w = _weights((7, 13))  # 91 codes: not a multiple of any packing factor
+  scale = float(trquant.init_scale(w, bits=bits, method="absmax", signed=signed))
+  exported = to_integer({"w": w}, {"w": scale}, bits=bits, signed=signed, narrow=narrow)["w"]
+  np.testing.assert_array_equal(
+      exported.codes, trquant.quantize(w, scale, bits=bits, signed=signed, narrow=narrow))
+  np.testing.assert_array_equal(
+      from_integer(exported), trquant.fake_quant(w, scale, bits=bits, signed=signed, narrow=narrow))
+
+
+@pytest.mark.parametrize("bits,codes_per_byte", [(1, 8), (2, 4), (4, 2), (3, 1), (8, 1)])
+def test_packed_sizes(bits, codes_per_byte):
+  w = _weights((64, 100))
+  exported = to_integer(w, 0.1, bits=bits)
+  assert exported.data.nbytes == w.size // codes_per_byte
+  assert exported.data.dtype == (jnp.uint8 if codes_per_byte > 1 else jnp.int8)
+  # Against the float32 weights: 32 / bits times smaller when packed, 4x as int8.
+  assert w.nbytes / exported.data.nbytes == 4 * codes_per_byte
+
+
+def test_wide_codes_use_16_bits():
+  exported = to_integer(_weights((10,)), 1e-4, bits=12)
+  assert exported.data.dtype == jnp.int16
+  assert to_integer(_weights((10,)), 1e-4, bits=12, signed=False).data.dtype == jnp.uint16
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.sampled_from([1, 2, 4, 6]), size=st.integers(1, 37),
+       seed=st.integers(0, 2**16), per_channel=st.booleans())
+def test_round_trip_property(bits, size, seed, per_channel):
+  w = _weights((size, 3), seed)
+  scale = trquant.init_scale(w, bits=bits, method="std3", axis=-1 if per_channel else None)
+  exported = to_integer(w, scale, bits=bits)
+  lo, hi = trquant.quant_range(bits)
+  assert lo <= int(exported.codes.min()) and int(exported.codes.max()) <= hi
+  np.testing.assert_array_equal(from_integer(exported), trquant.fake_quant(w, scale, bits=bits))
+
+
+def test_bfloat16_weights_round_trip_in_bfloat16():
+  w = _weights((16, 8), dtype=jnp.bfloat16)
+  exported = to_integer(w, jnp.float32(0.05), bits=4)
+  restored = from_integer(exported)
+  assert restored.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(restored, trquant.fake_quant(w, jnp.float32(0.05), bits=4))
+
+
+def test_tree_with_float_leaves_and_prefix_scales():
+  params = {"dense": {"kernel": _weights((4, 5)), "bias": jnp.arange(5.0)},
+            "norm": {"scale": jnp.ones(5)}}
+  scales = {"dense": {"kernel": 0.1, "bias": None}, "norm": None}
+  exported = to_integer(params, scales, bits={"dense": {"kernel": 3, "bias": None}, "norm": None})
+  assert isinstance(exported["dense"]["kernel"], IntegerTensor)
+  assert exported["dense"]["kernel"].bits == 3
+  assert exported["norm"]["scale"] is params["norm"]["scale"]
+  restored = from_integer(exported)
+  np.testing.assert_array_equal(restored["dense"]["bias"], params["dense"]["bias"])
+  assert nbytes(exported) == 20 + 4 + 5 * 4 + 5 * 4  # int8 codes, one f32 scale, two f32 vectors
+
+
+def test_jit_without_retracing():
+  traces = []
+
+  @jax.jit
+  def restore(exported):
+    traces.append(1)
+    return from_integer(exported)
+
+  for seed in range(3):
+    restore(to_integer(_weights((9, 4), seed), 0.1, bits=2))
+  assert len(traces) == 1
+  exported = jax.jit(lambda w: to_integer(w, 0.1, bits=2))(_weights((9, 4)))
+  np.testing.assert_array_equal(from_integer(exported), trquant.fake_quant(_weights((9, 4)), 0.1,
+                                                                           bits=2))
+
+
+def test_nnx_model_round_trip():
+  model = nnx.Sequential(
+      QuantLinear(12, 16, weight_bits=8, rngs=nnx.Rngs(0)), nnx.relu,
+      QuantLinear(16, 16, weight_bits=2, per_channel=True, act_bits=4, rngs=nnx.Rngs(1)),
+      nnx.relu, QuantLinear(16, 3, weight_bits=None, rngs=nnx.Rngs(2)))
+  exported = to_integer(model)
+  assert exported["layers"][2]["kernel"].bits == 2
+  assert exported["layers"][2]["kernel"].data.size == 16 * 16 // 4
+  assert "weight_scale" not in exported["layers"][2]  # carried by the IntegerTensor
+  assert not isinstance(exported["layers"][4]["kernel"], IntegerTensor)  # FP layer stays float
+  restored = from_integer(exported)
+  for index in (0, 2):
+    np.testing.assert_array_equal(restored["layers"][index]["kernel"],
+                                  model.layers[index].quantized_kernel())
+  # Loading the restored weights into the same architecture reproduces the outputs.
+  x = jax.random.normal(jax.random.key(3), (5, 12))
+  clone = nnx.clone(model)
+  clone.layers[0].kernel.set_value(jnp.zeros((12, 16)))
+  nnx.update(clone, restored)
+  np.testing.assert_array_equal(clone(x), model(x))
+  assert clone.layers[2].kernel.bits == 2
+  fp_bytes = sum(int(np.asarray(v).nbytes) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  assert nbytes(exported) < 0.5 * fp_bytes
+
+
+def test_bad_inputs():
+  w = _weights((4, 4))
+  with pytest.raises(ValueError, match="`bits`"):
+    to_integer(w, 0.1, bits=0)
+  with pytest.raises(ValueError, match="scale"):
+    to_integer(w, -0.1, bits=2)
+  with pytest.raises(ValueError, match="scales.*required"):
+    to_integer({"w": w})
+  with pytest.raises(ValueError, match="structure"):
+    to_integer({"w": w}, {"v": 0.1}, bits=2)
+  with pytest.raises(ValueError, match=r"\['w'\].*floating"):
+    to_integer({"w": jnp.ones(3, jnp.int32)}, {"w": 0.1}, bits=2)
+  model = nnx.Sequential(QuantLinear(2, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="pass neither"):
+    to_integer(model, bits=2)
