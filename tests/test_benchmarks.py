@@ -72,3 +72,19 @@ def test_oscillations_quick(tmp_path):
   saved = json.loads((tmp_path / "summary.json").read_text())
   assert set(saved["table"]) == {f"W4A4-{method}" for method in methods}
   assert saved["fp_accuracy"] > 0.5
+
+
+def test_overhead_quick(tmp_path):
+  overhead = _load("benchmarks/overhead.py", "trquant_bench_overhead")
+  results = overhead.main(["--quick", "--out", str(tmp_path)])
+  rows = results["steps"]["cnn"]
+  assert set(rows) == set(overhead.VARIANTS)
+  for row in rows.values():
+    assert row["median_ms"] > 0 and row["ratio"] > 0
+  # Memory is exact, not timed: TR scheduling keeps per-layer vectors only, the tracker
+  # 3 bytes per quantized weight (uint16 frequency + int8 direction), freezing 6.
+  assert rows["adam_tr"]["extra_state_bytes_per_weight"] < 0.01
+  assert 3.0 <= rows["adam_tr_track"]["extra_state_bytes_per_weight"] < 3.01
+  assert 6.0 <= rows["adam_tr_freeze"]["extra_state_bytes_per_weight"] < 6.01
+  assert [row["weights"] for row in results["scaling"]] == [100_000, 1_000_000]
+  assert "tr_schedule alone" in (tmp_path / "summary.md").read_text()

@@ -351,21 +351,23 @@ def tr_schedule(
     # 3. Count the transitions this update causes, with the arithmetic of apply_updates.
     new_params = optax.apply_updates(params, scaled_updates)
     codes_after = codes_def.flatten_up_to(codes_fn(new_params))
-    changed, total, finite = [], [], []
+    changed, total = [], []
     for before, after, update, is_quantized in zip(
         codes_def.flatten_up_to(codes_before), codes_after, update_slots, quantized
     ):
       if is_quantized:
-        changed.append(jnp.sum(before != after, dtype=jnp.float32))
+        # One fused pass per layer: a non-finite update entry makes the count NaN, which
+        # is how the layer is recognised below (no separate all(isfinite) reduction).
+        changed.append(jnp.sum(jnp.where(jnp.isfinite(update), before != after, jnp.nan),
+                               dtype=jnp.float32))
         total.append(float(np.size(before)))
-        finite.append(jnp.all(jnp.isfinite(update)))
-    changed, finite = jnp.stack(changed), jnp.stack(finite)
+    changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)
     if per_layer:
       measured = changed / np.maximum(total, 1.0)
     else:
       measured = (jnp.sum(changed) / max(total.sum(), 1.0))[None]
-      finite = jnp.all(finite)[None]
+    finite = jnp.isfinite(measured)
     running = momentum * state.running_transition_rate + (1.0 - momentum) * measured
 
     new_state = TransitionRateState(
