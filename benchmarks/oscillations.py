@@ -35,9 +35,8 @@ import time
 
 import numpy as np
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import train_qat  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _runs  # noqa: E402
 
 METHODS = ("lsq", "damp", "freeze", "tr", "tr+freeze")
 
@@ -86,27 +85,6 @@ def parse_args(argv=None):
   return args
 
 
-def _train(args, out, **overrides):
-  argv = ["--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
-          "--batch-size", str(args.batch_size), "--out", out, "--no-progress", "--no-plot",
-          "--bn-reestimate", str(args.bn_reestimate)]
-  if args.data_dir:
-    argv += ["--data-dir", args.data_dir]
-  if args.max_steps_per_epoch:
-    argv += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
-  for key, value in overrides.items():
-    flag = f"--{key.replace('_', '-')}"
-    if value is True:
-      argv.append(flag)
-    elif value is not None and value is not False:
-      argv += [flag, str(value)]
-  run_args = train_qat.parse_args(argv)
-  results = train_qat.run(run_args)
-  with open(os.path.join(out, f"{train_qat.run_name(run_args)}.json"), "w") as f:
-    json.dump(results, f)
-  return results
-
-
 def method_overrides(args, method, bits):
   """train_qat flags of one method at one bit width."""
   flags = dict(weight_bits=bits, act_bits=bits, optimizer="sgd", lr=_per_bits(args.lr)[bits],
@@ -121,20 +99,11 @@ def method_overrides(args, method, bits):
   return flags
 
 
-def _stats(values):
-  values = np.asarray(values, float)
-  return float(values.mean()), float(values.std())
-
-
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   start = time.perf_counter()
-  checkpoint = os.path.join(args.out, f"fp_{args.model}_{args.dataset}.npz")
-  fp = _train(args, args.out, weight_bits=0, act_bits=0, optimizer="adam", epochs=args.fp_epochs,
-              save=checkpoint, tag=f"fp-{args.model}")
-  fp_accuracy = fp["final_test_accuracy"]
-  print(f"FP {args.model} on {args.dataset}: {fp_accuracy:.4f}", flush=True)
+  checkpoint, fp_accuracy = _runs.fp_checkpoint(args)
 
   bits_list = [int(b) for b in args.bits.split(",")]
   methods = args.methods.split(",")
@@ -143,7 +112,7 @@ def main(argv=None):
     for method in methods:
       runs = []
       for seed in range(args.seeds):
-        result = _train(args, args.out, seed=seed, init_from=checkpoint,
+        result = _runs.train(args, args.out, seed=seed, init_from=checkpoint,
                         **method_overrides(args, method, bits))
         runs.append(result)
         osc = result["oscillations"]
@@ -153,11 +122,11 @@ def main(argv=None):
               f", frozen {osc.get('frozen_fraction_mean', 0.0):.3%}", flush=True)
       oscillation = [r["oscillations"] for r in runs]
       table[(bits, method)] = {
-          "accuracy": _stats([r["final_test_accuracy"] for r in runs]),
-          "bn_reestimated": _stats([r.get("final_test_accuracy_bn_reestimated", np.nan) for r in runs]),
-          "oscillating": _stats([o["oscillating_fraction_mean"] for o in oscillation]),
-          "frozen": _stats([o.get("frozen_fraction_mean", 0.0) for o in oscillation]),
-          "oscillations_per_weight_last_epoch": _stats(
+          "accuracy": _runs.mean_std([r["final_test_accuracy"] for r in runs]),
+          "bn_reestimated": _runs.mean_std([r.get("final_test_accuracy_bn_reestimated", np.nan) for r in runs]),
+          "oscillating": _runs.mean_std([o["oscillating_fraction_mean"] for o in oscillation]),
+          "frozen": _runs.mean_std([o.get("frozen_fraction_mean", 0.0) for o in oscillation]),
+          "oscillations_per_weight_last_epoch": _runs.mean_std(
               [o["oscillations_per_weight_last_epoch"] for o in oscillation]),
           "momentum": oscillation[0]["momentum"],
           "runs": [r["final_test_accuracy"] for r in runs],

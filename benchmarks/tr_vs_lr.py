@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
-EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
-sys.path.insert(0, str(EXAMPLES))
-import train_qat  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _runs  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,6 +42,8 @@ def parse_args(argv=None):
   parser.add_argument("--max-steps-per-epoch", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--out", default="benchmarks/results/tr_vs_lr")
+  parser.add_argument("--plot-only", action="store_true",
+                      help="redraw the plots from the summary.json and run JSONs in --out")
   parser.add_argument("--quick", action="store_true",
                       help="digits, tiny epochs, 1 seed: checks the pipeline in a few minutes")
   args = parser.parse_args(argv)
@@ -52,36 +53,67 @@ def parse_args(argv=None):
   return args
 
 
-def _train(args, out, **overrides):
-  argv = ["--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
-          "--batch-size", str(args.batch_size), "--out", out, "--no-progress", "--no-plot"]
-  if args.data_dir:
-    argv += ["--data-dir", args.data_dir]
-  if args.max_steps_per_epoch:
-    argv += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
-  for key, value in overrides.items():
-    argv += [f"--{key.replace('_', '-')}", str(value)]
-  run_args = train_qat.parse_args(argv)
-  results = train_qat.run(run_args)
-  with open(os.path.join(out, f"{train_qat.run_name(run_args)}.json"), "w") as f:
-    json.dump(results, f)
-  return results
+def plot(out):
+  """Draws summary.png from summary.json and the runs' JSONs in `out`: accuracy per setting
+  (mean and std over seeds, FP line), the R_0 sweep, and target vs running TR and the TALR
+  multiplier per layer of the first seed's TR run at each bit width."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
 
-
-def _stats(values):
-  values = np.asarray(values, float)
-  return float(values.mean()), float(values.std())
+  with open(os.path.join(out, "summary.json")) as f:
+    summary = json.load(f)
+  table, sweep, run_args = summary["table"], summary["sweep"], summary["args"]
+  settings = sorted({key.rsplit("-", 1)[0] for key in table})
+  bits_list = [int(b) for b in run_args["bits"].split(",")]
+  fig, axes = plt.subplots(1, 2 + len(bits_list), figsize=(5 * (2 + len(bits_list)), 4))
+  x = np.arange(len(settings))
+  for offset, schedule in ((-0.2, "lr"), (0.2, "tr")):
+    means = [100 * table[f"{s}-{schedule}"]["accuracy"][0] for s in settings]
+    stds = [100 * table[f"{s}-{schedule}"]["accuracy"][1] for s in settings]
+    axes[0].bar(x + offset, means, 0.4, yerr=stds, capsize=3,
+                label="cosine LR" if schedule == "lr" else "TR scheduling")
+  axes[0].axhline(100 * summary["fp_accuracy"], color="k", ls="--", lw=1, label="FP")
+  lowest = min(100 * row["accuracy"][0] for row in table.values())
+  axes[0].set_ylim(lowest - 3, 100 * summary["fp_accuracy"] + 2)
+  axes[0].set_xticks(x, settings, rotation=20)
+  axes[0].set_ylabel("test accuracy (%)")
+  axes[0].set_title(f"{run_args['model']} on {run_args['dataset']}, {run_args['seeds']} seeds")
+  axes[0].legend(fontsize=8)
+  targets = sorted(sweep, key=float)
+  axes[1].plot([float(t) for t in targets], [100 * sweep[t]["accuracy"][0] for t in targets], "o-")
+  axes[1].set_xscale("log")
+  axes[1].set_xlabel("initial target TR R_0")
+  axes[1].set_ylabel("test accuracy (%)")
+  axes[1].set_title(f"R_0 sweep (W{bits_list[0]}A{bits_list[0]}, Adam)")
+  for axis, bits in zip(axes[2:], bits_list):
+    name = f"{run_args['model']}-{run_args['dataset']}-W{bits}A{bits}-adam-tr-R{run_args['target_tr']:g}-s0"
+    with open(os.path.join(out, name + ".json")) as f:
+      transitions = json.load(f)["transitions"]
+    running = np.asarray(transitions["running_transition_rate"])
+    axis.plot(transitions["target_transition_rate"], "k--", label="target R")
+    for layer in range(running.shape[1]):
+      axis.plot(running[:, layer], lw=1, label=f"running TR K, layer {layer}")
+    axis.set_xlabel("step")
+    axis.set_ylabel("transition rate")
+    axis.set_title(f"W{bits}A{bits} Adam + TR, seed 0")
+    twin = axis.twinx()
+    twin.plot(np.asarray(transitions["talr_multiplier"]), ":", lw=1)
+    twin.set_ylabel("TALR multiplier u (dotted)")
+    axis.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "summary.png"), dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None):
   args = parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
+  if args.plot_only:
+    plot(args.out)
+    return None, None
   start = time.perf_counter()
-  checkpoint = os.path.join(args.out, f"fp_{args.model}_{args.dataset}.npz")
-  fp = _train(args, args.out, weight_bits=0, act_bits=0, optimizer="adam", epochs=args.fp_epochs,
-              save=checkpoint, tag=f"fp-{args.model}")
-  fp_accuracy = fp["final_test_accuracy"]
-  print(f"FP {args.model} on {args.dataset}: {fp_accuracy:.4f}", flush=True)
+  checkpoint, fp_accuracy = _runs.fp_checkpoint(args)
 
   bits_list = [int(b) for b in args.bits.split(",")]
   optimizers = args.optimizers.split(",")
@@ -91,7 +123,7 @@ def main(argv=None):
       for schedule in ("lr", "tr"):
         accuracies, reestimated, seconds = [], [], []
         for seed in range(args.seeds):
-          result = _train(args, args.out, weight_bits=bits, act_bits=bits, optimizer=optimizer,
+          result = _runs.train(args, args.out, weight_bits=bits, act_bits=bits, optimizer=optimizer,
                           schedule=schedule, target_tr=args.target_tr, seed=seed,
                           init_from=checkpoint)
           accuracies.append(result["final_test_accuracy"])
@@ -100,7 +132,7 @@ def main(argv=None):
           print(f"W{bits}A{bits} {optimizer:5s} {schedule}: seed {seed} "
                 f"acc {accuracies[-1]:.4f} (BN re-est. {reestimated[-1]:.4f})", flush=True)
         table[(bits, optimizer, schedule)] = {
-            "accuracy": _stats(accuracies), "bn_reestimated": _stats(reestimated),
+            "accuracy": _runs.mean_std(accuracies), "bn_reestimated": _runs.mean_std(reestimated),
             "seconds": float(np.mean(seconds)), "runs": accuracies}
 
   sweep = {}
@@ -108,13 +140,13 @@ def main(argv=None):
   for target in [float(t) for t in args.sweep.split(",")]:
     accuracies = []
     for seed in range(args.sweep_seeds):
-      result = _train(args, args.out, weight_bits=sweep_bits, act_bits=sweep_bits, optimizer="adam",
+      result = _runs.train(args, args.out, weight_bits=sweep_bits, act_bits=sweep_bits, optimizer="adam",
                       schedule="tr", target_tr=target, seed=seed, init_from=checkpoint,
                       tag=f"sweep-R{target:g}-s{seed}")
       accuracies.append(result["final_test_accuracy"])
       transitions = result["transitions"]
     running = np.asarray(transitions["running_transition_rate"])
-    sweep[target] = {"accuracy": _stats(accuracies),
+    sweep[target] = {"accuracy": _runs.mean_std(accuracies),
                      "running_tr_mid": float(np.mean(running[len(running) // 2])),
                      "talr_mid": float(np.mean(np.asarray(transitions["talr_multiplier"])[len(running) // 2]))}
     print(f"sweep R0={target:g}: acc {sweep[target]['accuracy'][0]:.4f}", flush=True)
@@ -146,6 +178,7 @@ def main(argv=None):
     json.dump({"fp_accuracy": fp_accuracy, "seconds": elapsed,
                "table": {f"W{b}A{b}-{o}-{s}": v for (b, o, s), v in table.items()},
                "sweep": {f"{t:g}": v for t, v in sweep.items()}, "args": vars(args)}, f, indent=2)
+  plot(args.out)
   print("\n" + summary)
   return table, sweep
 

@@ -67,6 +67,8 @@ def parse_args(argv=None):
   parser.add_argument("--target-tr", type=float, default=5e-3, help="initial target transition rate R_0")
   parser.add_argument("--controller", default="log", choices=["log", "additive", "momentum"])
   parser.add_argument("--eta", type=float, default=None, help="controller gain (default: its own)")
+  parser.add_argument("--tr-momentum", type=float, default=0.99,
+                      help="EMA momentum of the running TR (time constant 1/(1-m) steps)")
   parser.add_argument("--epochs", type=int, default=5)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--max-steps-per-epoch", type=int, default=None, help="truncate epochs (quick runs)")
@@ -142,7 +144,8 @@ def make_transform(args, model, total_steps):
   else:
     target = optax.cosine_decay_schedule(args.target_tr, total_steps)
     quant = optax.chain(opt(lr), trquant.tr_schedule(
-        target, codes_fn=trquant.nnx.codes_fn(model), controller=args.controller, eta=args.eta))
+        target, codes_fn=trquant.nnx.codes_fn(model), controller=args.controller, eta=args.eta,
+        momentum=args.tr_momentum))
     tx = optax.partition({"quant": quant, "float": opt(cosine_lr)}, trquant.nnx.param_labels(model))
   oscillations = oscillation_transform(args, model, total_steps)
   # Last in the chain: it must see (and, when freezing, override) the update actually applied.

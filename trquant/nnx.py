@@ -281,6 +281,25 @@ class _KernelCodes:
     return quantizers.quantize(kernel, self.scale, bits=self.bits)
 
 
+def _frozen_scale_kernels(model, purpose: str) -> dict:
+  """{kernel path in the params tree: layer} of every quantized layer; they must have
+  frozen weight scales (``weight_quantizer="fixed"``), which `purpose` needs."""
+  kernels = {}
+  for path, layer in _quant_layers(model):
+    if layer.kernel.bits is None:
+      continue
+    if layer.weight_quantizer != "fixed":
+      raise ValueError(
+          f"layer {'/'.join(map(str, path)) or '<root>'} learns its weight scale"
+          f" (weight_quantizer='lsq'); {purpose} needs frozen weight scales. Build the"
+          " model with weight_quantizer='fixed'."
+      )
+    kernels[path + ("kernel",)] = layer
+  if not kernels:
+    raise ValueError("the model has no quantized trquant.nnx layer (weight_bits set).")
+  return kernels
+
+
 def codes_fn(model) -> Callable[[Any], Any]:
   """Returns ``codes_fn`` for :func:`trquant.tr_schedule` from an NNX model of trquant layers.
 
@@ -295,20 +314,8 @@ def codes_fn(model) -> Callable[[Any], Any]:
       TR scheduling needs frozen weight scales, since a moving scale changes codes
       without any weight update. Use ``weight_quantizer="fixed"``.
   """
-  kernels = {}
-  for path, layer in _quant_layers(model):
-    if layer.kernel.bits is None:
-      continue
-    if layer.weight_quantizer != "fixed":
-      raise ValueError(
-          f"layer {'/'.join(map(str, path)) or '<root>'} learns its weight scale"
-          " (weight_quantizer='lsq'); TR scheduling needs frozen weight scales. Build the"
-          " model with weight_quantizer='fixed'."
-      )
-    kernels[path + ("kernel",)] = _KernelCodes(jnp.asarray(layer.weight_scale.get_value()),
-                                                layer.kernel.bits)
-  if not kernels:
-    raise ValueError("the model has no quantized trquant.nnx layer (weight_bits set).")
+  kernels = {path: _KernelCodes(jnp.asarray(layer.weight_scale.get_value()), layer.kernel.bits)
+             for path, layer in _frozen_scale_kernels(model, "TR scheduling").items()}
 
   def model_codes_fn(params):
     def leaf_codes(path, leaf):
@@ -333,19 +340,8 @@ def scales_fn(model) -> Callable[[Any], Any]:
     ValueError: if a quantized layer learns its weight scale (``weight_quantizer="lsq"``):
       a moving scale would move frozen weights off their grid points.
   """
-  scales = {}
-  for path, layer in _quant_layers(model):
-    if layer.kernel.bits is None:
-      continue
-    if layer.weight_quantizer != "fixed":
-      raise ValueError(
-          f"layer {'/'.join(map(str, path)) or '<root>'} learns its weight scale"
-          " (weight_quantizer='lsq'); freezing needs frozen weight scales. Build the"
-          " model with weight_quantizer='fixed'."
-      )
-    scales[path + ("kernel",)] = jnp.asarray(layer.weight_scale.get_value())
-  if not scales:
-    raise ValueError("the model has no quantized trquant.nnx layer (weight_bits set).")
+  scales = {path: jnp.asarray(layer.weight_scale.get_value())
+            for path, layer in _frozen_scale_kernels(model, "freezing").items()}
 
   def model_scales_fn(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: scales.get(_state_path(path)), params)

@@ -1,0 +1,51 @@
+"""Shared by the benchmarks: one examples/train_qat.py run per call, and the FP checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+import train_qat  # noqa: E402
+
+
+def train(args, out, **overrides):
+  """Runs train_qat with the benchmark's shared flags plus `overrides` (flag=value; True
+  for a switch); writes the run's JSON to `out` and returns its results."""
+  argv = ["--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
+          "--batch-size", str(args.batch_size), "--out", out, "--no-progress", "--no-plot"]
+  if getattr(args, "bn_reestimate", None) is not None:
+    argv += ["--bn-reestimate", str(args.bn_reestimate)]
+  if args.data_dir:
+    argv += ["--data-dir", args.data_dir]
+  if args.max_steps_per_epoch:
+    argv += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
+  for key, value in overrides.items():
+    flag = f"--{key.replace('_', '-')}"
+    if value is True:
+      argv.append(flag)
+    elif value is not None and value is not False:
+      argv += [flag, str(value)]
+  run_args = train_qat.parse_args(argv)
+  results = train_qat.run(run_args)
+  with open(os.path.join(out, f"{train_qat.run_name(run_args)}.json"), "w") as f:
+    json.dump(results, f)
+  return results
+
+
+def fp_checkpoint(args):
+  """Trains the full-precision model all QAT runs start from; returns (path, accuracy)."""
+  checkpoint = os.path.join(args.out, f"fp_{args.model}_{args.dataset}.npz")
+  fp = train(args, args.out, weight_bits=0, act_bits=0, optimizer="adam", epochs=args.fp_epochs,
+             save=checkpoint, tag=f"fp-{args.model}")
+  print(f"FP {args.model} on {args.dataset}: {fp['final_test_accuracy']:.4f}", flush=True)
+  return checkpoint, fp["final_test_accuracy"]
+
+
+def mean_std(values):
+  values = np.asarray(values, float)
+  return float(values.mean()), float(values.std())
