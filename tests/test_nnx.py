@@ -73,6 +73,39 @@ def test_quant_conv_matches_lax_conv_and_supports_depthwise():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("strides", [1, 2])
+@pytest.mark.parametrize("padding", ["SAME", "VALID", 1, [(0, 2), (1, 0)]])
+def test_shifted_depthwise_conv_matches_xla_conv_and_its_gradients(strides, padding):
+  def build(impl):
+    return QuantConv(6, 6, 3, strides=strides, padding=padding, feature_group_count=6,
+                     weight_bits=3, act_bits=4, signed_act=True, per_channel=True,
+                     depthwise_impl=impl, rngs=nnx.Rngs(0))
+
+  shift, conv = build("shift"), build("conv")
+  assert shift._use_shift_depthwise() and not conv._use_shift_depthwise()
+  x = jax.random.normal(jax.random.key(1), (2, 9, 8, 6))
+
+  def loss(layer, x):
+    return jnp.sum(jnp.sin(layer(x)))
+
+  out_shift, out_conv = shift(x), conv(x)
+  assert out_shift.shape == out_conv.shape
+  np.testing.assert_allclose(out_shift, out_conv, rtol=1e-5, atol=1e-5)
+  grads_shift = nnx.grad(loss, argnums=(0, 1))(shift, x)
+  grads_conv = nnx.grad(loss, argnums=(0, 1))(conv, x)
+  for a, b in zip(jax.tree.leaves(grads_shift), jax.tree.leaves(grads_conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_impl_auto_and_validation():
+  grouped = QuantConv(8, 16, 3, feature_group_count=8, rngs=nnx.Rngs(0))  # multiplier 2
+  assert not grouped._use_shift_depthwise()
+  depthwise = QuantConv(8, 8, 3, feature_group_count=8, rngs=nnx.Rngs(0))
+  assert depthwise._use_shift_depthwise() == (jax.default_backend() == "cpu")
+  with pytest.raises(ValueError, match="depthwise_impl"):
+    QuantConv(8, 8, 3, feature_group_count=8, depthwise_impl="fft", rngs=nnx.Rngs(0))
+
+
 def test_variable_types_and_metadata():
   fixed = QuantLinear(16, 8, weight_bits=2, act_bits=4, rngs=nnx.Rngs(0))
   assert isinstance(fixed.kernel, QuantWeight) and fixed.kernel.bits == 2

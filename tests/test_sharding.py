@@ -1,5 +1,9 @@
 """chain(adam, tr_schedule) on an 8-device CPU mesh: data parallel and fully sharded params.
 
+The fully sharded run is repeated with ``freeze_oscillations`` in the chain: the
+per-weight oscillation and freezing state must equal the single-device run's
+exactly and keep the parameters' shardings.
+
 Each scenario runs in a subprocess (see conftest.run_on_cpu_mesh) and is compared
 with the same training run on one device: params to rtol 1e-5, and the per-layer
 TR state (measured and running rate, TALR multiplier) to rtol 1e-5 as well. The
@@ -36,15 +40,15 @@ _COMMON = textwrap.dedent("""
       out = h @ trquant.fake_quant(params["head"]["kernel"], SCALES["head"], bits=2)
       return jnp.mean((out + params["head"]["bias"] - y) ** 2)
 
-    def step(params, opt_state, x, y):
-      grads = jax.grad(loss_fn)(params, x, y)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state
-
     x = jax.random.normal(jax.random.key(1), (64, 32))
     y = jax.random.normal(jax.random.key(2), (64, 16))
 
-    def train(params, put=lambda tree: tree, put_batch=lambda a: a, donate=False):
+    def train(params, put=lambda tree: tree, put_batch=lambda a: a, donate=False, tx=tx):
+      def step(params, opt_state, x, y):
+        grads = jax.grad(loss_fn)(params, x, y)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
       params = put(params)
       # init on abstract inputs gives the state's shapes and dtypes without computing it
       abstract = jax.eval_shape(tx.init, params)
@@ -60,11 +64,11 @@ _COMMON = textwrap.dedent("""
           assert jax.tree.leaves(previous)[0].is_deleted()
       return params, opt_state
 
-    def compare(params, opt_state, reference):
+    def compare(params, opt_state, reference, fields=FIELDS):
       ref_params, ref_state = reference
       for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
-      for field in FIELDS:
+      for field in fields:
         np.testing.assert_allclose(optax.tree.get(opt_state, field), optax.tree.get(ref_state, field),
                                    rtol=1e-5, atol=1e-7)
       # The run moved codes, so the comparison of the TR state is not vacuous.
@@ -111,9 +115,45 @@ _FULLY_SHARDED = _COMMON + textwrap.dedent("""
 """)
 
 
+_FULLY_SHARDED_OSCILLATIONS = _COMMON + textwrap.dedent("""
+    # chain(adam, tr_schedule, freeze_oscillations): a fast frequency EMA and an early
+    # start, so that weights oscillate and freeze within the 20 steps.
+    scales_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
+    osc_tx = optax.chain(optax.adam(3e-3), trquant.tr_schedule(
+        optax.cosine_decay_schedule(2e-2, 40), codes_fn=codes_fn),
+        trquant.freeze_oscillations(codes_fn, scales_fn, total_steps=20, momentum=0.3,
+                                    start_fraction=0.25, threshold=0.05))
+    osc_reference = train(init_params(), tx=osc_tx)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+    put = lambda params: jax.tree.map(
+        lambda p: jax.device_put(p, NamedSharding(mesh, P("fsdp"))), params)
+    params, opt_state = train(init_params(), put=put, donate=True, tx=osc_tx)
+    compare(params, opt_state, osc_reference,
+            fields=FIELDS + ("oscillation_count", "oscillating_fraction", "frozen_fraction"))
+    freezer = opt_state[2]
+    for name in ("code_ema", "frozen"):
+      for state_leaf, ref_leaf in zip(jax.tree.leaves(getattr(freezer, name)),
+                                      jax.tree.leaves(getattr(osc_reference[1][2], name))):
+        np.testing.assert_array_equal(np.asarray(state_leaf), np.asarray(ref_leaf))
+    # Per-weight state follows the parameter's sharding; per-layer vectors are replicated.
+    for tree in (freezer.code_ema, freezer.frozen, freezer.tracker.oscillation_frequency,
+                 freezer.tracker.last_direction):
+      for leaf, param in zip(jax.tree.leaves(tree), [params["dense"]["kernel"], params["head"]["kernel"]]):
+        assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), leaf.sharding
+    assert freezer.frozen_fraction.sharding.is_fully_replicated
+    # The comparison is not vacuous: weights oscillated and some were frozen.
+    assert float(np.max(osc_reference[1][2].frozen_fraction)) > 0, osc_reference[1][2].frozen_fraction
+    print("FULLY SHARDED OSCILLATIONS OK", np.asarray(freezer.frozen_fraction))
+""")
+
+
 def test_data_parallel_matches_single_device(run_on_cpu_mesh):
   assert "DATA PARALLEL OK" in run_on_cpu_mesh(_DATA_PARALLEL)
 
 
 def test_fully_sharded_params_match_single_device(run_on_cpu_mesh):
   assert "FULLY SHARDED OK" in run_on_cpu_mesh(_FULLY_SHARDED)
+
+
+def test_fully_sharded_oscillation_transforms_match_single_device(run_on_cpu_mesh):
+  assert "FULLY SHARDED OSCILLATIONS OK" in run_on_cpu_mesh(_FULLY_SHARDED_OSCILLATIONS)
