@@ -38,8 +38,18 @@ def train(args, out, **overrides):
 
 
 def fp_checkpoint(args):
-  """Trains the full-precision model all QAT runs start from; returns (path, accuracy)."""
+  """Trains the full-precision model all QAT runs start from; returns (path, accuracy).
+
+  With ``args.reuse_fp`` an FP checkpoint and its run JSON already in ``args.out``
+  are used as they are (a benchmark re-run with other QAT settings).
+  """
   checkpoint = os.path.join(args.out, f"fp_{args.model}_{args.dataset}.npz")
+  record = os.path.join(args.out, f"fp-{args.model}.json")
+  if getattr(args, "reuse_fp", False) and os.path.exists(checkpoint) and os.path.exists(record):
+    with open(record) as f:
+      accuracy = json.load(f)["final_test_accuracy"]
+    print(f"FP {args.model} on {args.dataset}: {accuracy:.4f} (reused {checkpoint})", flush=True)
+    return checkpoint, accuracy
   fp = train(args, args.out, weight_bits=0, act_bits=0, optimizer="adam", epochs=args.fp_epochs,
              save=checkpoint, tag=f"fp-{args.model}")
   print(f"FP {args.model} on {args.dataset}: {fp['final_test_accuracy']:.4f}", flush=True)

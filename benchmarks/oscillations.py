@@ -71,6 +71,8 @@ def parse_args(argv=None):
   parser.add_argument("--max-steps-per-epoch", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--bn-reestimate", type=int, default=50)
+  parser.add_argument("--reuse-fp", action="store_true",
+                      help="use the FP checkpoint already in --out instead of training it again")
   parser.add_argument("--out", default="benchmarks/results/oscillations")
   parser.add_argument("--quick", action="store_true",
                       help="digits, the small CNN, W4A4, 1 seed, a few steps: checks the pipeline")

@@ -41,6 +41,8 @@ def parse_args(argv=None):
   parser.add_argument("--sweep-seeds", type=int, default=1)
   parser.add_argument("--max-steps-per-epoch", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--reuse-fp", action="store_true",
+                      help="use the FP checkpoint already in --out instead of training it again")
   parser.add_argument("--out", default="benchmarks/results/tr_vs_lr")
   parser.add_argument("--plot-only", action="store_true",
                       help="redraw the plots from the summary.json and run JSONs in --out")

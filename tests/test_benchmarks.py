@@ -80,7 +80,8 @@ def test_overhead_quick(tmp_path):
   rows = results["steps"]["cnn"]
   assert set(rows) == set(overhead.VARIANTS)
   for row in rows.values():
-    assert row["median_ms"] > 0 and row["ratio"] > 0
+    assert row["median_ms"] > 0 and row["ratio"] > 0 and row["update_ms"] > 0
+  assert rows["adam_cosine"]["update_overhead"] == 0.0
   # Memory is exact, not timed: TR scheduling keeps per-layer vectors only, the tracker
   # 3 bytes per quantized weight (uint16 frequency + int8 direction), freezing 6.
   assert rows["adam_tr"]["extra_state_bytes_per_weight"] < 0.01
@@ -88,3 +89,12 @@ def test_overhead_quick(tmp_path):
   assert 6.0 <= rows["adam_tr_freeze"]["extra_state_bytes_per_weight"] < 6.01
   assert [row["weights"] for row in results["scaling"]] == [100_000, 1_000_000]
   assert "tr_schedule alone" in (tmp_path / "summary.md").read_text()
+
+
+def test_depthwise_quick(tmp_path):
+  depthwise = _load("benchmarks/depthwise.py", "trquant_bench_depthwise")
+  rows = depthwise.main(["--quick", "--out", str(tmp_path)])  # also checks equal gradients
+  assert len(rows) == 3
+  for row in rows:
+    assert row["conv_ms"] > 0 and row["shift_ms"] > 0 and row["speedup"] > 0
+  assert "MobileNetV2" in (tmp_path / "summary.md").read_text()
