@@ -98,3 +98,26 @@ def test_depthwise_quick(tmp_path):
   for row in rows:
     assert row["conv_ms"] > 0 and row["shift_ms"] > 0 and row["speedup"] > 0
   assert "MobileNetV2" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_adaround_quick(tmp_path):
+  bench = _load("benchmarks/adaround.py", "trquant_bench_adaround")
+  results = bench.main(["--quick", "--out", str(tmp_path)])
+  cnn = results["models"]["cnn"]
+  assert cnn["fp_accuracy"] > 0.5
+  assert set(cnn["table"]) == {"W3-tensor", "W3-channel"}
+  for row in cnn["table"].values():
+    assert 0.1 < row["nearest"] <= 1.0
+    mean, std = row["adaround"]
+    assert 0.1 < mean <= 1.0 and std == 0.0  # one seed
+    assert len(row["error_ratio_per_layer"]) == 4  # cnn: conv1, conv2, conv3, head
+  assert list(cnn["layers"]) == ["conv1/conv", "conv2/conv", "conv3/conv", "head"]
+  assert all(layer["mean_seconds"] > 0 for layer in cnn["layers"].values())
+  assert len(results["timing"]) == 3
+  for row in results["timing"]:
+    assert row["fused_its"] > 0 and row["eager_its"] > 0 and row["speedup"] > 0
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| W3 | per-tensor |" in summary and "Fused loop vs eager loop" in summary
+  assert json.loads((tmp_path / "summary.json").read_text())["timing"]
+  assert (tmp_path / "summary.png").exists() and (tmp_path / "fp_cnn_digits.npz").exists()

@@ -5,6 +5,7 @@ quantized weights as an optax transform, and tools against weight oscillations
 (tracking, iterative freezing, the dampening loss).
 """
 
+from trquant import adaround
 from trquant import export
 from trquant import nnx
 from trquant.oscillations import FreezeOscillationsState
@@ -33,6 +34,7 @@ __all__ = [
     "FreezeOscillationsState",
     "OscillationState",
     "TransitionRateState",
+    "adaround",
     "binarize",
     "dampening_loss",
     "dampening_weight_schedule",

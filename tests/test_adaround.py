@@ -1,0 +1,373 @@
+"""trquant.adaround: the rounding relaxation, layer reconstruction and NNX-model PTQ."""
+
+import importlib.util
+import math
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import trquant
+from trquant import adaround
+from trquant.nnx import QuantConv, QuantLinear, WeightScale
+
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models.py"
+spec = importlib.util.spec_from_file_location("trquant_examples_models_adaround", _PATH)
+models = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = models
+spec.loader.exec_module(models)
+
+
+def _linear(w, x):
+  return x @ w
+
+
+def _correlated_problem(bits=3, n=512, d_in=32, d_out=8, seed=0):
+  """A linear layer whose inputs are correlated: there, nearest rounding is not optimal."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  w = jax.random.normal(keys[0], (d_in, d_out))
+  mixing = jax.random.normal(keys[1], (d_in, d_in)) / math.sqrt(d_in) + jnp.eye(d_in)
+  x = jax.random.normal(keys[2], (n, d_in)) @ mixing / 2.0
+  return w, x, x @ w
+
+
+# ---------------------------------------------------------------------------------------
+# The relaxation
+# ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=20))
+def test_rectified_sigmoid_is_a_monotone_map_into_unit_interval(values):
+  V = jnp.sort(jnp.asarray(values, jnp.float32))
+  h = np.asarray(adaround.rectified_sigmoid(V))
+  assert np.all((h >= 0) & (h <= 1))
+  assert np.all(np.diff(h) >= 0)
+
+
+def test_rectified_sigmoid_reaches_zero_and_one_at_finite_values():
+  h = adaround.rectified_sigmoid(jnp.array([-4.0, 0.0, 4.0]))
+  np.testing.assert_allclose(h, [0.0, 0.5, 1.0], atol=1e-6)
+  # The plain sigmoid (no stretch) would not reach them.
+  assert 0 < float(adaround.rectified_sigmoid(4.0, zeta=1.0, gamma=0.0)) < 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.01, 2.0), st.booleans())
+def test_init_alpha_makes_the_soft_weight_equal_w(seed, scale_value, per_channel):
+  w = jax.random.normal(jax.random.key(seed), (6, 5)) * scale_value * 4
+  scale = (jnp.full((1, 5), scale_value) * jnp.linspace(0.8, 1.2, 5) if per_channel
+           else jnp.float32(scale_value))
+  V = adaround.init_alpha(w, scale)
+  assert bool(jnp.all(jnp.isfinite(V)))
+  soft = adaround.soft_weight(w, scale, V, bits=8)  # 8 bits: no weight is clipped
+  np.testing.assert_allclose(soft, w, rtol=1e-5, atol=1e-5 * scale_value)
+
+
+def test_init_alpha_is_finite_for_fractional_parts_at_zero_and_one():
+  w = jnp.array([-2.0, 0.0, 1.0, 3.0, 0.5])  # multiples of the scale: fractional part 0
+  for zeta, gamma in ((adaround.ZETA, adaround.GAMMA), (1.0, 0.0)):
+    V = adaround.init_alpha(w, 1.0, zeta=zeta, gamma=gamma)
+    assert bool(jnp.all(jnp.isfinite(V)))
+    np.testing.assert_allclose(adaround.soft_weight(w, 1.0, V, bits=4, zeta=zeta, gamma=gamma),
+                               w, atol=1e-5)
+  # A value just below an integer (fractional part ~1) as well.
+  w = jnp.array([1.0 - 1e-7, -1e-7])
+  V = adaround.init_alpha(w, 1.0, zeta=1.0, gamma=0.0)
+  assert bool(jnp.all(jnp.isfinite(V)))
+
+
+def test_rounding_regularizer_properties():
+  V = jnp.linspace(-3.0, 3.0, 31)
+  assert float(adaround.rounding_regularizer(jnp.zeros(7), 2.0)) == pytest.approx(7.0)
+  assert float(adaround.rounding_regularizer(jnp.array([-10.0, 10.0]), 2.0)) == 0.0
+  per_weight = jax.vmap(lambda v: adaround.rounding_regularizer(v, 2.0))(V)
+  assert bool(jnp.all(per_weight >= 0)) and bool(jnp.all(per_weight <= 1))
+  # Largest at h = 0.5, decreasing towards both ends.
+  assert int(jnp.argmax(per_weight)) == 15
+  assert bool(jnp.all(jnp.diff(per_weight[15:]) <= 0)) and bool(jnp.all(jnp.diff(per_weight[:16]) >= 0))
+  # A larger beta flattens it: larger everywhere except at h in {0, 0.5, 1}.
+  assert float(adaround.rounding_regularizer(V, 20.0)) > float(adaround.rounding_regularizer(V, 2.0))
+  grad = jax.grad(adaround.rounding_regularizer)(jnp.array([0.5, -0.5]), 2.0)
+  assert float(grad[0]) < 0 < float(grad[1])  # pushes V away from 0 (h away from 0.5)
+  with pytest.raises(ValueError, match="beta"):
+    adaround.rounding_regularizer(V, 0.0)
+
+
+@pytest.mark.parametrize("mode", adaround.BETA_MODES)
+def test_beta_schedule_endpoints(mode):
+  schedule = adaround.beta_schedule(1000, start=20.0, end=2.0, warmup=0.2, mode=mode)
+  values = [float(schedule(step)) for step in (0, 199, 200, 600, 1000, 5000)]
+  assert values[:3] == [20.0, 20.0, 20.0]
+  assert values[4] == pytest.approx(2.0) and values[5] == pytest.approx(2.0)
+  assert values[3] == pytest.approx(11.0)  # halfway, for both modes
+  steps = jnp.arange(0, 1001)
+  assert bool(jnp.all(jnp.diff(jax.vmap(schedule)(steps)) <= 1e-5))
+  quarter = float(schedule(400))
+  assert quarter == pytest.approx(15.5 if mode == "linear" else 2 + 9 * (1 + math.cos(math.pi / 4)))
+
+
+def test_beta_schedule_bad_arguments():
+  for kwargs in (dict(iters=0), dict(iters=10, warmup=1.0), dict(iters=10, mode="exp"),
+                 dict(iters=10, start=0.0), dict(iters=10, end=-1.0)):
+    with pytest.raises(ValueError):
+      adaround.beta_schedule(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# reconstruct_layer
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,per_channel", [(2, False), (3, True)])
+def test_adaround_beats_round_to_nearest_on_a_linear_layer(bits, per_channel):
+  w, x, y = _correlated_problem(bits)
+  scale = trquant.init_scale(w, bits=bits, method="mse", axis=-1 if per_channel else None)
+  result = adaround.reconstruct_layer(_linear, w, scale, x, y, bits=bits, iters=600, lr=1e-2,
+                                      lam=0.1, batch_size=64, key=jax.random.key(0))
+  nearest = trquant.fake_quant(w, scale, bits=bits)
+  nearest_error = adaround.reconstruction_error(_linear, nearest, x, y)
+  adaround_error = adaround.reconstruction_error(_linear, result.weight, x, y)
+  assert adaround_error < 0.8 * nearest_error
+  # It reaches that by rounding some weights the other way: not all codes are nearest.
+  assert bool(jnp.any(result.codes != trquant.quantize(w, scale, bits=bits)))
+  # The regulariser pushes h to 0 or 1: at the start every h is strictly inside (0, 1).
+  soft = lambda V: float(jnp.mean((adaround.rectified_sigmoid(V) > 0)
+                                  & (adaround.rectified_sigmoid(V) < 1)))
+  assert soft(adaround.init_alpha(w, scale)) == 1.0 and soft(result.V) < 0.6
+  assert float(result.regularization_loss[-1]) < 0.6 * float(result.regularization_loss[120])
+  assert result.reconstruction_loss.shape == result.regularization_loss.shape == (600,)
+
+
+def test_codes_in_range_and_hard_rounding_follows_the_sign_of_V():
+  w, x, y = _correlated_problem(seed=1)
+  w = w * 3.0  # some weights beyond the clipping range
+  scale = jnp.float32(0.5)
+  lo, hi = trquant.quant_range(2)
+  result = adaround.reconstruct_layer(_linear, w, scale, x, 3.0 * y, bits=2, iters=50,
+                                      key=jax.random.key(3))
+  codes = np.asarray(result.codes)
+  assert codes.min() >= lo and codes.max() <= hi and np.all(codes == np.round(codes))
+  expected = np.clip(np.floor(np.asarray(w) / 0.5) + (np.asarray(result.V) >= 0), lo, hi)
+  np.testing.assert_array_equal(codes, expected)
+  np.testing.assert_array_equal(result.codes, adaround.hard_codes(w, scale, result.V, bits=2))
+  np.testing.assert_array_equal(result.weight, 0.5 * codes)
+  # Inside the range every weight is rounded down or up, never further.
+  inside = (np.asarray(w) / 0.5 > lo) & (np.asarray(w) / 0.5 < hi)
+  delta = codes - np.floor(np.asarray(w) / 0.5)
+  assert set(np.unique(delta[inside])) <= {0.0, 1.0}
+
+
+def test_reconstruct_layer_is_deterministic_for_a_key():
+  w, x, y = _correlated_problem(n=128, d_in=16, d_out=4, seed=2)
+  scale = trquant.init_scale(w, bits=3, method="mse")
+  kwargs = dict(bits=3, iters=120, lr=1e-2, batch_size=16)
+  first = adaround.reconstruct_layer(_linear, w, scale, x, y, key=jax.random.key(5), **kwargs)
+  second = adaround.reconstruct_layer(_linear, w, scale, x, y, key=jax.random.key(5), **kwargs)
+  other = adaround.reconstruct_layer(_linear, w, scale, x, y, key=jax.random.key(6), **kwargs)
+  np.testing.assert_array_equal(first.V, second.V)
+  np.testing.assert_array_equal(first.reconstruction_loss, second.reconstruction_loss)
+  assert not np.array_equal(first.reconstruction_loss, other.reconstruction_loss)
+
+
+def test_fused_loop_matches_a_python_loop_of_steps():
+  w, x, y = _correlated_problem(n=64, d_in=8, d_out=4, seed=3)
+  scale = trquant.init_scale(w, bits=3, method="mse")
+  key = jax.random.key(1)
+  result = adaround.reconstruct_layer(_linear, w, scale, x, y, bits=3, iters=30, lr=1e-2,
+                                      batch_size=8, warmup=0.1, key=key)
+  problem, arrays = adaround._prepare(
+      _linear, w, scale, x, y, bits=3, signed=True, iters=30, batch_size=8, lam=0.01, lr=1e-2,
+      warmup=0.1, beta=(20.0, 2.0), beta_mode="cosine", activation=None, zeta=adaround.ZETA,
+      gamma=adaround.GAMMA, key=key)
+  step = jax.jit(problem.step)
+  carry = problem.init(w, scale)
+  losses = []
+  for t in range(30):
+    carry, (reconstruction, _) = step(carry, jnp.int32(t), arrays)
+    losses.append(float(reconstruction))
+  # Same batches and updates; the compiled programs differ in float rounding only, which
+  # Adam's normalisation amplifies for near-zero gradients.
+  np.testing.assert_allclose(losses, result.reconstruction_loss, rtol=1e-2)
+  np.testing.assert_allclose(carry[0], result.V, atol=0.1)
+
+
+def test_activation_enters_the_loss():
+  w, x, y = _correlated_problem(n=64, d_in=8, d_out=4, seed=4)
+  scale = trquant.init_scale(w, bits=3, method="mse")
+  common = dict(bits=3, iters=5, key=jax.random.key(0))
+  plain = adaround.reconstruct_layer(_linear, w, scale, x, y, **common)
+  relu = adaround.reconstruct_layer(_linear, w, scale, x, y, activation=jax.nn.relu, **common)
+  assert float(relu.reconstruction_loss[0]) < float(plain.reconstruction_loss[0])
+
+
+def test_reconstruct_layer_bad_inputs():
+  w, x, y = _correlated_problem(n=16, d_in=8, d_out=4)
+  key = jax.random.key(0)
+  good = dict(bits=3, iters=2, key=key)
+  cases = [
+      (dict(good, bits=1), "binary"),
+      (dict(good, bits=17), "bits"),
+      (dict(good, bits=2.5), "bits"),
+      (dict(good, iters=0), "iters"),
+      (dict(good, batch_size=0), "batch_size"),
+      (dict(good, lr=0.0), "lr"),
+      (dict(good, lam=-1.0), "lam"),
+      (dict(good, warmup=1.0), "warmup"),
+      (dict(good, beta=(20.0,)), "beta"),
+      (dict(good, beta_mode="exp"), "mode"),
+      (dict(good, key=0), "key"),
+  ]
+  for kwargs, match in cases:
+    with pytest.raises(ValueError, match=match):
+      adaround.reconstruct_layer(_linear, w, 0.1, x, y, **kwargs)
+  with pytest.raises(ValueError, match="scale"):
+    adaround.reconstruct_layer(_linear, w, 0.0, x, y, **good)
+  with pytest.raises(ValueError, match="scale"):
+    adaround.reconstruct_layer(_linear, w, -jnp.ones((1, 4)), x, y, **good)
+  with pytest.raises(ValueError, match="broadcast"):
+    adaround.reconstruct_layer(_linear, w, jnp.ones((1, 5)), x, y, **good)
+  with pytest.raises(ValueError, match="empty"):
+    adaround.reconstruct_layer(_linear, w, 0.1, x[:0], y[:0], **good)
+  with pytest.raises(ValueError, match="same number"):
+    adaround.reconstruct_layer(_linear, w, 0.1, x, y[:8], **good)
+  with pytest.raises(ValueError, match="shape"):
+    adaround.reconstruct_layer(_linear, w, 0.1, x, y[:, :3], **good)
+  with pytest.raises(ValueError, match="fails"):
+    adaround.reconstruct_layer(_linear, w, 0.1, x[:, :5], y, **good)
+  with pytest.raises(ValueError, match="apply_fn"):
+    adaround.reconstruct_layer(None, w, 0.1, x, y, **good)
+
+
+# ---------------------------------------------------------------------------------------
+# NNX models
+# ---------------------------------------------------------------------------------------
+
+
+class _CallOrderNet(nnx.Module):
+  """Attribute (alphabetical) order differs from call order: z_first runs first, a_last last."""
+
+  def __init__(self, rngs):
+    self.z_first = QuantConv(1, 8, 3, weight_bits=None, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.m_mid = QuantConv(8, 16, 3, strides=2, padding=1, use_bias=False, weight_bits=None,
+                           rngs=rngs)
+    self.a_last = QuantLinear(16 * 4 * 4, 10, weight_bits=None, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn(self.z_first(x)))
+    x = nnx.relu(self.m_mid(x))
+    return self.a_last(x.reshape(x.shape[0], -1))
+
+
+@pytest.fixture(scope="module")
+def digits_cnn():
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  images = (digits.images[..., None] / 16.0 - 0.3).astype(np.float32)
+  model = models.build_model("cnn", num_classes=10, in_channels=1, weight_bits=None,
+                             act_bits=None, image_size=8,
+                             rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  model.eval()
+  return model, images[:256], images[256:512]
+
+
+def _kernels(model):
+  return {path: (layer.kernel.get_value(), layer.weight_bits)
+          for path, layer in trquant.nnx._quant_layers(model)}
+
+
+def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
+  fp, calibration, held_out = digits_cnn
+  before = _kernels(fp)
+  batches = [calibration[:128], calibration[128:]]
+  q, reports = adaround.adaround_model(fp, batches, bits=2, iters=150, lr=1e-2, lam=0.1,
+                                       key=jax.random.key(0), progress=False, return_info=True)
+  nearest = adaround.round_to_nearest(fp, bits=2)
+  # The FP model is untouched: same kernels, still unquantized, same classes.
+  after = _kernels(fp)
+  assert before.keys() == after.keys()
+  for path in before:
+    np.testing.assert_array_equal(before[path][0], after[path][0])
+    assert after[path][1] is None
+  assert all(type(layer) in (QuantConv, QuantLinear) for _, layer in trquant.nnx._quant_layers(fp))
+  assert q is not fp
+  # The new model's layers hold hard-rounded kernels on their grids with frozen scales.
+  lo, hi = trquant.quant_range(2)
+  for path, layer in trquant.nnx._quant_layers(q):
+    assert layer.weight_bits == 2 and type(layer.weight_scale) is WeightScale
+    assert type(layer) in (QuantConv, QuantLinear)
+    codes = np.asarray(layer.kernel.get_value() / layer.weight_scale.get_value())
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-4)
+    assert codes.min() >= lo - 1e-4 and codes.max() <= hi + 1e-4
+    np.testing.assert_array_equal(layer.quantized_kernel(), layer.kernel.get_value())
+  # Same MSE scales as the nearest baseline.
+  for (_, a), (_, b) in zip(trquant.nnx._quant_layers(q), trquant.nnx._quant_layers(nearest)):
+    np.testing.assert_array_equal(a.weight_scale.get_value(), b.weight_scale.get_value())
+  assert [r.name for r in reports] == ["conv1/conv", "conv2/conv", "conv3/conv", "head"]
+  for report in reports:
+    assert report.adaround_error <= report.nearest_error * 1.001
+    assert 0 <= report.flipped_fraction <= 1 and report.seconds > 0
+  # Logit error against the FP model on held-out images.
+  q.eval()
+  nearest.eval()
+  target = fp(held_out)
+  error = lambda model: float(jnp.mean(jnp.sum((model(held_out) - target) ** 2, -1)))
+  assert error(q) < error(nearest)
+  agreement = lambda model: float(jnp.mean(model(held_out).argmax(-1) == target.argmax(-1)))
+  assert agreement(q) >= agreement(nearest)
+
+
+def test_first_last_bits_follow_the_call_order_and_per_channel_scales():
+  model = _CallOrderNet(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (64, 8, 8, 1))
+  q = adaround.adaround_model(model, x, bits=3, first_last_bits=8, per_channel=True, iters=20,
+                              key=jax.random.key(0), progress=False)
+  assert (q.z_first.weight_bits, q.m_mid.weight_bits, q.a_last.weight_bits) == (8, 3, 8)
+  assert q.m_mid.weight_scale.get_value().shape == (1, 1, 1, 16)
+  assert q.a_last.weight_scale.get_value().shape == (1, 10)
+  nearest = adaround.round_to_nearest(model, bits=3, first_last_bits=8, example_input=x)
+  assert (nearest.z_first.weight_bits, nearest.m_mid.weight_bits, nearest.a_last.weight_bits) == (8, 3, 8)
+  with pytest.raises(ValueError, match="example_input"):
+    adaround.round_to_nearest(model, bits=3, first_last_bits=8)
+  assert model.z_first.weight_bits is None and model.m_mid.weight_scale is None
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, strides=2, padding=1),
+                                    dict(kernel_size=3, padding="SAME", feature_group_count=4),
+                                    dict(kernel_size=(1, 3), padding="VALID", use_bias=False)])
+def test_conv_apply_fn_matches_the_layer(kwargs):
+  layer = QuantConv(8, 16, weight_bits=None, rngs=nnx.Rngs(0), **kwargs)
+  layer.bias is None or layer.bias.set_value(jnp.arange(16.0) / 16)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
+  for apply_fn in (adaround._conv_patches_fn(layer), adaround._layer_apply_fn(layer)):
+    np.testing.assert_allclose(apply_fn(layer.kernel.get_value(), x), layer(x), atol=1e-5)
+
+
+def test_adaround_model_bad_inputs(digits_cnn):
+  fp, calibration, _ = digits_cnn
+  common = dict(iters=2, key=jax.random.key(0), progress=False)
+  with pytest.raises(ValueError, match="no trquant"):
+    adaround.adaround_model(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), np.ones((4, 2)),
+                            bits=4, **common)
+  with pytest.raises(ValueError, match="empty"):
+    adaround.adaround_model(fp, [], bits=4, **common)
+  with pytest.raises(ValueError, match="empty"):
+    adaround.adaround_model(fp, calibration[:0], bits=4, **common)
+  with pytest.raises(ValueError, match="bits"):
+    adaround.adaround_model(fp, calibration, bits=0, **common)
+  with pytest.raises(ValueError, match="first_last_bits"):
+    adaround.adaround_model(fp, calibration, bits=4, first_last_bits=40, **common)
+  with pytest.raises(ValueError, match="iters"):
+    adaround.adaround_model(fp, calibration, bits=4, **dict(common, iters=0))
+  with pytest.raises(ValueError, match="model"):
+    adaround.adaround_model(lambda x: x, calibration, bits=4, **common)
+  with pytest.raises(ValueError, match="no trquant"):
+    adaround.round_to_nearest(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), bits=4)
