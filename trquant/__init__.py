@@ -1,8 +1,10 @@
 """trquant: low-bit quantization for JAX and Optax.
 
 Quantizers with straight-through gradients, transition-rate (TR) scheduling of
-quantized weights as an optax transform, and tools against weight oscillations
-(tracking, iterative freezing, the dampening loss).
+quantized weights as an optax transform, tools against weight oscillations
+(tracking, iterative freezing, the dampening loss), AdaRound post-training
+quantization (:mod:`trquant.adaround`), Flax NNX layers (:mod:`trquant.nnx`) and
+integer export (:mod:`trquant.export`).
 """
 
 from trquant import adaround
