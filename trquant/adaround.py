@@ -417,6 +417,20 @@ class _Reconstruction:
     return codes.astype(w.dtype), (scale * codes).astype(w.dtype)
 
 
+def _check_loop_args(*, iters, batch_size, lam, lr, warmup, beta, beta_mode):
+  """Validates the optimisation loop's hyper-parameters; returns them normalised."""
+  iters = _check_int("iters", iters, 1)
+  batch_size = _check_int("batch_size", batch_size, 1)
+  lam = _check_positive("lam", lam, allow_zero=True)
+  lr = _check_positive("lr", lr)
+  warmup = _check_warmup(warmup)
+  if not isinstance(beta, (tuple, list)) or len(beta) != 2:
+    raise ValueError(f"`beta` must be a pair (start, end), got {beta!r}.")
+  beta = (_check_positive("beta[0]", beta[0]), _check_positive("beta[1]", beta[1]))
+  beta_schedule(iters, start=beta[0], end=beta[1], warmup=warmup, mode=beta_mode)
+  return iters, batch_size, lam, lr, warmup, beta
+
+
 def _prepare(apply_fn, w, scale, x_q, y_fp, *, bits, signed, iters, batch_size, lam, lr, warmup,
              beta, beta_mode, activation, zeta, gamma, key):
   """Validates reconstruct_layer's arguments; returns the problem and its arrays."""
@@ -436,15 +450,9 @@ def _prepare(apply_fn, w, scale, x_q, y_fp, *, bits, signed, iters, batch_size, 
   if x_q.shape[0] != y_fp.shape[0]:
     raise ValueError(f"`x_q` and `y_fp` must hold the same number of examples; got"
                      f" {x_q.shape[0]} and {y_fp.shape[0]}.")
-  iters = _check_int("iters", iters, 1)
-  batch_size = _check_int("batch_size", batch_size, 1)
-  lam = _check_positive("lam", lam, allow_zero=True)
-  lr = _check_positive("lr", lr)
-  warmup = _check_warmup(warmup)
-  if not isinstance(beta, (tuple, list)) or len(beta) != 2:
-    raise ValueError(f"`beta` must be a pair (start, end), got {beta!r}.")
-  beta = (_check_positive("beta[0]", beta[0]), _check_positive("beta[1]", beta[1]))
-  beta_schedule(iters, start=beta[0], end=beta[1], warmup=warmup, mode=beta_mode)
+  iters, batch_size, lam, lr, warmup, beta = _check_loop_args(
+      iters=iters, batch_size=batch_size, lam=lam, lr=lr, warmup=warmup, beta=beta,
+      beta_mode=beta_mode)
   if activation is not None and not callable(activation):
     raise ValueError(f"`activation` must be None or a callable, got {activation!r}.")
   zeta, gamma = _check_stretch(zeta, gamma)
@@ -764,9 +772,7 @@ def _conv_patches_fn(layer):
   fused loop fast there. Channels of ``conv_general_dilated_patches`` come
   input-channel-major, ``(C, kh, kw)``.
   """
-  padding = layer.padding
-  if isinstance(padding, int):
-    padding = [(padding, padding)] * len(layer.kernel_size)
+  padding = layer._explicit_padding()
   groups = layer.feature_group_count
   bias = None if layer.bias is None else layer.bias.get_value()
   graphdef, state = nnx.split(layer)
@@ -923,13 +929,8 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
   """
   batches = _calibration_list(calibration_batches)
   # Validate the hyper-parameters before any work (reconstruct_layer checks them again).
-  _check_int("iters", iters, 1)
-  _check_int("batch_size", batch_size, 1)
-  _check_positive("lam", lam, allow_zero=True)
-  _check_positive("lr", lr)
-  if not isinstance(beta, (tuple, list)) or len(beta) != 2:
-    raise ValueError(f"`beta` must be a pair (start, end), got {beta!r}.")
-  beta_schedule(iters, start=beta[0], end=beta[1], warmup=warmup, mode=beta_mode)
+  _check_loop_args(iters=iters, batch_size=batch_size, lam=lam, lr=lr, warmup=warmup, beta=beta,
+                   beta_mode=beta_mode)
   fp, work, plan = _plan(model, batches, bits=bits, per_channel=per_channel,
                          first_last_bits=first_last_bits)
   bar = None
@@ -957,8 +958,8 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
       jax.block_until_ready(result.weight)
       done = time.perf_counter()
       work_layer.kernel.set_value(result.weight)
-      nearest = quantizers.fake_quant(kernel, scale, bits=layer_bits)
       nearest_codes = quantizers.quantize(kernel, scale, bits=layer_bits)
+      nearest = quantizers.dequantize(nearest_codes, scale)
       nearest_error, adaround_error = _errors(apply_fn, [nearest, result.weight], x_q, y_fp,
                                               activation=activation)
       reports.append(LayerReport(name, layer_bits, captured - start, done - captured,
