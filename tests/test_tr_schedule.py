@@ -65,7 +65,7 @@ def test_state_fields_and_shapes():
 def test_state_holds_no_copy_of_weights():
   state = _tx().init(_params())
   tr_state = state[1]
-  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 1 + 1 + 3 * 2
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 1 + 1 + 3 * 2 + 1
 
 
 def test_first_step_scales_quantized_leaves_and_passes_others():
@@ -501,3 +501,112 @@ def test_updates_structure_mismatch():
   tx = trquant.tr_schedule(1e-2, codes_fn=_codes_fn)
   with pytest.raises(ValueError, match="updates"):
     tx.update({"dense": _grads(params)["dense"]}, tx.init(params), params)
+
+
+# ---------------------------------------------------------------------------------------
+# Measured target (no R_0 to tune)
+# ---------------------------------------------------------------------------------------
+
+
+def _measured_tx(warmup=4, total=20, **kwargs):
+  target = trquant.measured_target(total, warmup_steps=warmup, **kwargs)
+  return optax.chain(optax.sgd(0.3), trquant.tr_schedule(target, codes_fn=_codes_fn))
+
+
+def _run(tx, params, steps, grads_fn=_grads, jit=True):
+  update = jax.jit(tx.update) if jit else tx.update
+  state = tx.init(params)
+  states = []
+  for seed in range(steps):
+    updates, state = update(grads_fn(params, seed), state, params)
+    params = optax.apply_updates(params, updates)
+    states.append(state)
+  return states
+
+
+def test_measured_target_starts_unknown_and_keeps_multiplier_in_warmup():
+  params = _params()
+  states = _run(_measured_tx(warmup=4), params, 6)
+  assert float(optax.tree.get(_measured_tx().init(params), "initial_target_rate")) == 0.0
+  for state in states[:4]:
+    np.testing.assert_array_equal(optax.tree.get(state, "talr_multiplier"), 1.0)
+  measured = [np.asarray(optax.tree.get(s, "measured_transition_rate")) for s in states]
+  # Both layers have 32*16 and 16*4 weights: the rate is count-weighted.
+  weights = np.array([512.0, 64.0])
+  expected = np.mean([m @ weights / weights.sum() for m in measured[2:4]])
+  assert float(optax.tree.get(states[3], "initial_target_rate")) == pytest.approx(expected, rel=1e-5)
+  # After the warm-up the controller acts; R_0 is fixed.
+  assert float(optax.tree.get(states[5], "initial_target_rate")) == pytest.approx(expected, rel=1e-5)
+  assert float(optax.tree.get(states[4], "target_transition_rate")) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("decay, factor", [("cosine", 0.5), ("linear", 0.5), ("constant", 1.0),
+                                           (lambda p: (1.0 - p) ** 2, 0.25)])
+def test_measured_target_decay_shapes(decay, factor):
+  params = _params()
+  states = _run(_measured_tx(warmup=4, total=14, decay=decay, fraction=0.5), params, 10)
+  r0 = float(optax.tree.get(states[-1], "initial_target_rate"))
+  # Step 9 is halfway through the 10 steps after the warm-up.
+  assert float(optax.tree.get(states[9], "target_transition_rate")) == pytest.approx(
+      0.5 * r0 * factor, rel=1e-5)
+
+
+def test_measured_target_non_finite_in_warmup_keeps_state_finite():
+  params = _params()
+
+  def grads_fn(p, seed):
+    grads = _grads(p, seed)
+    if seed == 3:
+      grads["dense"]["kernel"] = grads["dense"]["kernel"].at[0, 0].set(jnp.nan)
+    return grads
+
+  # Without jit the NaN step is applied: use a params-free step for it.
+  tx = _measured_tx(warmup=6)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for seed in range(8):
+    updates, state = update(grads_fn(params, seed), state, params)
+    if seed != 3:
+      params = optax.apply_updates(params, updates)
+  for leaf in jax.tree.leaves(state):
+    assert np.all(np.isfinite(np.asarray(leaf, np.float64)))
+  assert float(optax.tree.get(state, "initial_target_rate")) > 0
+
+
+def test_measured_target_jit_does_not_retrace():
+  params = _params()
+  tx = _measured_tx()
+  traces = []
+
+  @jax.jit
+  def step(p, s, g):
+    traces.append(None)
+    updates, s = tx.update(g, s, p)
+    return optax.apply_updates(p, updates), s
+
+  state = tx.init(params)
+  for seed in range(8):
+    params, state = step(params, state, _grads(params, seed))
+  assert len(traces) == 1
+
+
+def test_measured_target_under_inject_hyperparams():
+  params = _params()
+  make = optax.inject_hyperparams(trquant.tr_schedule, static_args=("codes_fn", "target_tr"))
+  tx = optax.chain(optax.sgd(0.3), make(target_tr=trquant.measured_target(20, warmup_steps=4),
+                                        codes_fn=_codes_fn, eta=0.005))
+  states = _run(tx, params, 6)
+  assert "eta" in states[-1][1].hyperparams
+  assert float(optax.tree.get(states[-1], "initial_target_rate")) > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(total_steps=10, warmup_steps=10), "must exceed"),
+    (dict(total_steps=10, warmup_steps=1), ">= 2"),
+    (dict(total_steps=10.0), "must be an int"),
+    (dict(total_steps=100, decay="exp"), "decay"),
+    (dict(total_steps=100, fraction=0.0), "fraction"),
+])
+def test_measured_target_invalid_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    trquant.measured_target(**kwargs)

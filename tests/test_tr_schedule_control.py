@@ -241,3 +241,57 @@ def test_state_matches_external_count(problem):
     np.testing.assert_allclose(optax.tree.get(state, "measured_transition_rate"), expected, rtol=1e-6)
     p = new_p
   assert any(e > 0 for e in expected)
+
+
+# ---------------------------------------------------------------------------------------
+# Measured target: R_0 from the optimizer's own rate, then a cosine to 0
+# ---------------------------------------------------------------------------------------
+
+WARMUP = 200
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_measured_target_measures_then_follows(problem, optimizer):
+  x, y, params, scales, codes_fn = problem
+  sizes = np.array([params[k]["kernel"].size for k in sorted(params)], np.float64)
+  plain_rates, _, _ = _make_runner(problem)(optimizer, None, None)
+
+  def loss(p, xb, yb, key):
+    xb = xb + 0.3 * jax.random.normal(key, xb.shape)
+    targets = optax.smooth_labels(jax.nn.one_hot(yb, 10), 0.1)
+    return optax.softmax_cross_entropy(_apply(p, xb, scales), targets).mean()
+
+  target = trquant.measured_target(STEPS, warmup_steps=WARMUP)
+  tx = optax.chain(OPTIMIZERS[optimizer](), trquant.tr_schedule(target, codes_fn=codes_fn))
+
+  def step(carry, key):
+    p, s = carry
+    batch_key, noise_key = jax.random.split(key)
+    idx = jax.random.randint(batch_key, (64,), 0, x.shape[0])
+    updates, s = tx.update(jax.grad(loss)(p, x[idx], y[idx], noise_key), s, p)
+    fields = ("talr_multiplier", "running_transition_rate", "target_transition_rate",
+              "initial_target_rate")
+    return (optax.apply_updates(p, updates), s), {f: optax.tree.get(s, f) for f in fields}
+
+  keys = jax.random.split(jax.random.key(7), STEPS)
+  _, trace = jax.jit(lambda c: jax.lax.scan(step, c, keys))((params, tx.init(params)))
+  trace = jax.tree.map(np.asarray, trace)
+  for value in trace.values():
+    assert np.all(np.isfinite(value))
+
+  # Warm-up: the optimizer's own step, so the same rates as the plain run; R_0 is the
+  # count-weighted mean of its second half.
+  np.testing.assert_array_equal(trace["talr_multiplier"][:WARMUP], 1.0)
+  overall = plain_rates @ sizes / sizes.sum()
+  r0 = overall[WARMUP // 2:WARMUP].mean()
+  assert r0 > 0
+  np.testing.assert_allclose(trace["initial_target_rate"][WARMUP - 1:], r0, rtol=1e-4)
+
+  # Then the target is R_0 times a cosine over the remaining steps, and K follows it.
+  progress = (np.arange(WARMUP, STEPS) - WARMUP) / (STEPS - WARMUP)
+  np.testing.assert_allclose(trace["target_transition_rate"][WARMUP:],
+                             r0 * 0.5 * (1 + np.cos(np.pi * progress)), rtol=1e-4, atol=1e-9)
+  window = slice(1000, 2000)
+  target = trace["target_transition_rate"][window, None]
+  error = np.abs(trace["running_transition_rate"][window] - target) / target
+  assert error.mean() < MEAN_TOLERANCE, f"mean relative error {error.mean():.3f}"

@@ -27,13 +27,16 @@ from trquant.quantizers import quant_range
 from trquant.quantizers import quantize
 from trquant.quantizers import round_ste
 from trquant.quantizers import transition_rate
+from trquant.tr_schedule import MeasuredTarget
 from trquant.tr_schedule import TransitionRateState
+from trquant.tr_schedule import measured_target
 from trquant.tr_schedule import tr_schedule
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FreezeOscillationsState",
+    "MeasuredTarget",
     "OscillationState",
     "TransitionRateState",
     "adaround",
@@ -48,6 +51,7 @@ __all__ = [
     "freeze_threshold_schedule",
     "init_scale",
     "lsq",
+    "measured_target",
     "nnx",
     "quant_range",
     "quantize",

@@ -46,6 +46,9 @@ class TransitionRateState(NamedTuple):
   measured_transition_rate: jax.Array  # shape=(groups,), float32: k of the last applied update
   running_transition_rate: jax.Array  # shape=(groups,), float32: running TR K (EMA of k)
   talr_multiplier: jax.Array  # shape=(groups,), float32: TALR multiplier u applied at the last step
+  # shape=(), float32: R_0 of the target. With a MeasuredTarget: 0 until its measuring window,
+  # then the mean transition rate measured so far, fixed from the end of the warm-up.
+  initial_target_rate: jax.Array
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,6 +157,101 @@ def _validate_positive(name: str, value, allow_zero: bool = False):
       raise ValueError(f"`{name}` must be {bound} and finite, got {value!r}.")
 
 
+DECAYS = ("cosine", "linear", "constant")
+
+
+def _decay_factor(decay, progress):
+  """Factor in [0, 1] of the decay shape at progress in [0, 1]."""
+  if callable(decay):
+    return jnp.asarray(decay(progress), jnp.float32)
+  if decay == "cosine":
+    return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  if decay == "linear":
+    return 1.0 - progress
+  return jnp.ones_like(progress)
+
+
+class MeasuredTarget(NamedTuple):
+  """A target transition rate whose R_0 is measured from the optimizer itself.
+
+  Build it with :func:`measured_target` and pass it as ``target_tr`` of
+  :func:`tr_schedule`.
+  """
+
+  total_steps: int
+  warmup_steps: int
+  decay: Union[str, Callable[[jax.Array], jax.Array]]
+  fraction: float
+
+
+def measured_target(
+    total_steps: int,
+    *,
+    warmup_steps: Optional[int] = None,
+    decay: Union[str, Callable[[jax.Array], jax.Array]] = "cosine",
+    fraction: float = 1.0,
+) -> MeasuredTarget:
+  r"""A target transition rate with no R_0 to tune: measured, then decayed to 0.
+
+  Passed as ``target_tr`` of :func:`tr_schedule`. For the first ``warmup_steps``
+  updates the transform applies the optimizer's own step (the multiplier stays at
+  ``init_scale``) and measures the transition rate it causes; R_0 is
+  ``fraction`` times the mean rate (count-weighted over the quantized layers)
+  of the second half of the warm-up. The first half is left out: right after an
+  FP checkpoint is quantized, the first steps flip many weights at once. From
+  step ``warmup_steps`` on, the target is ``R_0 * decay(p)`` with
+  ``p = (t - warmup_steps) / (total_steps - warmup_steps)`` clipped to
+  ``[0, 1]``, and the controller makes the running rate follow it. The count
+  comes from the transform's own pass over the codes: nothing extra is computed.
+
+  So a cosine TR schedule needs only the run length, as a cosine LR schedule
+  does; the state's ``initial_target_rate`` holds the R_0 that was measured.
+
+  Args:
+    total_steps: the number of updates of the run (> warmup_steps).
+    warmup_steps: measuring window; None for 1% of ``total_steps``, at least 20.
+    decay: ``"cosine"`` (default), ``"linear"``, ``"constant"``, or a jit-traceable
+      callable ``progress -> factor`` on ``[0, 1]`` with ``factor(0) = 1``.
+    fraction: R_0 as a multiple of the measured rate (positive).
+
+  Returns:
+    A :class:`MeasuredTarget`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, trquant
+    >>> params = {"w": jax.random.normal(jax.random.key(0), (64, 8))}
+    >>> scale = trquant.init_scale(params["w"], bits=2)
+    >>> codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=2)}
+    >>> tx = optax.chain(optax.sgd(0.05), trquant.tr_schedule(
+    ...     trquant.measured_target(100, warmup_steps=10), codes_fn=codes_fn))
+    >>> state = tx.init(params)
+    >>> for step in range(10):
+    ...   grads = jax.random.normal(jax.random.key(step), (64, 8))
+    ...   updates, state = tx.update({"w": grads}, state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(optax.tree.get(state, "initial_target_rate") > 0)
+    True
+  """
+  if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
+    raise ValueError(f"`total_steps` must be an int, got {total_steps!r}.")
+  total_steps = int(total_steps)
+  if warmup_steps is None:
+    warmup_steps = min(max(total_steps // 100, 20), total_steps - 1)
+  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
+    raise ValueError(f"`warmup_steps` must be an int, got {warmup_steps!r}.")
+  warmup_steps = int(warmup_steps)
+  if warmup_steps < 2:
+    raise ValueError(f"`warmup_steps` must be >= 2 (the rate is measured over its second half),"
+                     f" got {warmup_steps}.")
+  if total_steps <= warmup_steps:
+    raise ValueError(f"`total_steps` ({total_steps}) must exceed `warmup_steps`"
+                     f" ({warmup_steps}): the target decays over the steps after the warm-up.")
+  if not callable(decay) and decay not in DECAYS:
+    raise ValueError(f"`decay` must be one of {DECAYS} or a callable, got {decay!r}.")
+  _validate_positive("fraction", fraction)
+  return MeasuredTarget(total_steps, warmup_steps, decay, float(fraction))
+
+
 def tr_schedule(
     target_tr: Union[float, optax.Schedule],
     *,
@@ -217,8 +315,10 @@ def tr_schedule(
   whole chain in ``optax.apply_if_finite`` to skip such steps.
 
   Args:
-    target_tr: target transition rate, a float or an optax schedule
-      ``step -> rate`` (e.g. ``optax.cosine_decay_schedule(5e-3, total_steps)``).
+    target_tr: target transition rate, a float in ``[0, 1]``, an optax schedule
+      ``step -> rate`` (e.g. ``optax.cosine_decay_schedule(5e-3, total_steps)``),
+      or a :func:`measured_target` (R_0 measured from the optimizer's own rate
+      over a warm-up, then decayed to 0: no R_0 to tune).
     codes_fn: ``params -> tree`` of the integer codes of each quantized weight
       (e.g. ``trquant.quantize(w, frozen_scale, bits=2)``), with the structure of
       ``params`` or a prefix of it, and ``None`` for leaves (or subtrees) that are
@@ -273,7 +373,8 @@ def tr_schedule(
     raise ValueError(f"`controller` must be a string or a callable, got {controller!r}.")
   if not callable(codes_fn):
     raise ValueError(f"`codes_fn` must be a callable params -> codes tree, got {codes_fn!r}.")
-  if not callable(target_tr):
+  measured = isinstance(target_tr, MeasuredTarget)
+  if not callable(target_tr) and not measured:
     _validate_positive("target_tr", target_tr, allow_zero=True)
     if isinstance(target_tr, numbers.Number) and target_tr > 1:
       raise ValueError(f"`target_tr` is a fraction of weights per step, <= 1; got {target_tr}.")
@@ -290,6 +391,13 @@ def tr_schedule(
     value = target_tr(step) if callable(target_tr) else target_tr
     return jnp.asarray(value, jnp.float32)
 
+  def measured_target_at(step, initial_rate):
+    # The target after the warm-up; during it, the rate measured so far (reported only).
+    warmup, total = target_tr.warmup_steps, target_tr.total_steps
+    progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0).astype(jnp.float32)
+    decayed = initial_rate * _decay_factor(target_tr.decay, progress)
+    return jnp.where(step < warmup, initial_rate, target_tr.fraction * decayed)
+
   def num_groups(quantized) -> int:
     return sum(quantized) if per_layer else 1
 
@@ -303,13 +411,15 @@ def tr_schedule(
           "codes_fn(params) marks no leaf as quantized (all None): tr_schedule has nothing"
           " to schedule. Return codes for the quantized weights."
       )
-    target = target_at(jnp.zeros([], jnp.int32))
+    # A measured target starts unknown (0); the running TR then starts from nothing too.
+    target = jnp.zeros([], jnp.float32) if measured else target_at(jnp.zeros([], jnp.int32))
     return TransitionRateState(
         tr_step=jnp.zeros([], jnp.int32),
         target_transition_rate=target,
         measured_transition_rate=jnp.zeros([groups], jnp.float32),
         running_transition_rate=jnp.full([groups], target, jnp.float32),
         talr_multiplier=jnp.full([groups], init_scale, jnp.float32),
+        initial_target_rate=target,
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -328,7 +438,10 @@ def tr_schedule(
     group_of = np.cumsum(quantized) - 1 if per_layer else np.zeros(len(quantized), int)
 
     # 1. Controller: u_t from u_{t-1}, R_t and K_{t-1}.
-    target = target_at(state.tr_step)
+    if measured:
+      target = measured_target_at(state.tr_step, state.initial_target_rate)
+    else:
+      target = target_at(state.tr_step)
     multiplier = control(
         state.talr_multiplier,
         target,
@@ -338,6 +451,10 @@ def tr_schedule(
     )
     upper = jnp.inf if max_scale is None else max_scale
     multiplier = jnp.clip(multiplier.astype(jnp.float32), 0.0, upper)
+    if measured:
+      # The warm-up measures the optimizer's own rate: the multiplier stays where it started.
+      in_warmup = state.tr_step < target_tr.warmup_steps
+      multiplier = jnp.where(in_warmup, state.talr_multiplier, multiplier)
 
     # 2. Scale the quantized updates; the rest pass through untouched.
     scaled_slots = []
@@ -364,18 +481,35 @@ def tr_schedule(
     changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)
     if per_layer:
-      measured = changed / np.maximum(total, 1.0)
+      measured_rate = changed / np.maximum(total, 1.0)
     else:
-      measured = (jnp.sum(changed) / max(total.sum(), 1.0))[None]
-    finite = jnp.isfinite(measured)
-    running = momentum * state.running_transition_rate + (1.0 - momentum) * measured
+      measured_rate = (jnp.sum(changed) / max(total.sum(), 1.0))[None]
+    finite = jnp.isfinite(measured_rate)
+    ema = momentum
+    initial_rate = state.initial_target_rate
+    if measured:
+      step = state.tr_step.astype(jnp.float32)
+      # Started from nothing, the running TR is the plain mean until 1/(1-m) steps have passed.
+      ema = jnp.minimum(momentum, step / (step + 1.0))
+      # R_0: the running mean of the count-weighted rate over the second half of the warm-up.
+      start = target_tr.warmup_steps // 2
+      seen = (state.tr_step - start).astype(jnp.float32)
+      overall = jnp.sum(changed) / max(total.sum(), 1.0)
+      collecting = ((state.tr_step >= start) & (state.tr_step < target_tr.warmup_steps)
+                    & jnp.isfinite(overall))
+      initial_rate = jnp.where(collecting, initial_rate + (overall - initial_rate) / (seen + 1.0),
+                               initial_rate)
+      # Reported during the warm-up: the rate measured so far.
+      target = jnp.where(state.tr_step < target_tr.warmup_steps, initial_rate, target)
+    running = ema * state.running_transition_rate + (1.0 - ema) * measured_rate
 
     new_state = TransitionRateState(
         tr_step=optax.safe_increment(state.tr_step),
         target_transition_rate=target,
-        measured_transition_rate=jnp.where(finite, measured, state.measured_transition_rate),
+        measured_transition_rate=jnp.where(finite, measured_rate, state.measured_transition_rate),
         running_transition_rate=jnp.where(finite, running, state.running_transition_rate),
         talr_multiplier=jnp.where(finite, multiplier, state.talr_multiplier),
+        initial_target_rate=initial_rate,
     )
     return scaled_updates, new_state
 

@@ -1,0 +1,653 @@
+"""TR scheduling vs LR scheduling at the paper's training length, on a BatchNorm MLP.
+
+A 784-W-W-W-10 MLP (BatchNorm after every linear layer, clipped activations
+``clip(x, -1, 1)``; the first and last linear layers in full precision, the inner
+two :class:`trquant.nnx.QuantLinear` with quantized weights and signed quantized
+inputs) is trained in full precision once, then fine-tuned from that checkpoint
+with quantization for ``--steps`` steps by each method, for each seed. A seed
+fixes the data order, shared by every method. Steps run in jitted ``lax.scan``
+chunks (one chunk between two evaluations), so a step costs what its arithmetic
+costs.
+
+Methods (``--methods``, comma-separated):
+
+* ``lr``: the optimizer with a cosine LR on every parameter, frozen MSE weight scales.
+* ``lr-lsq``: the same with learned (LSQ) weight scales, the paper's baseline.
+* ``tr``: ``optimizer(U_0) -> trquant.tr_schedule`` on the quantized kernels, cosine
+  target from ``--target-tr`` (the paper's R_0 = 5e-3); cosine LR on the rest.
+* ``tr-l<lambda>``: the same with R_0 = lambda * sqrt(bits) (e.g. ``tr-l2e-3``).
+* ``tr-additive``, ``tr-momentum``: ``tr`` with the paper's / the public code's controller.
+* ``tr-auto``: ``tr`` with the target measured from the optimizer's own rate
+  (:func:`trquant.measured_target`), no R_0.
+
+Every step records, per quantized layer: the transition rate k_t (codes before vs
+after the update, with the scales in force), the TALR multiplier u and running TR
+K_t (TR runs), the mean latent step |dw| / s, the fraction of latent weights within
+5% of a step of a transition point, and the fraction oscillating
+(:func:`trquant.track_oscillations`). Curves are averaged over windows and
+subsampled into each run's JSON.
+
+    python benchmarks/tr_long.py --data-dir ../shared/data --width 64 --bits 1,2 \
+        --optimizers sgd,adam --methods lr,lr-lsq,tr,tr-l2e-3,tr-l5e-3 --steps 80000 --seeds 5 \
+        --out benchmarks/results/tr_long_mlp
+    python benchmarks/tr_long.py --summary-only --out benchmarks/results/tr_long_mlp
+    python benchmarks/tr_long.py --quick     # synthetic-free smoke run on digits, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
+import data as datasets  # noqa: E402  (examples/data.py)
+
+import trquant  # noqa: E402
+
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
+BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
+NEAR_TRANSITION = 0.05  # "near a transition point": within 5% of a step
+CURVE_POINTS = 400
+
+
+# ---------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------
+
+
+class BNMLP(nnx.Module):
+  """784-W-W-W-10 with BatchNorm and clip(x, -1, 1); inner two layers quantized."""
+
+  def __init__(self, in_features: int, width: int, num_classes: int, *, bits, weight_quantizer="fixed",
+               rngs: nnx.Rngs):
+    quant = dict(weight_bits=bits, act_bits=bits, signed_act=True, weight_quantizer=weight_quantizer)
+    fp = dict(weight_bits=None, act_bits=None)
+    self.fc1 = trquant.nnx.QuantLinear(in_features, width, **fp, rngs=rngs)
+    self.fc2 = trquant.nnx.QuantLinear(width, width, **quant, rngs=rngs)
+    self.fc3 = trquant.nnx.QuantLinear(width, width, **quant, rngs=rngs)
+    self.fc4 = trquant.nnx.QuantLinear(width, num_classes, **fp, rngs=rngs)
+    self.bn1, self.bn2, self.bn3 = (nnx.BatchNorm(width, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                                  rngs=rngs) for _ in range(3))
+
+  def quantized_layers(self):
+    return [self.fc2, self.fc3]
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for fc, bn in ((self.fc1, self.bn1), (self.fc2, self.bn2), (self.fc3, self.bn3)):
+      x = jnp.clip(bn(fc(x)), -1.0, 1.0)
+    return self.fc4(x)
+
+
+# ---------------------------------------------------------------------------------------
+# Methods and optimizers
+# ---------------------------------------------------------------------------------------
+
+
+def method_config(method: str, bits: int, target_tr: float) -> dict:
+  """Schedule, scale handling, controller and R_0 of a method name."""
+  if method == "lr":
+    return dict(schedule="lr", weight_quantizer="fixed")
+  if method == "lr-lsq":
+    return dict(schedule="lr", weight_quantizer="lsq")
+  if method in ("tr", "tr-additive", "tr-momentum"):
+    controller = "log" if method == "tr" else method.split("-")[1]
+    return dict(schedule="tr", weight_quantizer="fixed", controller=controller, r0=target_tr)
+  if method == "tr-auto":
+    return dict(schedule="tr", weight_quantizer="fixed", controller="log", r0="auto")
+  if method.startswith("tr-l"):
+    lam = float(method[len("tr-l"):])
+    return dict(schedule="tr", weight_quantizer="fixed", controller="log", r0=lam * math.sqrt(bits))
+  raise ValueError(f"unknown method {method!r}")
+
+
+def base_optimizer(name, learning_rate, weight_decay):
+  if name == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=0.9))
+  if name == "adam":
+    return optax.adam(learning_rate)
+  raise ValueError(f"unknown optimizer {name!r}")
+
+
+def lsq_codes_fn(model):
+  """codes_fn over the whole params tree for learned scales: reads each scale from params."""
+  bits = model.fc2.kernel.bits
+  names = ("fc2", "fc3")
+  unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
+
+  def codes(params):
+    scales = {name: unwrap(params[name]["weight_scale"]) for name in names}
+
+    def leaf(path, value):
+      keys = [getattr(entry, "key", None) for entry in path]
+      if len(keys) >= 2 and keys[0] in scales and keys[1] == "kernel":
+        return trquant.quantize(value, scales[keys[0]], bits=bits)
+      return None
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+  return codes
+
+
+def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_steps, weight_decay,
+                   controller=None, r0=None, auto_warmup=None):
+  cosine_lr = optax.cosine_decay_schedule(lr, total_steps)
+  if schedule == "lr":
+    tx = base_optimizer(optimizer, cosine_lr, weight_decay)
+  else:
+    if r0 == "auto":
+      target = trquant.measured_target(total_steps, warmup_steps=auto_warmup)
+    else:
+      target = optax.cosine_decay_schedule(r0, total_steps)
+    quant = optax.chain(base_optimizer(optimizer, lr, weight_decay),
+                        trquant.tr_schedule(target, codes_fn=trquant.nnx.codes_fn(model),
+                                            controller=controller))
+    tx = optax.partition({"quant": quant, "float": base_optimizer(optimizer, cosine_lr, weight_decay)},
+                         trquant.nnx.param_labels(model))
+  codes = trquant.nnx.codes_fn(model) if weight_quantizer == "fixed" else lsq_codes_fn(model)
+  # Last: it sees the update that is applied.
+  return optax.chain(tx, trquant.track_oscillations(codes)), cosine_lr
+
+
+# ---------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------
+
+
+def layer_measures(layer, kernel_before, codes_before):
+  """Per-layer measures of one step: transition, latent step / s, near-transition fraction."""
+  scale = layer.weight_scale.get_value()
+  bits = layer.kernel.bits
+  kernel = layer.kernel.get_value()
+  codes_after = layer.weight_codes()
+  transition = jnp.mean(codes_before != codes_after, dtype=jnp.float32)
+  step = jnp.mean(jnp.abs(kernel - kernel_before)) / jnp.mean(scale)
+  v = kernel / scale
+  if bits == 1:
+    distance = jnp.abs(v)  # the one transition point is 0
+  else:
+    lo, hi = trquant.quant_range(bits)
+    boundary = jnp.clip(jnp.floor(v) + 0.5, lo + 0.5, hi - 0.5)
+    distance = jnp.abs(v - boundary)
+  near = jnp.mean(distance < NEAR_TRANSITION, dtype=jnp.float32)
+  return transition, step, near
+
+
+def make_chunk_fn(graphdef, *, batch_size):
+  def loss_fn(model, x, y):
+    logits = model(x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  def step(carry, indices, train_x, train_y):
+    model, optimizer = nnx.merge(graphdef, carry)
+    x, y = train_x[indices], train_y[indices]
+    layers = model.quantized_layers()
+    kernels = [layer.kernel.get_value() for layer in layers]
+    codes = [layer.weight_codes() for layer in layers]
+    loss, grads = nnx.value_and_grad(loss_fn)(model, x, y)
+    optimizer.update(model, grads)
+    measures = [layer_measures(layer, k, c) for layer, k, c in zip(layers, kernels, codes)]
+    record = {
+        "loss": loss,
+        "transition_rate": jnp.stack([m[0] for m in measures]),
+        "latent_step": jnp.stack([m[1] for m in measures]),
+        "near_transition": jnp.stack([m[2] for m in measures]),
+        "oscillating": trquant.nnx.oscillation_stats(optimizer)["oscillating_fraction"],
+    }
+    state = trquant.nnx.values(optimizer.opt_state)
+    multiplier = optax.tree.get(state, "talr_multiplier")
+    if multiplier is not None:
+      record["talr_multiplier"] = multiplier
+      record["running_transition_rate"] = optax.tree.get(state, "running_transition_rate")
+      record["target_transition_rate"] = optax.tree.get(state, "target_transition_rate")
+    return nnx.state((model, optimizer)), record
+
+  # Seeds run side by side (a leading axis on the carry and the indices): one program
+  # for all of them, which on a small model costs little more than one.
+  seeds_step = jax.vmap(step, in_axes=(0, 0, None, None))
+
+  @jax.jit
+  def chunk(carry, indices, train_x, train_y):
+    return jax.lax.scan(lambda c, i: seeds_step(c, i, train_x, train_y), carry, indices)
+
+  return chunk
+
+
+def make_eval_fn(graphdef):
+  @jax.jit
+  @jax.vmap
+  def evaluate(carry, test_x, test_y):
+    model, _ = nnx.merge(graphdef, carry)
+    model.eval()
+    logits = model(test_x)
+    return jnp.mean(jnp.argmax(logits, -1) == test_y)
+
+  return lambda carry, test_x, test_y: evaluate(carry, *jax.tree.map(
+      lambda a: jnp.broadcast_to(a, (len(jax.tree.leaves(carry)[0]),) + a.shape), (test_x, test_y)))
+
+
+def data_order(seed: int, num_examples: int, batch_size: int):
+  """Yields (batch_size,) index arrays, epoch after epoch, shuffled by `seed`."""
+  rng = np.random.default_rng(seed)
+  while True:
+    order = rng.permutation(num_examples)
+    for start in range(0, num_examples - batch_size + 1, batch_size):
+      yield order[start:start + batch_size]
+
+
+def seed_slice(tree, i):
+  return jax.tree.map(lambda a: a[i], tree)
+
+
+def train(model, tx, data, *, steps, eval_every, batch_size, seeds, log=None):
+  """Trains copies of `model` with `tx`, one per seed (data order), side by side in scanned
+  chunks; returns ([model per seed], per-step records (steps, seeds, ...), eval curves)."""
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, carry = nnx.split((model, optimizer))
+  carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(seeds),) + a.shape), carry)
+  chunk_fn = make_chunk_fn(graphdef, batch_size=batch_size)
+  evaluate = make_eval_fn(graphdef)
+  train_x, train_y, test_x, test_y = data
+  orders = [data_order(seed, train_x.shape[0], batch_size) for seed in seeds]
+  records, evals = [], []
+  done, start = 0, time.time()
+  while done < steps:
+    n = min(eval_every, steps - done)
+    indices = np.stack([np.stack([next(order) for order in orders]) for _ in range(n)])
+    carry, record = chunk_fn(carry, jnp.asarray(indices, jnp.int32), train_x, train_y)
+    done += n
+    records.append(jax.device_get(record))
+    evals.append((done, np.asarray(evaluate(carry, test_x, test_y)).tolist()))
+    if log:
+      log(f"  step {done}/{steps}: test {np.round(evals[-1][1], 4).tolist()},"
+          f" {(time.time() - start) / done * 1e3:.2f} ms/step")
+  models = [nnx.merge(graphdef, seed_slice(carry, i))[0] for i in range(len(seeds))]
+  merged = {key: np.concatenate([r[key] for r in records]) for key in records[0]}
+  return models, merged, evals
+
+
+def window_means(values, points=CURVE_POINTS):
+  """Means over `points` equal windows (axis 0): curves small enough for JSON."""
+  values = np.asarray(values, np.float64)
+  windows = np.array_split(values, min(points, len(values)))
+  return [np.mean(w, axis=0).tolist() for w in windows]
+
+
+def batchnorm_reestimated_accuracy(model, data, seed, batch_size):
+  train_x, _, test_x, test_y = data
+  order = data_order(seed + 10_000, train_x.shape[0], batch_size)
+  trquant.nnx.reestimate_batchnorm(model, (train_x[next(order)] for _ in range(50)), 50)
+  model.eval()
+  return float(jnp.mean(jnp.argmax(model(test_x), -1) == test_y))
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------
+
+
+def load_data(args):
+  dataset = datasets.normalize(datasets.load_dataset(args.dataset, args.data_dir))
+  flat = lambda images: jnp.asarray(images.reshape(images.shape[0], -1), jnp.float32)
+  return (flat(dataset.train_images), jnp.asarray(dataset.train_labels, jnp.int32),
+          flat(dataset.test_images), jnp.asarray(dataset.test_labels, jnp.int32)), dataset.num_classes
+
+
+def fp_checkpoint(args, data, num_classes, log):
+  path = os.path.join(args.out, f"fp_mlp{args.width}.npz")
+  record = os.path.join(args.out, f"fp_mlp{args.width}.json")
+  if os.path.exists(path) and os.path.exists(record):
+    with open(record) as f:
+      accuracy = json.load(f)["final_test_accuracy"]
+    log(f"FP MLP-{args.width}: {accuracy:.4f} (reused {path})")
+    return path, accuracy
+  model = BNMLP(data[0].shape[1], args.width, num_classes, bits=None, rngs=nnx.Rngs(1234))
+  tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, args.fp_steps)),
+                   optax.identity())
+  # The FP model has no quantized layer: train it with a plain loop of the same chunks.
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, carry = nnx.split((model, optimizer))
+
+  def step(carry, indices, train_x, train_y):
+    model, optimizer = nnx.merge(graphdef, carry)
+    loss_fn = lambda m: optax.softmax_cross_entropy_with_integer_labels(
+        m(train_x[indices]), train_y[indices]).mean()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return nnx.state((model, optimizer)), loss
+
+  chunk = jax.jit(lambda c, i, x, y: jax.lax.scan(lambda c, i: step(c, i, x, y), c, i))
+  order = data_order(9999, data[0].shape[0], args.batch_size)
+  done = 0
+  while done < args.fp_steps:
+    n = min(args.eval_every, args.fp_steps - done)
+    indices = jnp.asarray(np.stack([next(order) for _ in range(n)]), jnp.int32)
+    carry, _ = chunk(carry, indices, data[0], data[1])
+    done += n
+  model, _ = nnx.merge(graphdef, carry)
+  model.eval()
+  accuracy = float(jnp.mean(jnp.argmax(model(data[2]), -1) == data[3]))
+  flat = {"/".join(map(str, p)): np.asarray(v.get_value())
+          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+  np.savez(path, **flat)
+  with open(record, "w") as f:
+    json.dump({"final_test_accuracy": accuracy, "steps": args.fp_steps, "width": args.width}, f)
+  log(f"FP MLP-{args.width}: {accuracy:.4f} ({args.fp_steps} Adam steps)")
+  return path, accuracy
+
+
+def run_name(width, bits, optimizer, method, lr, seed):
+  return f"mlp{width}-W{bits}A{bits}-{optimizer}-{method}-lr{lr:g}-s{seed}"
+
+
+def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, seeds, log):
+  """One method on every seed (side by side); returns one result dict per seed."""
+  config = method_config(method, bits, args.target_tr)
+  model = BNMLP(data[0].shape[1], args.width, num_classes, bits=bits,
+                weight_quantizer=config["weight_quantizer"], rngs=nnx.Rngs(0))
+  trquant.nnx.load_float_weights(model, dict(np.load(fp_path)))
+  trquant.nnx.init_weight_scales(model)
+  model.eval()
+  trquant.nnx.calibrate_activations(model, data[0][:512])
+  model.train()
+  auto_warmup = max(args.steps // 100, 50)
+  tx, _ = make_transform(model, optimizer=optimizer, lr=lr, total_steps=args.steps,
+                         weight_decay=args.weight_decay, auto_warmup=auto_warmup, **config)
+  start = time.time()
+  models, records, evals = train(model, tx, data, steps=args.steps, eval_every=args.eval_every,
+                                 batch_size=args.batch_size, seeds=seeds,
+                                 log=log if args.verbose else None)
+  seconds = time.time() - start
+  tail = slice(int(0.9 * args.steps), None)
+  head = slice(0, int(0.9 * args.steps))
+  results = []
+  for i, seed in enumerate(seeds):
+    curve = [(step, accuracies[i]) for step, accuracies in evals]
+    last = [a for _, a in curve[-10:]]
+    per_seed = {key: value[:, i] for key, value in records.items()}
+    result = {
+        "name": run_name(args.width, bits, optimizer, method, lr, seed),
+        "width": args.width, "bits": bits, "optimizer": optimizer, "method": method, "lr": lr,
+        "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "config": config,
+        "final_test_accuracy": curve[-1][1],
+        "bn_reestimated_accuracy": batchnorm_reestimated_accuracy(models[i], data, seed,
+                                                                  args.batch_size),
+        "last10_mean": float(np.mean(last)), "last10_std": float(np.std(last)),
+        "eval_curve": curve, "seconds_all_seeds": seconds, "seeds_side_by_side": len(seeds),
+        "device": jax.devices()[0].device_kind,
+        "oscillating_last10pct": np.mean(per_seed["oscillating"][tail], axis=0).tolist(),
+        "transition_rate_last10pct": np.mean(per_seed["transition_rate"][tail], axis=0).tolist(),
+        "near_transition_last10pct": np.mean(per_seed["near_transition"][tail], axis=0).tolist(),
+        "curves": {key: window_means(value) for key, value in per_seed.items()},
+        "curve_points": CURVE_POINTS,
+    }
+    if "talr_multiplier" in per_seed:
+      running, target = per_seed["running_transition_rate"], per_seed["target_transition_rate"]
+      safe = np.where(target > 0, target, np.nan)[:, None]
+      # Tracking error over the first 90% (the target is ~0 at the very end).
+      result["tracking_rel_error"] = float(np.nanmean(
+          np.abs(running[head] - target[head, None]) / safe[head]))
+      result["auto_r0"] = float(target[auto_warmup]) if config.get("r0") == "auto" else None
+    results.append(result)
+  return results
+
+
+# ---------------------------------------------------------------------------------------
+# Summary: tables and plots from the run JSONs
+# ---------------------------------------------------------------------------------------
+
+
+def load_runs(out):
+  runs = []
+  for path in sorted(pathlib.Path(out).glob("mlp*-W*.json")):
+    with open(path) as f:
+      runs.append(json.load(f))
+  return runs
+
+
+def _fmt(values, scale=100.0, digits=2):
+  values = np.asarray(values, float) * scale
+  return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
+
+
+def _group(runs, **match):
+  return sorted((r for r in runs if all(r.get(k) == v for k, v in match.items())),
+                key=lambda r: r["seed"])
+
+
+def _paired(runs_a, runs_b, key="final_test_accuracy"):
+  """Mean and standard error of the per-seed difference a - b (same seeds, same data order)."""
+  b_by_seed = {r["seed"]: r[key] for r in runs_b}
+  diffs = np.array([r[key] - b_by_seed[r["seed"]] for r in runs_a if r["seed"] in b_by_seed]) * 100
+  if len(diffs) < 2:
+    return None
+  return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))), len(diffs)
+
+
+def _mean_layers(values):
+  return float(np.mean(values))
+
+
+def summarize(out):
+  runs = load_runs(out)
+  if not runs:
+    raise SystemExit(f"no run JSONs in {out}")
+  fp = runs[0]["fp_accuracy"]
+  width = runs[0]["width"]
+  lines = [f"# TR vs LR scheduling at 80K steps: BN MLP 784-{width}-{width}-{width}-10, Fashion-MNIST",
+           "", f"FP checkpoint: {fp * 100:.2f}%. Device: {runs[0]['device']}. Accuracy in %,"
+           " mean ± std over seeds (per-seed values in brackets). Δ vs `lr` is the paired"
+           " per-seed difference (same data order), mean ± standard error.", ""]
+  summary = {"fp_accuracy": fp, "width": width, "settings": []}
+  default_lr = {o: DEFAULT_LR[o] for o in DEFAULT_LR}
+  bits_list = sorted({r["bits"] for r in runs})
+  optimizers = [o for o in ("sgd", "adam") if any(r["optimizer"] == o for r in runs)]
+  method_order = ["lr", "lr-lsq", "tr", "tr-l2e-3", "tr-l5e-3", "tr-auto", "tr-additive", "tr-momentum"]
+
+  lines += ["## Accuracy", "",
+            "| setting | method | R_0 | seeds | final | BN re-est. | last 10 evals | Δ vs lr | per seed |",
+            "|---|---|---|---|---|---|---|---|---|"]
+  for bits in bits_list:
+    for optimizer in optimizers:
+      lr0 = default_lr[optimizer]
+      base = _group(runs, bits=bits, optimizer=optimizer, method="lr", lr=lr0)
+      for method in method_order:
+        group = _group(runs, bits=bits, optimizer=optimizer, method=method, lr=lr0)
+        if not group:
+          continue
+        final = [r["final_test_accuracy"] for r in group]
+        paired = _paired(group, base) if method != "lr" else None
+        r0 = group[0]["config"].get("r0")
+        if r0 == "auto":
+          r0_text = "auto " + ", ".join(f"{r['auto_r0']:.1e}" for r in group[:1])
+        else:
+          r0_text = "" if r0 is None else f"{r0:.2g}"
+        entry = {"bits": bits, "optimizer": optimizer, "method": method, "lr": lr0,
+                 "seeds": [r["seed"] for r in group], "final": final,
+                 "bn_reestimated": [r["bn_reestimated_accuracy"] for r in group],
+                 "last10": [r["last10_mean"] for r in group],
+                 "delta_vs_lr": paired,
+                 "oscillating_last10pct": [_mean_layers(r["oscillating_last10pct"]) for r in group],
+                 "transition_rate_last10pct": [_mean_layers(r["transition_rate_last10pct"])
+                                               for r in group],
+                 "near_transition_last10pct": [_mean_layers(r["near_transition_last10pct"])
+                                               for r in group],
+                 "tracking_rel_error": [r.get("tracking_rel_error") for r in group],
+                 "auto_r0": [r.get("auto_r0") for r in group]}
+        summary["settings"].append(entry)
+        delta = "" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}"
+        lines.append(
+            f"| W{bits}A{bits} {optimizer} | {method} | {r0_text} | {len(group)} | {_fmt(final)} |"
+            f" {_fmt(entry['bn_reestimated'])} | {_fmt(entry['last10'])} | {delta} |"
+            f" {', '.join(f'{a * 100:.2f}' for a in final)} |")
+  lines += ["", f"FP − `lr` gap: " + ", ".join(
+      f"W{e['bits']}A{e['bits']} {e['optimizer']} {fp * 100 - np.mean(e['final']) * 100:.2f}"
+      for e in summary["settings"] if e["method"] == "lr"), ""]
+
+  lines += ["## Mechanism (last 10% of the steps, mean over seeds and the two quantized layers)", "",
+            "| setting | method | transition rate k | oscillating | near a transition point |"
+            " tracking error |K-R|/R (first 90%) |",
+            "|---|---|---|---|---|---|"]
+  for e in summary["settings"]:
+    tracking = [t for t in e["tracking_rel_error"] if t is not None]
+    lines.append(
+        f"| W{e['bits']}A{e['bits']} {e['optimizer']} | {e['method']} |"
+        f" {np.mean(e['transition_rate_last10pct']):.2e} | {np.mean(e['oscillating_last10pct']) * 100:.3f}% |"
+        f" {np.mean(e['near_transition_last10pct']) * 100:.2f}% |"
+        f" {np.mean(tracking):.3f} |" if tracking else
+        f"| W{e['bits']}A{e['bits']} {e['optimizer']} | {e['method']} |"
+        f" {np.mean(e['transition_rate_last10pct']):.2e} | {np.mean(e['oscillating_last10pct']) * 100:.3f}% |"
+        f" {np.mean(e['near_transition_last10pct']) * 100:.2f}% | |")
+
+  sweep = [r for r in runs if r["method"] in ("lr", "lr-lsq")]
+  lrs = sorted({r["lr"] for r in sweep})
+  if len(lrs) > len(optimizers):
+    lines += ["", "## Baseline LR sweep (seed 0)", "",
+              "| setting | method | " + " | ".join(f"LR ×{m:g}" for m in (0.3, 1, 3)) + " |",
+              "|---|---|---|---|---|"]
+    summary["lr_sweep"] = []
+    for bits in bits_list:
+      for optimizer in optimizers:
+        for method in ("lr", "lr-lsq"):
+          cells = []
+          for mult in (0.3, 1, 3):
+            lr = DEFAULT_LR[optimizer] * mult
+            match = [r for r in sweep if r["bits"] == bits and r["optimizer"] == optimizer
+                     and r["method"] == method and abs(r["lr"] - lr) < 1e-12 and r["seed"] == 0]
+            cells.append(f"{match[0]['final_test_accuracy'] * 100:.2f}" if match else "")
+            if match:
+              summary["lr_sweep"].append({"bits": bits, "optimizer": optimizer, "method": method,
+                                          "lr": lr, "final": match[0]["final_test_accuracy"]})
+          lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
+
+  with open(os.path.join(out, "summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(os.path.join(out, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  plot(runs, out)
+  print("\n".join(lines))
+
+
+def plot(runs, out):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  settings = sorted({(r["bits"], r["optimizer"]) for r in runs})
+  panels = [("transition_rate", "transition rate k (log)"), ("latent_step", "mean |Δw| / s per step (log)"),
+            ("effective_lr", "effective LR of the kernels (log)"),
+            ("near_transition", "within 5% of a step of a transition point"),
+            ("oscillating", "fraction oscillating"), ("accuracy", "test accuracy (%)")]
+  colours = {"lr": "C0", "lr-lsq": "C2", "tr": "C3", "tr-auto": "C1", "tr-l2e-3": "C4"}
+  fig, axes = plt.subplots(len(settings), len(panels), figsize=(4 * len(panels), 3 * len(settings)),
+                           squeeze=False)
+  for row, (bits, optimizer) in enumerate(settings):
+    lr0 = DEFAULT_LR[optimizer]
+    for method, colour in colours.items():
+      group = _group(runs, bits=bits, optimizer=optimizer, method=method, lr=lr0)
+      if not group:
+        continue
+      steps = group[0]["steps"]
+      points = len(group[0]["curves"]["transition_rate"])
+      x = (np.arange(points) + 0.5) * steps / points
+      for col, (key, title) in enumerate(panels):
+        ax = axes[row, col]
+        if key == "accuracy":
+          curve = np.mean([[a for _, a in r["eval_curve"]] for r in group], axis=0) * 100
+          ax.plot([s for s, _ in group[0]["eval_curve"]], curve, color=colour, label=method)
+          continue
+        if key == "effective_lr":
+          cosine = 0.5 * (1 + np.cos(np.pi * x / steps)) * lr0
+          if "talr_multiplier" in group[0]["curves"]:
+            u = np.mean([np.mean(r["curves"]["talr_multiplier"], axis=1) for r in group], axis=0)
+            y = lr0 * u
+          else:
+            y = cosine
+          ax.semilogy(x, y, color=colour, label=method)
+          continue
+        y = np.mean([np.mean(r["curves"][key], axis=1) for r in group], axis=0)
+        (ax.semilogy if key in ("transition_rate", "latent_step") else ax.plot)(
+            x, y, color=colour, label=method)
+        if key == "transition_rate" and "target_transition_rate" in group[0]["curves"]:
+          target = np.mean([r["curves"]["target_transition_rate"] for r in group], axis=0)
+          ax.semilogy(x, np.maximum(target, 1e-7), color=colour, ls=":", lw=1)
+    for col, (_, title) in enumerate(panels):
+      axes[row, col].set_title(f"W{bits}A{bits} {optimizer}: {title}", fontsize=8)
+      axes[row, col].set_xlabel("step", fontsize=7)
+    axes[row, 0].legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "summary.png"), dpi=80)
+  plt.close(fig)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--dataset", default="fashion-mnist")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--bits", default="1,2", help="comma-separated W=A bit widths")
+  parser.add_argument("--optimizers", default="sgd,adam")
+  parser.add_argument("--methods", default="lr,lr-lsq,tr,tr-l2e-3,tr-l5e-3")
+  parser.add_argument("--lr-mults", default="1", help="LR (U_0) multipliers of the defaults, e.g. 0.3,1,3")
+  parser.add_argument("--target-tr", type=float, default=5e-3, help="R_0 of the `tr` method")
+  parser.add_argument("--steps", type=int, default=80_000)
+  parser.add_argument("--fp-steps", type=int, default=9_400, help="FP training steps (Adam)")
+  parser.add_argument("--eval-every", type=int, default=2_000)
+  parser.add_argument("--seeds", default="0,1,2,3,4")
+  parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+  parser.add_argument("--out", default="benchmarks/results/tr_long_mlp")
+  parser.add_argument("--verbose", action="store_true")
+  parser.add_argument("--summary-only", action="store_true")
+  parser.add_argument("--quick", action="store_true", help="digits, a few hundred steps")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.dataset, args.steps, args.fp_steps, args.eval_every = "digits", 200, 300, 100
+    args.seeds, args.bits, args.width, args.batch_size = "0", "2", 32, 64
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  log = lambda message: print(message, flush=True)
+  if args.summary_only:
+    summarize(args.out)
+    return
+  if True:
+    data, num_classes = load_data(args)
+    fp_path, fp_accuracy = fp_checkpoint(args, data, num_classes, log)
+    for bits in map(int, args.bits.split(",")):
+      for optimizer in args.optimizers.split(","):
+        for method in args.methods.split(","):
+          for mult in map(float, args.lr_mults.split(",")):
+            lr = DEFAULT_LR[optimizer] * mult
+            seeds = [seed for seed in map(int, args.seeds.split(","))
+                     if not os.path.exists(os.path.join(
+                         args.out, run_name(args.width, bits, optimizer, method, lr, seed) + ".json"))]
+            if not seeds:
+              continue
+            results = run_seeds(args, data, num_classes, fp_path, bits=bits, optimizer=optimizer,
+                                method=method, lr=lr, seeds=seeds, log=log)
+            for result in results:
+              result["fp_accuracy"] = fp_accuracy
+              with open(os.path.join(args.out, result["name"] + ".json"), "w") as f:
+                json.dump(result, f)
+              log(f"{result['name']}: {result['final_test_accuracy']:.4f} (BN re-est."
+                  f" {result['bn_reestimated_accuracy']:.4f}), {result['seconds_all_seeds']:.0f} s"
+                  " for all seeds")
+
+
+if __name__ == "__main__":
+  main()
