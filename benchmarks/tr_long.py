@@ -614,7 +614,7 @@ def parse_args(argv=None):
   args = parser.parse_args(argv)
   if args.quick:
     args.dataset, args.steps, args.fp_steps, args.eval_every = "digits", 200, 300, 100
-    args.seeds, args.bits, args.width, args.batch_size = "0", "2", 32, 64
+    args.seeds, args.bits, args.width, args.batch_size = "0,1", "2", 32, 64
   return args
 
 

@@ -121,3 +121,22 @@ def test_adaround_quick(tmp_path):
   assert "| W3 | per-tensor |" in summary and "Fused loop vs eager loop" in summary
   assert json.loads((tmp_path / "summary.json").read_text())["timing"]
   assert (tmp_path / "summary.png").exists() and (tmp_path / "fp_cnn_digits.npz").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tr_long_quick(tmp_path):
+  tr_long = _load("benchmarks/tr_long.py", "trquant_bench_tr_long")
+  tr_long.main(["--quick", "--out", str(tmp_path), "--optimizers", "sgd",
+                "--methods", "lr,lr-lsq,tr,tr-auto"])
+  runs = sorted(tmp_path.glob("mlp32-W2A2-sgd-*.json"))
+  assert len(runs) == 8  # 4 methods x 2 seeds side by side
+  run = json.loads((tmp_path / "mlp32-W2A2-sgd-tr-auto-lr0.1-s1.json").read_text())
+  assert run["auto_r0"] > 0 and 0.1 < run["final_test_accuracy"] <= 1.0
+  curves = run["curves"]
+  assert len(curves["transition_rate"]) == 200 and len(curves["transition_rate"][0]) == 2
+  lr_run = json.loads((tmp_path / "mlp32-W2A2-sgd-lr-lr0.1-s0.json").read_text())
+  assert "talr_multiplier" not in lr_run["curves"] and lr_run["oscillating_last10pct"][0] >= 0
+  tr_long.main(["--summary-only", "--out", str(tmp_path)])
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| W2A2 sgd | tr-auto | auto" in summary and "## Mechanism" in summary
+  assert (tmp_path / "summary.png").exists()
