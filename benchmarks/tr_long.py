@@ -181,7 +181,11 @@ def layer_measures(layer, kernel_before, codes_before):
     boundary = jnp.clip(jnp.floor(v) + 0.5, lo + 0.5, hi - 0.5)
     distance = jnp.abs(v - boundary)
   near = jnp.mean(distance < NEAR_TRANSITION, dtype=jnp.float32)
-  return transition, step, near
+  # Outside the grid's range the straight-through gradient is 0: such weights only move by
+  # weight decay.
+  lo, hi = trquant.quant_range(bits)
+  beyond = jnp.mean((v < lo) | (v > hi), dtype=jnp.float32)
+  return transition, step, near, beyond
 
 
 def make_chunk_fn(graphdef, *, batch_size):
@@ -203,6 +207,7 @@ def make_chunk_fn(graphdef, *, batch_size):
         "transition_rate": jnp.stack([m[0] for m in measures]),
         "latent_step": jnp.stack([m[1] for m in measures]),
         "near_transition": jnp.stack([m[2] for m in measures]),
+        "beyond_range": jnp.stack([m[3] for m in measures]),
         "oscillating": trquant.nnx.oscillation_stats(optimizer)["oscillating_fraction"],
     }
     state = trquant.nnx.values(optimizer.opt_state)
@@ -281,7 +286,8 @@ def window_means(values, points=CURVE_POINTS):
   """Means over `points` equal windows (axis 0): curves small enough for JSON."""
   values = np.asarray(values, np.float64)
   windows = np.array_split(values, min(points, len(values)))
-  return [np.mean(w, axis=0).tolist() for w in windows]
+  # Four significant digits: the curves are for plots and ratios, and the JSONs stay small.
+  return [np.vectorize(lambda v: float(f"{v:.4g}"))(np.mean(w, axis=0)).tolist() for w in windows]
 
 
 def batchnorm_reestimated_accuracy(model, data, seed, batch_size):
@@ -389,6 +395,7 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
         "oscillating_last10pct": np.mean(per_seed["oscillating"][tail], axis=0).tolist(),
         "transition_rate_last10pct": np.mean(per_seed["transition_rate"][tail], axis=0).tolist(),
         "near_transition_last10pct": np.mean(per_seed["near_transition"][tail], axis=0).tolist(),
+        "beyond_range_last10pct": np.mean(per_seed["beyond_range"][tail], axis=0).tolist(),
         "curves": {key: window_means(value) for key, value in per_seed.items()},
         "curve_points": CURVE_POINTS,
     }
@@ -447,7 +454,7 @@ def summarize(out):
   width = runs[0]["width"]
   lines = [f"# TR vs LR scheduling at 80K steps: BN MLP 784-{width}-{width}-{width}-10, Fashion-MNIST",
            "", f"FP checkpoint: {fp * 100:.2f}%. Device: {runs[0]['device']}. Accuracy in %,"
-           " mean ± std over seeds (per-seed values in brackets). Δ vs `lr` is the paired"
+           " mean ± std over seeds (per-seed values in the last column). Δ vs `lr` is the paired"
            " per-seed difference (same data order), mean ± standard error.", ""]
   summary = {"fp_accuracy": fp, "width": width, "settings": []}
   default_lr = {o: DEFAULT_LR[o] for o in DEFAULT_LR}
@@ -483,6 +490,8 @@ def summarize(out):
                                                for r in group],
                  "near_transition_last10pct": [_mean_layers(r["near_transition_last10pct"])
                                                for r in group],
+                 "beyond_range_last10pct": [_mean_layers(r["beyond_range_last10pct"])
+                                            for r in group if "beyond_range_last10pct" in r],
                  "tracking_rel_error": [r.get("tracking_rel_error") for r in group],
                  "auto_r0": [r.get("auto_r0") for r in group]}
         summary["settings"].append(entry)
@@ -497,18 +506,17 @@ def summarize(out):
 
   lines += ["## Mechanism (last 10% of the steps, mean over seeds and the two quantized layers)", "",
             "| setting | method | transition rate k | oscillating | near a transition point |"
-            " tracking error |K-R|/R (first 90%) |",
-            "|---|---|---|---|---|---|"]
+            " beyond the grid | tracking error |K-R|/R (first 90%) |",
+            "|---|---|---|---|---|---|---|"]
   for e in summary["settings"]:
     tracking = [t for t in e["tracking_rel_error"] if t is not None]
+    beyond = e["beyond_range_last10pct"]
     lines.append(
         f"| W{e['bits']}A{e['bits']} {e['optimizer']} | {e['method']} |"
         f" {np.mean(e['transition_rate_last10pct']):.2e} | {np.mean(e['oscillating_last10pct']) * 100:.3f}% |"
         f" {np.mean(e['near_transition_last10pct']) * 100:.2f}% |"
-        f" {np.mean(tracking):.3f} |" if tracking else
-        f"| W{e['bits']}A{e['bits']} {e['optimizer']} | {e['method']} |"
-        f" {np.mean(e['transition_rate_last10pct']):.2e} | {np.mean(e['oscillating_last10pct']) * 100:.3f}% |"
-        f" {np.mean(e['near_transition_last10pct']) * 100:.2f}% | |")
+        f" {f'{np.mean(beyond) * 100:.2f}%' if beyond else ''} |"
+        f" {f'{np.mean(tracking):.3f}' if tracking else ''} |")
 
   sweep = [r for r in runs if r["method"] in ("lr", "lr-lsq")]
   lrs = sorted({r["lr"] for r in sweep})
@@ -548,6 +556,7 @@ def plot(runs, out):
   panels = [("transition_rate", "transition rate k (log)"), ("latent_step", "mean |Δw| / s per step (log)"),
             ("effective_lr", "effective LR of the kernels (log)"),
             ("near_transition", "within 5% of a step of a transition point"),
+            ("beyond_range", "beyond the grid (no STE gradient)"),
             ("oscillating", "fraction oscillating"), ("accuracy", "test accuracy (%)")]
   colours = {"lr": "C0", "lr-lsq": "C2", "tr": "C3", "tr-auto": "C1", "tr-l2e-3": "C4"}
   fig, axes = plt.subplots(len(settings), len(panels), figsize=(4 * len(panels), 3 * len(settings)),
@@ -575,6 +584,8 @@ def plot(runs, out):
           else:
             y = cosine
           ax.semilogy(x, y, color=colour, label=method)
+          continue
+        if key not in group[0]["curves"]:
           continue
         y = np.mean([np.mean(r["curves"][key], axis=1) for r in group], axis=0)
         (ax.semilogy if key in ("transition_rate", "latent_step") else ax.plot)(
