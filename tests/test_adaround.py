@@ -371,3 +371,39 @@ def test_adaround_model_bad_inputs(digits_cnn):
     adaround.adaround_model(lambda x: x, calibration, bits=4, **common)
   with pytest.raises(ValueError, match="no trquant"):
     adaround.round_to_nearest(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), bits=4)
+
+
+class _JittedMLP(nnx.Module):
+  """A model whose __call__ is nnx.jit-ted, as a user may write it for speed."""
+
+  def __init__(self):
+    self.first = QuantLinear(8, 16, weight_bits=None, rngs=nnx.Rngs(0))
+    self.last = QuantLinear(16, 4, weight_bits=None, rngs=nnx.Rngs(1))
+
+  @nnx.jit
+  def __call__(self, x):
+    return self.last(nnx.relu(self.first(x)))
+
+
+def test_jitted_model_call_says_to_call_the_model_eagerly():
+  model, x = _JittedMLP(), jax.random.normal(jax.random.key(0), (16, 8))
+  model(x)  # the jitted forward pass itself works
+  common = dict(bits=3, iters=2, key=jax.random.key(0), progress=False)
+  with pytest.raises(ValueError, match="layer first ran inside a transform.*nnx.jit.*eagerly"):
+    adaround.adaround_model(model, x, **common)
+  # Traced once already, the jitted call reuses its trace: the message still names the cause.
+  with pytest.raises(ValueError, match="not called eagerly.*nnx.jit.*eagerly"):
+    adaround.adaround_model(model, x, **common)
+
+
+def test_calibration_batches_of_different_shapes_are_named():
+  # A conv net with global pooling runs on any image size, but the layers' inputs cannot
+  # be concatenated over batches of different sizes.
+  fp = nnx.Sequential(QuantConv(1, 4, 3, weight_bits=None, rngs=nnx.Rngs(0)),
+                      lambda x: x.mean(axis=(1, 2)),
+                      QuantLinear(4, 2, weight_bits=None, rngs=nnx.Rngs(1)))
+  batches = [np.ones((4, 8, 8, 1), np.float32), np.ones((4, 8, 8, 1), np.float32),
+             np.ones((4, 6, 6, 1), np.float32)]
+  with pytest.raises(ValueError, match=r"calibration batches.*batch 0 has examples of shape"
+                                       r" \(8, 8, 1\), batch 2 of shape \(6, 6, 1\)"):
+    adaround.adaround_model(fp, batches, bits=3, iters=2, key=jax.random.key(0), progress=False)

@@ -154,3 +154,81 @@ def test_restore_into_a_different_layout_fails_clearly(tmp_path):
   wrong = {"params": params, "opt_state": optax.adam(1e-2).init(params)}
   with pytest.raises(ValueError, match="mismatch"):
     checkpointer.restore(tmp_path / "ckpt", jax.tree.map(ocp.utils.to_shape_dtype_struct, wrong))
+
+
+# ---------------------------------------------------------------------------------------
+# NNX: codes_fn / scales_fn read the scales a restore puts into the model
+# ---------------------------------------------------------------------------------------
+
+
+def _nnx_model_and_transforms(seed):
+  model = nnx.Sequential(QuantLinear(12, 32, weight_bits=BITS, rngs=nnx.Rngs(seed)), nnx.relu,
+                         QuantLinear(32, 4, weight_bits=BITS, per_channel=True,
+                                     rngs=nnx.Rngs(seed + 1)))
+  return model, trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+
+
+def _nnx_optimizer(model, codes_fn, scales_fn):
+  tx = optax.partition(
+      {"quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(5e-2, codes_fn=codes_fn)),
+       "float": optax.adam(1e-2)},
+      trquant.nnx.param_labels(model))
+  freeze = trquant.freeze_oscillations(codes_fn, scales_fn, total_steps=100, threshold=0.5)
+  return nnx.Optimizer(model, optax.chain(tx, freeze), wrt=nnx.Param)
+
+
+@pytest.mark.parametrize("order", ["optimizer_first", "restore_first", "traced_before_restore"])
+def test_codes_fn_and_scales_fn_follow_a_restore(tmp_path, order):
+  # The checkpoint's scales differ clearly from those a fresh model starts with.
+  source, codes_fn, scales_fn = _nnx_model_and_transforms(seed=0)
+  for layer in (source.layers[0], source.layers[2]):
+    layer.weight_scale.set_value(layer.weight_scale.get_value() * 1.7)
+  source_optimizer = _nnx_optimizer(source, codes_fn, scales_fn)
+  _nnx_train(source, source_optimizer, 3)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "ckpt", {
+      "model": nnx.to_pure_dict(nnx.state(source)),
+      "optimizer": nnx.to_pure_dict(nnx.state(source_optimizer))})
+  checkpointer.wait_until_finished()
+
+  def restore(model, optimizer):
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {
+        "model": nnx.to_pure_dict(nnx.state(model)),
+        "optimizer": nnx.to_pure_dict(nnx.state(optimizer))})
+    restored = checkpointer.restore(tmp_path / "ckpt", abstract)
+    nnx.update(model, restored["model"])
+    nnx.update(optimizer, restored["optimizer"])
+
+  model, codes_fn, scales_fn = _nnx_model_and_transforms(seed=5)
+  if order == "restore_first":
+    # Restore the model, then build the optimizer (the restore needs one of its structure).
+    probe = _nnx_optimizer(*_nnx_model_and_transforms(seed=5))
+    restore(model, probe)
+    optimizer = _nnx_optimizer(model, codes_fn, scales_fn)
+    nnx.update(optimizer, nnx.state(probe))
+  else:
+    optimizer = _nnx_optimizer(model, codes_fn, scales_fn)
+    if order == "traced_before_restore":
+      _nnx_train(model, optimizer, 1)  # the jitted step is traced with the old scales
+    restore(model, optimizer)
+    if order == "traced_before_restore":
+      jax.clear_caches()  # the documented way to re-trace a step after an in-process restore
+
+  layers = (model.layers[0], model.layers[2])
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  for index, layer in zip((0, 2), layers):
+    np.testing.assert_array_equal(layer.weight_scale.get_value(),
+                                  source.layers[index].weight_scale.get_value())
+    np.testing.assert_array_equal(scales_fn(params)["layers"][index]["kernel"],
+                                  layer.weight_scale.get_value())
+    np.testing.assert_array_equal(codes_fn(params)["layers"][index]["kernel"],
+                                  layer.weight_codes())
+  # One jitted step: the optimizer counts the transitions on the restored grid.
+  before = [np.asarray(layer.weight_codes()) for layer in layers]
+  _nnx_train(model, optimizer, 1, start=3)
+  after = [np.asarray(layer.weight_codes()) for layer in layers]
+  expected = [np.mean(a != b) for a, b in zip(before, after)]
+  assert max(expected) > 0
+  np.testing.assert_allclose(
+      trquant.nnx.values(optax.tree.get(optimizer.opt_state, "measured_transition_rate")),
+      expected, rtol=1e-6)

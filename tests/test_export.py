@@ -1,5 +1,10 @@
 """Integer export: packing, exact round trips to the fake-quantized weights, NNX models."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import trquant
-from trquant.export import IntegerTensor, from_integer, nbytes, to_integer
+from trquant.export import (IntegerTensor, from_integer, load_integer, nbytes, read_integer,
+                            save_integer, to_integer)
 from trquant.nnx import QuantLinear
 
 GRIDS = [(bits, signed, narrow) for bits in (1, 2, 3, 4, 5, 8, 9, 16) for signed in (True, False)
@@ -137,3 +143,144 @@ def test_bad_inputs():
   model = nnx.Sequential(QuantLinear(2, 2, weight_bits=2, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="pass neither"):
     to_integer(model, bits=2)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading an export into a model, and files
+# ---------------------------------------------------------------------------------------
+
+# A small CNN of trquant layers (per-channel and per-tensor W4, 4-bit inputs, BatchNorm),
+# defined as source so that a fresh interpreter can build the same architecture.
+_CNN_SOURCE = textwrap.dedent("""
+    import jax, jax.numpy as jnp
+    from flax import nnx
+    from trquant.nnx import QuantConv, QuantLinear
+
+    class CNN(nnx.Module):
+      def __init__(self, seed):
+        rngs = nnx.Rngs(seed)
+        self.conv = QuantConv(1, 8, 3, weight_bits=4, per_channel=True, use_bias=False,
+                              rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.head = QuantLinear(8, 10, weight_bits=4, act_bits=4, rngs=rngs)
+
+      def __call__(self, x):
+        x = nnx.relu(self.bn(self.conv(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+    def images(seed=0):
+      return jax.random.normal(jax.random.key(seed), (6, 8, 8, 1))
+""")
+
+
+def _cnn_namespace():
+  namespace = {}
+  exec(_CNN_SOURCE, namespace)
+  return namespace
+
+
+def _trained_cnn(namespace):
+  """A CNN whose scales, BatchNorm statistics and activation scale are not the init ones."""
+  model = namespace["CNN"](0)
+  trquant.nnx.calibrate_activations(model, namespace["images"](1))  # BN statistics move too
+  model.conv.weight_scale.set_value(model.conv.weight_scale.get_value() * 1.6)
+  model.eval()
+  return model
+
+
+def test_load_integer_restores_kernels_and_scales_exactly():
+  namespace = _cnn_namespace()
+  model, x = _trained_cnn(namespace), namespace["images"]()
+  exported = to_integer(model)
+  fresh = namespace["CNN"](7)  # other kernels, scales and statistics
+  fresh.eval()
+  # The recipe from_integer's docstring used to give keeps the fresh model's scales.
+  stale = nnx.clone(fresh)
+  nnx.update(stale, from_integer(exported))
+  assert float(jnp.max(jnp.abs(stale(x) - model(x)))) > 1e-3
+  loaded = load_integer(fresh, exported)
+  assert ("conv", "kernel") in loaded and ("bn", "mean") in loaded
+  np.testing.assert_array_equal(fresh(x), model(x))
+  for name in ("conv", "head"):
+    np.testing.assert_array_equal(getattr(fresh, name).weight_scale.get_value(),
+                                  getattr(model, name).weight_scale.get_value())
+    np.testing.assert_array_equal(getattr(fresh, name).quantized_kernel(),
+                                  getattr(model, name).quantized_kernel())
+  assert fresh.conv.kernel.bits == 4  # values only: the metadata stays
+
+
+def test_save_and_read_integer_round_trip(tmp_path):
+  w = _weights((7, 5))
+  tree = {"dense": {"kernel": to_integer(w, trquant.init_scale(w, bits=2, axis=-1), bits=2),
+                    "bias": jnp.arange(5.0)},
+          "layers": {3: [to_integer(_weights((6,), dtype=jnp.bfloat16), jnp.float32(0.1), bits=5),
+                         None]},
+          "pair": (jnp.ones(2, jnp.bfloat16), np.int8(3))}
+  save_integer(tmp_path / "weights", tree)
+  assert os.path.exists(tmp_path / "weights")  # written where asked, no suffix added
+  restored = read_integer(tmp_path / "weights")
+  assert jax.tree.structure(restored, is_leaf=lambda x: isinstance(x, IntegerTensor)) == \
+      jax.tree.structure(tree, is_leaf=lambda x: isinstance(x, IntegerTensor))
+  for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)):
+    assert got.dtype == jnp.asarray(want).dtype
+    np.testing.assert_array_equal(got, want)
+  assert restored["layers"][3][0].bits == 5 and restored["layers"][3][0].dtype == "bfloat16"
+  np.testing.assert_array_equal(from_integer(restored)["layers"][3][0],
+                                from_integer(tree)["layers"][3][0])
+  single = to_integer(w, 0.1, bits=4)  # a lone tensor is a tree too
+  save_integer(tmp_path / "single.npz", single)
+  np.testing.assert_array_equal(read_integer(tmp_path / "single.npz").codes, single.codes)
+  np.savez(tmp_path / "other.npz", w=np.ones(2))
+  with pytest.raises(ValueError, match="not written by trquant.export.save_integer"):
+    read_integer(tmp_path / "other.npz")
+  with pytest.raises(ValueError, match="cannot save a"):
+    save_integer(tmp_path / "bad", {"w": object()})
+
+
+def test_load_integer_from_a_file_in_a_new_process(tmp_path):
+  namespace = _cnn_namespace()
+  model = _trained_cnn(namespace)
+  save_integer(tmp_path / "cnn_w4.npz", to_integer(model))
+  np.save(tmp_path / "logits.npy", np.asarray(model(namespace["images"]())))
+  files = {name: str(tmp_path / name) for name in ("cnn_w4.npz", "logits.npy")}
+  script = _CNN_SOURCE + textwrap.dedent(f"""
+      import numpy as np, trquant
+      model = CNN(123)  # a fresh model: its own random kernels and scales
+      model.eval()
+      trquant.export.load_integer(model, trquant.export.read_integer({files["cnn_w4.npz"]!r}))
+      np.testing.assert_array_equal(model(images()), np.load({files["logits.npy"]!r}))
+      print("identical")
+  """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert result.stdout.strip() == "identical"
+
+
+def test_load_integer_mismatches_fail_clearly():
+  model = nnx.Sequential(QuantLinear(6, 4, weight_bits=4, per_channel=True, rngs=nnx.Rngs(0)))
+  exported = to_integer(model)
+  with pytest.raises(ValueError, match="bits=4.*bits=2.*bit widths"):
+    load_integer(nnx.Sequential(QuantLinear(6, 4, weight_bits=2, per_channel=True,
+                                            rngs=nnx.Rngs(0))), exported)
+  with pytest.raises(ValueError, match="weight_scale.*per-channel vs per-tensor"):
+    load_integer(nnx.Sequential(QuantLinear(6, 4, weight_bits=4, rngs=nnx.Rngs(0))), exported)
+  with pytest.raises(ValueError, match="kernel: exported shape"):
+    load_integer(nnx.Sequential(QuantLinear(6, 5, weight_bits=4, per_channel=True,
+                                            rngs=nnx.Rngs(0))), exported)
+  with pytest.raises(ValueError, match="layers/0/bias.*export lacks"):
+    load_integer(model, {"layers": {0: {"kernel": exported["layers"][0]["kernel"]}}})
+  with pytest.raises(ValueError, match="extra.*model lacks"):
+    load_integer(model, {**exported, "extra": jnp.ones(2)})
+  with pytest.raises(ValueError, match="not an IntegerTensor"):
+    load_integer(model, from_integer(exported))
+  with pytest.raises(ValueError, match="no quantized weights"):
+    load_integer(nnx.Sequential(QuantLinear(6, 4, weight_bits=None, rngs=nnx.Rngs(0))), exported)
+
+
+def test_to_integer_needs_quantized_trquant_layers():
+  with pytest.raises(ValueError, match="no trquant.nnx layer.*QuantLinear in place of nnx.Linear"):
+    to_integer(nnx.Sequential(nnx.Linear(4, 2, rngs=nnx.Rngs(0))))
+  with pytest.raises(ValueError, match="no quantized weights.*weight_bits"):
+    to_integer(nnx.Sequential(QuantLinear(4, 2, weight_bits=None, rngs=nnx.Rngs(0))))

@@ -171,6 +171,29 @@ def test_param_labels():
   assert sum(label == "quant" for label in flat.values()) == 2
 
 
+def test_partition_accepts_labels_held_in_variables():
+  model = _mlp()
+  # Labels made from the state by jax.tree.map keep an nnx.Variable around each label.
+  held = jax.tree.map(lambda _: "sgd", nnx.state(model, nnx.Param))
+  assert isinstance(held["layers"][0]["kernel"], nnx.Variable)
+  grads = nnx.grad(lambda m: m(jnp.ones((2, 16))).sum())(model)
+  broken = nnx.Optimizer(model, optax.partition({"sgd": optax.sgd(0.1)}, held), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="structure"):
+    broken.update(model, grads)  # optax.partition itself cannot use them
+
+  reference = nnx.clone(model)
+  nnx.Optimizer(reference, optax.sgd(0.1), wrt=nnx.Param).update(reference, grads)
+  optimizer = nnx.Optimizer(model, trquant.nnx.partition({"sgd": optax.sgd(0.1)}, held),
+                            wrt=nnx.Param)
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(model.layers[2].kernel.get_value(),
+                                reference.layers[2].kernel.get_value())
+  # A model is labelled with param_labels; every label needs a transform.
+  trquant.nnx.partition({"quant": optax.sgd(0.1), "float": optax.adam(1e-3)}, _mlp())
+  with pytest.raises(ValueError, match=r"\['float'\] have no transform"):
+    trquant.nnx.partition({"quant": optax.sgd(0.1)}, _mlp())
+
+
 def _train(model, tx, steps=5, seed=0):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jax.random.normal(jax.random.key(seed), (16, 16))
@@ -225,6 +248,17 @@ def test_codes_fn_needs_a_quantized_layer():
   model = nnx.Sequential(QuantLinear(4, 4, weight_bits=None, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="no quantized"):
     trquant.nnx.codes_fn(model)
+
+
+def test_codes_fn_and_scales_fn_read_the_current_scales():
+  model = _mlp()
+  codes_fn, scales_fn = trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  layer = model.layers[2]
+  layer.weight_scale.set_value(layer.weight_scale.get_value() * 3.0)  # e.g. a restore
+  np.testing.assert_array_equal(codes_fn(params)["layers"][2]["kernel"], layer.weight_codes())
+  np.testing.assert_array_equal(scales_fn(params)["layers"][2]["kernel"],
+                                layer.weight_scale.get_value())
 
 
 def test_transition_stats_are_snapshots_inside_jit():
@@ -305,6 +339,29 @@ def test_init_weight_scales_follows_loaded_weights():
   layer.kernel.set_value(layer.kernel.get_value() * 10.0)
   trquant.nnx.init_weight_scales(layer)
   np.testing.assert_allclose(float(layer.weight_scale.get_value()), 10.0 * old, rtol=1e-4)
+
+
+def test_helpers_refuse_a_model_without_trquant_layers():
+  plain = nnx.Sequential(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
+  x = jnp.ones((2, 16))
+  helpers = {
+      "init_weight_scales": lambda: trquant.nnx.init_weight_scales(plain),
+      "calibrate_activations": lambda: trquant.nnx.calibrate_activations(plain, x),
+      "dampening_loss": lambda: trquant.nnx.dampening_loss(plain),
+      "TR scheduling": lambda: trquant.nnx.codes_fn(plain),
+      "freezing": lambda: trquant.nnx.scales_fn(plain),
+  }
+  for name, call in helpers.items():
+    with pytest.raises(ValueError, match=f"{name}: the model has no trquant.nnx layer.*"
+                                         "QuantLinear in place of nnx.Linear"):
+      call()
+  # Full-precision trquant layers: no dampening loss to compute (it would be a constant 0).
+  fp = nnx.Sequential(QuantLinear(16, 8, weight_bits=None, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="no quantized weights"):
+    trquant.nnx.dampening_loss(fp)
+  trquant.nnx.init_weight_scales(fp)  # nothing to set, but the model is built right
+  trquant.nnx.calibrate_activations(fp, x)
 
 
 def test_reestimate_batchnorm_is_plain_average_of_batch_statistics():

@@ -485,6 +485,53 @@ def test_scale_fn_errors_name_the_path():
     trquant.freeze_oscillations(_codes_fn, lambda p: {"dense": 1.0}, total_steps=10).init(params)
 
 
+def test_scale_fn_values_are_checked_where_concrete():
+  params = _params()
+  for bad in (jnp.float32(-0.25), jnp.zeros(()), jnp.float32(jnp.nan)):
+    scale_fn = lambda p, bad=bad: {**_scale_fn(p), "head": {"kernel": bad, "bias": None}}
+    with pytest.raises(ValueError, match=r"\['head'\]\['kernel'\].*positive and finite"):
+      trquant.freeze_oscillations(_codes_fn, scale_fn, total_steps=10).init(params)
+
+
+def test_track_and_freeze_reject_non_integer_codes():
+  def weights_fn(params):  # the latent weights, not their integer codes
+    return {name: {"kernel": layer["kernel"], "bias": None} for name, layer in params.items()}
+
+  for tx in (trquant.track_oscillations(weights_fn),
+             trquant.freeze_oscillations(weights_fn, _scale_fn, total_steps=10)):
+    with pytest.raises(ValueError, match=r"non-integer values at \['dense'\]\['kernel'\]"):
+      tx.init(_params())
+
+
+def test_freeze_rejects_codes_outside_its_ema_range():
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"], 0.01, bits=10)}  # codes in [-512, 511]
+  tx = trquant.freeze_oscillations(codes_fn, lambda p: {"w": 0.01}, total_steps=10,
+                                   threshold=0.1, start_fraction=0.0)
+  with pytest.raises(ValueError, match=r"code -300 at \['w'\], outside \[-128, 127\]"):
+    tx.init({"w": jnp.array([-3.0, 0.05, 0.4])})
+  # In range at init (codes -120, 5, 40); w[0] then moves to code -300, and every weight
+  # oscillates often enough to be frozen.
+  state = tx.init({"w": jnp.array([-1.2, 0.05, 0.4])})
+  state = state._replace(tracker=state.tracker._replace(
+      oscillation_frequency={"w": jnp.full(3, 65535, jnp.uint16)}))
+  moved = {"w": jnp.array([-3.0, 0.05, 0.4])}
+  with pytest.raises(ValueError, match="outside"):  # an update with concrete values checks
+    tx.update({"w": jnp.zeros(3)}, state, moved)
+  # Inside jit nothing can raise: the weight is left unfrozen, not pinned at code -128 or
+  # at its saturated code EMA.
+  updates, state = jax.jit(tx.update)({"w": jnp.zeros(3)}, state, moved)
+  np.testing.assert_array_equal(state.frozen["w"], [False, True, True])
+  assert float(optax.apply_updates(moved, updates)["w"][0]) == -3.0
+
+
+def test_freeze_rejects_a_wide_nnx_layer_at_init():
+  model = nnx.Sequential(QuantLinear(16, 8, weight_bits=10, rngs=nnx.Rngs(0)))
+  tx = trquant.freeze_oscillations(trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model),
+                                   total_steps=10)
+  with pytest.raises(ValueError, match="outside \\[-128, 127\\].*8 bits or fewer"):
+    nnx.Optimizer(model, optax.chain(optax.sgd(0.1), tx), wrt=nnx.Param)
+
+
 # ---------------------------------------------------------------------------------------
 # Composition with jax and optax
 # ---------------------------------------------------------------------------------------

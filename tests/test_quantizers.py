@@ -943,6 +943,34 @@ def test_bad_scale_values_raise_value_error_naming_scale(name, scale):
     SCALE_CALLS[name](scale)
 
 
+BAD_JAX_SCALES = {
+    "negative": jnp.float32(-0.1),
+    "zero": jnp.zeros(()),
+    "nan": jnp.float32(jnp.nan),
+    "per_channel_zero": jnp.array([[0.5, 0.0, 0.5]]),
+    "bfloat16_negative": jnp.array(-0.5, jnp.bfloat16),
+}
+
+
+@pytest.mark.parametrize("scale", sorted(BAD_JAX_SCALES))
+@pytest.mark.parametrize("name", sorted(SCALE_CALLS))
+def test_bad_concrete_jax_array_scales_raise(name, scale):
+  # init_scale returns jax arrays: concrete ones are checked like numbers and numpy arrays.
+  with pytest.raises(ValueError, match="`scale` must be positive and finite"):
+    SCALE_CALLS[name](BAD_JAX_SCALES[scale])
+  # A traced scale cannot be checked (it has no value yet): no error inside jit.
+  jax.jit(SCALE_CALLS[name])(BAD_JAX_SCALES[scale])
+
+
+def test_bad_scale_of_an_nnx_layer_raises_in_an_eager_forward_pass():
+  from flax import nnx
+
+  layer = trquant.nnx.QuantLinear(3, 2, weight_bits=4, rngs=nnx.Rngs(0))
+  layer.weight_scale.set_value(-layer.weight_scale.get_value())
+  with pytest.raises(ValueError, match="`scale` must be positive"):
+    layer(jnp.ones((1, 3)))
+
+
 @pytest.mark.parametrize(
     "x_shape, scale_shape",
     [((4, 3), (4,)), ((4, 3), (2, 3)), ((3,), (2, 3)), ((4, 3), (1, 1, 3)), ((), (1,))],

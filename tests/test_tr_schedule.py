@@ -476,6 +476,36 @@ def test_integer_params_rejected():
     trquant.tr_schedule(1e-2, codes_fn=codes_fn).init(params)
 
 
+def test_schedule_target_out_of_range_is_rejected_at_init_and_clipped_in_update():
+  params = _params()
+  for bad in (lambda step: 3.0, lambda step: jnp.float32(-1e-3), lambda step: jnp.nan):
+    with pytest.raises(ValueError, match=r"`target_tr` at step 0 .*\[0, 1\]"):
+      _tx(target_tr=bad).init(params)
+  # Later values cannot raise inside the update: they are clipped to a rate.
+  tx = _tx(target_tr=lambda step: jnp.where(step < 1, 1e-2, 3.0))
+  state = tx.init(params)
+  for seed in range(3):
+    _, state = tx.update(_grads(params, seed), state, params)
+  assert float(optax.tree.get(state, "target_transition_rate")) == 1.0
+  assert float(jnp.max(optax.tree.get(state, "running_transition_rate"))) <= 1.0
+  # A traced init cannot evaluate a schedule of the step: it is not an error there.
+  jax.jit(_tx(target_tr=lambda step: 3.0 + 0.0 * step).init)(params)
+
+
+def test_codes_fn_returning_weights_is_rejected_at_init():
+  def weights_fn(params):  # the fake-quantized weights, not their integer codes
+    return {name: {"kernel": trquant.fake_quant(layer["kernel"], 0.3, bits=BITS), "bias": None}
+            for name, layer in params.items()}
+
+  with pytest.raises(ValueError, match=r"non-integer values at \['dense'\]\['kernel'\].*"
+                                       "trquant.quantize"):
+    _tx(codes_fn=weights_fn).init(_params())
+  # Integer codes of any dtype are fine; a traced init cannot check the values.
+  _tx(codes_fn=lambda p: jax.tree.map(lambda c: None if c is None else c.astype(jnp.int8),
+                                      _codes_fn(p), is_leaf=lambda c: c is None)).init(_params())
+  jax.eval_shape(_tx(codes_fn=weights_fn).init, _params())
+
+
 def test_state_is_stable_through_lax_cond():
   # Both branches of a cond must give the state the same shapes and dtypes (e.g. to skip
   # the optimizer on some steps inside a jitted loop).

@@ -608,6 +608,9 @@ class _StopForward(Exception):
 
 
 _HOOKS: dict[int, Callable] = {}
+# Calls of a copy of a hooked layer: a transform such as nnx.jit runs a copy of the model,
+# whose layers keep the recording class but not the instance the hook is registered for.
+_COPY_CALLS: list[str] = []
 
 
 @functools.cache
@@ -617,6 +620,8 @@ def _recording_class(cls):
     hook = _HOOKS.get(id(self))
     if hook is not None:
       hook(x, out)
+    else:
+      _COPY_CALLS.append(cls.__name__)
     return out
 
   return type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
@@ -640,14 +645,22 @@ def _intercept(hooks: dict):
       _HOOKS.pop(id(layer), None)
 
 
+_EAGER_ONLY = (
+    "adaround captures each layer's inputs and outputs during eager forward passes, so the"
+    " model's __call__ (and the code it calls) must run eagerly: remove the nnx.jit /"
+    " jax.jit decorator from the model's __call__ and jit the code that calls the model"
+    " instead (a train step, an evaluation function)."
+)
+
+
 def _concrete(value, what: str):
   if isinstance(value, jax.core.Tracer):
-    raise ValueError(f"the layer {what} is a traced value: adaround runs the model eagerly and"
-                     " needs a model whose __call__ is not wrapped in jax/nnx.jit.")
+    raise ValueError(f"the layer {what} is a traced value (the layer runs inside a jax/nnx"
+                     f" transform such as jit). {_EAGER_ONLY}")
   return value
 
 
-def _capture(model, layer, batches, *, output: bool):
+def _capture(model, layer, batches, *, output: bool, name: str = "the layer"):
   """The layer's inputs (or outputs) over the calibration batches, concatenated."""
   chunks = []
 
@@ -657,11 +670,25 @@ def _capture(model, layer, batches, *, output: bool):
 
   with _intercept({layer: hook}):
     for batch in batches:
+      del _COPY_CALLS[:]
       try:
         model(batch)
       except _StopForward:
         continue
-      raise ValueError("the layer was not called by the model's forward pass.")
+      if _COPY_CALLS:
+        raise ValueError(f"{name} ran inside a transform of the model's forward pass (e.g."
+                         f" an nnx.jit-decorated __call__), on a copy of the model that"
+                         f" adaround cannot observe. {_EAGER_ONLY}")
+      raise ValueError(f"{name} was not called eagerly by the model's forward pass,"
+                       " model(batch). If the model's __call__ (or the part that calls the"
+                       f" layer) is wrapped in nnx.jit / jax.jit: {_EAGER_ONLY} Otherwise the"
+                       " forward pass does not call this layer.")
+  shapes = {tuple(chunk.shape[1:]) for chunk in chunks}
+  if len(shapes) > 1:
+    what = "outputs" if output else "inputs"
+    raise ValueError(f"the {what} of {name} have different shapes across the calibration"
+                     f" batches ({', '.join(str(shape) for shape in sorted(shapes))} per"
+                     " example): give calibration batches of one shape.")
   return jnp.concatenate(chunks, axis=0)
 
 
@@ -695,6 +722,14 @@ def _calibration_list(calibration_batches) -> list:
       batches.append(batch)
   if not batches:
     raise ValueError("`calibration_batches` is empty: AdaRound needs calibration inputs.")
+  shapes = [tuple(batch.shape[1:]) for batch in batches]
+  for index, shape in enumerate(shapes):
+    if shape != shapes[0]:
+      raise ValueError(
+          f"the calibration batches must have one shape apart from their size: batch 0 has"
+          f" examples of shape {shapes[0]}, batch {index} of shape {shape} (batch shapes"
+          f" {tuple(batches[0].shape)} and {tuple(batches[index].shape)}). Layer inputs are"
+          " concatenated over the batches, so resize or split them to one example shape.")
   return batches
 
 
@@ -913,7 +948,9 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
 
   Raises:
     ValueError: for bad bits, a model without trquant layer, empty calibration
-      data, ``iters < 1`` or other bad hyper-parameters.
+      data or calibration batches of different example shapes, a model whose
+      layers do not run eagerly (an ``nnx.jit``-decorated ``__call__``),
+      ``iters < 1`` or other bad hyper-parameters.
 
   Example:
     >>> import jax, jax.numpy as jnp, trquant
@@ -946,8 +983,8 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
       if bar is not None:
         bar.set_postfix_str(name)
       start = time.perf_counter()
-      x_q = _capture(work, work_layer, batches, output=False)
-      y_fp = _capture(fp, fp_layer, batches, output=True)
+      x_q = _capture(work, work_layer, batches, output=False, name=f"layer {name}")
+      y_fp = _capture(fp, fp_layer, batches, output=True, name=f"layer {name}")
       captured = time.perf_counter()
       apply_fn = _layer_apply_fn(fp_layer)
       kernel = fp_layer.kernel.get_value()

@@ -5,7 +5,10 @@ latent float weights. :func:`to_integer` turns each quantized weight into an
 :class:`IntegerTensor` (codes packed eight 1-bit, four 2-bit or two 4-bit codes
 per byte; one code per ``int8``/``uint8`` byte up to 8 bits, 16-bit above), and
 :func:`from_integer` turns it back into exactly the values the forward pass
-used (``fake_quant``'s output, bit for bit).
+used (``fake_quant``'s output, bit for bit). :func:`save_integer` and
+:func:`read_integer` write and read an exported tree as one ``.npz`` file, and
+:func:`load_integer` puts an exported NNX model back into a model of the same
+architecture: kernels, weight scales and every other parameter, exactly.
 
     >>> import jax.numpy as jnp, trquant
     >>> w = jnp.array([[0.31, -0.52], [0.05, 0.9]])
@@ -20,7 +23,10 @@ used (``fake_quant``'s output, bit for bit).
 from __future__ import annotations
 
 import dataclasses
+import json
 import numbers
+import os
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +34,8 @@ import numpy as np
 
 from trquant import quantizers
 
-__all__ = ["IntegerTensor", "from_integer", "nbytes", "to_integer"]
+__all__ = ["IntegerTensor", "from_integer", "load_integer", "nbytes", "read_integer",
+           "save_integer", "to_integer"]
 
 # Bit widths whose codes are packed several to a byte.
 _PACKED_BITS = (1, 2, 4)
@@ -164,7 +171,9 @@ def to_integer(params, scales=None, *, bits=None, signed: bool = True, narrow: b
 
   Raises:
     ValueError: if ``scales`` does not match ``params``' structure (the message
-      names the path), ``bits`` is missing or invalid, or a scale is not positive.
+      names the path), ``bits`` is missing or invalid, a scale is not positive, or
+      an NNX model has no trquant layer with quantized weights (nothing would be
+      exported as integers: build it from :mod:`trquant.nnx` layers).
   """
   from flax import nnx  # the NNX layers are optional for plain pytrees
 
@@ -204,10 +213,9 @@ def _model_to_integer(model):
 
   from trquant import nnx as tq_nnx
 
+  layers = tq_nnx._require_quant_layers(model, "to_integer", quantized_weights=True)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
-  for path, layer in tq_nnx._quant_layers(model):
-    if layer.kernel.bits is None:
-      continue
+  for path, layer in layers:
     node = state
     for key in path:
       node = node[key]
@@ -222,8 +230,10 @@ def from_integer(tree):
   """Float weights of an exported tree: every :class:`IntegerTensor` dequantized.
 
   The values equal the quantized model's forward-pass weights (``fake_quant``
-  of the latent weights) exactly. Load them into an NNX model with
-  ``nnx.update(model, from_integer(exported))`` (a nested dict updates values only).
+  of the latent weights) exactly. The scales are not kept: to put an exported NNX
+  model back into a model, use :func:`load_integer`, which restores the kernels and
+  the weight scales (``nnx.update(model, from_integer(exported))`` would leave the
+  model's own scales in place and quantize the kernels onto the wrong grid).
 
   Args:
     tree: the output of :func:`to_integer` (or any tree with IntegerTensor leaves).
@@ -239,3 +249,245 @@ def nbytes(tree) -> int:
   """Bytes of the arrays in a (possibly exported) tree: codes, scales and float leaves."""
   return sum(int(np.asarray(leaf).nbytes) for leaf in jax.tree.leaves(tree))
 
+
+
+# ---------------------------------------------------------------------------------------
+# Loading into a model, and files
+# ---------------------------------------------------------------------------------------
+
+
+def load_integer(model, exported) -> list[tuple]:
+  """Puts an exported NNX model back into a model of the same architecture, exactly.
+
+  For every quantized layer, the kernel becomes the dequantized codes and the
+  weight scale (frozen or learned) the exported scale, so the forward pass
+  quantizes each kernel onto exactly the exported grid and gives bit for bit the
+  outputs of the model that was exported; every other parameter and BatchNorm
+  statistic (biases, activation scales, running means) is copied as well. Values
+  only: the layers keep their metadata. ``nnx.update(model, from_integer(exported))``
+  is not enough: it leaves the model's own weight scales in place.
+
+  Args:
+    model: an NNX model built like the exported one (same layers, bit widths and
+      per-channel settings), e.g. freshly initialised in a new process.
+    exported: the output of :func:`to_integer` on such a model, or of
+      :func:`read_integer`, or the path of a file written by :func:`save_integer`.
+
+  Returns:
+    The paths loaded, as tuples of keys.
+
+  Raises:
+    ValueError: if the model has no trquant layer with quantized weights, an entry
+      is missing on either side, or a shape, bit width or grid differs (the message
+      names the path).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> def make(seed):
+    ...   return nnx.Sequential(trquant.nnx.QuantLinear(8, 4, weight_bits=4, rngs=nnx.Rngs(seed)))
+    >>> model, x = make(0), jnp.ones((2, 8))
+    >>> exported = trquant.export.to_integer(model)
+    >>> fresh = make(1)                       # other weights and other scales
+    >>> _ = trquant.export.load_integer(fresh, exported)
+    >>> bool(jnp.all(fresh(x) == model(x)))
+    True
+  """
+  from flax import nnx
+
+  from trquant import nnx as tq_nnx
+
+  if isinstance(exported, (str, os.PathLike)):
+    exported = read_integer(exported)
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
+  layers = tq_nnx._require_quant_layers(model, "load_integer", quantized_weights=True)
+  if not isinstance(exported, Mapping):
+    raise ValueError("`exported` must be the nested dict that to_integer(model) returns (or"
+                     f" read_integer reads), got {type(exported).__name__}.")
+  entries = dict(_flat_entries(exported))
+  targets = {tuple(path): variable for path, variable in nnx.to_flat_state(
+      nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
+  name = tq_nnx._path_name
+  # The weight scales of quantized layers travel inside their IntegerTensor.
+  carried = {}
+  for path, layer in layers:
+    kernel_path = path + ("kernel",)
+    tensor = entries.get(kernel_path)
+    if not _is_exported(tensor):
+      found = "nothing" if tensor is None else f"a {type(tensor).__name__}"
+      raise ValueError(f"{name(kernel_path)}: the model quantizes this kernel to"
+                       f" {layer.kernel.bits} bits, but the export holds {found} there, not"
+                       " an IntegerTensor. Was it exported (to_integer) from a model with the"
+                       " same layers and bit widths?")
+    kernel = layer.kernel
+    grid = (kernel.bits, kernel.signed, kernel.narrow)
+    if (tensor.bits, tensor.signed, tensor.narrow) != grid:
+      raise ValueError(f"{name(kernel_path)}: exported with bits={tensor.bits},"
+                       f" signed={tensor.signed}, narrow={tensor.narrow}; the model's layer has"
+                       f" bits={grid[0]}, signed={grid[1]}, narrow={grid[2]}. Build the model"
+                       " with the bit widths it was exported with.")
+    _check_shape(kernel_path, tensor.shape, kernel.get_value(), name)
+    _check_shape(path + ("weight_scale",), np.shape(tensor.scale),
+                 layer.weight_scale.get_value(), name, hint=" (per-channel vs per-tensor?)")
+    carried[kernel_path] = (tensor, layer)
+    targets.pop(path + ("weight_scale",), None)
+  unknown = [name(path) for path in entries if path not in targets]
+  if unknown:
+    raise ValueError(f"the export has {unknown[:5]} ({len(unknown)} in all), which the model"
+                     " lacks; was it exported from the same architecture?")
+  missing = [name(path) for path in targets if path not in entries]
+  if missing:
+    raise ValueError(f"the model has {missing[:5]} ({len(missing)} in all), which the export"
+                     " lacks; was it exported from the same architecture?")
+  plain = [(path, value) for path, value in entries.items() if path not in carried]
+  for path, value in plain:  # every check before the first change to the model
+    if _is_exported(value):
+      raise ValueError(f"{name(path)}: the export holds integer codes here, but the model's"
+                       " layer keeps this weight in full precision (weight_bits=None).")
+    _check_shape(path, np.shape(value), targets[path].get_value(), name)
+  for path, value in plain:
+    target = targets[path]
+    target.set_value(jnp.asarray(value, target.get_value().dtype))
+  for path, (tensor, layer) in carried.items():
+    layer.kernel.set_value(tensor.dequantize().astype(layer.kernel.get_value().dtype))
+    layer.weight_scale.set_value(
+        jnp.asarray(tensor.scale, layer.weight_scale.get_value().dtype))
+  return list(entries)
+
+
+def _check_shape(path, shape, target, name, hint: str = "") -> None:
+  if tuple(shape) != tuple(np.shape(target)):
+    raise ValueError(f"{name(path)}: exported shape {tuple(shape)}, model shape"
+                     f" {tuple(np.shape(target))}{hint}.")
+
+
+def _flat_entries(tree, prefix=()):
+  """(path, leaf) pairs of a nested mapping, with IntegerTensors as leaves."""
+  for key, value in tree.items():
+    path = prefix + (key,)
+    if isinstance(value, Mapping):
+      yield from _flat_entries(value, path)
+    else:
+      yield path, value
+
+
+_FILE_FORMAT = "trquant.export"
+_FILE_VERSION = 1
+_HEADER = "__trquant_export__"
+
+
+def save_integer(path, exported) -> None:
+  """Writes an exported tree to one ``.npz`` file (no pickle), for :func:`read_integer`.
+
+  Packed codes, scales and float leaves are stored as arrays; the tree's structure
+  (nested dicts with string or integer keys, lists, tuples, None) and each
+  :class:`IntegerTensor`'s grid, shape and dtype as a JSON header. The file is
+  written at ``path`` as given.
+
+  Args:
+    path: the file to write (str or path-like).
+    exported: the output of :func:`to_integer`.
+
+  Raises:
+    ValueError: if the tree holds something other than IntegerTensors, arrays,
+      numbers, None, dicts, lists and tuples (the message names the path).
+
+  Example:
+    >>> import os, tempfile, jax.numpy as jnp, trquant
+    >>> exported = trquant.export.to_integer({"w": jnp.array([0.3, -0.6])}, {"w": 0.25}, bits=2)
+    >>> path = os.path.join(tempfile.mkdtemp(), "weights.npz")
+    >>> trquant.export.save_integer(path, exported)
+    >>> trquant.export.from_integer(trquant.export.read_integer(path))["w"]
+    Array([ 0.25, -0.5 ], dtype=float32)
+  """
+  arrays = {}
+
+  def store(value) -> dict:
+    value = np.asarray(value)
+    key = f"a{len(arrays)}"
+    if np.dtype(value.dtype.str) != value.dtype:
+      # e.g. bfloat16 (ml_dtypes): stored as its bits, with the dtype name in the header.
+      arrays[key] = value.view(f"uint{8 * value.dtype.itemsize}")
+    else:
+      arrays[key] = value
+    return {"key": key, "dtype": value.dtype.name}
+
+  def encode(node, where):
+    if _is_exported(node):
+      return {"integer": {"data": store(node.data), "scale": store(node.scale),
+                          "bits": node.bits, "signed": node.signed, "narrow": node.narrow,
+                          "shape": list(node.shape), "dtype": node.dtype,
+                          "zero_point": node.zero_point}}
+    if node is None:
+      return {"none": True}
+    if isinstance(node, Mapping):
+      items = []
+      for key, value in node.items():
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+          raise ValueError(f"{where or '<root>'}: dict keys must be str or int to be saved, got"
+                           f" {key!r}.")
+        items.append([key, encode(value, f"{where}/{key}")])
+      return {"dict": items}
+    if isinstance(node, (list, tuple)):
+      kind = "list" if isinstance(node, list) else "tuple"
+      return {kind: [encode(value, f"{where}/{i}") for i, value in enumerate(node)]}
+    if isinstance(node, (jax.Array, np.ndarray, np.generic, numbers.Number)):
+      return {"array": store(node)}
+    raise ValueError(f"{where or '<root>'}: cannot save a {type(node).__name__}; save_integer"
+                     " stores IntegerTensors, arrays, numbers and None in dicts, lists and"
+                     " tuples (the output of to_integer).")
+
+  header = {"format": _FILE_FORMAT, "version": _FILE_VERSION, "tree": encode(exported, "")}
+  arrays[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def read_integer(path):
+  """Reads a file written by :func:`save_integer`: the exported tree, as it was saved.
+
+  Args:
+    path: the file (str or path-like).
+
+  Returns:
+    The tree, with :class:`IntegerTensor` leaves (jax arrays inside) and jax arrays
+    for the float leaves. Pass it to :func:`load_integer` (an NNX model) or
+    :func:`from_integer` (float weights).
+
+  Raises:
+    ValueError: if the file was not written by :func:`save_integer`.
+  """
+  with np.load(path, allow_pickle=False) as data:
+    if _HEADER not in data.files:
+      raise ValueError(f"{os.fspath(path)} was not written by trquant.export.save_integer"
+                       " (it has no trquant header).")
+    header = json.loads(data[_HEADER].tobytes().decode("utf-8"))
+    if header.get("format") != _FILE_FORMAT or header.get("version") != _FILE_VERSION:
+      raise ValueError(f"{os.fspath(path)}: unknown format {header.get('format')!r} version"
+                       f" {header.get('version')!r}.")
+    arrays = {key: data[key] for key in data.files if key != _HEADER}
+
+  def load(entry):
+    value = arrays[entry["key"]]
+    dtype = jnp.dtype(entry["dtype"])
+    return jnp.asarray(value.view(dtype) if value.dtype != dtype else value)
+
+  def decode(node):
+    if "integer" in node:
+      spec = node["integer"]
+      return IntegerTensor(data=load(spec["data"]), scale=load(spec["scale"]), bits=spec["bits"],
+                           signed=spec["signed"], narrow=spec["narrow"],
+                           shape=tuple(spec["shape"]), dtype=spec["dtype"],
+                           zero_point=spec["zero_point"])
+    if "none" in node:
+      return None
+    if "dict" in node:
+      return {key: decode(value) for key, value in node["dict"]}
+    if "list" in node:
+      return [decode(value) for value in node["list"]]
+    if "tuple" in node:
+      return tuple(decode(value) for value in node["tuple"])
+    return load(node["array"])
+
+  return decode(header["tree"])

@@ -8,7 +8,8 @@
   ``nnx.Optimizer(..., wrt=nnx.Param)`` never moves it) or :class:`LearnedWeightScale`
   (an ``nnx.Param``); activation scales are :class:`ActScale` (an ``nnx.Param``).
 * :func:`codes_fn` and :func:`param_labels` turn a model into the ``codes_fn`` of
-  :func:`trquant.tr_schedule` and the label tree of ``optax.partition``;
+  :func:`trquant.tr_schedule` and the label tree of ``optax.partition`` (or
+  :func:`partition`, which also takes labels held in ``nnx.Variable`` objects);
   :func:`scales_fn` gives the ``scale_fn`` of :func:`trquant.freeze_oscillations`
   and :func:`dampening_loss` the model's oscillation-dampening loss.
 * :func:`calibrate_activations`, :func:`init_weight_scales` and
@@ -31,7 +32,7 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import jax
@@ -57,6 +58,7 @@ __all__ = [
     "load_float_weights",
     "oscillation_stats",
     "param_labels",
+    "partition",
     "reestimate_batchnorm",
     "scales_fn",
     "transition_stats",
@@ -327,32 +329,70 @@ def _state_path(path) -> tuple:
   return keys
 
 
-@dataclasses.dataclass(frozen=True)
-class _KernelCodes:
-  scale: Any
-  bits: int
+_BUILD_WITH_TRQUANT_LAYERS = (
+    "Build the model from trquant.nnx layers: trquant.nnx.QuantLinear in place of nnx.Linear"
+    " and trquant.nnx.QuantConv in place of nnx.Conv (same constructor plus weight_bits and"
+    " act_bits)."
+)
 
-  def __call__(self, kernel):
-    return quantizers.quantize(kernel, self.scale, bits=self.bits)
+
+def _require_quant_layers(model, purpose: str, *, quantized_weights: bool = False) -> list:
+  """The model's trquant layers (with quantized weights if asked); a ValueError saying
+  what to do when there are none, so that `purpose` does not silently do nothing."""
+  layers = _quant_layers(model)
+  if not layers:
+    raise ValueError(f"{purpose}: the model has no trquant.nnx layer (QuantLinear /"
+                     f" QuantConv), so there is nothing to work on. {_BUILD_WITH_TRQUANT_LAYERS}")
+  if quantized_weights:
+    layers = [(path, layer) for path, layer in layers if layer.kernel.bits is not None]
+    if not layers:
+      raise ValueError(f"{purpose}: the model has no quantized weights (every trquant.nnx"
+                       " layer has weight_bits=None), so there is nothing to work on. Build the"
+                       " layers with weight_bits set (e.g. weight_bits=4).")
+  return layers
 
 
 def _frozen_scale_kernels(model, purpose: str) -> dict:
   """{kernel path in the params tree: layer} of every quantized layer; they must have
   frozen weight scales (``weight_quantizer="fixed"``), which `purpose` needs."""
   kernels = {}
-  for path, layer in _quant_layers(model):
-    if layer.kernel.bits is None:
-      continue
-    if layer.weight_quantizer != "fixed":
-      raise ValueError(
-          f"layer {'/'.join(map(str, path)) or '<root>'} learns its weight scale"
-          f" (weight_quantizer='lsq'); {purpose} needs frozen weight scales. Build the"
-          " model with weight_quantizer='fixed'."
-      )
+  for path, layer in _require_quant_layers(model, purpose, quantized_weights=True):
+    _check_frozen_scale(path, layer, purpose)
     kernels[path + ("kernel",)] = layer
-  if not kernels:
-    raise ValueError("the model has no quantized trquant.nnx layer (weight_bits set).")
   return kernels
+
+
+def _check_frozen_scale(path, layer, purpose: str) -> None:
+  name = _path_name(path) or "<root>"
+  if layer.kernel.bits is None:
+    raise ValueError(f"layer {name} no longer quantizes its weights (weight_bits=None);"
+                     f" {purpose} needs quantized weights with frozen scales. Make the"
+                     " codes_fn / scales_fn again after changing the model's layers.")
+  if layer.weight_quantizer != "fixed":
+    raise ValueError(
+        f"layer {name} learns its weight scale (weight_quantizer='lsq'); {purpose} needs"
+        " frozen weight scales. Build the model with weight_quantizer='fixed'."
+    )
+
+
+class _ModelScales:
+  """The frozen weight scales of a model's quantized layers, read when they are needed.
+
+  The layers are held, not their scales' values: whatever sets a scale later (an orbax
+  restore with ``nnx.update``, :func:`init_weight_scales`,
+  :func:`trquant.export.load_integer`) is seen by the next call.
+  """
+
+  def __init__(self, model, purpose: str):
+    self.purpose = purpose
+    self.layers = _frozen_scale_kernels(model, purpose)
+
+  def layer(self, params_path):
+    return self.layers.get(_state_path(params_path))
+
+  def scale(self, kernel_path, layer):
+    _check_frozen_scale(kernel_path[:-1], layer, self.purpose)
+    return layer.weight_scale.get_value()
 
 
 def codes_fn(model) -> Callable[[Any], Any]:
@@ -361,21 +401,44 @@ def codes_fn(model) -> Callable[[Any], Any]:
   The function maps the params that ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
   passes to the transform (an ``nnx.State``; also under ``optax.partition``) to a
   tree of the same structure: the integer codes of every quantized kernel, None
-  elsewhere. The frozen weight scales are captured now, by value: call it after
-  the scales are final (e.g. after :func:`init_weight_scales`).
+  elsewhere.
+
+  The frozen weight scales are read from the model's layers each time the function
+  is called, not when it is made: an optimizer built before the scales are set (an
+  orbax restore with ``nnx.update``, :func:`init_weight_scales`,
+  :func:`trquant.export.load_integer`) uses the new ones. Inside ``nnx.jit`` /
+  ``jax.jit`` they are read when the step is traced and then stay fixed in that
+  trace, as any value a jitted function reads from outside its arguments: change the
+  scales before the first call of a jitted train step, or, if a step already ran
+  (an in-process restore), trace it again (call ``jax.clear_caches()``, or wrap the
+  step function in a new ``nnx.jit``).
 
   Raises:
-    ValueError: if a quantized layer learns its weight scale (``weight_quantizer="lsq"``):
-      TR scheduling needs frozen weight scales, since a moving scale changes codes
-      without any weight update. Use ``weight_quantizer="fixed"``.
+    ValueError: if the model has no trquant layer with quantized weights (build it
+      from :class:`QuantLinear` / :class:`QuantConv`), or a quantized layer learns its
+      weight scale (``weight_quantizer="lsq"``): TR scheduling needs frozen weight
+      scales, since a moving scale changes codes without any weight update. Use
+      ``weight_quantizer="fixed"``.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+    >>> codes_fn = trquant.nnx.codes_fn(model)
+    >>> params = trquant.nnx.values(nnx.state(model, nnx.Param))
+    >>> model.layers[0].weight_scale.set_value(jnp.float32(1e3))  # e.g. restored later
+    >>> codes_fn(params)["layers"][0]["kernel"].max()  # every weight rounds to 0 now
+    Array(0., dtype=float32)
   """
-  kernels = {path: _KernelCodes(jnp.asarray(layer.weight_scale.get_value()), layer.kernel.bits)
-             for path, layer in _frozen_scale_kernels(model, "TR scheduling").items()}
+  scales = _ModelScales(model, "TR scheduling")
 
   def model_codes_fn(params):
     def leaf_codes(path, leaf):
-      codes = kernels.get(_state_path(path))
-      return None if codes is None else codes(leaf)
+      layer = scales.layer(path)
+      if layer is None:
+        return None
+      return quantizers.quantize(leaf, scales.scale(_state_path(path), layer),
+                                 bits=layer.kernel.bits)
 
     return jax.tree_util.tree_map_with_path(leaf_codes, params)
 
@@ -389,17 +452,23 @@ def scales_fn(model) -> Callable[[Any], Any]:
   that ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes, also under
   ``optax.partition``) with every quantized kernel's frozen step size (a scalar,
   or a keep-dims array for per-channel scales) and None elsewhere, so that the
-  bin centre of code ``c`` is ``c * scale``. The scales are captured now, by value.
+  bin centre of code ``c`` is ``c * scale``. As for :func:`codes_fn`, the scales
+  are read from the model's layers each time the function is called (inside a
+  jitted step: when it is traced).
 
   Raises:
-    ValueError: if a quantized layer learns its weight scale (``weight_quantizer="lsq"``):
-      a moving scale would move frozen weights off their grid points.
+    ValueError: if the model has no trquant layer with quantized weights, or a
+      quantized layer learns its weight scale (``weight_quantizer="lsq"``): a moving
+      scale would move frozen weights off their grid points.
   """
-  scales = {path: jnp.asarray(layer.weight_scale.get_value())
-            for path, layer in _frozen_scale_kernels(model, "freezing").items()}
+  scales = _ModelScales(model, "freezing")
 
   def model_scales_fn(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: scales.get(_state_path(path)), params)
+    def leaf_scale(path, _):
+      layer = scales.layer(path)
+      return None if layer is None else scales.scale(_state_path(path), layer)
+
+    return jax.tree_util.tree_map_with_path(leaf_scale, params)
 
   return model_scales_fn
 
@@ -491,13 +560,16 @@ def dampening_loss(model, *, aggregation: str = "kernel_mean"):
     loss = task_loss + lam(step) * trquant.nnx.dampening_loss(model)
 
   Returns:
-    A float32 scalar (0 for a model without quantized layers).
+    A float32 scalar.
+
+  Raises:
+    ValueError: if the model has no trquant layer with quantized weights (the loss
+      would be a constant 0): build it from :class:`QuantLinear` / :class:`QuantConv`
+      with ``weight_bits`` set.
   """
   total = jnp.zeros([], jnp.float32)
-  for _, layer in _quant_layers(model):
+  for _, layer in _require_quant_layers(model, "dampening_loss", quantized_weights=True):
     kernel = layer.kernel
-    if kernel.bits is None:
-      continue
     total = total + oscillations.dampening_loss(
         kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
         signed=kernel.signed, narrow=kernel.narrow, aggregation=aggregation)
@@ -517,6 +589,12 @@ def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
     An ``nnx.State`` with the structure of ``nnx.state(model, wrt)`` holding
     ``quant_label`` for :class:`QuantWeight` variables with ``bits`` set and
     ``float_label`` for the rest (biases, BatchNorm, learned scales, FP layers).
+    Its leaves are the labels themselves, as ``optax.partition`` needs them: a
+    label tree made from ``nnx.state(model, ...)`` by ``jax.tree.map`` keeps the
+    ``nnx.Variable`` around each label and fails inside the optimizer's update with
+    a pytree-structure error (``Param`` against an array or a tracer). Make other
+    labels from this tree (``jax.tree.map(f, param_labels(model))``), or pass such a
+    tree to :func:`partition`, which unwraps the Variables.
   """
   state = nnx.state(model, wrt)
 
@@ -526,6 +604,55 @@ def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
     return float_label
 
   return jax.tree.map(label, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def partition(transforms, labels, *, wrt=nnx.Param) -> optax.GradientTransformationExtraArgs:
+  """``optax.partition`` for an NNX model's parameters; labels may be held in Variables.
+
+  ``optax.partition`` needs a label tree whose leaves are the labels. A tree made
+  from ``nnx.state(model, nnx.Param)`` (e.g. by ``jax.tree.map``) keeps an
+  ``nnx.Variable`` around each label, and ``optax.partition`` then fails inside the
+  update with a pytree-structure error (``Param`` against an array or a tracer).
+  This unwraps such Variables, and labels a model with :func:`param_labels`.
+
+  Args:
+    transforms: ``{label: transform}``, as for ``optax.partition``.
+    labels: an NNX model (labelled by :func:`param_labels` with ``wrt``), a label
+      tree with the structure of ``nnx.state(model, wrt)`` whose leaves are labels or
+      ``nnx.Variable`` objects holding labels, or a callable ``params -> such a tree``.
+    wrt: the filter passed to ``nnx.Optimizer``, used when ``labels`` is a model.
+
+  Returns:
+    ``optax.partition(transforms, plain_labels)``.
+
+  Raises:
+    ValueError: if a label has no transform in ``transforms``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+    >>> labels = jax.tree.map(lambda _: "sgd", nnx.state(model, nnx.Param))  # Variables
+    >>> optimizer = nnx.Optimizer(model, trquant.nnx.partition({"sgd": optax.sgd(0.1)}, labels),
+    ...                           wrt=nnx.Param)
+    >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 4))).sum())(model)
+    >>> _ = optimizer.update(model, grads)
+  """
+  if not isinstance(transforms, Mapping) or not transforms:
+    raise ValueError(f"`transforms` must be a non-empty dict {{label: transform}}, got"
+                     f" {transforms!r}.")
+  if isinstance(labels, nnx.Module):
+    labels = param_labels(labels, wrt=wrt)
+  if callable(labels) and not isinstance(labels, nnx.State):
+    label_fn = labels
+    return optax.partition(transforms, lambda params: values(label_fn(params)))
+  labels = values(labels)
+  missing = sorted({str(label) for label in jax.tree.leaves(labels)} - set(map(str, transforms)))
+  if missing:
+    raise ValueError(f"the labels {missing} have no transform; `transforms` has"
+                     f" {sorted(map(str, transforms))}. Give each label a transform (labels"
+                     " made by trquant.nnx.param_labels are 'quant' and 'float').")
+  return optax.partition(transforms, labels)
 
 
 def load_float_weights(model, source) -> list[tuple]:
@@ -582,8 +709,13 @@ def init_weight_scales(model, *, method: Optional[str] = None) -> None:
 
   Call after loading full-precision weights into a quantized model (QAT starts
   from an FP checkpoint). ``method`` defaults to each layer's ``scale_method``.
+  Layers with full-precision weights (``weight_bits=None``) are left as they are.
+
+  Raises:
+    ValueError: if the model has no trquant layer (:class:`QuantLinear` /
+      :class:`QuantConv`): there would be no scale to set.
   """
-  for _, layer in _quant_layers(model):
+  for _, layer in _require_quant_layers(model, "init_weight_scales"):
     if layer.kernel.bits is not None:
       layer.weight_scale.set_value(layer._initial_weight_scale(
           layer.kernel.get_value(), method or layer.scale_method))
@@ -593,8 +725,13 @@ def calibrate_activations(model, *args, **kwargs):
   """Sets each quantized input's LSQ scale to ``2 * mean(|x|) / sqrt(hi)`` on a batch.
 
   Runs ``model(*args, **kwargs)`` eagerly once with calibration on, and returns its output.
+  Layers with full-precision inputs (``act_bits=None``) are left as they are.
+
+  Raises:
+    ValueError: if the model has no trquant layer (:class:`QuantLinear` /
+      :class:`QuantConv`): there would be no activation scale to set.
   """
-  layers = [layer for _, layer in _quant_layers(model)]
+  layers = [layer for _, layer in _require_quant_layers(model, "calibrate_activations")]
   for layer in layers:
     layer.calibrating = True
   try:

@@ -28,7 +28,8 @@ import numpy as np
 import optax
 
 from trquant import quantizers
-from trquant.tr_schedule import _flatten_like, _match_codes, _path_str
+from trquant.tr_schedule import (_check_integer_codes, _concrete_codes, _flatten_like,
+                                 _match_codes, _path_str)
 
 CodesFn = Callable[[Any], Any]
 ScaleFn = Callable[[Any], Any]
@@ -38,6 +39,7 @@ FREQUENCY_ONE = 65535
 # The EMA of a weight's integer code is int16 fixed point in units of 1 / CODE_EMA_ONE,
 # which holds codes in [-128, 127] (signed grids up to 8 bits).
 CODE_EMA_ONE = 256
+CODE_EMA_RANGE = (-128, 127)  # codes the int16 EMA holds: signed grids up to 8 bits
 DEFAULT_OSCILLATING_THRESHOLD = 0.005
 # Stochastic rounding draws from fixed keys folded with the step: runs are reproducible
 # and a restored state continues bit-identically.
@@ -319,7 +321,8 @@ def track_oscillations(
     codes_fn: ``params -> tree`` of the integer codes of each quantized weight,
       with the structure of ``params`` (or a prefix of it) and ``None`` for leaves
       that are not quantized, as for :func:`trquant.tr_schedule` (e.g.
-      ``trquant.nnx.codes_fn(model)``). It must be jit-traceable.
+      ``trquant.nnx.codes_fn(model)``). It must be jit-traceable. ``init`` checks
+      that the codes of the initial params are integers.
     momentum: ``m`` of the frequency EMA, in ``(0, 1]``.
     threshold: a weight counts as oscillating when ``f > threshold``; in ``(0, 1]``.
 
@@ -330,7 +333,8 @@ def track_oscillations(
 
   Raises:
     ValueError: on invalid arguments, when ``params`` is not passed to
-      ``update``, or when ``codes_fn(params)`` does not match ``params``.
+      ``update``, or when ``codes_fn(params)`` does not match ``params`` or returns
+      non-integer codes at ``init``.
 
   References:
     Nagel et al., `Overcoming Oscillations in Quantization-Aware Training
@@ -357,7 +361,10 @@ def track_oscillations(
   def init_fn(params):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
-    layout = _layout(jax.eval_shape(codes_fn, params), params, name)
+    codes, concrete = _concrete_codes(codes_fn, params)
+    layout = _layout(codes, params, name)
+    if concrete:
+      _check_integer_codes(layout.codes_def, codes, layout.quantized)
     return _init_tracker(layout, params)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -526,6 +533,13 @@ def freeze_oscillations(
   stochastically rounded like the frequency, so codes must lie in ``[-128, 127]``:
   signed grids up to 8 bits), and a bool frozen flag.
 
+  Checks: ``init`` raises if the initial codes are not integers or lie outside
+  ``[-128, 127]`` (e.g. a 10-bit or an unsigned 8-bit grid), or if a concrete
+  scale from ``scale_fn`` is not positive and finite; an ``update`` called with
+  concrete values (not traced) checks the codes' range too. Inside ``jax.jit``
+  nothing can raise: there a weight whose code is outside ``[-128, 127]`` is never
+  frozen (its code EMA saturates, so freezing would pin it at the wrong code).
+
   Non-finite updates: a quantized leaf whose incoming update has a NaN or inf
   keeps its tracker and EMA state for the step (freezing decisions, which come
   from the previous state, still apply); frozen weights still get their (finite)
@@ -561,8 +575,8 @@ def freeze_oscillations(
 
   Raises:
     ValueError: on invalid arguments, when ``params`` is not passed to
-      ``update``, or when ``codes_fn(params)`` or ``scale_fn(params)`` does not
-      match ``params``.
+      ``update``, when ``codes_fn(params)`` or ``scale_fn(params)`` does not
+      match ``params``, or on the value checks listed above.
 
   References:
     Nagel et al., `Overcoming Oscillations in Quantization-Aware Training
@@ -605,8 +619,14 @@ def freeze_oscillations(
   def init_fn(params):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
-    layout = _layout(jax.eval_shape(codes_fn, params), params, name)
-    _match_scales(jax.eval_shape(scale_fn, params), layout)
+    codes_tree, concrete = _concrete_codes(codes_fn, params)
+    layout = _layout(codes_tree, params, name)
+    if concrete:
+      _check_integer_codes(layout.codes_def, codes_tree, layout.quantized)
+      _check_code_range(layout, codes_tree)
+      _match_scales(scale_fn(params), layout)
+    else:
+      _match_scales(jax.eval_shape(scale_fn, params), layout)
     codes = _split(layout, layout.codes_def.flatten_up_to(codes_fn(params)))
     layers = len(codes)
     return FreezeOscillationsState(
@@ -623,6 +643,7 @@ def freeze_oscillations(
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
     codes_tree = codes_fn(params)
     layout = _layout(codes_tree, params, name)
+    _check_code_range(layout, codes_tree)  # concrete codes only (an update outside jit)
     scales = _match_scales(scale_fn(params), layout)
     step = state.tracker.osc_step
     threshold_now = threshold_at(step)
@@ -643,7 +664,9 @@ def freeze_oscillations(
         continue
       frequency, ema = next(frequencies), next(emas)
       frozen, scale = next(frozen_masks), next(scale_iter)
-      newly = ~frozen & (frequency.astype(jnp.float32) > limit)
+      # A code outside the EMA's range cannot be frozen at its own value: leave it.
+      representable = (code >= CODE_EMA_RANGE[0]) & (code <= CODE_EMA_RANGE[1])
+      newly = ~frozen & (frequency.astype(jnp.float32) > limit) & representable
       frozen = frozen | newly
       ema_code = jnp.round(ema.astype(jnp.float32) / CODE_EMA_ONE)
       # A weight frozen earlier sits on its grid point: its own code is the frozen one.
@@ -688,6 +711,27 @@ def _code_units(codes):
   return jnp.clip(units, -32768, 32767).astype(jnp.int16)
 
 
+def _check_code_range(layout: _Layout, codes) -> None:
+  """Raises a ValueError naming the first quantized leaf whose (concrete) codes lie
+  outside the range the int16 code EMA holds; traced codes are not checked."""
+  lo, hi = CODE_EMA_RANGE
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      layout.codes_def.unflatten(list(range(len(layout.quantized)))))[0]]
+  for path, leaf, q in zip(paths, layout.codes_def.flatten_up_to(codes), layout.quantized):
+    if not q or isinstance(leaf, jax.core.Tracer):
+      continue
+    leaf = jnp.asarray(leaf)
+    outside = jnp.isfinite(leaf) & ((leaf < lo) | (leaf > hi))
+    if bool(jnp.any(outside)):
+      example = float(leaf.reshape(-1)[jnp.argmax(outside.reshape(-1))])
+      raise ValueError(
+          f"codes_fn(params) returned the code {example:g} at {_path_str(path)}, outside"
+          f" [{lo}, {hi}]: freeze_oscillations keeps each weight's code EMA in int16 fixed"
+          " point, which holds signed grids up to 8 bits. Quantize such layers to 8 bits"
+          " or fewer (signed), or leave them out of freezing (None in codes_fn)."
+      )
+
+
 def _match_scales(scales, layout: _Layout) -> list:
   """The scale of each quantized leaf; ValueError naming the path on a mismatch."""
   try:
@@ -715,6 +759,10 @@ def _match_scales(scales, layout: _Layout) -> list:
       raise ValueError(f"scale_fn(params) returned a scale of shape {scale_shape} at"
                        f" {_path_str(path)}, which does not broadcast to the parameter's"
                        f" shape {shape}.")
+    try:  # values can be checked where they are concrete
+      quantizers._check_scale_values(scale, "scale")
+    except ValueError as error:
+      raise ValueError(f"scale_fn(params) at {_path_str(path)}: {error}") from None
     out.append(scale)
   return out
 

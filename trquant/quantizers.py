@@ -92,16 +92,47 @@ def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tupl
   return (-hi if narrow else -hi - 1), hi
 
 
-def _check_scale(x, scale, name: str = "scale"):
-  """Validates `scale` (shape always; value when it is a concrete host number)."""
+def _concrete_values(value) -> Optional[np.ndarray]:
+  """``value`` as a numpy array when it is concrete (a number, numpy or jax array that is
+  not traced and whose shards are all on this host), else None: a traced value can only
+  be checked where it is computed."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  if isinstance(value, jax.Array):
+    if not value.is_fully_addressable:
+      return None
+    return np.asarray(value)
+  if isinstance(value, (numbers.Number, np.ndarray, np.generic)):
+    return np.asarray(value)
+  return None
+
+
+def _check_scale_values(scale, name: str = "scale"):
+  """Raises a ValueError unless a concrete `scale` is positive and finite everywhere."""
   if isinstance(scale, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be a positive number or array, got {scale!r}.")
-  if isinstance(scale, numbers.Number):
-    if not math.isfinite(float(scale)) or float(scale) <= 0:
-      raise ValueError(f"`{name}` must be positive and finite, got {scale!r}.")
-  elif isinstance(scale, np.ndarray):
-    if scale.size and not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
-      raise ValueError(f"`{name}` must be positive and finite everywhere; got min {scale.min()!r}.")
+  values = _concrete_values(scale)
+  if values is not None and values.size:
+    try:
+      values = values.astype(np.float64)
+    except (TypeError, ValueError):
+      raise ValueError(f"`{name}` must be a positive number or array, got dtype"
+                       f" {values.dtype}.") from None
+    bad = ~(np.isfinite(values) & (values > 0))
+    if np.any(bad):
+      first = values.reshape(-1)[np.argmax(bad.reshape(-1))]
+      where = "" if values.ndim == 0 else f" everywhere ({int(bad.sum())} of {values.size} are not)"
+      raise ValueError(f"`{name}` must be positive and finite{where}; got {float(first)!r}.")
+
+
+def _check_scale(x, scale, name: str = "scale"):
+  """Validates `scale`: its shape always, its values when they are concrete.
+
+  Python numbers, numpy arrays and concrete (untraced) jax arrays, such as the output
+  of :func:`init_scale`, must be positive and finite everywhere. A traced scale (inside
+  ``jax.jit``) cannot be checked here.
+  """
+  _check_scale_values(scale, name)
   scale_shape = np.shape(scale)
   x_shape = np.shape(x)
   try:

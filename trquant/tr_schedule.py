@@ -146,6 +146,44 @@ def _flatten_like(codes_def, tree, name: str):
     ) from error
 
 
+def _is_concrete_tree(tree) -> bool:
+  """Whether every leaf of `tree` holds values (not a tracer or a shape struct)."""
+  return all(isinstance(leaf, (np.ndarray, np.generic, numbers.Number))
+             or (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer))
+             for leaf in jax.tree.leaves(tree))
+
+
+def _concrete_codes(codes_fn, params):
+  """``codes_fn(params)`` when params hold values (so the codes can be checked), else its
+  shape structure (``init`` traced, e.g. under ``jax.jit`` or ``jax.eval_shape``)."""
+  if _is_concrete_tree(params):
+    return codes_fn(params), True
+  return jax.eval_shape(codes_fn, params), False
+
+
+def _check_integer_codes(codes_def, codes, quantized) -> None:
+  """Raises a ValueError naming the first quantized leaf of `codes` with a finite,
+  non-integer value (concrete leaves only: traced ones cannot be checked here)."""
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      codes_def.unflatten(list(range(len(quantized)))))[0]]
+  for path, leaf, is_quantized in zip(paths, codes_def.flatten_up_to(codes), quantized):
+    if not is_quantized or isinstance(leaf, jax.core.Tracer):
+      continue
+    leaf = jnp.asarray(leaf)
+    if jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_):
+      continue
+    fractional = jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
+    if bool(jnp.any(fractional)):
+      example = float(leaf.reshape(-1)[jnp.argmax(fractional.reshape(-1))])
+      raise ValueError(
+          f"codes_fn(params) returned non-integer values at {_path_str(path)} (e.g."
+          f" {example!r}): it must return the integer codes of each quantized weight, e.g."
+          " trquant.quantize(w, scale, bits=...), not the weights or their fake-quantized"
+          " values (those change with every update, so every weight would count as a"
+          " transition)."
+      )
+
+
 def _validate_positive(name: str, value, allow_zero: bool = False):
   if isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be a number, got {value!r}.")
@@ -318,12 +356,18 @@ def tr_schedule(
     target_tr: target transition rate, a float in ``[0, 1]``, an optax schedule
       ``step -> rate`` (e.g. ``optax.cosine_decay_schedule(5e-3, total_steps)``),
       or a :func:`measured_target` (R_0 measured from the optimizer's own rate
-      over a warm-up, then decayed to 0: no R_0 to tune).
+      over a warm-up, then decayed to 0: no R_0 to tune). A schedule's value at
+      step 0 is checked by ``init`` (when ``init`` is not traced); later values,
+      computed inside the update, cannot raise and are clipped to ``[0, 1]``.
     codes_fn: ``params -> tree`` of the integer codes of each quantized weight
       (e.g. ``trquant.quantize(w, frozen_scale, bits=2)``), with the structure of
       ``params`` or a prefix of it, and ``None`` for leaves (or subtrees) that are
       not quantized. It must be jit-traceable. Weight scales should be frozen
       (the paper's footnote 2): a moving scale changes codes with no update.
+      ``init`` checks that the codes of the initial params are integers (a
+      ``codes_fn`` returning the weights themselves would count every weight as
+      a transition at every step); codes that happen to be integer-valued, or a
+      ``codes_fn`` that goes wrong only later, cannot be caught.
     controller: ``"log"``, ``"additive"``, ``"momentum"`` or a callable.
     eta: controller gain; None for the controller's default.
     momentum: ``m`` of the running transition rate, in ``[0, 1)``.
@@ -339,7 +383,9 @@ def tr_schedule(
 
   Raises:
     ValueError: on invalid arguments, when ``params`` is not passed to
-      ``update``, or when ``codes_fn(params)`` does not match ``params``.
+      ``update``, when ``codes_fn(params)`` does not match ``params`` or returns
+      non-integer codes at ``init``, or when a schedule's target at step 0 is not
+      in ``[0, 1]``.
 
   References:
     Lee, Jeon, Kim, Ham, `Scheduling Weight Transitions for Quantization-Aware
@@ -389,7 +435,20 @@ def tr_schedule(
 
   def target_at(step):
     value = target_tr(step) if callable(target_tr) else target_tr
-    return jnp.asarray(value, jnp.float32)
+    # A rate is a fraction of weights: a schedule cannot raise inside jit, so clip it.
+    return jnp.clip(jnp.asarray(value, jnp.float32), 0.0, 1.0)
+
+  def check_initial_target():
+    value = target_tr(jnp.zeros([], jnp.int32)) if callable(target_tr) else target_tr
+    if isinstance(value, jax.core.Tracer):
+      return  # init is traced: the schedule cannot be evaluated here
+    value = np.asarray(value, np.float64)
+    if value.shape != () or not (np.isfinite(value) and 0.0 <= value <= 1.0):
+      raise ValueError(
+          f"`target_tr` at step 0 is {value.tolist()!r}: a target transition rate is the"
+          " fraction of quantized weights that change level per step, a scalar in [0, 1]"
+          " (typically 1e-4 to 1e-2). Check the schedule's initial value."
+      )
 
   def measured_target_at(step, initial_rate):
     # The target after the warm-up; during it, the rate measured so far (reported only).
@@ -404,13 +463,18 @@ def tr_schedule(
   def init_fn(params):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
-    _, quantized = _match_codes(jax.eval_shape(codes_fn, params), params)
+    codes, concrete = _concrete_codes(codes_fn, params)
+    codes_def, quantized = _match_codes(codes, params)
     groups = num_groups(quantized)
     if groups == 0:
       raise ValueError(
           "codes_fn(params) marks no leaf as quantized (all None): tr_schedule has nothing"
           " to schedule. Return codes for the quantized weights."
       )
+    if concrete:
+      _check_integer_codes(codes_def, codes, quantized)
+    if not measured:
+      check_initial_target()
     # A measured target starts unknown (0); the running TR then starts from nothing too.
     target = jnp.zeros([], jnp.float32) if measured else target_at(jnp.zeros([], jnp.int32))
     return TransitionRateState(
