@@ -640,3 +640,15 @@ def test_measured_target_under_inject_hyperparams():
 def test_measured_target_invalid_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):
     trquant.measured_target(**kwargs)
+
+
+@pytest.mark.parametrize("measured", [False, True])
+def test_state_can_be_donated(measured):
+  # Every state leaf is its own buffer: a jitted step that donates the state must work.
+  params = _params()
+  tx = _measured_tx() if measured else _tx()
+  step = jax.jit(lambda s, g, p: tx.update(g, s, p)[1], donate_argnums=0)
+  state = tx.init(params)
+  for seed in range(2):
+    state = step(state, _grads(params, seed), params)
+  assert int(optax.tree.get(state, "tr_step")) == 2

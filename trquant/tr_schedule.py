@@ -483,7 +483,7 @@ def tr_schedule(
         measured_transition_rate=jnp.zeros([groups], jnp.float32),
         running_transition_rate=jnp.full([groups], target, jnp.float32),
         talr_multiplier=jnp.full([groups], init_scale, jnp.float32),
-        initial_target_rate=target,
+        initial_target_rate=jnp.copy(target),  # own buffer: donated state must not alias
     )
 
   def update_fn(updates, state, params=None, **extra_args):
