@@ -28,8 +28,7 @@ import numpy as np
 import optax
 
 from trquant import quantizers
-from trquant.tr_schedule import (_check_integer_codes, _concrete_codes, _flatten_like,
-                                 _match_codes, _path_str)
+from trquant import codes_tree
 
 CodesFn = Callable[[Any], Any]
 ScaleFn = Callable[[Any], Any]
@@ -191,7 +190,7 @@ class _Layout(NamedTuple):
 
 
 def _layout(codes, params, name: str) -> _Layout:
-  codes_def, quantized = _match_codes(codes, params)
+  codes_def, quantized = codes_tree.match_codes(codes, params)
   if not any(quantized):
     raise ValueError(
         f"codes_fn(params) marks no leaf as quantized (all None): {name} has nothing to"
@@ -210,7 +209,7 @@ def _per_weight_tree(layout: _Layout, arrays) -> Any:
 
 def _quantized_slots(layout: _Layout, tree, name: str) -> list:
   """The quantized entries of a per-weight state tree, checked against the layout."""
-  slots = _flatten_like(layout.codes_def, tree, name)
+  slots = codes_tree.flatten_like(layout.codes_def, tree, name)
   out = []
   for slot, (value, q) in enumerate(zip(slots, layout.quantized)):
     if not q:
@@ -361,10 +360,10 @@ def track_oscillations(
   def init_fn(params):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
-    codes, concrete = _concrete_codes(codes_fn, params)
+    codes, concrete = codes_tree.concrete_codes(codes_fn, params)
     layout = _layout(codes, params, name)
     if concrete:
-      _check_integer_codes(layout.codes_def, codes, layout.quantized)
+      codes_tree.check_integer_codes(layout.codes_def, codes, layout.quantized)
     return _init_tracker(layout, params)
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -373,11 +372,11 @@ def track_oscillations(
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
     codes_before = codes_fn(params)
     layout = _layout(codes_before, params, name)
-    update_slots = _split(layout, _flatten_like(layout.codes_def, updates, "updates"))
+    update_slots = _split(layout, codes_tree.flatten_like(layout.codes_def, updates, "updates"))
     codes_after = codes_fn(optax.apply_updates(params, updates))
     new_state = _update_tracker(
         state, layout, _split(layout, layout.codes_def.flatten_up_to(codes_before)),
-        _split(layout, _flatten_like(layout.codes_def, codes_after, "codes_fn(new params)")),
+        _split(layout, codes_tree.flatten_like(layout.codes_def, codes_after, "codes_fn(new params)")),
         [_all_finite(u) for u in update_slots], momentum, threshold, name)
     return updates, new_state
 
@@ -619,11 +618,11 @@ def freeze_oscillations(
   def init_fn(params):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
-    codes_tree, concrete = _concrete_codes(codes_fn, params)
-    layout = _layout(codes_tree, params, name)
+    initial_codes, concrete = codes_tree.concrete_codes(codes_fn, params)
+    layout = _layout(initial_codes, params, name)
     if concrete:
-      _check_integer_codes(layout.codes_def, codes_tree, layout.quantized)
-      _check_code_range(layout, codes_tree)
+      codes_tree.check_integer_codes(layout.codes_def, initial_codes, layout.quantized)
+      _check_code_range(layout, initial_codes)
       _match_scales(scale_fn(params), layout)
     else:
       _match_scales(jax.eval_shape(scale_fn, params), layout)
@@ -641,17 +640,17 @@ def freeze_oscillations(
     del extra_args
     if params is None:
       raise ValueError(_NO_PARAMS_MSG.format(name=name))
-    codes_tree = codes_fn(params)
-    layout = _layout(codes_tree, params, name)
-    _check_code_range(layout, codes_tree)  # concrete codes only (an update outside jit)
+    codes_now = codes_fn(params)
+    layout = _layout(codes_now, params, name)
+    _check_code_range(layout, codes_now)  # concrete codes only (an update outside jit)
     scales = _match_scales(scale_fn(params), layout)
     step = state.tracker.osc_step
     threshold_now = threshold_at(step)
     limit = threshold_now * FREQUENCY_ONE
 
-    update_slots = _flatten_like(layout.codes_def, updates, "updates")
+    update_slots = codes_tree.flatten_like(layout.codes_def, updates, "updates")
     param_slots = layout.codes_def.flatten_up_to(params)
-    code_slots = layout.codes_def.flatten_up_to(codes_tree)
+    code_slots = layout.codes_def.flatten_up_to(codes_now)
     frequencies = iter(_quantized_slots(layout, state.tracker.oscillation_frequency, name))
     emas = iter(_quantized_slots(layout, state.code_ema, name))
     frozen_masks = iter(_quantized_slots(layout, state.frozen, name))
@@ -679,7 +678,7 @@ def freeze_oscillations(
       finite.append(_all_finite(update))
     new_updates = layout.codes_def.unflatten(new_slots)
 
-    codes_after = _split(layout, _flatten_like(
+    codes_after = _split(layout, codes_tree.flatten_like(
         layout.codes_def, codes_fn(optax.apply_updates(params, new_updates)),
         "codes_fn(new params)"))
     codes_before = _split(layout, code_slots)
@@ -725,7 +724,7 @@ def _check_code_range(layout: _Layout, codes) -> None:
     if bool(jnp.any(outside)):
       example = float(leaf.reshape(-1)[jnp.argmax(outside.reshape(-1))])
       raise ValueError(
-          f"codes_fn(params) returned the code {example:g} at {_path_str(path)}, outside"
+          f"codes_fn(params) returned the code {example:g} at {codes_tree.path_str(path)}, outside"
           f" [{lo}, {hi}]: freeze_oscillations keeps each weight's code EMA in int16 fixed"
           " point, which holds signed grids up to 8 bits. Quantize such layers to 8 bits"
           " or fewer (signed), or leave them out of freezing (None in codes_fn)."
@@ -748,7 +747,7 @@ def _match_scales(scales, layout: _Layout) -> list:
     if not q:
       continue
     if scale is None:
-      raise ValueError(f"scale_fn(params) returned None at {_path_str(path)}, which codes_fn"
+      raise ValueError(f"scale_fn(params) returned None at {codes_tree.path_str(path)}, which codes_fn"
                        " marks as quantized.")
     scale_shape = tuple(np.shape(scale))
     try:
@@ -757,12 +756,12 @@ def _match_scales(scales, layout: _Layout) -> list:
       ok = False
     if not ok:
       raise ValueError(f"scale_fn(params) returned a scale of shape {scale_shape} at"
-                       f" {_path_str(path)}, which does not broadcast to the parameter's"
+                       f" {codes_tree.path_str(path)}, which does not broadcast to the parameter's"
                        f" shape {shape}.")
     try:  # values can be checked where they are concrete
       quantizers._check_scale_values(scale, "scale")
     except ValueError as error:
-      raise ValueError(f"scale_fn(params) at {_path_str(path)}: {error}") from None
+      raise ValueError(f"scale_fn(params) at {codes_tree.path_str(path)}: {error}") from None
     out.append(scale)
   return out
 

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trquant import codes_tree
+
 CodesFn = Callable[[Any], Any]
 # (multiplier u, target R_t, running TR K_{t-1}, gain eta, previous target R_{t-1}) -> new u
 Controller = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -83,105 +85,6 @@ def _log(u, target, running, eta, previous_target):
 
 CONTROLLERS = {"log": _log, "additive": _additive, "momentum": _momentum}
 DEFAULT_ETA = {"log": 0.005, "additive": 1.0, "momentum": 0.01}
-
-
-def _is_none(x) -> bool:
-  return x is None
-
-
-def _path_str(path) -> str:
-  return jax.tree_util.keystr(path) or "<root>"
-
-
-def _match_codes(codes, params):
-  """Matches the output of codes_fn (arrays or shape structs) against params.
-
-  Returns the treedef of the codes tree (None treated as a leaf) and, for each
-  of its leaves, whether it is quantized. Raises a ValueError naming the first
-  mismatching tree path.
-  """
-  codes_with_path, codes_def = jax.tree_util.tree_flatten_with_path(codes, is_leaf=_is_none)
-  param_leaves = dict(jax.tree_util.tree_flatten_with_path(params)[0])
-  quantized = []
-  for path, leaf in codes_with_path:
-    if leaf is None:
-      quantized.append(False)
-      continue
-    if path not in param_leaves:
-      raise ValueError(
-          f"codes_fn(params) returned codes at {_path_str(path)}, which is not a leaf of params."
-          " Return a tree with the structure of params (or a prefix of it) and None for"
-          " leaves that are not quantized."
-      )
-    param_shape = np.shape(param_leaves[path])
-    if tuple(leaf.shape) != tuple(param_shape):
-      raise ValueError(
-          f"codes_fn(params) returned codes of shape {tuple(leaf.shape)} at"
-          f" {_path_str(path)}, but the parameter there has shape {tuple(param_shape)}."
-      )
-    param_dtype = jnp.result_type(param_leaves[path])
-    if not jnp.issubdtype(param_dtype, jnp.floating):
-      raise ValueError(
-          f"the quantized parameter at {_path_str(path)} has dtype {param_dtype}; latent"
-          " weights must be floating point (keep integer codes out of params, or mark the"
-          " leaf None in codes_fn)."
-      )
-    quantized.append(True)
-  try:
-    codes_def.flatten_up_to(params)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-        "codes_fn(params) must return a tree with the structure of params (or a prefix of"
-        f" it), with None for leaves that are not quantized: {error}"
-    ) from error
-  return codes_def, quantized
-
-
-def _flatten_like(codes_def, tree, name: str):
-  try:
-    return codes_def.flatten_up_to(tree)
-  except (ValueError, TypeError) as error:
-    raise ValueError(
-        f"`{name}` does not have the structure of params (as seen by codes_fn): {error}"
-    ) from error
-
-
-def _is_concrete_tree(tree) -> bool:
-  """Whether every leaf of `tree` holds values (not a tracer or a shape struct)."""
-  return all(isinstance(leaf, (np.ndarray, np.generic, numbers.Number))
-             or (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer))
-             for leaf in jax.tree.leaves(tree))
-
-
-def _concrete_codes(codes_fn, params):
-  """``codes_fn(params)`` when params hold values (so the codes can be checked), else its
-  shape structure (``init`` traced, e.g. under ``jax.jit`` or ``jax.eval_shape``)."""
-  if _is_concrete_tree(params):
-    return codes_fn(params), True
-  return jax.eval_shape(codes_fn, params), False
-
-
-def _check_integer_codes(codes_def, codes, quantized) -> None:
-  """Raises a ValueError naming the first quantized leaf of `codes` with a finite,
-  non-integer value (concrete leaves only: traced ones cannot be checked here)."""
-  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
-      codes_def.unflatten(list(range(len(quantized)))))[0]]
-  for path, leaf, is_quantized in zip(paths, codes_def.flatten_up_to(codes), quantized):
-    if not is_quantized or isinstance(leaf, jax.core.Tracer):
-      continue
-    leaf = jnp.asarray(leaf)
-    if jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_):
-      continue
-    fractional = jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
-    if bool(jnp.any(fractional)):
-      example = float(leaf.reshape(-1)[jnp.argmax(fractional.reshape(-1))])
-      raise ValueError(
-          f"codes_fn(params) returned non-integer values at {_path_str(path)} (e.g."
-          f" {example!r}): it must return the integer codes of each quantized weight, e.g."
-          " trquant.quantize(w, scale, bits=...), not the weights or their fake-quantized"
-          " values (those change with every update, so every weight would count as a"
-          " transition)."
-      )
 
 
 def _validate_positive(name: str, value, allow_zero: bool = False):
@@ -463,8 +366,8 @@ def tr_schedule(
   def init_fn(params):
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
-    codes, concrete = _concrete_codes(codes_fn, params)
-    codes_def, quantized = _match_codes(codes, params)
+    codes, concrete = codes_tree.concrete_codes(codes_fn, params)
+    codes_def, quantized = codes_tree.match_codes(codes, params)
     groups = num_groups(quantized)
     if groups == 0:
       raise ValueError(
@@ -472,7 +375,7 @@ def tr_schedule(
           " to schedule. Return codes for the quantized weights."
       )
     if concrete:
-      _check_integer_codes(codes_def, codes, quantized)
+      codes_tree.check_integer_codes(codes_def, codes, quantized)
     if not measured:
       check_initial_target()
     # A measured target starts unknown (0); the running TR then starts from nothing too.
@@ -491,14 +394,14 @@ def tr_schedule(
     if params is None:
       raise ValueError(_NO_PARAMS_MSG)
     codes_before = codes_fn(params)
-    codes_def, quantized = _match_codes(codes_before, params)
+    codes_def, quantized = codes_tree.match_codes(codes_before, params)
     groups = num_groups(quantized)
     if state.talr_multiplier.shape != (groups,):
       raise ValueError(
           f"tr_schedule state has {state.talr_multiplier.shape[0]} groups but codes_fn(params)"
           f" now gives {groups}: the quantized leaves changed since init."
       )
-    update_slots = _flatten_like(codes_def, updates, "updates")
+    update_slots = codes_tree.flatten_like(codes_def, updates, "updates")
     group_of = np.cumsum(quantized) - 1 if per_layer else np.zeros(len(quantized), int)
 
     # 1. Controller: u_t from u_{t-1}, R_t and K_{t-1}.
