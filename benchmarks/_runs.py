@@ -4,13 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+import importlib.util
 import pathlib
 import sys
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-import train_qat  # noqa: E402
+
+def load_example(name):
+  """examples/<name>.py as a module: the benchmarks drive the examples' own training loops."""
+  path = pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
+  module_name = f"trquant_example_{name}"
+  if module_name not in sys.modules:
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before exec: dataclasses resolve their module
+    spec.loader.exec_module(module)
+  return sys.modules[module_name]
+
+
+train_qat = load_example("train_qat")
 
 
 def train(args, out, **overrides):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 import time
 
@@ -30,15 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _runs  # noqa: E402  (puts examples/ on the path)
+import _runs  # benchmarks/_runs.py, next to this script
+import trquant
+from trquant import adaround
+from trquant import datasets
+from trquant import models
 
-import data as datasets  # noqa: E402  (examples/data.py)
-import models  # noqa: E402  (examples/models.py)
-import train_qat  # noqa: E402
-
-import trquant  # noqa: E402
-from trquant import adaround  # noqa: E402
+train_qat = _runs.train_qat
 
 GRANULARITIES = ("tensor", "channel")
 
@@ -116,7 +113,7 @@ def calibration_batches(dataset, size, seed, batch=256):
 
 def _time_loops(apply_fn, w, scale, x, y, *, bits, iters, batch_size):
   """Iterations/s of the fused scan and of a Python loop over a jitted step, compile excluded."""
-  problem, arrays = adaround._prepare(
+  problem, arrays = adaround.reconstruction_problem(
       apply_fn, w, scale, x, y, bits=bits, signed=True, iters=iters, batch_size=batch_size,
       lam=0.01, lr=1e-3, warmup=0.2, beta=(20.0, 2.0), beta_mode="cosine", activation=None,
       zeta=adaround.ZETA, gamma=adaround.GAMMA, key=jax.random.key(0))
@@ -140,16 +137,16 @@ def _time_loops(apply_fn, w, scale, x, y, *, bits, iters, batch_size):
 
 def timing(args, model, dataset, bits):
   """Fused vs eager reconstruction of the model's largest conv and of its last layer."""
-  fp = adaround._fp_copy(model)
+  fp = adaround.float_copy(model)
   batches = calibration_batches(dataset, args.calibration, 0)
-  layers = dict(trquant.nnx._quant_layers(fp))
+  layers = dict(trquant.nnx.quant_layers(fp))
   convs = [(path, layer) for path, layer in layers.items() if isinstance(layer, trquant.nnx.QuantConv)]
   big_path, big = max(convs, key=lambda item: item[1].kernel.get_value().size)
   head_path = [path for path, layer in layers.items() if isinstance(layer, trquant.nnx.QuantLinear)][-1]
   rows = []
-  cases = [(big_path, big, adaround._layer_apply_fn(big), "conv as patches @ kernel (default on CPU)",
+  cases = [(big_path, big, adaround.layer_apply_fn(big), "conv as patches @ kernel (default on CPU)",
             args.timing_iters),
-           (head_path, layers[head_path], adaround._layer_apply_fn(layers[head_path]), "linear",
+           (head_path, layers[head_path], adaround.layer_apply_fn(layers[head_path]), "linear",
             args.timing_iters)]
   # The plain lax.conv form: XLA:CPU runs its kernel gradient ~30x slower inside a loop.
   graphdef, kernel_state, rest = nnx.split(big, trquant.nnx.QuantWeight, ...)
@@ -157,8 +154,8 @@ def timing(args, model, dataset, bits):
   cases.append((big_path, big, native, "conv via lax.conv_general_dilated",
                 max(args.timing_iters // 5, 10)))
   for path, layer, apply_fn, form, iters in cases:
-    x = adaround._capture(fp, layer, batches, output=False)
-    y = adaround._capture(fp, layer, batches, output=True)
+    x = adaround.layer_data(fp, layer, batches, output=False)
+    y = adaround.layer_data(fp, layer, batches, output=True)
     w = layer.kernel.get_value()
     scale = trquant.init_scale(w, bits=bits, method="mse")
     row = _time_loops(apply_fn, w, scale, x, y, bits=bits, iters=iters,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
-import sys
 import time
 
 import jax
@@ -25,8 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-import models  # noqa: E402
+from trquant import models
 
 import trquant  # noqa: E402
 

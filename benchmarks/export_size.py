@@ -7,15 +7,12 @@ BatchNorm parameters and statistics) against the same model's float32
 ``nnx.Param`` + ``nnx.BatchStat`` state.
 """
 
-import pathlib
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-import models  # noqa: E402
+from trquant import models
 
 import trquant  # noqa: E402
 

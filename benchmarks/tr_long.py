@@ -41,7 +41,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 
 import jax
@@ -50,8 +49,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "examples"))
-import data as datasets  # noqa: E402  (examples/data.py)
+from trquant import datasets
 
 import trquant  # noqa: E402
 

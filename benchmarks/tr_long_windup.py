@@ -9,15 +9,12 @@ the grid (zero straight-through gradient) over steps 3000-4000.
 """
 
 import argparse
-import pathlib
-import sys
 
 import numpy as np
 import optax
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import tr_long  # noqa: E402
+import tr_long  # benchmarks/tr_long.py, next to this script
 
 import trquant  # noqa: E402
 

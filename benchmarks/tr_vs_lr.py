@@ -16,14 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import _runs  # noqa: E402
+import _runs  # benchmarks/_runs.py, next to this script
 
 
 def parse_args(argv=None):

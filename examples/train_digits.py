@@ -19,6 +19,7 @@ and a JSON file.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -101,9 +102,17 @@ def train(model, tx, train_data, test_data, *, epochs, batch_size, seed, noise, 
   images, labels = (jnp.asarray(a) for a in train_data)
   steps_per_epoch = len(images) // batch_size
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  # The step is a pure function of the split state, jitted by jax.jit with the state
+  # donated: nnx.jit would traverse the model and optimizer graph on every call, which
+  # on this small model costs more than the step itself (benchmarks/overhead.py, part 4).
+  graphdef, state = nnx.split((model, optimizer))
+  # Own buffers: the step donates them, and the model's arrays may be shared (a checkpoint).
+  state = jax.tree.map(jnp.copy, state)
 
-  @nnx.jit
-  def step(model, optimizer, indices, key):
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state, indices, key):
+    model, optimizer = nnx.merge(graphdef, state)
+
     def loss_fn(model):
       x = images[indices] + noise * jax.random.normal(key, (len(indices), images.shape[1]))
       targets = optax.smooth_labels(jax.nn.one_hot(labels[indices], 10), label_smoothing)
@@ -113,7 +122,7 @@ def train(model, tx, train_data, test_data, *, epochs, batch_size, seed, noise, 
     old_params = trquant.nnx.values(nnx.state(model, nnx.Param))  # snapshot, not live Variables
     optimizer.update(model, grads)
     extra = record(old_params, trquant.nnx.values(nnx.state(model, nnx.Param)), optimizer) if record else {}
-    return loss, extra
+    return nnx.state((model, optimizer)), loss, extra
 
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
@@ -124,9 +133,10 @@ def train(model, tx, train_data, test_data, *, epochs, batch_size, seed, noise, 
     losses = []
     for i in range(steps_per_epoch):
       key, step_key = jax.random.split(key)
-      loss, extra = step(model, optimizer, order[i * batch_size:(i + 1) * batch_size], step_key)
+      state, loss, extra = step(state, order[i * batch_size:(i + 1) * batch_size], step_key)
       losses.append(loss)
       steps.append(extra)
+    nnx.update((model, optimizer), state)  # the model's Variables now hold the trained arrays
     history["epoch"].append(epoch + 1)
     history["loss"].append(float(np.mean(jax.device_get(losses))))
     history["test_accuracy"].append(accuracy(model, test_data))

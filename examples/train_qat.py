@@ -28,10 +28,9 @@ fraction of oscillating weights per layer (implied by ``--freeze``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import pathlib
-import sys
 import time
 
 import jax
@@ -41,9 +40,8 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import data as datasets  # noqa: E402  (examples/data.py)
-import models  # noqa: E402  (examples/models.py)
+from trquant import datasets
+from trquant import models
 
 import trquant  # noqa: E402
 
@@ -242,8 +240,14 @@ def run(args):
                                                  start_fraction=args.osc_start)
                if args.dampening else None)
 
-  @nnx.jit
-  def train_step(model, optimizer, x, y, step):
+  # A pure step on the split (model, optimizer) state, jitted by jax.jit with the state
+  # donated: nnx.jit would traverse the model and optimizer graph on every call, which
+  # costs more than a step of a small model (benchmarks/overhead.py, part 4). The graph
+  # definition is static: it changes only with the model's train/eval mode.
+  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+  def train_step(graphdef, state, x, y, step):
+    model, optimizer = nnx.merge(graphdef, state)
+
     def loss_fn(model):
       logits = model(x)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -257,7 +261,7 @@ def run(args):
     if tracks_osc:
       stats = trquant.nnx.oscillation_stats(optimizer)
       record.update({f"osc/{key}": value for key, value in stats.items()})
-    return loss, record
+    return nnx.state((model, optimizer)), loss, record
 
   history = {"epoch": [], "train_loss": [], "test_accuracy": [], "seconds": []}
   layer_names, layer_sizes = quantized_layers(model) if tracks_osc else ([], [])
@@ -266,14 +270,18 @@ def run(args):
   bar = tqdm(total=total_steps, disable=args.no_progress, desc=run_name(args), leave=False)
   for epoch in range(args.epochs):
     model.train()
+    graphdef, state = nnx.split((model, optimizer))
+    # Own buffers: the step donates them, and the model's arrays may be shared (a checkpoint).
+    state = jax.tree.map(jnp.copy, state)
     losses = []
     batches = datasets.batches(dataset.train_images, dataset.train_labels, args.batch_size, rng=rng)
     for _, (x, y) in zip(range(steps_per_epoch), batches):
-      loss, record = train_step(model, optimizer, jnp.asarray(x), jnp.asarray(y),
-                                jnp.asarray(len(steps), jnp.int32))
+      state, loss, record = train_step(graphdef, state, jnp.asarray(x), jnp.asarray(y),
+                                       jnp.asarray(len(steps), jnp.int32))
       losses.append(loss)
       steps.append(record)
       bar.update()
+    nnx.update((model, optimizer), state)  # the model's Variables now hold the trained arrays
     accuracy = evaluate(model, dataset.test_images, dataset.test_labels)
     history["epoch"].append(epoch + 1)
     history["train_loss"].append(float(np.mean(jax.device_get(losses))))

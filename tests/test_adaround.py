@@ -1,9 +1,6 @@
 """trquant.adaround: the rounding relaxation, layer reconstruction and NNX-model PTQ."""
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +12,9 @@ from hypothesis import strategies as st
 
 import trquant
 from trquant import adaround
+from trquant import models
 from trquant.nnx import QuantConv, QuantLinear, WeightScale
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models.py"
-spec = importlib.util.spec_from_file_location("trquant_examples_models_adaround", _PATH)
-models = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = models
-spec.loader.exec_module(models)
 
 
 def _linear(w, x):
@@ -182,7 +175,7 @@ def test_fused_loop_matches_a_python_loop_of_steps():
   key = jax.random.key(1)
   result = adaround.reconstruct_layer(_linear, w, scale, x, y, bits=3, iters=30, lr=1e-2,
                                       batch_size=8, warmup=0.1, key=key)
-  problem, arrays = adaround._prepare(
+  problem, arrays = adaround.reconstruction_problem(
       _linear, w, scale, x, y, bits=3, signed=True, iters=30, batch_size=8, lam=0.01, lr=1e-2,
       warmup=0.1, beta=(20.0, 2.0), beta_mode="cosine", activation=None, zeta=adaround.ZETA,
       gamma=adaround.GAMMA, key=key)
@@ -281,7 +274,7 @@ def digits_cnn():
 
 def _kernels(model):
   return {path: (layer.kernel.get_value(), layer.weight_bits)
-          for path, layer in trquant.nnx._quant_layers(model)}
+          for path, layer in trquant.nnx.quant_layers(model)}
 
 
 def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
@@ -297,11 +290,12 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   for path in before:
     np.testing.assert_array_equal(before[path][0], after[path][0])
     assert after[path][1] is None
-  assert all(type(layer) in (QuantConv, QuantLinear) for _, layer in trquant.nnx._quant_layers(fp))
+  assert all(type(layer) in (QuantConv, QuantLinear) for _, layer in trquant.nnx.quant_layers(fp))
+  assert all(layer.capture_hook is None for _, layer in trquant.nnx.quant_layers(fp))
   assert q is not fp
   # The new model's layers hold hard-rounded kernels on their grids with frozen scales.
   lo, hi = trquant.quant_range(2)
-  for path, layer in trquant.nnx._quant_layers(q):
+  for path, layer in trquant.nnx.quant_layers(q):
     assert layer.weight_bits == 2 and type(layer.weight_scale) is WeightScale
     assert type(layer) in (QuantConv, QuantLinear)
     codes = np.asarray(layer.kernel.get_value() / layer.weight_scale.get_value())
@@ -309,7 +303,7 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
     assert codes.min() >= lo - 1e-4 and codes.max() <= hi + 1e-4
     np.testing.assert_array_equal(layer.quantized_kernel(), layer.kernel.get_value())
   # Same MSE scales as the nearest baseline.
-  for (_, a), (_, b) in zip(trquant.nnx._quant_layers(q), trquant.nnx._quant_layers(nearest)):
+  for (_, a), (_, b) in zip(trquant.nnx.quant_layers(q), trquant.nnx.quant_layers(nearest)):
     np.testing.assert_array_equal(a.weight_scale.get_value(), b.weight_scale.get_value())
   assert [r.name for r in reports] == ["conv1/conv", "conv2/conv", "conv3/conv", "head"]
   for report in reports:
@@ -347,8 +341,12 @@ def test_conv_apply_fn_matches_the_layer(kwargs):
   layer = QuantConv(8, 16, weight_bits=None, rngs=nnx.Rngs(0), **kwargs)
   layer.bias is None or layer.bias.set_value(jnp.arange(16.0) / 16)
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
-  for apply_fn in (adaround._conv_patches_fn(layer), adaround._layer_apply_fn(layer)):
-    np.testing.assert_allclose(apply_fn(layer.kernel.get_value(), x), layer(x), atol=1e-5)
+  np.testing.assert_allclose(adaround.layer_apply_fn(layer)(layer.kernel.get_value(), x), layer(x),
+                             atol=1e-5)
+  patches = nnx.clone(layer)
+  patches.patches_conv = True  # what layer_apply_fn and the block loops use on CPU
+  np.testing.assert_allclose(patches(x), layer(x), atol=1e-5)
+  assert not layer.patches_conv
 
 
 def test_adaround_model_bad_inputs(digits_cnn):

@@ -87,8 +87,16 @@ def test_overhead_quick(tmp_path):
   assert rows["adam_tr"]["extra_state_bytes_per_weight"] < 0.01
   assert 3.0 <= rows["adam_tr_track"]["extra_state_bytes_per_weight"] < 3.01
   assert 6.0 <= rows["adam_tr_freeze"]["extra_state_bytes_per_weight"] < 6.01
+  assert rows["adam_count"]["extra_state_bytes_per_weight"] < 0.01
+  assert set(results["steps"]) == {"mlp_small", "cnn"}
   assert [row["weights"] for row in results["scaling"]] == [100_000, 1_000_000]
-  assert "tr_schedule alone" in (tmp_path / "summary.md").read_text()
+  for row in results["scaling"]:
+    assert row["transform_ms"] > 0 and row["copy_ms"] > 0 and row["copy_new_ms"] > 0
+  assert set(results["loops"]) == {"digits_mlp", "qat_cnn"}
+  for rates in results["loops"].values():
+    assert len(rates) == 4 and all(row["steps_per_s"] > 0 for row in rates.values())
+  summary = (tmp_path / "summary.md").read_text()
+  assert "tr_schedule alone" in summary and "Training loops" in summary
 
 
 def test_depthwise_quick(tmp_path):
@@ -140,3 +148,22 @@ def test_tr_long_quick(tmp_path):
   summary = (tmp_path / "summary.md").read_text()
   assert "| W2A2 sgd | tr-auto | auto" in summary and "## Mechanism" in summary
   assert (tmp_path / "summary.png").exists()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_ptq_quick(tmp_path):
+  ptq = _load("benchmarks/ptq.py", "trquant_bench_ptq")
+  summary = ptq.main(["--quick", "--out", str(tmp_path)])
+  rows = summary["cnn"]["W3A4"]
+  assert list(rows) == ["nearest", "adaround", "brecq", "qdrop"]
+  for method, row in rows.items():
+    assert 0.1 < row["mean"] <= 1.0 and row["std"] == 0.0 and row["seeds"] == [0]
+    assert row["fp_accuracy"] > 0.5
+  assert rows["nearest"]["units"] == {}
+  assert list(rows["adaround"]["units"]) == ["conv1/conv", "conv2/conv", "conv3/conv", "head"]
+  assert list(rows["brecq"]["units"]) == ["conv1", "conv2", "conv3", "head"]  # ConvBN blocks
+  assert len(list(tmp_path.glob("run-cnn-W3A4-*-s0.json"))) == 4
+  # A second call resumes: every run exists, so only the summary is rebuilt.
+  again = ptq.main(["--quick", "--out", str(tmp_path)])
+  assert again["cnn"]["W3A4"]["qdrop"]["accuracies"] == rows["qdrop"]["accuracies"]
+  assert "| cnn | W3A4 |" in (tmp_path / "summary.md").read_text()

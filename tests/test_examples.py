@@ -64,3 +64,23 @@ def test_readme_usage_snippet_runs():
     losses.append(float(loss))
   assert losses[-1] < losses[0]
   assert optax.tree.get(opt_state, "running_transition_rate").shape == (1,)
+
+
+def test_train_vit_quick(tmp_path):
+  """The ViT pipeline: plain NNX ViT, FP training, quantize, AdamW vs AdamW + TR, AdaRound, export."""
+  train_vit = _load("train_vit")
+  results = train_vit.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+  assert (tmp_path / "vit_qat.png").stat().st_size > 10_000
+  saved = json.loads((tmp_path / "vit_qat.json").read_text())
+  assert saved["summary"] == results["summary"]
+  assert results["fp"]["test_accuracy"] > 0.75
+  for method in ("adamw", "adamw-tr"):
+    assert results["summary"]["W4A4"][method]["mean"] > 0.6, method
+  tr_run = [run for run in saved["runs"] if run["method"] == "adamw-tr"][0]
+  assert tr_run["history"]["tr"][-1]["initial_target_rate"] > 0  # R_0 was measured
+  assert len(tr_run["history"]["tr"][-1]["running_transition_rate"]) == 6  # 4 projections + MLP
+  adaround = results["adaround"]
+  assert adaround["export"]["reloaded_identical"]
+  assert adaround["export"]["file_bytes"] < adaround["export"]["float32_bytes"]
+  assert [layer["name"] for layer in adaround["layers"]][:2] == ["patch_embed", "blocks/0/attn/query"]
+  assert adaround["accuracy"]["adaround"] > 0.6

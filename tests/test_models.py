@@ -1,9 +1,6 @@
-"""examples/models.py: shapes, parameter trees, FP-checkpoint loading, quantization layout, training."""
+"""trquant.models: shapes, parameter trees, FP-checkpoint loading, quantization layout, training."""
 
 import functools
-import importlib.util
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +10,9 @@ import pytest
 from flax import nnx
 
 import trquant
+from trquant import models
 from trquant.nnx import ActScale, LearnedWeightScale, QuantConv, QuantLinear
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "examples" / "models.py"
-spec = importlib.util.spec_from_file_location("trquant_examples_models", _PATH)
-models = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = models
-spec.loader.exec_module(models)
 
 BIT_SETTINGS = [(None, None), (2, 2), (1, 1)]
 # ResNet-20 with option-B shortcuts and 10 classes: 269,722 (the paper's 0.27M) + 2,752 shortcut.

@@ -447,3 +447,152 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 def test_sharded_model_matches_unsharded(run_on_cpu_mesh):
   assert "SHARDED OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)
+
+
+# ---------------------------------------------------------------------------------------
+# QuantLinearGeneral and QuantEinsum: the numerics of nnx.LinearGeneral / nnx.Einsum
+# ---------------------------------------------------------------------------------------
+
+_GENERAL_CASES = [  # (LinearGeneral arguments, input shape)
+    (dict(in_features=8, out_features=(2, 4)), (3, 5, 8)),                     # a query projection
+    (dict(in_features=(2, 4), out_features=8, axis=(-2, -1)), (3, 5, 2, 4)),   # an out projection
+    (dict(in_features=(3, 4), out_features=(2, 5), axis=(1, -1), use_bias=False), (2, 3, 7, 4)),
+    (dict(in_features=4, out_features=6, batch_axis={0: 3}, axis=-1), (3, 5, 4)),
+]
+
+
+@pytest.mark.parametrize("kwargs, shape", _GENERAL_CASES)
+def test_quant_linear_general_full_precision_is_nnx_linear_general(kwargs, shape):
+  reference = nnx.LinearGeneral(**kwargs, bias_init=nnx.initializers.normal(), rngs=nnx.Rngs(0))
+  layer = trquant.nnx.QuantLinearGeneral(**kwargs, weight_bits=None, rngs=nnx.Rngs(0),
+                                         bias_init=nnx.initializers.normal())
+  np.testing.assert_array_equal(layer.kernel.get_value(), reference.kernel.get_value())
+  x = jax.random.normal(jax.random.key(1), shape)
+  np.testing.assert_array_equal(layer(x), reference(x))
+
+
+def test_quant_linear_general_quantizes_kernel_and_input_per_output_feature():
+  layer = trquant.nnx.QuantLinearGeneral(8, (2, 4), weight_bits=3, act_bits=4, signed_act=True,
+                                         per_channel=True, rngs=nnx.Rngs(0))
+  assert layer.channel_axes == (1, 2)
+  assert layer.weight_scale.get_value().shape == (1, 2, 4)
+  out = trquant.nnx.QuantLinearGeneral(
+      (2, 4), 8, axis=(-2, -1), weight_bits=3, per_channel=True, rngs=nnx.Rngs(0))
+  assert out.weight_scale.get_value().shape == (1, 1, 8)
+  x = jax.random.normal(jax.random.key(1), (3, 5, 8))
+  kernel = trquant.fake_quant(layer.kernel.get_value(), layer.weight_scale.get_value(), bits=3)
+  x_q = trquant.fake_quant(x, layer.act_scale.get_value(), bits=4, signed=True)
+  expected = jnp.einsum("bti,ihd->bthd", x_q, kernel) + layer.bias.get_value()
+  np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("equation, kernel_shape, bias_shape, x_shape", [
+    ("nta,hab->nthb", (3, 4, 5), (3, 5), (2, 6, 4)),
+    ("...a,ab->...b", (4, 5), (5,), (2, 3, 4)),
+    ("btd,dk->btk", (4, 6), None, (2, 3, 4)),
+])
+def test_quant_einsum_full_precision_is_nnx_einsum(equation, kernel_shape, bias_shape, x_shape):
+  reference = nnx.Einsum(equation, kernel_shape, bias_shape, bias_init=nnx.initializers.normal(),
+                         rngs=nnx.Rngs(0))
+  layer = trquant.nnx.QuantEinsum(equation, kernel_shape, bias_shape, weight_bits=None,
+                                  bias_init=nnx.initializers.normal(), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), x_shape)
+  np.testing.assert_array_equal(layer(x), reference(x))
+
+
+def test_quant_einsum_per_channel_axes_follow_the_output():
+  layer = trquant.nnx.QuantEinsum("nta,hab->nthb", (3, 4, 5), (3, 5), weight_bits=2,
+                                  per_channel=True, rngs=nnx.Rngs(0))
+  assert layer.channel_axes == (0, 2)
+  assert layer.weight_scale.get_value().shape == (3, 1, 5)
+  x = jax.random.normal(jax.random.key(1), (2, 6, 4))
+  kernel = trquant.fake_quant(layer.kernel.get_value(), layer.weight_scale.get_value(), bits=2)
+  expected = jnp.einsum("nta,hab->nthb", x, kernel) + layer.bias.get_value()[None, None]
+  np.testing.assert_allclose(layer(x), expected, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="->"):
+    trquant.nnx.QuantEinsum("ab,bc", (2, 2), rngs=nnx.Rngs(0))
+
+
+def test_quant_linear_and_conv_full_precision_are_the_nnx_layers():
+  x = jax.random.normal(jax.random.key(1), (2, 3, 16))
+  reference = nnx.Linear(16, 8, rngs=nnx.Rngs(0))
+  layer = QuantLinear(16, 8, weight_bits=None, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(layer(x), reference(x))
+  images = jax.random.normal(jax.random.key(2), (2, 3, 9, 9, 4))  # two batch axes
+  conv = nnx.Conv(4, 6, (3, 3), strides=2, padding=1, rngs=nnx.Rngs(0))
+  qconv = QuantConv(4, 6, 3, strides=2, padding=1, weight_bits=None, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(qconv(images), conv(images))
+  np.testing.assert_array_equal(qconv(images[0, 0]), conv(images[0, 0]))  # no batch axis
+
+
+# ---------------------------------------------------------------------------------------
+# capture: the quantized layers' inputs and outputs, without touching the layers' classes
+# ---------------------------------------------------------------------------------------
+
+
+class _Unordered(nnx.Module):
+  """Attribute (tree) order a, b, c; call order c, a, b."""
+
+  def __init__(self):
+    self.a = QuantLinear(8, 8, weight_bits=None, rngs=nnx.Rngs(0))
+    self.b = QuantLinear(8, 4, weight_bits=None, rngs=nnx.Rngs(1))
+    self.c = QuantLinear(6, 8, weight_bits=None, rngs=nnx.Rngs(2))
+
+  def __call__(self, x):
+    return self.b(nnx.relu(self.a(self.c(x))))
+
+
+def test_capture_records_inputs_and_outputs_in_call_order():
+  model = _Unordered()
+  x = jax.random.normal(jax.random.key(0), (5, 6))
+  classes = {name: type(getattr(model, name)) for name in "abc"}
+  with trquant.nnx.capture(model) as captured:
+    y = model(x)
+  assert captured.order == ["c", "a", "b"] and captured.missed == []
+  np.testing.assert_array_equal(captured.inputs(model.c)[0], x)
+  np.testing.assert_array_equal(captured.outputs("b")[0], y)
+  np.testing.assert_array_equal(captured.inputs("a")[0], model.c(x))
+  # Nothing about the layers changed: classes, and the hook is cleared.
+  assert {name: type(getattr(model, name)) for name in "abc"} == classes
+  assert all(getattr(model, name).capture_hook is None for name in "abc")
+
+
+def test_capture_stop_ends_the_forward_pass_after_the_layer():
+  model = _Unordered()
+  x = jnp.ones((2, 6))
+  with trquant.nnx.capture(model, [model.a], stop=True) as captured:
+    model(x)
+    raise AssertionError("not reached: the pass stops after layer a")
+  assert [call.path for call in captured.calls] == ["a"]
+  with pytest.raises(ValueError, match="no trquant layer at 'd'"):
+    with trquant.nnx.capture(model, ["d"]):
+      pass
+  with pytest.raises(ValueError, match="not a trquant layer"):
+    with trquant.nnx.capture(model, [nnx.Linear(2, 2, rngs=nnx.Rngs(0))]):
+      pass
+
+
+def test_capture_reports_traced_and_copied_calls_as_missed():
+  model = _Unordered()
+  x = jnp.ones((2, 6))
+  with trquant.nnx.capture(model) as captured:
+    jax.jit(lambda x: model(x))(x)  # the same layers, on tracers
+  assert captured.calls == [] and len(captured.missed) == 3 and "traced" in captured.missed[0]
+  with trquant.nnx.capture(model) as captured:
+    nnx.jit(lambda m, x: m(x))(model, x)  # nnx.jit runs a copy of the model
+  assert captured.calls == [] and "copy" in captured.missed[0]
+  assert model.a.capture_hook is None
+  y = nnx.jit(lambda m, x: m(x))(model, x)  # and the model still jits as before
+  np.testing.assert_allclose(y, model(x), rtol=1e-6)
+
+
+def test_capture_hook_is_a_documented_attribute():
+  layer = QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0))
+  seen = []
+  layer.capture_hook = lambda layer, x, y, kwargs: seen.append((x.shape, y.shape, kwargs))
+  layer(jnp.ones((3, 4)))
+  assert seen == [((3, 4), (3, 2), {})]
+  einsum = trquant.nnx.QuantEinsum("ab,bc->ac", (4, 2), weight_bits=None, rngs=nnx.Rngs(0))
+  einsum.capture_hook = lambda layer, x, y, kwargs: seen.append(kwargs)
+  einsum(jnp.ones((3, 4)), "ab,bc->ac")
+  assert seen[-1] == {"einsum_str": "ab,bc->ac"}

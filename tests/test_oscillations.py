@@ -750,3 +750,56 @@ def test_sharded_state_follows_params_and_matches_unsharded():
                           text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-4000:]
   assert "SHARDED OK" in result.stdout
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 4), (1024, 10), (3, 3, 16, 32)])
+def test_uniform_is_jax_random_uniform_bit_for_bit(shape):
+  for seed in (0, 1, 12345):
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 17), 2)
+    expected = np.asarray(jax.random.uniform(key, shape, jnp.float32))
+    for got in (oscillations._uniform(key, shape),
+                jax.jit(oscillations._uniform, static_argnums=1)(key, shape)):
+      assert got.shape == expected.shape and got.dtype == jnp.float32
+      np.testing.assert_array_equal(np.asarray(got).view(np.uint32), expected.view(np.uint32))
+
+
+def _reference_helpers(monkeypatch):
+  """The helpers the transforms were first written with: jax.random.uniform and plain sums."""
+  monkeypatch.setattr(oscillations, "_uniform",
+                      lambda key, shape: jax.random.uniform(key, shape, jnp.float32))
+  monkeypatch.setattr(oscillations.codes_tree, "count_true",
+                      lambda mask: jnp.sum(mask, dtype=jnp.int32))
+  monkeypatch.setattr(oscillations.codes_tree, "count_finite", lambda mask, update: (
+      jnp.sum(mask, dtype=jnp.int32), jnp.all(jnp.isfinite(update))))
+
+
+@pytest.mark.parametrize("make", ["track", "freeze"])
+def test_state_identical_to_the_reference_helpers(make, monkeypatch):
+  """Fused random draws and packed counts leave every state field bit-identical."""
+  params = _params()
+  if make == "track":
+    tx = optax.chain(optax.sgd(0.3), trquant.track_oscillations(_codes_fn, momentum=0.05))
+  else:
+    tx = optax.chain(optax.sgd(0.3), trquant.freeze_oscillations(
+        _codes_fn, _scale_fn, total_steps=12, threshold=0.05, momentum=0.05, start_fraction=0.25))
+
+  def run():
+    p, state = params, tx.init(params)
+    step = jax.jit(tx.update)
+    targets = _targets(params)
+    oscillations_seen = 0
+    for _ in range(12):
+      updates, state = step(_ste_grads(p, targets), state, p)
+      p = optax.apply_updates(p, updates)
+      oscillations_seen += int(np.sum(optax.tree.get(state, "oscillation_count")))
+    return (p, state), oscillations_seen
+
+  fast, seen = run()
+  with monkeypatch.context() as patch:
+    _reference_helpers(patch)
+    reference, _ = run()
+  for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert seen > 0  # the draws and counts were exercised
+  if make == "freeze":
+    assert float(np.max(optax.tree.get(fast[1], "frozen_fraction"))) > 0

@@ -652,3 +652,24 @@ def test_state_can_be_donated(measured):
   for seed in range(2):
     state = step(state, _grads(params, seed), params)
   assert int(optax.tree.get(state, "tr_step")) == 2
+
+
+def test_counts_match_a_reference_count_over_steps():
+  """The rate tr_schedule measures is ``sum(codes before != codes after) / size`` per layer,
+  step after step, under jit, for layer sizes that are not multiples of the packed group."""
+  params = {"a": jax.random.normal(jax.random.key(0), (37, 13)),
+            "b": jax.random.normal(jax.random.key(1), (5,)),
+            "c": jax.random.normal(jax.random.key(2), (3, 3, 8, 16))}
+  codes_fn = lambda p: jax.tree.map(lambda w: trquant.quantize(w, 0.3, bits=2), p)
+  tx = optax.chain(optax.adam(0.05), trquant.tr_schedule(5e-2, codes_fn=codes_fn))
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  for seed in range(5):
+    updates, state = step(_grads(params, seed), state, params)
+    after = optax.apply_updates(params, updates)
+    before_codes, after_codes = codes_fn(params), codes_fn(after)
+    expected = [float(np.sum(np.asarray(before_codes[k]) != np.asarray(after_codes[k])))
+                / params[k].size for k in sorted(params)]
+    np.testing.assert_array_equal(optax.tree.get(state, "measured_transition_rate"),
+                                  np.asarray(expected, np.float32))
+    params = after

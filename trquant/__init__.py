@@ -3,12 +3,16 @@
 Quantizers with straight-through gradients, transition-rate (TR) scheduling of
 quantized weights as an optax transform, tools against weight oscillations
 (tracking, iterative freezing, the dampening loss), AdaRound post-training
-quantization (:mod:`trquant.adaround`), Flax NNX layers (:mod:`trquant.nnx`) and
-integer export (:mod:`trquant.export`).
+quantization (:mod:`trquant.adaround`), Flax NNX layers and model surgery
+(:mod:`trquant.nnx`), integer export (:mod:`trquant.export`), and the reference
+models and offline dataset loaders that the examples and benchmarks use
+(:mod:`trquant.models`, :mod:`trquant.datasets`).
 """
 
 from trquant import adaround
+from trquant import datasets
 from trquant import export
+from trquant import models
 from trquant import nnx
 from trquant.oscillations import FreezeOscillationsState
 from trquant.oscillations import OscillationState
@@ -43,6 +47,7 @@ __all__ = [
     "binarize",
     "dampening_loss",
     "dampening_weight_schedule",
+    "datasets",
     "dequantize",
     "export",
     "fake_quant",
@@ -52,6 +57,7 @@ __all__ = [
     "init_scale",
     "lsq",
     "measured_target",
+    "models",
     "nnx",
     "quant_range",
     "quantize",

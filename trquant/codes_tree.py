@@ -1,8 +1,8 @@
-"""Matching the output of a ``codes_fn`` against the params it was given.
+"""Matching the output of a ``codes_fn`` against the params it was given, and counting.
 
 Shared by :func:`trquant.tr_schedule` and the oscillation transforms, which all take a
 ``codes_fn: params -> tree`` of integer codes with the structure of params (or a prefix
-of it) and None for leaves that are not quantized.
+of it) and None for leaves that are not quantized, and count over weight-sized arrays.
 """
 
 from __future__ import annotations
@@ -111,3 +111,48 @@ def check_integer_codes(codes_def, codes, quantized) -> None:
           " values (those change with every update, so every weight would count as a"
           " transition)."
       )
+
+
+
+
+# Counting over weight-sized arrays. XLA:CPU does not fuse a reduction with the
+# elementwise work that feeds it: the reduced array is written out first. So the pass
+# over the weights sums the flags of 16 equal blocks of the flattened array into one
+# small integer per position (contiguous reads, one output per 16 weights), and only
+# that sixteenth is reduced, instead of writing a float32 flag per weight.
+_BLOCKS = 16
+
+
+def _block_sums(flags):
+  """The unsigned integer `flags`, flattened, summed over 16 equal blocks; and the rest."""
+  flags = flags.reshape(-1)
+  main = flags.shape[0] - flags.shape[0] % _BLOCKS
+  blocks = flags[:main].reshape(_BLOCKS, -1)
+  return sum(blocks[i] for i in range(_BLOCKS)), flags[main:]
+
+
+def count_true(mask) -> jax.Array:
+  """``jnp.sum(mask, dtype=jnp.int32)`` of a boolean array, with a small write-out (see above)."""
+  sums, rest = _block_sums(mask.astype(jnp.uint8))  # at most 16 per position
+  return jnp.sum(sums, dtype=jnp.int32) + jnp.sum(rest, dtype=jnp.int32)
+
+
+def count_finite(mask, update):
+  """``(jnp.sum(mask & isfinite(update)), jnp.all(isfinite(update)))`` in one pass.
+
+  A true entry of `mask` adds 1 to its position's sum, a non-finite entry of `update`
+  17, so a sum of 16 flags tells both counts apart. Returns an int32 and a bool.
+  """
+  finite = jnp.isfinite(update)
+  flags = ((mask & finite).astype(jnp.uint16)
+           + (~finite).astype(jnp.uint16) * np.uint16(_BLOCKS + 1))
+  sums, rest = _block_sums(flags)
+  one = np.uint16(_BLOCKS + 1)
+  count = jnp.sum(sums % one, dtype=jnp.int32) + jnp.sum(rest % one, dtype=jnp.int32)
+  return count, ~(jnp.any(sums >= one) | jnp.any(rest >= one))
+
+
+def count_transitions(before, after, update) -> jax.Array:
+  """``sum(before != after)`` as float32, or NaN where ``update`` has a non-finite entry."""
+  changed, finite = count_finite(before != after, update)
+  return jnp.where(finite, changed.astype(jnp.float32), jnp.nan)

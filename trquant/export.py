@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trquant import checks
 from trquant import quantizers
 
 __all__ = ["IntegerTensor", "from_integer", "load_integer", "nbytes", "read_integer",
@@ -132,7 +133,7 @@ def quantize_to_integer(x, scale, *, bits: int, signed: bool = True,
     raise ValueError(f"only floating weights can be exported, got dtype {x.dtype}.")
   lo, _ = quantizers.quant_range(bits, signed=signed, narrow=narrow)
   if not isinstance(scale, jax.core.Tracer):  # a concrete scale can be checked here, once
-    quantizers._check_scale(x, np.asarray(scale))
+    checks.check_scale(x, np.asarray(scale))
   scale = jnp.asarray(scale)
   if not jnp.issubdtype(scale.dtype, jnp.floating):
     scale = scale.astype(x.dtype)
@@ -211,9 +212,9 @@ def to_integer(params, scales=None, *, bits=None, signed: bool = True, narrow: b
 def _model_to_integer(model):
   from flax import nnx
 
-  from trquant import nnx as tq_nnx
+  from trquant.nnx import traversal as nnx_traversal
 
-  layers = tq_nnx._require_quant_layers(model, "to_integer", quantized_weights=True)
+  layers = nnx_traversal.require_quant_layers(model, "to_integer", quantized_weights=True)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
   for path, layer in layers:
     node = state
@@ -295,20 +296,20 @@ def load_integer(model, exported) -> list[tuple]:
   """
   from flax import nnx
 
-  from trquant import nnx as tq_nnx
+  from trquant.nnx import traversal as nnx_traversal
 
   if isinstance(exported, (str, os.PathLike)):
     exported = read_integer(exported)
   if not isinstance(model, nnx.Module):
     raise ValueError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
-  layers = tq_nnx._require_quant_layers(model, "load_integer", quantized_weights=True)
+  layers = nnx_traversal.require_quant_layers(model, "load_integer", quantized_weights=True)
   if not isinstance(exported, Mapping):
     raise ValueError("`exported` must be the nested dict that to_integer(model) returns (or"
                      f" read_integer reads), got {type(exported).__name__}.")
   entries = dict(_flat_entries(exported))
   targets = {tuple(path): variable for path, variable in nnx.to_flat_state(
       nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
-  name = tq_nnx._path_name
+  name = nnx_traversal.path_name
   # The weight scales of quantized layers travel inside their IntegerTensor.
   carried = {}
   for path, layer in layers:

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trquant import checks
 from trquant import quantizers
 from trquant import codes_tree
 
@@ -129,6 +130,50 @@ def _check_codes_fn(codes_fn, name: str = "codes_fn"):
 # ---------------------------------------------------------------------------------------
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k1, k2, x1, x2):
+  """Threefry-2x32 (20 rounds), unrolled: the hash behind jax.random's default keys.
+
+  jax lowers it on CPU as a rolled loop of 5 iterations, each a pass over two uint32
+  arrays of the weights' size, which made the random draws most of the oscillation
+  transforms' cost; unrolled, the hash fuses into the EMA update's single pass.
+  """
+  def rotate_left(x, d):
+    return (x << np.uint32(d)) | (x >> np.uint32(32 - d))
+
+  ks = (k1, k2, k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+  x1, x2 = x1 + ks[0], x2 + ks[1]
+  for i in range(5):
+    for r in _THREEFRY_ROTATIONS[i % 2]:
+      x1 = x1 + x2
+      x2 = x1 ^ rotate_left(x2, r)
+    x1 = x1 + ks[(i + 1) % 3]
+    x2 = x2 + ks[(i + 2) % 3] + np.uint32(i + 1)
+  return x1, x2
+
+
+def _uniform(key, shape):
+  """``jax.random.uniform(key, shape, jnp.float32)``, bit for bit, as fusible elementwise ops.
+
+  Computed here for jax's default threefry keys with partitionable bits (counter = the
+  flat index); any other key implementation or configuration uses jax.random itself.
+  """
+  size = math.prod(shape)
+  if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
+      or size == 0 or size >= 2**32):
+    return jax.random.uniform(key, shape, jnp.float32)
+  k1, k2 = jax.random.key_data(key)
+  strides = np.cumprod((1,) + tuple(shape[:0:-1]))[::-1]
+  counts = sum(jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+               for axis, stride in enumerate(strides)) if shape else jnp.zeros((), jnp.uint32)
+  bits1, bits2 = _threefry2x32(k1, k2, jnp.zeros(shape, jnp.uint32), counts)
+  # jax.random.uniform's mapping: 23 random mantissa bits with exponent 0, minus 1.
+  mantissa = ((bits1 ^ bits2) >> np.uint32(9)) | np.uint32(0x3F800000)
+  return jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+
+
 def _stochastic_ema(stored, target, momentum, key, lo: int, hi: int):
   """``stored + momentum * (target - stored)`` rounded stochastically to an integer.
 
@@ -139,7 +184,7 @@ def _stochastic_ema(stored, target, momentum, key, lo: int, hi: int):
   """
   delta = jnp.asarray(momentum, jnp.float32) * (target - stored.astype(jnp.float32))
   whole = jnp.floor(delta)
-  round_up = jax.random.uniform(key, delta.shape, jnp.float32) < delta - whole
+  round_up = _uniform(key, delta.shape) < delta - whole
   new = stored.astype(jnp.int32) + whole.astype(jnp.int32) + round_up.astype(jnp.int32)
   return jnp.clip(new, lo, hi).astype(stored.dtype)
 
@@ -174,11 +219,12 @@ def _oscillating_fraction(frequency, threshold, frozen=None) -> jax.Array:
   oscillating = frequency.astype(jnp.float32) > limit
   if frozen is not None:  # a frozen weight no longer moves, whatever its decaying f says
     oscillating = oscillating & ~frozen
-  return jnp.mean(oscillating, dtype=jnp.float32)
+  return _mean(oscillating)
 
 
-def _all_finite(update) -> jax.Array:
-  return jnp.all(jnp.isfinite(update))
+def _mean(mask) -> jax.Array:
+  """``jnp.mean(mask, dtype=jnp.float32)`` of a boolean array, with codes_tree's count."""
+  return codes_tree.count_true(mask).astype(jnp.float32) / np.float32(mask.size)
 
 
 class _Layout(NamedTuple):
@@ -241,32 +287,36 @@ def _init_tracker(layout: _Layout, params) -> OscillationState:
 
 
 def _update_tracker(state: OscillationState, layout: _Layout, codes_before, codes_after,
-                    finite, momentum, threshold, name: str, frozen=None) -> OscillationState:
+                    updates, momentum, threshold, name: str, frozen=None):
   """Advances the tracker given the codes before/after the applied update, per quantized leaf.
 
-  `codes_before`, `codes_after`, `finite` (and `frozen` masks, not counted as oscillating)
-  are lists over the quantized leaves; a layer whose incoming update was not finite keeps
-  its state and counts nothing.
+  `codes_before`, `codes_after`, the incoming `updates` (and `frozen` masks, not counted
+  as oscillating) are lists over the quantized leaves; a layer whose incoming update was
+  not finite keeps its state and counts nothing. Returns the new state and, per layer,
+  whether its update was finite.
   """
   frozen = frozen if frozen is not None else [None] * len(codes_before)
   frequencies = _quantized_slots(layout, state.oscillation_frequency, name)
   directions = _quantized_slots(layout, state.last_direction, name)
-  new_frequencies, new_directions, counts, fractions = [], [], [], []
-  for layer, (before, after, frequency, direction, ok, mask) in enumerate(
-      zip(codes_before, codes_after, frequencies, directions, finite, frozen)):
+  new_frequencies, new_directions, counts, fractions, finite = [], [], [], [], []
+  for layer, (before, after, frequency, direction, update, mask) in enumerate(
+      zip(codes_before, codes_after, frequencies, directions, updates, frozen)):
     tracked = _track_leaf(before, after, frequency, direction, momentum,
                           _leaf_key(_FREQUENCY_SEED, state.osc_step, layer))
+    # One pass counts the oscillations and checks the update.
+    count, ok = codes_tree.count_finite(tracked.oscillated, update)
     new_frequencies.append(jnp.where(ok, tracked.frequency, frequency))
     new_directions.append(jnp.where(ok, tracked.direction, direction))
-    counts.append(jnp.where(ok, jnp.sum(tracked.oscillated, dtype=jnp.int32), 0))
+    counts.append(jnp.where(ok, count, 0))
     fractions.append(_oscillating_fraction(new_frequencies[-1], threshold, mask))
+    finite.append(ok)
   return OscillationState(
       osc_step=optax.safe_increment(state.osc_step),
       oscillation_frequency=_per_weight_tree(layout, new_frequencies),
       last_direction=_per_weight_tree(layout, new_directions),
       oscillation_count=jnp.stack(counts),
       oscillating_fraction=jnp.stack(fractions),
-  )
+  ), finite
 
 
 def _split(layout: _Layout, slots) -> list:
@@ -374,10 +424,10 @@ def track_oscillations(
     layout = _layout(codes_before, params, name)
     update_slots = _split(layout, codes_tree.flatten_like(layout.codes_def, updates, "updates"))
     codes_after = codes_fn(optax.apply_updates(params, updates))
-    new_state = _update_tracker(
+    new_state, _ = _update_tracker(
         state, layout, _split(layout, layout.codes_def.flatten_up_to(codes_before)),
         _split(layout, codes_tree.flatten_like(layout.codes_def, codes_after, "codes_fn(new params)")),
-        [_all_finite(u) for u in update_slots], momentum, threshold, name)
+        update_slots, momentum, threshold, name)
     return updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -656,7 +706,7 @@ def freeze_oscillations(
     frozen_masks = iter(_quantized_slots(layout, state.frozen, name))
     scale_iter = iter(scales)
 
-    new_slots, frozen_now, ema_before, finite = [], [], [], []
+    new_slots, frozen_now, ema_before, incoming = [], [], [], []
     for update, param, code, q in zip(update_slots, param_slots, code_slots, layout.quantized):
       if not q:
         new_slots.append(update)
@@ -675,15 +725,15 @@ def freeze_oscillations(
       new_slots.append(jnp.where(frozen, _landing_update(param, target, update), update))
       frozen_now.append(frozen)
       ema_before.append(ema)
-      finite.append(_all_finite(update))
+      incoming.append(update)
     new_updates = layout.codes_def.unflatten(new_slots)
 
     codes_after = _split(layout, codes_tree.flatten_like(
         layout.codes_def, codes_fn(optax.apply_updates(params, new_updates)),
         "codes_fn(new params)"))
     codes_before = _split(layout, code_slots)
-    tracker = _update_tracker(state.tracker, layout, codes_before, codes_after, finite,
-                              momentum, report_threshold, name, frozen_now)
+    tracker, finite = _update_tracker(state.tracker, layout, codes_before, codes_after, incoming,
+                                      momentum, report_threshold, name, frozen_now)
     new_emas = []
     for layer, (ema, after, ok) in enumerate(zip(ema_before, codes_after, finite)):
       after = after.astype(jnp.float32)
@@ -696,7 +746,7 @@ def freeze_oscillations(
         code_ema=_per_weight_tree(layout, new_emas),
         frozen=_per_weight_tree(layout, frozen_now),
         freeze_threshold=jnp.asarray(threshold_now, jnp.float32),
-        frozen_fraction=jnp.stack([jnp.mean(f, dtype=jnp.float32) for f in frozen_now]),
+        frozen_fraction=jnp.stack([_mean(f) for f in frozen_now]),
     )
     return new_updates, new_state
 
@@ -759,7 +809,7 @@ def _match_scales(scales, layout: _Layout) -> list:
                        f" {codes_tree.path_str(path)}, which does not broadcast to the parameter's"
                        f" shape {shape}.")
     try:  # values can be checked where they are concrete
-      quantizers._check_scale_values(scale, "scale")
+      checks.check_scale_values(scale, "scale")
     except ValueError as error:
       raise ValueError(f"scale_fn(params) at {codes_tree.path_str(path)}: {error}") from None
     out.append(scale)
@@ -811,7 +861,7 @@ def dampening_loss(w, scale, *, bits: int, signed: bool = True, narrow: bool = F
   if aggregation not in AGGREGATIONS:
     raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}.")
   lo, hi = quantizers.quant_range(bits, signed=signed, narrow=narrow)
-  quantizers._check_scale(w, scale)
+  checks.check_scale(w, scale)
   w = jnp.asarray(w)
   scale = jnp.asarray(scale)
   if not jnp.issubdtype(w.dtype, jnp.floating):

@@ -32,18 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trquant import checks
+
 Axis = Optional[Union[int, Sequence[int]]]
 
-MAX_BITS = 16
-
-
-def _check_bits(bits, name: str = "bits") -> int:
-  if isinstance(bits, (bool, np.bool_)) or not isinstance(bits, numbers.Integral):
-    raise ValueError(f"`{name}` must be a Python int in [1, {MAX_BITS}], got {bits!r}.")
-  bits = int(bits)
-  if not 1 <= bits <= MAX_BITS:
-    raise ValueError(f"`{name}` must be in [1, {MAX_BITS}], got {bits}.")
-  return bits
+MAX_BITS = checks.MAX_BITS
 
 
 class _Grid(NamedTuple):
@@ -79,7 +72,7 @@ def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tupl
     >>> trquant.quant_range(4, signed=False)
     (0, 15)
   """
-  bits = _check_bits(bits)
+  bits = checks.check_bits(bits)
   if not signed:
     if narrow:
       raise ValueError("`narrow=True` only applies to signed grids (signed=True).")
@@ -90,61 +83,6 @@ def quant_range(bits: int, *, signed: bool = True, narrow: bool = False) -> tupl
     return -1, 1
   hi = 2 ** (bits - 1) - 1
   return (-hi if narrow else -hi - 1), hi
-
-
-def _concrete_values(value) -> Optional[np.ndarray]:
-  """``value`` as a numpy array when it is concrete (a number, numpy or jax array that is
-  not traced and whose shards are all on this host), else None: a traced value can only
-  be checked where it is computed."""
-  if isinstance(value, jax.core.Tracer):
-    return None
-  if isinstance(value, jax.Array):
-    if not value.is_fully_addressable:
-      return None
-    return np.asarray(value)
-  if isinstance(value, (numbers.Number, np.ndarray, np.generic)):
-    return np.asarray(value)
-  return None
-
-
-def _check_scale_values(scale, name: str = "scale"):
-  """Raises a ValueError unless a concrete `scale` is positive and finite everywhere."""
-  if isinstance(scale, (bool, np.bool_)):
-    raise ValueError(f"`{name}` must be a positive number or array, got {scale!r}.")
-  values = _concrete_values(scale)
-  if values is not None and values.size:
-    try:
-      values = values.astype(np.float64)
-    except (TypeError, ValueError):
-      raise ValueError(f"`{name}` must be a positive number or array, got dtype"
-                       f" {values.dtype}.") from None
-    bad = ~(np.isfinite(values) & (values > 0))
-    if np.any(bad):
-      first = values.reshape(-1)[np.argmax(bad.reshape(-1))]
-      where = "" if values.ndim == 0 else f" everywhere ({int(bad.sum())} of {values.size} are not)"
-      raise ValueError(f"`{name}` must be positive and finite{where}; got {float(first)!r}.")
-
-
-def _check_scale(x, scale, name: str = "scale"):
-  """Validates `scale`: its shape always, its values when they are concrete.
-
-  Python numbers, numpy arrays and concrete (untraced) jax arrays, such as the output
-  of :func:`init_scale`, must be positive and finite everywhere. A traced scale (inside
-  ``jax.jit``) cannot be checked here.
-  """
-  _check_scale_values(scale, name)
-  scale_shape = np.shape(scale)
-  x_shape = np.shape(x)
-  try:
-    out_shape = np.broadcast_shapes(x_shape, scale_shape)
-  except ValueError:
-    out_shape = None
-  if out_shape != tuple(x_shape):
-    raise ValueError(
-        f"`{name}` of shape {scale_shape} does not broadcast to x of shape {x_shape}; use a"
-        " scalar for per-tensor or a keep-dims array (e.g. init_scale(..., axis=-1)) for"
-        " per-channel quantization."
-    )
 
 
 def _sum_to_shape(g, shape):
@@ -199,7 +137,7 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
     Array([-2.,  1.,  1.,  1.], dtype=float32)
   """
   grid = _grid(bits, signed, narrow)
-  _check_scale(x, scale)
+  checks.check_scale(x, scale)
   x = jnp.asarray(x)
   dtype = _compute_dtype(x, scale)
   v = jax.lax.stop_gradient(x.astype(dtype) / jnp.asarray(scale, dtype))
@@ -214,7 +152,7 @@ def dequantize(codes, scale):
     >>> trquant.dequantize(jnp.array([-2.0, 1.0]), 0.5)
     Array([-1. ,  0.5], dtype=float32)
   """
-  _check_scale(codes, scale)
+  checks.check_scale(codes, scale)
   codes = jnp.asarray(codes)
   if not jnp.issubdtype(codes.dtype, jnp.floating):
     codes = codes.astype(jnp.result_type(scale, jnp.float32))
@@ -342,7 +280,7 @@ def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False
     Array([1., 1., 0.], dtype=float32)
   """
   grid = _grid(bits, signed, narrow)
-  _check_scale(x, scale)
+  checks.check_scale(x, scale)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"`x` must have a floating dtype to be fake-quantized, got {x.dtype}.")
@@ -389,7 +327,7 @@ def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_
     ()
   """
   lo, hi = quant_range(bits, signed=signed, narrow=narrow)
-  _check_scale(x, scale)
+  checks.check_scale(x, scale)
   if grad_scale is None:
     shares = max(int(np.size(x)) // max(int(np.size(scale)), 1), 1)
     grad_scale = 1.0 / math.sqrt(shares * max(hi, 1))
@@ -461,7 +399,7 @@ def fake_quant_unscaled(x, scale, *, bits: int, signed: bool = True):
   """
   grid = _grid(bits, signed, False)
   lo, hi = grid.lo, grid.hi
-  _check_scale(x, scale)
+  checks.check_scale(x, scale)
   x = jnp.asarray(x)
   dtype = _compute_dtype(x, scale)
   v = x.astype(dtype) / jnp.asarray(scale, dtype)

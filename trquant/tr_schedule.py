@@ -440,10 +440,8 @@ def tr_schedule(
         codes_def.flatten_up_to(codes_before), codes_after, update_slots, quantized
     ):
       if is_quantized:
-        # One fused pass per layer: a non-finite update entry makes the count NaN, which
-        # is how the layer is recognised below (no separate all(isfinite) reduction).
-        changed.append(jnp.sum(jnp.where(jnp.isfinite(update), before != after, jnp.nan),
-                               dtype=jnp.float32))
+        # NaN when the layer's update has a non-finite entry: how it is recognised below.
+        changed.append(codes_tree.count_transitions(before, after, update))
         total.append(float(np.size(before)))
     changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)

@@ -1,4 +1,4 @@
-"""In-memory image datasets for the examples: digits, (Fashion-)MNIST, CIFAR-10/100.
+"""In-memory image datasets for examples and benchmarks: digits, (Fashion-)MNIST, CIFAR-10/100.
 
 Every loader returns a :class:`Dataset` of numpy arrays: float32 NHWC images in
 [0, 1] and int32 labels. Nothing is downloaded:
@@ -8,16 +8,16 @@ Every loader returns a :class:`Dataset` of numpy arrays: float32 NHWC images in
 * ``fashion-mnist`` and ``mnist`` read the four standard IDX files (gzipped or not);
 * ``cifar10`` and ``cifar100`` read the standard "python version" pickles.
 
-The directory holding the files is given as ``data_dir`` (the examples' ``--data-dir``)
+The directory holding the files is given as ``data_dir`` (the scripts' ``--data-dir``)
 or through the environment variable ``TRQUANT_DATA_DIR``, which may point at the folder
 holding the files or at its parent (``$TRQUANT_DATA_DIR/fashion-mnist`` is found too).
 
 :func:`batches` yields shuffled (optionally augmented) mini-batches of numpy arrays.
 
-    import data
-    dataset = data.normalize(data.load_dataset("fashion-mnist", data_dir="path/to/dir"))
+    from trquant import datasets
+    dataset = datasets.normalize(datasets.load_dataset("fashion-mnist", data_dir="path/to/dir"))
     rng = np.random.default_rng(0)
-    for images, labels in data.batches(dataset.train_images, dataset.train_labels, 128, rng=rng):
+    for images, labels in datasets.batches(dataset.train_images, dataset.train_labels, 128, rng=rng):
       ...
 """
 
@@ -31,6 +31,12 @@ import zlib
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+
+__all__ = [
+    "AUGMENTATIONS", "DATASET_NAMES", "DATA_DIR_ENV", "Dataset", "batches", "load_cifar",
+    "load_dataset", "load_digits", "load_mnist_idx", "normalize", "random_crop", "read_idx",
+    "resolve_data_dir",
+]
 
 DATA_DIR_ENV = "TRQUANT_DATA_DIR"
 

@@ -1,10 +1,8 @@
-"""The examples' in-memory dataset loaders (examples/data.py) on small files they write themselves."""
+"""trquant.datasets: the in-memory dataset loaders, on small files the tests write themselves."""
 
 import gzip
-import importlib.util
 import itertools
 import os
-import pathlib
 import pickle
 import struct
 import time
@@ -12,10 +10,7 @@ import time
 import numpy as np
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parent.parent / "examples" / "data.py"
-spec = importlib.util.spec_from_file_location("trquant_examples_data", _PATH)
-data = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(data)
+from trquant import datasets as data
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")

@@ -1,0 +1,218 @@
+"""Post-training quantization: nearest vs layer-wise AdaRound vs block reconstruction (BRECQ) vs QDrop.
+
+For each model (ResNet-20 and the small CNN by default) an FP checkpoint is trained (or
+reused) as in `benchmarks/adaround.py`; then, for each setting (W4A4, W2A4, W4, W2 by
+default; per-channel weight scales; first and last layer 8-bit), each method and seed:
+
+  nearest    round-to-nearest weights, MSE step sizes; activations (if any) LSQ-quantized
+             with MSE step sizes from the first calibration batch
+  adaround   the same start, then each layer reconstructed on its own (rounding and its
+             input's step size learned): trquant.adaround.reconstruct_model(granularity="layer")
+  brecq      each block (ResNet-20: stem, 9 residual blocks, head) reconstructed jointly:
+             reconstruct_model(granularity="block")
+  qdrop      brecq with drop_prob=0.5 (full-precision activations at random while learning)
+
+from ``--calibration`` training images (a new draw and key per seed). Every run's result
+goes to its own JSON in ``--out`` (existing ones are skipped, so an interrupted run
+resumes); summary.md and summary.json are rebuilt from all of them.
+
+    python benchmarks/ptq.py --data-dir DIR --out benchmarks/results/ptq
+    python benchmarks/ptq.py --quick     # digits, the small CNN, a few iterations (tested)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+import _runs  # benchmarks/_runs.py, next to this script
+import adaround as adaround_bench  # benchmarks/adaround.py: FP checkpoints, calibration
+from trquant import adaround
+from trquant import datasets
+
+METHODS = ("nearest", "adaround", "brecq", "qdrop")
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", default="resnet20,cnn")
+  parser.add_argument("--dataset", default="fashion-mnist")
+  parser.add_argument("--data-dir", default=None, help="dataset folder (default: $TRQUANT_DATA_DIR)")
+  parser.add_argument("--fp-epochs", default="2,3", help="FP training epochs, one per model")
+  parser.add_argument("--max-steps-per-epoch", type=int, default=150)
+  parser.add_argument("--batch-size", type=int, default=128, help="FP training batch size")
+  parser.add_argument("--settings", default="W4A4,W2A4,W4,W2",
+                      help="weight (and activation) bits, e.g. W4A4 or W2 (weights only)")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales")
+  parser.add_argument("--first-last-bits", type=int, default=8)
+  parser.add_argument("--calibration", type=int, default=1024)
+  parser.add_argument("--iters", type=int, default=500, help="iterations per unit")
+  parser.add_argument("--seeds", type=int, default=3)
+  parser.add_argument("--drop-prob", type=float, default=0.5, help="QDrop's probability")
+  parser.add_argument("--lam", type=float, default=0.01)
+  parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--act-lr", type=float, default=4e-5)
+  parser.add_argument("--out", default="benchmarks/results/ptq")
+  parser.add_argument("--summary-only", action="store_true", help="rebuild the summary only")
+  parser.add_argument("--quick", action="store_true")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.models, args.dataset, args.fp_epochs, args.max_steps_per_epoch = "cnn", "digits", "2", 10
+    args.batch_size, args.settings, args.calibration, args.iters = 64, "W3A4", 256, 20
+    args.seeds = 1
+  args.models = [m for m in args.models.split(",") if m]
+  args.methods = [m for m in args.methods.split(",") if m]
+  unknown = sorted(set(args.methods) - set(METHODS))
+  if unknown:
+    parser.error(f"--methods must be a subset of {', '.join(METHODS)}; got {unknown}")
+  args.settings = [_setting(s, parser) for s in args.settings.split(",") if s]
+  return args
+
+
+def _setting(text, parser):
+  text = text.strip().upper()
+  try:
+    if "A" in text:
+      weight, act = text[1:].split("A")
+      return text, int(weight), int(act)
+    return text, int(text[1:]), None
+  except ValueError:
+    parser.error(f"a setting is W<bits> or W<bits>A<bits>, got {text!r}")
+
+
+def run_one(args, model, dataset, name, setting, method, seed):
+  tag, bits, act_bits = setting
+  batches = adaround_bench.calibration_batches(dataset, args.calibration, seed)
+  common = dict(bits=bits, per_channel=not args.per_tensor,
+                first_last_bits=args.first_last_bits or None)
+  start = time.perf_counter()
+  reports = []
+  if method == "nearest":
+    quantized = adaround.round_to_nearest(model, example_input=batches[0], act_bits=act_bits,
+                                          **common)
+  else:
+    quantized, reports = adaround.reconstruct_model(
+        model, batches, act_bits=act_bits, granularity="layer" if method == "adaround" else "block",
+        drop_prob=args.drop_prob if method == "qdrop" else 0.0, iters=args.iters,
+        lam=args.lam, lr=args.lr, act_lr=args.act_lr, key=jax.random.key(seed),
+        progress=not args.quick, return_info=True, **common)
+  seconds = time.perf_counter() - start
+  accuracy = adaround_bench.accuracy(quantized, dataset)
+  return {"model": name, "setting": tag, "bits": bits, "act_bits": act_bits, "method": method,
+          "seed": seed, "accuracy": accuracy, "seconds": seconds, "iters": args.iters,
+          "units": [{"name": r.name, "layers": list(r.layers), "seconds": r.seconds,
+                     "capture_seconds": r.capture_seconds, "nearest_error": r.nearest_error,
+                     "reconstructed_error": r.reconstructed_error,
+                     "flipped_fraction": r.flipped_fraction} for r in reports]}
+
+
+def summarize(args):
+  runs = []
+  for file in sorted(os.listdir(args.out)):
+    if file.endswith(".json") and file.startswith("run-"):
+      with open(os.path.join(args.out, file)) as f:
+        runs.append(json.load(f))
+  fp = {}
+  for file in sorted(os.listdir(args.out)):
+    if file.startswith("fp-") and file.endswith(".json"):
+      with open(os.path.join(args.out, file)) as f:
+        fp[file[3:-5]] = json.load(f)
+  table = {}
+  for run in runs:
+    entry = table.setdefault((run["model"], run["setting"], run["method"]),
+                             {"accuracies": [], "seeds": [], "seconds": [], "units": []})
+    entry["accuracies"].append(run["accuracy"])
+    entry["seeds"].append(run["seed"])
+    entry["seconds"].append(run["seconds"])
+    entry["units"].append(run["units"])
+  lines = [
+      "Post-training quantization on Fashion-MNIST: round-to-nearest, layer-wise AdaRound,"
+      " block reconstruction (BRECQ) and BRECQ + QDrop (p = 0.5), from 1024 calibration images"
+      f" (a new draw and key per seed), {args.iters} iterations per unit, batch 32, lambda"
+      f" {args.lam:g}, Adam lr {args.lr:g} (rounding) and {args.act_lr:g} (activation step"
+      " sizes), beta 20 -> 2 cosine after a 20% warm-up; per-channel MSE weight step sizes;"
+      " activations (A4) LSQ with MSE-initialised step sizes, signed where the FP input is;"
+      " first and last layer 8-bit (weights and inputs); no BatchNorm re-estimation."
+      f" Machine: {platform.machine()} CPU, 2 cores, no GPU.", "",
+      "| model | setting | FP | method | accuracy (mean ± std) | per seed | wall time per run (s) |",
+      "|---|---|---|---|---|---|---|"]
+  summary = {}
+  for (model, setting, method), entry in sorted(
+      table.items(), key=lambda item: (item[0][0], item[0][1], METHODS.index(item[0][2]))):
+    mean, std = _runs.mean_std(entry["accuracies"])
+    fp_accuracy = fp.get(model, {}).get("final_test_accuracy", float("nan"))
+    per_seed = ", ".join(f"{100 * a:.2f}" for a in entry["accuracies"])
+    lines.append(f"| {model} | {setting} | {100 * fp_accuracy:.2f} | {method} |"
+                 f" {100 * mean:.2f} ± {100 * std:.2f} | {per_seed} |"
+                 f" {np.mean(entry['seconds']):.0f} |")
+    units = {}
+    for run_units in entry["units"]:
+      for unit in run_units:
+        units.setdefault(unit["name"], []).append(unit)
+    summary.setdefault(model, {}).setdefault(setting, {})[method] = {
+        "mean": mean, "std": std, "accuracies": entry["accuracies"], "seeds": entry["seeds"],
+        "seconds": entry["seconds"], "fp_accuracy": fp_accuracy,
+        "units": {name: {"error_ratio": float(np.mean([u["reconstructed_error"]
+                                                        / max(u["nearest_error"], 1e-12)
+                                                        for u in us])),
+                         "seconds": float(np.mean([u["seconds"] for u in us])),
+                         "iters_per_second": args.iters / max(float(np.mean(
+                             [u["seconds"] for u in us])), 1e-9),
+                         "layers": us[0]["layers"]}
+                  for name, us in units.items()}}
+  # Reconstruction speed per unit (compilation included), layer-wise vs block-wise.
+  lines += ["", "Reconstruction speed (iterations per second per unit, compilation included;"
+                " mean over runs), and the unit's output error after / before (nearest):", "",
+            "| model | setting | method | unit | layers | it/s | error after / before |",
+            "|---|---|---|---|---|---|---|"]
+  for model, settings in summary.items():
+    for setting, methods in settings.items():
+      for method, entry in methods.items():
+        for name, unit in entry["units"].items():
+          lines.append(f"| {model} | {setting} | {method} | {name} | {len(unit['layers'])} |"
+                       f" {unit['iters_per_second']:.0f} | {unit['error_ratio']:.3f} |")
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump({"iters": args.iters, "models": summary}, f, indent=1)
+  with open(os.path.join(args.out, "summary.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return summary
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  os.makedirs(args.out, exist_ok=True)
+  if not args.summary_only:
+    dataset = datasets.normalize(datasets.load_dataset(args.dataset, args.data_dir))
+    epochs = [int(e) for e in args.fp_epochs.split(",")]
+    fp_epochs = dict(zip(args.models, epochs if len(epochs) > 1 else epochs * len(args.models)))
+    for name in args.models:
+      bench_args = argparse.Namespace(
+          out=args.out, dataset=args.dataset, retrain=False, batch_size=args.batch_size,
+          data_dir=args.data_dir, max_steps_per_epoch=args.max_steps_per_epoch)
+      model = adaround_bench.fp_model(bench_args, name, dataset, fp_epochs[name])
+      for setting in args.settings:
+        for method in args.methods:
+          for seed in range(args.seeds):
+            path = os.path.join(args.out, f"run-{name}-{setting[0]}-{method}-s{seed}.json")
+            if os.path.exists(path):
+              continue
+            result = run_one(args, model, dataset, name, setting, method, seed)
+            with open(path, "w") as f:
+              json.dump(result, f)
+            print(f"{name} {setting[0]} {method} seed {seed}: {100 * result['accuracy']:.2f}%"
+                  f" ({result['seconds']:.0f} s)", flush=True)
+  summary = summarize(args)
+  with open(os.path.join(args.out, "summary.md")) as f:
+    print(f.read())
+  return summary
+
+
+if __name__ == "__main__":
+  main()

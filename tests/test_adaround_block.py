@@ -1,0 +1,337 @@
+"""trquant.adaround.block and reconstruct_model: block reconstruction (BRECQ), QDrop, activations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import trquant
+from trquant import adaround
+from trquant import models
+
+
+def _mlp_problem(seed=0, n=512):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  w1 = jax.random.normal(keys[0], (8, 32)) / np.sqrt(8)
+  w2 = jax.random.normal(keys[1], (32, 6)) / np.sqrt(32)
+  # Correlated inputs: rounding choices then matter for the output.
+  x = jax.random.normal(keys[2], (n, 8)) @ (jnp.eye(8) + 0.6 * jax.random.normal(keys[3], (8, 8)))
+  return w1, w2, x
+
+
+def _mlp(ws, act_scales, x, key):
+  del key
+  h = jax.nn.relu(x @ ws[0])
+  if act_scales is not None:
+    h = trquant.lsq(h, act_scales[0], bits=3, signed=False)
+  return h @ ws[1]
+
+
+def test_one_weight_block_is_exactly_reconstruct_layer():
+  w1, _, x = _mlp_problem()
+  scale = trquant.init_scale(w1, bits=2, method="mse")
+  y = x @ w1 + 0.05
+  common = dict(bits=2, iters=80, lr=1e-2, batch_size=16, key=jax.random.key(3))
+  layer = adaround.reconstruct_layer(lambda w, x: x @ w, w1, scale, x, y, **common)
+  block = adaround.reconstruct_block(lambda ws, a, x, k: x @ ws[0], [w1], [scale], x, y, **common)
+  np.testing.assert_array_equal(block.codes[0], layer.codes)
+  np.testing.assert_allclose(block.reconstruction_loss, layer.reconstruction_loss, rtol=1e-6)
+
+
+def test_joint_rounding_beats_nearest_on_a_two_layer_block():
+  w1, w2, x = _mlp_problem()
+  ws = (w1, w2)
+  scales = [trquant.init_scale(w, bits=2, method="mse") for w in ws]
+  y = _mlp(ws, None, x, None)
+  result = adaround.reconstruct_block(_mlp, ws, scales, x, y, bits=2, iters=400, lr=1e-2,
+                                      key=jax.random.key(0))
+  nearest = [trquant.dequantize(trquant.quantize(w, s, bits=2), s) for w, s in zip(ws, scales)]
+  nearest_error = adaround.block_error(_mlp, nearest, None, x, y)
+  block_error = adaround.block_error(_mlp, result.weights, None, x, y)
+  assert block_error < 0.7 * nearest_error
+  for codes, weight, s in zip(result.codes, result.weights, scales):
+    assert set(np.unique(codes)) <= {-2.0, -1.0, 0.0, 1.0}
+    np.testing.assert_array_equal(weight, s * codes)
+  assert result.reconstruction_loss.shape == result.regularization_loss.shape == (400,)
+
+
+def test_activation_scales_are_learned_and_stay_positive():
+  w1, w2, x = _mlp_problem(1)
+  ws = (w1, w2)
+  scales = [trquant.init_scale(w, bits=4, method="mse") for w in ws]
+  y = _mlp(ws, None, x, None)
+  start = [jnp.asarray(0.5)]  # a poor step size for the hidden activations
+  result = adaround.reconstruct_block(_mlp, ws, scales, x, y, bits=4, act_scales=start,
+                                      act_lr=1e-2, iters=300, lr=1e-2, key=jax.random.key(0))
+  learned = float(result.act_scales[0])
+  assert learned > 0 and learned != 0.5
+  assert (adaround.block_error(_mlp, result.weights, result.act_scales, x, y)
+          < adaround.block_error(_mlp, result.weights, start, x, y))
+
+
+def test_qdrop_mixes_full_precision_inputs_and_is_deterministic_for_a_key():
+  w1, w2, x = _mlp_problem(2)
+  ws = (w1, w2)
+  scales = [trquant.init_scale(w, bits=2, method="mse") for w in ws]
+  x_q = trquant.fake_quant(x, trquant.init_scale(x, bits=2, method="mse"), bits=2)
+  y = _mlp(ws, None, x, None)
+  common = dict(bits=2, iters=60, lr=1e-2, x_fp=x, key=jax.random.key(4))
+  first = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, drop_prob=0.5, **common)
+  again = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, drop_prob=0.5, **common)
+  plain = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, drop_prob=0.0, **common)
+  for a, b in zip(first.codes, again.codes):
+    np.testing.assert_array_equal(a, b)
+  # The full-precision inputs make the loss lower than with quantized inputs only.
+  assert float(first.reconstruction_loss[:20].mean()) < float(plain.reconstruction_loss[:20].mean())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scales="one"), "one step size per weight"),
+    (dict(bits=(2, 2, 2)), "one per weight"),
+    (dict(bits=1), "binary"),
+    (dict(drop_prob=0.5), "x_fp"),
+    (dict(drop_prob=1.0, x_fp="x"), r"\[0, 1\)"),
+    (dict(x_fp="short"), "shape of `x_q`"),
+    (dict(act_scales=[jnp.asarray(-1.0)]), "positive"),
+    (dict(act_lr=0.0), "act_lr"),
+    (dict(y="wide"), "outputs of shape"),
+    (dict(weights=[]), "empty"),
+    (dict(iters=0), "iters"),
+])
+def test_reconstruct_block_bad_inputs(kwargs, match):
+  w1, w2, x = _mlp_problem()
+  ws = [w1, w2]
+  scales = [trquant.init_scale(w, bits=2, method="mse") for w in ws]
+  y = _mlp(ws, None, x, None)
+  args = dict(weights=ws, scales=scales, y=y, bits=2, iters=5, key=jax.random.key(0))
+  args.update(kwargs)
+  if args["scales"] == "one":
+    args["scales"] = scales[:1]
+  if isinstance(args.get("x_fp"), str):
+    args["x_fp"] = x if args["x_fp"] == "x" else x[:-1]
+  if isinstance(args["y"], str):
+    args["y"] = jnp.zeros((x.shape[0], 7))
+  weights, scales_, y_ = args.pop("weights"), args.pop("scales"), args.pop("y")
+  with pytest.raises(ValueError, match=match):
+    adaround.reconstruct_block(_mlp, weights, scales_, x, y_, **args)
+
+
+# ---------------------------------------------------------------------------------------
+# reconstruct_model
+# ---------------------------------------------------------------------------------------
+
+
+def _layers(model):
+  return {"/".join(map(str, path)): layer for path, layer in trquant.nnx.quant_layers(model)}
+
+
+class TinyResNet(nnx.Module):
+  """ResNet-20's pieces, fewer of them: stem, an identity and a projection block, head."""
+
+  def __init__(self, rngs):
+    fp = models.LayerQuant()
+    self.stem = models.ConvBN(1, 8, 3, quant=fp, signed_input=True, rngs=rngs)
+    self.blocks = nnx.List([models.BasicBlock(8, 8, strides=1, quant=fp, rngs=rngs),
+                            models.BasicBlock(8, 16, strides=2, quant=fp, rngs=rngs)])
+    self.head = trquant.nnx.QuantLinear(16, 10, weight_bits=None, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.stem(x))
+    for block in self.blocks:
+      x = block(x)
+    return self.head(x.mean(axis=(1, 2)))
+
+
+@pytest.fixture(scope="module")
+def digits_resnet():
+  from sklearn.datasets import load_digits
+
+  digits = load_digits()
+  images = (digits.images[..., None] / 16.0 - 0.3).astype(np.float32)
+  model = TinyResNet(nnx.Rngs(0))
+  model.eval()
+  return model, images[:128]
+
+
+def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(digits_resnet):
+  fp, images = digits_resnet
+  before = jax.tree.map(np.asarray, nnx.state(fp))
+  q, reports = adaround.reconstruct_model(fp, images, bits=4, act_bits=4, first_last_bits=8,
+                                          iters=10, key=jax.random.key(0), progress=False,
+                                          return_info=True)
+  assert [r.name for r in reports] == ["stem", "blocks/0", "blocks/1", "head"]
+  assert reports[1].layers == ("blocks/0/conv1/conv", "blocks/0/conv2/conv")
+  assert reports[2].layers == ("blocks/1/conv1/conv", "blocks/1/conv2/conv",
+                               "blocks/1/shortcut/conv")
+  assert reports[0].bits == (8,) and reports[-1].bits == (8,) and reports[1].bits == (4, 4)
+  layers = _layers(q)
+  assert layers["stem/conv"].act_bits == 8 and layers["stem/conv"].signed_act  # the image
+  assert layers["blocks/0/conv2/conv"].act_bits == 4
+  assert not layers["blocks/0/conv2/conv"].signed_act  # post-ReLU
+  for path, layer in layers.items():
+    codes = layer.weight_codes()
+    np.testing.assert_array_equal(layer.kernel.get_value(),
+                                  codes * layer.weight_scale.get_value())
+  # The input model is untouched.
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(fp)))
+  assert all(layer.weight_bits is None for _, layer in trquant.nnx.quant_layers(fp))
+  assert q(images[:4]).shape == (4, 10)
+
+
+def test_reconstruction_lowers_each_units_error(digits_resnet):
+  fp, images = digits_resnet
+  _, reports = adaround.reconstruct_model(
+      fp, images, bits=2, act_bits=4, iters=150, lr=1e-2, drop_prob=0.5, granularity="block",
+      blocks=["blocks/1"], key=jax.random.key(1), progress=False, return_info=True)
+  names = [r.name for r in reports]
+  assert names == ["stem/conv", "blocks/0/conv1/conv", "blocks/0/conv2/conv", "blocks/1", "head"]
+  for report in reports:
+    assert report.reconstructed_error <= report.nearest_error * 1.02, report
+
+
+def test_layer_granularity_reconstructs_each_layer(digits_resnet):
+  fp, images = digits_resnet
+  _, reports = adaround.reconstruct_model(fp, images, bits=4, granularity="layer", iters=5,
+                                          key=jax.random.key(0), progress=False,
+                                          return_info=True)
+  assert len(reports) == len(trquant.nnx.quant_layers(fp))
+  assert all(len(r.layers) == 1 for r in reports)
+
+
+def test_reconstruct_model_on_a_quantized_transformer_block():
+  class Block(nnx.Module):
+    def __init__(self, rngs):
+      self.norm = nnx.LayerNorm(16, rngs=rngs)
+      self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False, rngs=rngs)
+      self.fc = nnx.Linear(16, 16, rngs=rngs)
+
+    def __call__(self, x):
+      x = x + self.attn(self.norm(x))
+      return x + self.fc(nnx.gelu(x))
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.embed = nnx.Linear(4, 16, rngs=rngs)
+      self.blocks = nnx.List([Block(rngs), Block(rngs)])
+      self.head = nnx.Linear(16, 3, rngs=rngs)
+
+    def __call__(self, x):
+      x = self.embed(x)
+      for block in self.blocks:
+        x = block(x)
+      return self.head(x.mean(axis=1))
+
+  fp = trquant.nnx.quantize(Net(nnx.Rngs(0)), trquant.nnx.QuantRule())
+  x = jax.random.normal(jax.random.key(0), (64, 5, 4))
+  q, reports = adaround.reconstruct_model(fp, x, bits=4, act_bits=8, iters=20,
+                                          key=jax.random.key(1), progress=False,
+                                          return_info=True)
+  assert [r.name for r in reports] == ["embed", "blocks/0", "blocks/1", "head"]
+  assert set(reports[1].layers) == {"blocks/0/attn/query", "blocks/0/attn/key",
+                                    "blocks/0/attn/value", "blocks/0/attn/out", "blocks/0/fc"}
+  layers = _layers(q)
+  assert layers["blocks/0/attn/query"].signed_act  # LayerNorm output
+  assert np.isfinite(np.asarray(q(x))).all()
+
+
+def test_reconstruct_model_export_round_trip(digits_resnet, tmp_path):
+  fp, images = digits_resnet
+  q = adaround.reconstruct_model(fp, images, bits=4, act_bits=4, iters=5, key=jax.random.key(0),
+                                 progress=False)
+  path = tmp_path / "q.npz"
+  trquant.export.save_integer(path, trquant.export.to_integer(q))
+  fresh = nnx.clone(q)
+  for _, layer in trquant.nnx.quant_layers(fresh):  # overwritten by the file below
+    layer.kernel.set_value(jnp.zeros_like(layer.kernel.get_value()))
+    layer.act_scale.set_value(jnp.ones_like(layer.act_scale.get_value()))
+  trquant.export.load_integer(fresh, trquant.export.read_integer(path))
+  np.testing.assert_array_equal(fresh(images[:8]), q(images[:8]))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(granularity="tensor"), "granularity"),
+    (dict(blocks=["nope"]), "not a module of the model"),
+    (dict(blocks="blocks/0"), "list of module paths"),
+    (dict(blocks=["blocks"]), "nnx.List"),
+    (dict(blocks=["blocks/0", "blocks/0/conv1"]), "overlap"),
+    (dict(blocks=["blocks/0/conv1/bn"]), "no trquant layer"),
+    (dict(drop_prob=0.5), "act_bits"),
+    (dict(drop_prob=1.5, act_bits=4), r"\[0, 1\)"),
+    (dict(act_bits=0), "act_bits"),
+    (dict(bits=1), "binary"),
+    (dict(iters=0), "iters"),
+])
+def test_reconstruct_model_bad_inputs(digits_resnet, kwargs, match):
+  fp, images = digits_resnet
+  args = dict(bits=4, iters=2, key=jax.random.key(0), progress=False)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    adaround.reconstruct_model(fp, images, **args)
+
+
+def test_reconstruct_model_calibration_errors(digits_resnet):
+  fp, images = digits_resnet
+  common = dict(bits=4, iters=2, key=jax.random.key(0), progress=False)
+  with pytest.raises(ValueError, match="empty"):
+    adaround.reconstruct_model(fp, [], **common)
+  with pytest.raises(ValueError, match="one shape"):
+    adaround.reconstruct_model(fp, [images[:8], images[:8, :4]], **common)
+
+
+def test_a_unit_with_two_inputs_is_named():
+  class Pair(nnx.Module):
+    def __init__(self, rngs):
+      self.a = trquant.nnx.QuantLinear(4, 4, weight_bits=None, rngs=rngs)
+
+    def __call__(self, x, y):
+      return self.a(x) + y
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.pair = Pair(rngs)
+
+    def __call__(self, x):
+      return self.pair(x, x)
+
+  with pytest.raises(ValueError, match="must take one input"):
+    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), bits=4, iters=2,
+                               key=jax.random.key(0), progress=False)
+
+
+def test_input_quant_hook_decides_what_the_layer_uses():
+  layer = trquant.nnx.QuantLinear(4, 3, weight_bits=None, act_bits=2, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (5, 4))
+  seen = []
+
+  def hook(module, x_fp, x_q):
+    seen.append((x_fp.shape, x_q.shape))
+    return x_fp
+
+  plain = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+  quantized = layer(x)
+  layer.input_quant_hook = hook
+  np.testing.assert_allclose(layer(x), plain(x), atol=1e-6)  # full-precision input used
+  assert seen == [((5, 4), (5, 4))]
+  assert not np.allclose(quantized, plain(x))
+
+
+def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_resnet):
+  fp, images = digits_resnet
+  nearest = adaround.round_to_nearest(fp, bits=4, act_bits=4, first_last_bits=8,
+                                      example_input=images)
+  layers = _layers(nearest)
+  assert layers["stem/conv"].act_bits == 8 and layers["blocks/0/conv1/conv"].act_bits == 4
+  x = layers["blocks/0/conv1/conv"]
+  assert float(x.act_scale.get_value()) > 0 and not x.signed_act
+  # One step with tiny learning rates stays at the start: V from the fractional parts rounds
+  # to nearest, and the step sizes barely move. So reconstruct_model starts from this model.
+  barely = adaround.reconstruct_model(fp, images, bits=4, act_bits=4, first_last_bits=8,
+                                      iters=1, lr=1e-12, act_lr=1e-12, key=jax.random.key(0),
+                                      progress=False)
+  for name, layer in _layers(barely).items():
+    np.testing.assert_array_equal(layer.weight_codes(), layers[name].weight_codes())
+    np.testing.assert_allclose(layer.act_scale.get_value(), layers[name].act_scale.get_value(),
+                               rtol=1e-6)
+  with pytest.raises(ValueError, match="example_input"):
+    adaround.round_to_nearest(fp, bits=4, act_bits=4)

@@ -1,0 +1,160 @@
+"""Setting a quantized model's weights, scales and BatchNorm statistics from data.
+
+* :func:`load_float_weights` loads full-precision weights into a quantized model;
+* :func:`init_weight_scales` and :func:`calibrate_activations` initialise weight and
+  activation scales;
+* :func:`reestimate_batchnorm` re-estimates BatchNorm running statistics with the
+  quantized weights (against oscillation-corrupted statistics).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trquant.nnx import traversal
+
+
+def load_float_weights(model, source) -> list[tuple]:
+  """Copies parameter and BatchNorm values from ``source`` into ``model``, keeping its metadata.
+
+  QAT starts from a full-precision checkpoint. ``nnx.update(quant_model, fp_state)``
+  would replace the quantized model's variables with the FP ones, metadata
+  included (a :class:`QuantWeight` with ``bits=None``), silently turning
+  quantization off; this copies values only. Entries the source lacks (scales)
+  are left as they are: re-initialise weight scales afterwards with
+  :func:`init_weight_scales`.
+
+  Args:
+    model: the (quantized) NNX model to load into.
+    source: an NNX model, an ``nnx.State`` with the same parameter paths, or a
+      mapping from ``"/"``-joined paths to arrays (e.g. an opened ``.npz``).
+
+  Returns:
+    The paths loaded.
+
+  Raises:
+    ValueError: if the source has a path the model lacks, or a shape differs.
+  """
+  if isinstance(source, nnx.Module):
+    source = nnx.state(source, nnx.Any(nnx.Param, nnx.BatchStat))
+  if isinstance(source, nnx.State):
+    entries = [(tuple(path), value) for path, value in nnx.to_flat_state(source)]
+  else:
+    entries = [(tuple(key.split("/")), value) for key, value in source.items()]
+  # Keys as strings, so "layers/0/kernel" from a file matches the path ("layers", 0, "kernel").
+  targets = {traversal.path_name(path): variable for path, variable in nnx.to_flat_state(nnx.state(model))}
+  missing = [traversal.path_name(path) for path, _ in entries if traversal.path_name(path) not in targets]
+  if missing:
+    raise ValueError(f"the source has {missing[:5]} ({len(missing)} in all), which the model"
+                     " lacks; was it saved from the same architecture?")
+  loaded = []
+  for path, value in entries:
+    target = targets[traversal.path_name(path)]
+    value = value.get_value() if isinstance(value, nnx.Variable) else value
+    if np.shape(value) != np.shape(target.get_value()):
+      raise ValueError(f"{traversal.path_name(path)}: source shape {np.shape(value)}, model shape"
+                       f" {np.shape(target.get_value())}.")
+    target.set_value(jnp.asarray(value, dtype=target.get_value().dtype))
+    loaded.append(path)
+  return loaded
+
+
+def init_weight_scales(model, *, method: Optional[str] = None) -> None:
+  """Re-initialises every quantized layer's weight scale from its current kernel.
+
+  Call after loading full-precision weights into a quantized model (QAT starts
+  from an FP checkpoint). ``method`` defaults to each layer's ``scale_method``.
+  Layers with full-precision weights (``weight_bits=None``) are left as they are.
+
+  Raises:
+    ValueError: if the model has no trquant layer: there would be no scale to set.
+  """
+  for _, layer in traversal.require_quant_layers(model, "init_weight_scales"):
+    if layer.kernel.bits is not None:
+      layer.weight_scale.set_value(layer.initial_weight_scale(
+          layer.kernel.get_value(), method or layer.scale_method))
+
+
+def calibrate_activations(model, *args, **kwargs):
+  """Sets each quantized input's LSQ scale to ``2 * mean(|x|) / sqrt(hi)`` on a batch.
+
+  Runs ``model(*args, **kwargs)`` eagerly once with calibration on, and returns its output.
+  Layers with full-precision inputs (``act_bits=None``) are left as they are.
+
+  Raises:
+    ValueError: if the model has no trquant layer: there would be no activation scale to set.
+  """
+  layers = [layer for _, layer in traversal.require_quant_layers(model, "calibrate_activations")]
+  for layer in layers:
+    layer.calibrating = True
+  try:
+    return model(*args, **kwargs)
+  finally:
+    for layer in layers:
+      layer.calibrating = False
+
+
+def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
+                         apply_fn: Optional[Callable] = None) -> int:
+  """Replaces BatchNorm running statistics by the plain average of per-batch statistics.
+
+  Runs the model in training mode on up to ``num_batches`` batches (each either
+  an input array or a tuple whose first element is the input) and sets every
+  ``nnx.BatchNorm``'s ``mean`` and ``var`` to the average over batches of that
+  batch's statistics, as in the oscillation paper's BN re-estimation. Other
+  state (weights, scales) is untouched; the model is left in evaluation mode.
+
+  Args:
+    model: an NNX model containing ``nnx.BatchNorm`` layers.
+    batches: iterable of batches.
+    num_batches: maximum number of batches to use (positive).
+    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+
+  Returns:
+    The number of batches used.
+  """
+  if not isinstance(num_batches, int) or num_batches < 1:
+    raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}.")
+  norms = _batchnorms(model)
+  if not norms:
+    raise ValueError("the model has no nnx.BatchNorm layer to re-estimate.")
+  apply_fn = apply_fn or (lambda m, x: m(x))
+  saved_momentum = [norm.momentum for norm in norms]
+  # With momentum 0 each forward pass leaves exactly that batch's statistics.
+  for norm in norms:
+    norm.momentum = 0.0
+  model.train()
+
+  @nnx.jit
+  def batch_statistics(model, inputs):
+    apply_fn(model, inputs)
+    return [(norm.mean.get_value(), norm.var.get_value()) for norm in _batchnorms(model)]
+
+  sums, used = None, 0
+  try:
+    for batch in batches:
+      if used >= num_batches:
+        break
+      inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+      stats = batch_statistics(model, jnp.asarray(inputs))
+      sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
+      used += 1
+  finally:
+    for norm, momentum in zip(norms, saved_momentum):
+      norm.momentum = momentum
+    model.eval()
+  if used == 0:
+    raise ValueError("`batches` yielded no batch.")
+  for norm, (mean_sum, var_sum) in zip(norms, sums):
+    norm.mean.set_value(mean_sum / used)
+    norm.var.set_value(var_sum / used)
+  return used
+
+
+def _batchnorms(model):
+  return [module for _, module in nnx.iter_modules(model) if isinstance(module, nnx.BatchNorm)]

@@ -1,0 +1,313 @@
+"""The glue between NNX models of trquant layers and trquant's optax transforms.
+
+* :func:`codes_fn` and :func:`param_labels` turn a model into the ``codes_fn`` of
+  :func:`trquant.tr_schedule` and the label tree of ``optax.partition`` (or
+  :func:`partition`, which also takes labels held in ``nnx.Variable`` objects);
+* :func:`scales_fn` gives the ``scale_fn`` of :func:`trquant.freeze_oscillations`
+  and :func:`dampening_loss` the model's oscillation-dampening loss;
+* :func:`transition_stats` and :func:`oscillation_stats` read the transforms' state
+  out of an ``nnx.Optimizer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from trquant import oscillations
+from trquant import quantizers
+from trquant.nnx import traversal
+from trquant.nnx.layers import QuantWeight
+
+
+def _frozen_scale_kernels(model, purpose: str) -> dict:
+  """{kernel path in the params tree: layer} of every quantized layer; they must have
+  frozen weight scales (``weight_quantizer="fixed"``), which `purpose` needs."""
+  kernels = {}
+  for path, layer in traversal.require_quant_layers(model, purpose, quantized_weights=True):
+    _check_frozen_scale(path, layer, purpose)
+    kernels[path + ("kernel",)] = layer
+  return kernels
+
+
+def _check_frozen_scale(path, layer, purpose: str) -> None:
+  name = traversal.path_name(path) or "<root>"
+  if layer.kernel.bits is None:
+    raise ValueError(f"layer {name} no longer quantizes its weights (weight_bits=None);"
+                     f" {purpose} needs quantized weights with frozen scales. Make the"
+                     " codes_fn / scales_fn again after changing the model's layers.")
+  if layer.weight_quantizer != "fixed":
+    raise ValueError(
+        f"layer {name} learns its weight scale (weight_quantizer='lsq'); {purpose} needs"
+        " frozen weight scales. Build the model with weight_quantizer='fixed'."
+    )
+
+
+class _ModelScales:
+  """The frozen weight scales of a model's quantized layers, read when they are needed.
+
+  The layers are held, not their scales' values: whatever sets a scale later (an orbax
+  restore with ``nnx.update``, :func:`init_weight_scales`,
+  :func:`trquant.export.load_integer`) is seen by the next call.
+  """
+
+  def __init__(self, model, purpose: str):
+    self.purpose = purpose
+    self.layers = _frozen_scale_kernels(model, purpose)
+
+  def layer(self, params_path):
+    return self.layers.get(traversal.state_path(params_path))
+
+  def scale(self, kernel_path, layer):
+    _check_frozen_scale(kernel_path[:-1], layer, self.purpose)
+    return layer.weight_scale.get_value()
+
+
+def codes_fn(model) -> Callable[[Any], Any]:
+  """Returns ``codes_fn`` for :func:`trquant.tr_schedule` from an NNX model of trquant layers.
+
+  The function maps the params that ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
+  passes to the transform (an ``nnx.State``; also under ``optax.partition``) to a
+  tree of the same structure: the integer codes of every quantized kernel, None
+  elsewhere.
+
+  The frozen weight scales are read from the model's layers each time the function
+  is called, not when it is made: an optimizer built before the scales are set (an
+  orbax restore with ``nnx.update``, :func:`init_weight_scales`,
+  :func:`trquant.export.load_integer`) uses the new ones. Inside ``nnx.jit`` /
+  ``jax.jit`` they are read when the step is traced and then stay fixed in that
+  trace, as any value a jitted function reads from outside its arguments: change the
+  scales before the first call of a jitted train step, or, if a step already ran
+  (an in-process restore), trace it again (call ``jax.clear_caches()``, or wrap the
+  step function in a new ``nnx.jit``).
+
+  Raises:
+    ValueError: if the model has no trquant layer with quantized weights (build it
+      from trquant layers, or make it with :func:`trquant.nnx.quantize`), or a
+      quantized layer learns its weight scale (``weight_quantizer="lsq"``): TR scheduling needs frozen weight
+      scales, since a moving scale changes codes without any weight update. Use
+      ``weight_quantizer="fixed"``.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+    >>> codes_fn = trquant.nnx.codes_fn(model)
+    >>> params = trquant.nnx.values(nnx.state(model, nnx.Param))
+    >>> model.layers[0].weight_scale.set_value(jnp.float32(1e3))  # e.g. restored later
+    >>> codes_fn(params)["layers"][0]["kernel"].max()  # every weight rounds to 0 now
+    Array(0., dtype=float32)
+  """
+  scales = _ModelScales(model, "TR scheduling")
+
+  def model_codes_fn(params):
+    def leaf_codes(path, leaf):
+      layer = scales.layer(path)
+      if layer is None:
+        return None
+      return quantizers.quantize(leaf, scales.scale(traversal.state_path(path), layer),
+                                 bits=layer.kernel.bits)
+
+    return jax.tree_util.tree_map_with_path(leaf_codes, params)
+
+  return model_codes_fn
+
+
+def scales_fn(model) -> Callable[[Any], Any]:
+  """Returns ``scale_fn`` for :func:`trquant.freeze_oscillations` from an NNX model.
+
+  The companion of :func:`codes_fn`: the same tree (the structure of the params
+  that ``nnx.Optimizer(model, tx, wrt=nnx.Param)`` passes, also under
+  ``optax.partition``) with every quantized kernel's frozen step size (a scalar,
+  or a keep-dims array for per-channel scales) and None elsewhere, so that the
+  bin centre of code ``c`` is ``c * scale``. As for :func:`codes_fn`, the scales
+  are read from the model's layers each time the function is called (inside a
+  jitted step: when it is traced).
+
+  Raises:
+    ValueError: if the model has no trquant layer with quantized weights, or a
+      quantized layer learns its weight scale (``weight_quantizer="lsq"``): a moving
+      scale would move frozen weights off their grid points.
+  """
+  scales = _ModelScales(model, "freezing")
+
+  def model_scales_fn(params):
+    def leaf_scale(path, _):
+      layer = scales.layer(path)
+      return None if layer is None else scales.scale(traversal.state_path(path), layer)
+
+    return jax.tree_util.tree_map_with_path(leaf_scale, params)
+
+  return model_scales_fn
+
+
+TRANSITION_FIELDS = ("tr_step", "target_transition_rate", "measured_transition_rate",
+                     "running_transition_rate", "talr_multiplier")
+
+
+def transition_stats(optimizer) -> dict:
+  """Arrays of the :func:`trquant.tr_schedule` state held by an ``nnx.Optimizer``.
+
+  Returns:
+    ``{field: array}`` for the fields of :class:`trquant.TransitionRateState`
+    (snapshots, safe to return from ``nnx.jit`` and to keep per step).
+
+  Raises:
+    ValueError: if the optimizer has no (or several) ``tr_schedule`` in its chain.
+  """
+  state = traversal.values(optimizer.opt_state)
+  stats = {}
+  for field in TRANSITION_FIELDS:
+    try:
+      value = optax.tree.get(state, field)
+    except KeyError as error:
+      raise ValueError("the optimizer has several tr_schedule transforms; read them with"
+                       " optax.tree.get on trquant.nnx.values(optimizer.opt_state).") from error
+    if value is None:
+      raise ValueError("the optimizer's transform has no trquant.tr_schedule.")
+    stats[field] = value
+  return stats
+
+
+OSCILLATION_FIELDS = ("osc_step", "oscillation_count", "oscillating_fraction")
+FREEZE_FIELDS = ("freeze_threshold", "frozen_fraction")
+
+
+def oscillation_stats(optimizer) -> dict:
+  """Per-layer arrays of the oscillation tracker (or freezer) held by an ``nnx.Optimizer``.
+
+  Returns:
+    ``{field: array}`` (snapshots) for ``osc_step``, ``oscillation_count`` and
+    ``oscillating_fraction`` of :func:`trquant.track_oscillations` or
+    :func:`trquant.freeze_oscillations`, plus ``freeze_threshold`` and
+    ``frozen_fraction`` for the latter. Per-layer vectors follow the tree order of
+    the quantized kernels.
+
+  Raises:
+    ValueError: if the optimizer has no (or several) oscillation transforms in its chain.
+  """
+  state = traversal.values(optimizer.opt_state)
+  stats = {}
+  for field in OSCILLATION_FIELDS + FREEZE_FIELDS:
+    try:
+      value = optax.tree.get(state, field)
+    except KeyError as error:
+      raise ValueError("the optimizer has several oscillation transforms; read them with"
+                       " optax.tree.get on trquant.nnx.values(optimizer.opt_state).") from error
+    if value is None:
+      if field in FREEZE_FIELDS:
+        continue
+      raise ValueError("the optimizer's transform has no trquant.track_oscillations or"
+                       " trquant.freeze_oscillations.")
+    stats[field] = value
+  return stats
+
+
+def dampening_loss(model, *, aggregation: str = "kernel_mean"):
+  """The oscillation-dampening loss summed over every quantized layer of an NNX model.
+
+  For each trquant layer (:class:`QuantLinear`, :class:`QuantConv`, ...) with ``weight_bits`` set:
+  :func:`trquant.dampening_loss` of its kernel with its current weight scale and
+  grid. Call it inside the loss function differentiated by ``nnx.grad``, weighted
+  by :func:`trquant.dampening_weight_schedule`::
+
+    loss = task_loss + lam(step) * trquant.nnx.dampening_loss(model)
+
+  Returns:
+    A float32 scalar.
+
+  Raises:
+    ValueError: if the model has no trquant layer with quantized weights (the loss
+      would be a constant 0): build it from trquant layers with ``weight_bits`` set.
+  """
+  total = jnp.zeros([], jnp.float32)
+  for _, layer in traversal.require_quant_layers(model, "dampening_loss", quantized_weights=True):
+    kernel = layer.kernel
+    total = total + oscillations.dampening_loss(
+        kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
+        signed=kernel.signed, narrow=kernel.narrow, aggregation=aggregation)
+  return total
+
+
+def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
+                 float_label: str = "float"):
+  """Label tree for ``optax.partition``: quantized kernels vs every other parameter.
+
+  Args:
+    model: an NNX model.
+    wrt: the filter passed to ``nnx.Optimizer`` (default ``nnx.Param``).
+    quant_label, float_label: the labels.
+
+  Returns:
+    An ``nnx.State`` with the structure of ``nnx.state(model, wrt)`` holding
+    ``quant_label`` for :class:`QuantWeight` variables with ``bits`` set and
+    ``float_label`` for the rest (biases, BatchNorm, learned scales, FP layers).
+    Its leaves are the labels themselves, as ``optax.partition`` needs them: a
+    label tree made from ``nnx.state(model, ...)`` by ``jax.tree.map`` keeps the
+    ``nnx.Variable`` around each label and fails inside the optimizer's update with
+    a pytree-structure error (``Param`` against an array or a tracer). Make other
+    labels from this tree (``jax.tree.map(f, param_labels(model))``), or pass such a
+    tree to :func:`partition`, which unwraps the Variables.
+  """
+  state = nnx.state(model, wrt)
+
+  def label(variable):
+    if isinstance(variable, QuantWeight) and variable.bits is not None:
+      return quant_label
+    return float_label
+
+  return jax.tree.map(label, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def partition(transforms, labels, *, wrt=nnx.Param) -> optax.GradientTransformationExtraArgs:
+  """``optax.partition`` for an NNX model's parameters; labels may be held in Variables.
+
+  ``optax.partition`` needs a label tree whose leaves are the labels. A tree made
+  from ``nnx.state(model, nnx.Param)`` (e.g. by ``jax.tree.map``) keeps an
+  ``nnx.Variable`` around each label, and ``optax.partition`` then fails inside the
+  update with a pytree-structure error (``Param`` against an array or a tracer).
+  This unwraps such Variables, and labels a model with :func:`param_labels`.
+
+  Args:
+    transforms: ``{label: transform}``, as for ``optax.partition``.
+    labels: an NNX model (labelled by :func:`param_labels` with ``wrt``), a label
+      tree with the structure of ``nnx.state(model, wrt)`` whose leaves are labels or
+      ``nnx.Variable`` objects holding labels, or a callable ``params -> such a tree``.
+    wrt: the filter passed to ``nnx.Optimizer``, used when ``labels`` is a model.
+
+  Returns:
+    ``optax.partition(transforms, plain_labels)``.
+
+  Raises:
+    ValueError: if a label has no transform in ``transforms``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+    >>> labels = jax.tree.map(lambda _: "sgd", nnx.state(model, nnx.Param))  # Variables
+    >>> optimizer = nnx.Optimizer(model, trquant.nnx.partition({"sgd": optax.sgd(0.1)}, labels),
+    ...                           wrt=nnx.Param)
+    >>> grads = nnx.grad(lambda m: m(jnp.ones((1, 4))).sum())(model)
+    >>> _ = optimizer.update(model, grads)
+  """
+  if not isinstance(transforms, Mapping) or not transforms:
+    raise ValueError(f"`transforms` must be a non-empty dict {{label: transform}}, got"
+                     f" {transforms!r}.")
+  if isinstance(labels, nnx.Module):
+    labels = param_labels(labels, wrt=wrt)
+  if callable(labels) and not isinstance(labels, nnx.State):
+    label_fn = labels
+    return optax.partition(transforms, lambda params: traversal.values(label_fn(params)))
+  labels = traversal.values(labels)
+  missing = sorted({str(label) for label in jax.tree.leaves(labels)} - set(map(str, transforms)))
+  if missing:
+    raise ValueError(f"the labels {missing} have no transform; `transforms` has"
+                     f" {sorted(map(str, transforms))}. Give each label a transform (labels"
+                     " made by trquant.nnx.param_labels are 'quant' and 'float').")
+  return optax.partition(transforms, labels)
