@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import _runs  # benchmarks/_runs.py, next to this script
 from trquant import models
 
 import trquant  # noqa: E402
@@ -104,47 +105,6 @@ class MLP(nnx.Module):
     return self.layers[-1](x)
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block of plain NNX layers."""
-
-  def __init__(self, dim, heads, mlp_dim, *, rngs):
-    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
-
-  def __call__(self, x):
-    x = x + self.attn(self.norm1(x))
-    return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
-
-
-class ViT(nnx.Module):
-  """A small vision transformer in plain NNX: patch embedding, class token, blocks, head."""
-
-  def __init__(self, *, image_size, channels, patch, dim, depth, heads, mlp_dim, num_classes, rngs):
-    self.patch = patch
-    tokens = (image_size // patch) ** 2
-    self.patch_embed = nnx.Linear(patch * patch * channels, dim, rngs=rngs)
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, dim)))
-    self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, tokens + 1, dim)))
-    self.blocks = nnx.List([Block(dim, heads, mlp_dim, rngs=rngs) for _ in range(depth)])
-    self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
-
-  def __call__(self, images):
-    n, height, width, channels = images.shape
-    p = self.patch
-    patches = images.reshape(n, height // p, p, width // p, p, channels)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, p * p * channels)
-    x = self.patch_embed(patches)
-    cls = jnp.broadcast_to(self.cls_token.get_value(), (n, 1, x.shape[-1])).astype(x.dtype)
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.get_value()
-    for block in self.blocks:
-      x = block(x)
-    return self.head(self.norm(x)[:, 0])
-
-
 def build(model_name, *, bits, batch_size, rngs):
   """The model (train mode) and a random batch (inputs, integer labels)."""
   key_x, key_y = jax.random.split(jax.random.key(1))
@@ -153,7 +113,9 @@ def build(model_name, *, bits, batch_size, rngs):
     model = MLP((width, width, width, 10), weight_bits=bits, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, width))
   elif model_name == "vit":
-    fp = ViT(image_size=32, channels=3, patch=4, dim=256, depth=4, heads=4, mlp_dim=512,
+    # The plain-NNX ViT of examples/train_vit.py, the model its surgery quantizes.
+    vit = _runs.load_example("train_vit").ViT
+    fp = vit(image_shape=(32, 32, 3), patch=4, dim=256, depth=4, heads=4, mlp_dim=512,
              num_classes=10, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, 32, 32, 3))
     # Every linear layer gets 2-bit weights, the patch embedding and the head included.
