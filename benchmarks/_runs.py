@@ -26,9 +26,10 @@ def load_example(name):
 train_qat = load_example("train_qat")
 
 
-def train(args, out, **overrides):
+def train(args, out, *, resume=False, **overrides):
   """Runs train_qat with the benchmark's shared flags plus `overrides` (flag=value; True
-  for a switch); writes the run's JSON to `out` and returns its results."""
+  for a switch); writes the run's JSON to `out` and returns its results. With `resume`,
+  a run whose JSON is already in `out` is read back instead of trained again."""
   argv = ["--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
           "--batch-size", str(args.batch_size), "--out", out, "--no-progress", "--no-plot"]
   if getattr(args, "bn_reestimate", None) is not None:
@@ -44,10 +45,26 @@ def train(args, out, **overrides):
     elif value is not None and value is not False:
       argv += [flag, str(value)]
   run_args = train_qat.parse_args(argv)
+  path = os.path.join(out, f"{train_qat.run_name(run_args)}.json")
+  if resume and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
   results = train_qat.run(run_args)
-  with open(os.path.join(out, f"{train_qat.run_name(run_args)}.json"), "w") as f:
-    json.dump(results, f)
+  with open(path, "w") as f:
+    json.dump(subsampled(results), f)
   return results
+
+
+def subsampled(results, max_points=500):
+  """`results` with its per-step TR curves cut to at most `max_points` evenly spaced steps
+  (the last kept), so that a long run's JSON stays small."""
+  transitions = results.get("transitions")
+  if not transitions:
+    return results
+  steps = len(next(iter(transitions.values())))
+  keep = np.unique(np.linspace(0, steps - 1, min(steps, max_points)).round().astype(int))
+  curves = {key: [values[i] for i in keep] for key, values in transitions.items()}
+  return {**results, "transitions": {**curves, "step": keep.tolist()}}
 
 
 def fp_checkpoint(args):

@@ -110,7 +110,8 @@ def run_one(args, model, dataset, name, setting, method, seed):
           "units": [{"name": r.name, "layers": list(r.layers), "seconds": r.seconds,
                      "capture_seconds": r.capture_seconds, "nearest_error": r.nearest_error,
                      "reconstructed_error": r.reconstructed_error,
-                     "flipped_fraction": r.flipped_fraction} for r in reports]}
+                     "flipped_fraction": r.flipped_fraction,
+                     "kept_nearest": r.kept_nearest} for r in reports]}
 
 
 def summarize(args):

@@ -48,6 +48,19 @@ import trquant  # noqa: E402
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 3e-4}
 
 
+def _target_rate(text):
+  """--target-tr: a positive float R_0, or "auto"."""
+  if text == "auto":
+    return text
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive number or 'auto', got {text!r}") from None
+  if not value > 0:
+    raise argparse.ArgumentTypeError(f"R_0 must be positive, got {text!r}")
+  return value
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="cnn", choices=models.MODEL_NAMES)
@@ -62,7 +75,9 @@ def parse_args(argv=None):
   parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
   parser.add_argument("--weight-decay", type=float, default=1e-4)
   parser.add_argument("--schedule", default="lr", choices=["lr", "tr"])
-  parser.add_argument("--target-tr", type=float, default=5e-3, help="initial target transition rate R_0")
+  parser.add_argument("--target-tr", type=_target_rate, default=5e-3,
+                      help="initial target transition rate R_0, or 'auto': measured over a"
+                      " warm-up at the optimizer's own LR (trquant.measured_target)")
   parser.add_argument("--controller", default="log", choices=["log", "additive", "momentum"])
   parser.add_argument("--eta", type=float, default=None, help="controller gain (default: its own)")
   parser.add_argument("--tr-momentum", type=float, default=0.99,
@@ -90,6 +105,9 @@ def parse_args(argv=None):
                       help="report the fraction of oscillating weights per layer")
   parser.add_argument("--bn-reestimate", type=int, default=50,
                       help="batches for BatchNorm re-estimation before the final evaluation (0: off)")
+  parser.add_argument("--bn-divergence", type=int, default=0,
+                      help="batches for the KL divergence of BatchNorm running statistics from the"
+                      " current weights' at every epoch end (0 = off)")
   parser.add_argument("--out", default="outputs", help="directory for results JSON and plots")
   parser.add_argument("--tag", default=None, help="name of this run's files (default: derived)")
   parser.add_argument("--no-progress", action="store_true")
@@ -140,7 +158,8 @@ def make_transform(args, model, total_steps):
   if args.schedule == "lr":
     tx = opt(cosine_lr)
   else:
-    target = optax.cosine_decay_schedule(args.target_tr, total_steps)
+    target = (trquant.measured_target(total_steps) if args.target_tr == "auto"
+              else optax.cosine_decay_schedule(args.target_tr, total_steps))
     quant = optax.chain(opt(lr), trquant.tr_schedule(
         target, codes_fn=trquant.nnx.codes_fn(model), controller=args.controller, eta=args.eta,
         momentum=args.tr_momentum))
@@ -287,6 +306,11 @@ def run(args):
     history["train_loss"].append(float(np.mean(jax.device_get(losses))))
     history["test_accuracy"].append(accuracy)
     history["seconds"].append(time.perf_counter() - start)
+    if args.bn_divergence:
+      probe = datasets.batches(dataset.train_images, dataset.train_labels, args.batch_size,
+                               rng=np.random.default_rng(epoch))
+      history.setdefault("bn_divergence", []).append(trquant.nnx.batchnorm_divergence(
+          model, probe, num_batches=args.bn_divergence))
     line = (f"{run_name(args)} epoch {epoch + 1}/{args.epochs}  loss {history['train_loss'][-1]:.4f}"
             f"  test acc {accuracy:.4f}")
     if tracks_tr:
@@ -303,7 +327,7 @@ def run(args):
   bar.close()
 
   results = {"args": vars(args), "history": history, "final_test_accuracy": history["test_accuracy"][-1],
-             "train_seconds": time.perf_counter() - start}
+             "train_seconds": time.perf_counter() - start, "total_steps": total_steps}
   if args.bn_reestimate and quantized:
     batches = datasets.batches(dataset.train_images, dataset.train_labels, args.batch_size, rng=rng)
     trquant.nnx.reestimate_batchnorm(model, batches, num_batches=args.bn_reestimate)
@@ -337,6 +361,7 @@ def oscillation_results(records, names, sizes, steps_per_epoch):
     out[f"{key}_mean"] = _weighted(per_step[-1], sizes)
     epoch_ends = per_step[steps_per_epoch - 1::steps_per_epoch]
     out[f"{key}_per_epoch"] = [_weighted(row, sizes) for row in epoch_ends]
+    out[f"{key}_per_layer_epoch"] = epoch_ends.tolist()
   counts = np.stack([r["osc/oscillation_count"] for r in records])
   out["oscillations_per_weight_last_epoch"] = float(
       counts[-steps_per_epoch:].sum() / max(sum(sizes), 1))
@@ -347,7 +372,8 @@ def run_name(args):
   if args.tag:
     return args.tag
   bits = f"W{args.weight_bits or 32}A{args.act_bits or 32}"
-  sched = f"{args.schedule}" + (f"-R{args.target_tr:g}" if args.schedule == "tr" else "")
+  rate = args.target_tr if args.target_tr == "auto" else f"{args.target_tr:g}"
+  sched = f"{args.schedule}" + (f"-R{rate}" if args.schedule == "tr" else "")
   if args.dampening:
     sched += f"-damp{args.dampening:g}"
   if args.freeze:

@@ -190,6 +190,32 @@ def test_reconstruction_lowers_each_units_error(digits_resnet):
     assert report.reconstructed_error <= report.nearest_error * 1.02, report
 
 
+def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
+  fp, images = digits_resnet
+  # A huge rounding-loss weight and 3 iterations at a large LR leave units worse than nearest.
+  kwargs = dict(bits=4, act_bits=4, iters=3, lr=1.0, lam=100.0, granularity="block",
+                key=jax.random.key(0), progress=False, return_info=True)
+  plain, plain_reports = adaround.reconstruct_model(fp, images, fallback_to_nearest=False, **kwargs)
+  safe, safe_reports = adaround.reconstruct_model(fp, images, **kwargs)
+  worse = [r.reconstructed_error > r.nearest_error for r in plain_reports]
+  assert any(worse), plain_reports
+  assert [r.kept_nearest for r in safe_reports] == worse
+  assert not any(r.kept_nearest for r in plain_reports)
+  named = lambda model: {"/".join(map(str, path)): layer
+                         for path, layer in trquant.nnx.quant_layers(model)}
+  nearest = named(adaround.round_to_nearest(fp, bits=4, example_input=images[:2]))
+  safe_layers, plain_layers = named(safe), named(plain)
+  for report in safe_reports:
+    for name in report.layers:
+      if report.kept_nearest:
+        assert report.flipped_fraction == 0.0
+        np.testing.assert_array_equal(safe_layers[name].weight_codes(),
+                                      nearest[name].weight_codes())
+      else:  # same key, same data: the reconstruction kept is the plain run's
+        np.testing.assert_array_equal(safe_layers[name].weight_codes(),
+                                      plain_layers[name].weight_codes())
+
+
 def test_layer_granularity_reconstructs_each_layer(digits_resnet):
   fp, images = digits_resnet
   _, reports = adaround.reconstruct_model(fp, images, bits=4, granularity="layer", iters=5,

@@ -48,6 +48,13 @@ def test_train_qat_checkpoint_round_trip(tmp_path):
   transitions = qat["transitions"]
   assert len(transitions["talr_multiplier"]) == 5
   assert len(list(tmp_path.glob("cnn-digits-W2A2-adam-tr-*.png"))) == 1
+  auto = train_qat.main(common + ["--weight-bits", "2", "--act-bits", "2", "--schedule", "tr",
+                                  "--target-tr", "auto", "--bn-divergence", "2",
+                                  "--init-from", str(tmp_path / "fp.npz")])
+  assert auto["args"]["target_tr"] == "auto" and len(auto["history"]["bn_divergence"]) == 1
+  assert set(auto["history"]["bn_divergence"][0]) >= {"conv2/bn", "conv3/bn"}
+  with pytest.raises(SystemExit):
+    train_qat.parse_args(["--target-tr", "-1"])
   other_model = train_qat.models.build_model(
       "resnet20", num_classes=10, in_channels=1, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="which the model lacks"):
@@ -72,6 +79,17 @@ def test_oscillations_quick(tmp_path):
   saved = json.loads((tmp_path / "summary.json").read_text())
   assert set(saved["table"]) == {f"W4A4-{method}" for method in methods}
   assert saved["fp_accuracy"] > 0.5
+  # The small CNN has no depth-wise conv: its quantized convs and their BatchNorms are "point-wise".
+  assert saved["layer_kinds"] == {"conv2/conv/kernel": "point-wise", "conv2/bn": "point-wise",
+                                  "conv3/conv/kernel": "point-wise", "conv3/bn": "point-wise"}
+  curves = saved["curves"]["W4A4-freeze"]
+  assert len(curves["accuracy"]) == len(curves["bn_kl/point-wise"]) == 2  # 2 epochs
+  assert all(value >= 0.0 for value in curves["bn_kl/point-wise"])
+  assert curves["frozen_fraction/point-wise"][-1] > 0.0
+  assert (tmp_path / "curves.png").exists()
+  # A second call with --resume reads every run back instead of training it again.
+  again, _ = oscillations.main(["--quick", "--resume", "--reuse-fp", "--out", str(tmp_path)])
+  assert again[(4, "tr")]["runs"] == table[(4, "tr")]["runs"]
 
 
 def test_overhead_quick(tmp_path):

@@ -66,7 +66,7 @@ def _param_paths(model):
 @pytest.mark.parametrize("name,size,channels,num_classes", [
     ("cnn", 28, 1, 10), ("cnn", 8, 1, 7), ("cnn", 32, 3, 10),
     ("resnet20", 28, 1, 10), ("resnet20", 32, 3, 10),
-    ("mobilenetv2", 28, 1, 10),
+    ("mobilenetv2", 28, 1, 10), ("mobilenetv2_tiny", 28, 1, 10),
 ])
 def test_logits_shape_and_finite(name, size, channels, num_classes, weight_bits, act_bits):
   model = _model(name, weight_bits, act_bits, in_channels=channels, num_classes=num_classes,
@@ -220,6 +220,21 @@ def test_mobilenetv2_structure_and_signedness():
   assert blocks[0].expand is None
   assert all(block.expand.conv.signed_act for block in blocks[1:])
   assert model.head_conv.conv.signed_act
+
+
+def test_mobilenetv2_tiny_is_a_cut_mobilenetv2():
+  model = _model("mobilenetv2_tiny", 2, 2)
+  assert isinstance(model, models.MobileNetV2)
+  assert model.stem.conv.strides == (4, 4) and model.stem.conv.kernel_size == (4, 4)
+  assert [block.use_residual for block in model.blocks] == [True, False, False, True, False]
+  assert all(block.depthwise.conv.feature_group_count == block.depthwise.conv.in_features
+             for block in model.blocks)
+  # 28x28 -> 7 (stem) -> 4 (the stride-2 block): the head pools 4x4 features.
+  features = model.stem(_images(28, 1))
+  assert features.shape[1:3] == (7, 7)
+  for block in model.blocks:
+    features = block(features)
+  assert features.shape[1:] == (4, 4, 48)
 
 
 # ---------------------------------------------------------------------------------------

@@ -97,6 +97,32 @@ def test_shifted_depthwise_conv_matches_xla_conv_and_its_gradients(strides, padd
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("strides,padding", [(1, "SAME"), (2, [(0, 2), (1, 0)])])
+def test_chunked_depthwise_kernel_gradient_matches_xla_conv(monkeypatch, strides, padding):
+  # Large inputs take a custom VJP whose kernel gradient scans over batch chunks; force it
+  # here on a small input, with a batch (5) that the chunk (3) does not divide.
+  from trquant.nnx import layers as layers_module
+  monkeypatch.setattr(layers_module, "_CHUNKED_KERNEL_GRAD_MIN_SIZE", 0)
+  monkeypatch.setattr(layers_module, "_KERNEL_GRAD_CHUNK", 3)
+  def build(impl):
+    return QuantConv(6, 6, 3, strides=strides, padding=padding, feature_group_count=6,
+                     weight_bits=3, act_bits=4, signed_act=True, depthwise_impl=impl,
+                     rngs=nnx.Rngs(0))
+
+  shift, conv = build("shift"), build("conv")
+  x = jax.random.normal(jax.random.key(1), (5, 9, 8, 6))
+  loss = lambda layer, x: jnp.sum(jnp.sin(layer(x)))
+  grads_shift = jax.jit(nnx.grad(loss, argnums=(0, 1)))(shift, x)
+  grads_conv = nnx.grad(loss, argnums=(0, 1))(conv, x)
+  for a, b in zip(jax.tree.leaves(grads_shift), jax.tree.leaves(grads_conv)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # bf16 inputs: gradients come back in the inputs' dtypes.
+  half = QuantConv(6, 6, 3, feature_group_count=6, dtype=jnp.bfloat16, depthwise_impl="shift",
+                   rngs=nnx.Rngs(0))
+  grad_x = jax.grad(lambda x: jnp.sum(half(x).astype(jnp.float32)))(x.astype(jnp.bfloat16))
+  assert grad_x.dtype == jnp.bfloat16 and np.isfinite(np.asarray(grad_x, np.float32)).all()
+
+
 def test_depthwise_impl_auto_and_validation():
   grouped = QuantConv(8, 16, 3, feature_group_count=8, rngs=nnx.Rngs(0))  # multiplier 2
   assert not grouped._use_shift_depthwise()
@@ -378,6 +404,30 @@ def test_reestimate_batchnorm_is_plain_average_of_batch_statistics():
   np.testing.assert_allclose(model.bn.mean.get_value(), np.mean(means[:4], axis=0), rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(model.bn.var.get_value(), np.mean(variances[:4], axis=0), rtol=1e-4, atol=1e-6)
   assert model.bn.momentum == momentum and model.bn.use_running_average
+
+
+def test_batchnorm_divergence_is_gaussian_kl_to_the_reestimated_statistics():
+  model = _ConvNet(nnx.Rngs(0))
+  batches = [jax.random.normal(jax.random.key(i), (8, 6, 6, 1)) * 3 + 1 for i in range(3)]
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
+  divergence = trquant.nnx.batchnorm_divergence(model, batches, num_batches=3)
+  assert list(divergence) == ["bn"]
+  # The model's own statistics are untouched; the reference re-estimates them on it.
+  jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.BatchStat), before)
+  mu_run, var_run = model.bn.mean.get_value(), model.bn.var.get_value() + model.bn.epsilon
+  trquant.nnx.reestimate_batchnorm(model, batches, num_batches=3)
+  mu_pop, var_pop = model.bn.mean.get_value(), model.bn.var.get_value() + model.bn.epsilon
+  # KL(N(mu_pop, var_pop) || N(mu_run, var_run)), written out per channel in float64.
+  mu_run, var_run, mu_pop, var_pop = (np.asarray(a, np.float64) for a in (mu_run, var_run, mu_pop, var_pop))
+  expected = np.mean(np.log(np.sqrt(var_run / var_pop))
+                     + (var_pop + (mu_pop - mu_run) ** 2) / (2 * var_run) - 0.5)
+  assert expected > 0.1  # fresh statistics (0, 1) are far from these inputs'
+  np.testing.assert_allclose(divergence["bn"], expected, rtol=1e-4)
+  # Once re-estimated on the same batches, running and population statistics agree.
+  again = trquant.nnx.batchnorm_divergence(model, batches, num_batches=3)
+  assert abs(again["bn"]) < 1e-5
+  with pytest.raises(ValueError, match="no nnx.BatchNorm"):
+    trquant.nnx.batchnorm_divergence(_mlp(), batches)
 
 
 def test_reestimate_batchnorm_bad_input():

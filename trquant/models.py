@@ -35,7 +35,7 @@ from flax import nnx
 
 from trquant.nnx import QuantConv, QuantLinear
 
-MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2")
+MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2", "mobilenetv2_tiny")
 FIRST_LAST_MODES = ("fp", "8bit", "same")
 
 # PyTorch's BatchNorm defaults (running-average weight 0.1 on each new batch).
@@ -44,7 +44,8 @@ BN_EPSILON = 1e-5
 # He initialisation suits convolutions followed by ReLU.
 CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
-__all__ = ["MODEL_NAMES", "SmallCNN", "ResNet20", "MobileNetV2", "build_model", "count_params"]
+__all__ = ["MODEL_NAMES", "SmallCNN", "ResNet20", "MobileNetV2", "MobileNetV2Tiny", "build_model",
+           "count_params"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +95,12 @@ class ConvBN(nnx.Module):
   """QuantConv (no bias: BatchNorm's shift replaces it) followed by BatchNorm."""
 
   def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, strides: int = 1,
-               groups: int = 1, quant: LayerQuant, signed_input: bool, rngs: nnx.Rngs):
+               groups: int = 1, padding: Optional[int] = None, quant: LayerQuant,
+               signed_input: bool, rngs: nnx.Rngs):
     # Symmetric padding (PyTorch style), so stride-2 outputs are ceil(size / 2) for 1x1 and 3x3.
+    padding = kernel_size // 2 if padding is None else padding
     self.conv = QuantConv(in_channels, out_channels, kernel_size, strides=strides,
-                          padding=kernel_size // 2, feature_group_count=groups, use_bias=False,
+                          padding=padding, feature_group_count=groups, use_bias=False,
                           kernel_init=CONV_INIT, rngs=rngs, **quant.kwargs(signed_act=signed_input))
     self.bn = nnx.BatchNorm(out_channels, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
 
@@ -228,14 +231,15 @@ class MobileNetV2(nnx.Module):
   # (expansion, out_channels, num_blocks, stride of the first block)
   BLOCK_CONFIG = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 1))
   STEM_CHANNELS = 16
+  STEM_KERNEL, STEM_STRIDES, STEM_PADDING = 3, 1, 1
   HEAD_CHANNELS = 256
 
   def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs,
-               block_config: Sequence[tuple[int, int, int, int]] = BLOCK_CONFIG):
-    self.stem = ConvBN(in_channels, self.STEM_CHANNELS, 3, quant=quant.first, signed_input=True,
-                       rngs=rngs)
+               block_config: Optional[Sequence[tuple[int, int, int, int]]] = None):
+    self.stem = ConvBN(in_channels, self.STEM_CHANNELS, self.STEM_KERNEL, strides=self.STEM_STRIDES,
+                       padding=self.STEM_PADDING, quant=quant.first, signed_input=True, rngs=rngs)
     blocks, channels, signed = [], self.STEM_CHANNELS, False  # the stem output is post-ReLU6
-    for expansion, out_channels, num_blocks, first_stride in block_config:
+    for expansion, out_channels, num_blocks, first_stride in block_config or self.BLOCK_CONFIG:
       for index in range(num_blocks):
         blocks.append(InvertedResidual(channels, out_channels, expansion=expansion,
                                        strides=first_stride if index == 0 else 1,
@@ -255,11 +259,22 @@ class MobileNetV2(nnx.Module):
     return self.head(_global_avg_pool(x))
 
 
+class MobileNetV2Tiny(MobileNetV2):
+  """MobileNetV2 cut to 5 inverted residuals (expansion 3) on a 4x4 stride-4 "patchify"
+  stem (28x28 -> 7x7 features, 4x4 after the stride-2 block): the same depth-wise /
+  point-wise structure at a step cost that fits 10K-step runs on a CPU."""
+
+  BLOCK_CONFIG = ((1, 16, 1, 1), (3, 24, 1, 1), (3, 32, 2, 2), (3, 48, 1, 1))
+  STEM_KERNEL, STEM_STRIDES, STEM_PADDING = 4, 4, 0
+  HEAD_CHANNELS = 128
+
+
 # ---------------------------------------------------------------------------------------
 # Public helpers
 # ---------------------------------------------------------------------------------------
 
-_MODEL_CLASSES = {"cnn": SmallCNN, "resnet20": ResNet20, "mobilenetv2": MobileNetV2}
+_MODEL_CLASSES = {"cnn": SmallCNN, "resnet20": ResNet20, "mobilenetv2": MobileNetV2,
+                  "mobilenetv2_tiny": MobileNetV2Tiny}
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: Optional[int],
@@ -269,7 +284,7 @@ def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: O
   """Builds one of MODEL_NAMES; NHWC float images in, logits out.
 
   Args:
-    name: "cnn", "resnet20" or "mobilenetv2".
+    name: "cnn", "resnet20", "mobilenetv2" or "mobilenetv2_tiny".
     num_classes: number of logits.
     in_channels: image channels (1 for (Fashion-)MNIST, 3 for CIFAR).
     weight_bits: bit width of the weights of the hidden layers; None = full precision.

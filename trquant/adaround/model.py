@@ -442,8 +442,9 @@ class BlockReport(NamedTuple):
   capture_seconds: float  # wall time to collect the unit's inputs and outputs
   seconds: float  # wall time of the reconstruction (compilation included)
   nearest_error: float  # output error of the unit with nearest rounding and initial scales
-  reconstructed_error: float  # the same after reconstruction
+  reconstructed_error: float  # the same after reconstruction (kept or not)
   flipped_fraction: float  # fraction of the unit's codes that differ from round-to-nearest
+  kept_nearest: bool = False  # reconstruction ended worse than nearest: nearest was kept
 
 
 class _StopForward(Exception):
@@ -667,7 +668,8 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
                       iters: int = 10_000, batch_size: int = 32, lam: float = 0.01,
                       lr: float = 1e-3, act_lr: float = 4e-5, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), beta_mode: str = "cosine",
-                      key, progress: bool = True, return_info: bool = False):
+                      fallback_to_nearest: bool = True, key, progress: bool = True,
+                      return_info: bool = False):
   """Post-training quantization by block reconstruction (BRECQ), QDrop, with activations.
 
   Like :func:`adaround_model`, on a copy of ``model`` whose trquant layers are in full
@@ -690,7 +692,10 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
      :func:`trquant.adaround.reconstruct_block` learns the rounding of all the unit's
      kernels and its activation step sizes jointly, against the unit's output
      (BatchNorm in evaluation mode); ``drop_prob = 0.5`` is QDrop (on the unit's input
-     and on every quantized input inside it).
+     and on every quantized input inside it);
+  4. with ``fallback_to_nearest``, a unit whose output error on the calibration data
+     ends larger than with nearest rounding and the initial activation step sizes
+     keeps those instead (short budgets, 8-bit layers where nearest is already close).
 
   Units are recorded by replacing them in their parent for one eager pass per batch,
   so the model's ``__call__`` must run eagerly and a unit must take one input.
@@ -710,6 +715,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
     iters, batch_size, lam, lr, warmup, beta, beta_mode: as
       :func:`trquant.adaround.reconstruct_layer` (``iters`` per unit).
     act_lr: Adam learning rate of the activation step sizes.
+    fallback_to_nearest: never leave a unit worse than nearest rounding (step 4).
     key: a jax PRNG key; unit ``i`` uses ``fold_in(key, i)``.
     progress: a tqdm progress bar over the units (if tqdm is installed).
     return_info: also return per-unit :class:`BlockReport` records.
@@ -806,17 +812,21 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
       jax.block_until_ready(result.weights)
       done = time.perf_counter()
       learned = list(result.act_scales) if act_scales else []
-      for (_, work_layer, _, _), weight in zip(entries, result.weights):
-        work_layer.kernel.set_value(weight)
-      for layer, scale in zip(act_layers_work, learned):
-        layer.act_scale.set_value(scale)
       nearest_error, reconstructed_error = block_lib.block_errors(
           apply_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp)
-      flipped = sum(float(jnp.sum(c != n)) for c, n in zip(result.codes, nearest_codes))
+      keep_nearest = bool(fallback_to_nearest) and reconstructed_error > nearest_error
+      final_weights, final_acts = ((nearest, act_scales) if keep_nearest
+                                   else (result.weights, learned))
+      final_codes = nearest_codes if keep_nearest else result.codes
+      for (_, work_layer, _, _), weight in zip(entries, final_weights):
+        work_layer.kernel.set_value(weight)
+      for layer, scale in zip(act_layers_work, final_acts):
+        layer.act_scale.set_value(scale)
+      flipped = sum(float(jnp.sum(c != n)) for c, n in zip(final_codes, nearest_codes))
       total = sum(int(np.size(c)) for c in nearest_codes)
       reports.append(BlockReport(name, tuple(kernel_names), tuple(layer_bits),
                                  captured_at - start, done - captured_at, nearest_error,
-                                 reconstructed_error, flipped / max(total, 1)))
+                                 reconstructed_error, flipped / max(total, 1), keep_nearest))
       if bar is not None:
         bar.update()
   finally:

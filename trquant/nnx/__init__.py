@@ -25,7 +25,8 @@ activation scales are :class:`ActScale` params. Then:
   transforms and TR scheduling;
 * :func:`calibrate_activations`, :func:`init_weight_scales`,
   :func:`load_float_weights` and :func:`reestimate_batchnorm` set scales, weights
-  and BatchNorm statistics;
+  and BatchNorm statistics; :func:`batchnorm_divergence` measures how far running
+  BatchNorm statistics are from those of the current weights;
 * :func:`capture` records the inputs and outputs of the quantized layers during a
   forward pass (AdaRound uses it).
 
@@ -56,6 +57,7 @@ from trquant.nnx.capturing import capture
 from trquant.nnx.transforms import FREEZE_FIELDS
 from trquant.nnx.transforms import OSCILLATION_FIELDS
 from trquant.nnx.transforms import TRANSITION_FIELDS
+from trquant.nnx.calibration import batchnorm_divergence
 from trquant.nnx.calibration import calibrate_activations
 from trquant.nnx.transforms import codes_fn
 from trquant.nnx.transforms import dampening_loss
@@ -106,6 +108,7 @@ __all__ = [
     "QuantRule",
     "QuantWeight",
     "WeightScale",
+    "batchnorm_divergence",
     "calibrate_activations",
     "capture",
     "codes_fn",

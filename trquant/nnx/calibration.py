@@ -4,7 +4,8 @@
 * :func:`init_weight_scales` and :func:`calibrate_activations` initialise weight and
   activation scales;
 * :func:`reestimate_batchnorm` re-estimates BatchNorm running statistics with the
-  quantized weights (against oscillation-corrupted statistics).
+  quantized weights (against oscillation-corrupted statistics), and
+  :func:`batchnorm_divergence` measures how far the running statistics are from them.
 """
 
 from __future__ import annotations
@@ -156,5 +157,59 @@ def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
   return used
 
 
+def batchnorm_divergence(model, batches: Iterable, num_batches: int = 50,
+                         apply_fn: Optional[Callable] = None) -> dict[str, float]:
+  """How far each BatchNorm's running statistics are from those of the current weights.
+
+  Oscillating quantized weights corrupt BatchNorm running statistics: the running
+  averages mix the statistics of weights that flip between two levels, so at
+  inference they match neither (the oscillation paper's Sec. 3). This measures it
+  per layer: the population statistics of the current weights are re-estimated on a
+  copy of the model (:func:`reestimate_batchnorm`, the model itself is not
+  touched), and each channel's Gaussian KL divergence
+  ``KL(N(mu_pop, var_pop) || N(mu_run, var_run))`` (variances plus the layer's
+  epsilon, as normalisation uses them) is averaged over channels.
+
+  Args:
+    model: an NNX model containing ``nnx.BatchNorm`` layers.
+    batches: iterable of batches (arrays, or tuples whose first element is the input).
+    num_batches: maximum number of batches for the population statistics (positive).
+    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+
+  Returns:
+    ``{layer path ("blocks/0/bn"): mean KL divergence over its channels}``, in
+    ``nnx.iter_modules`` order; 0 where the running statistics equal the population ones.
+
+  Example:
+    >>> from flax import nnx
+    >>> import jax.numpy as jnp
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)),
+    ...                        nnx.BatchNorm(8, rngs=nnx.Rngs(0)))
+    >>> batches = [jnp.ones((16, 4)) * i for i in range(4)]
+    >>> divergence = batchnorm_divergence(model, batches)  # fresh stats: mean 0, var 1
+    >>> list(divergence)
+    ['layers/1']
+  """
+  if not _batchnorms(model):
+    raise ValueError("the model has no nnx.BatchNorm layer to compare.")
+  population = nnx.clone(model)
+  reestimate_batchnorm(population, batches, num_batches, apply_fn)
+  divergence = {}
+  for (path, running), (_, reestimated) in zip(_named_batchnorms(model),
+                                               _named_batchnorms(population)):
+    var_run = jnp.asarray(running.var.get_value(), jnp.float32) + running.epsilon
+    var_pop = jnp.asarray(reestimated.var.get_value(), jnp.float32) + running.epsilon
+    mean_gap = (jnp.asarray(reestimated.mean.get_value(), jnp.float32)
+                - jnp.asarray(running.mean.get_value(), jnp.float32))
+    kl = 0.5 * (jnp.log(var_run / var_pop) + (var_pop + mean_gap ** 2) / var_run - 1.0)
+    divergence[traversal.path_name(path)] = float(jnp.mean(kl))
+  return divergence
+
+
+def _named_batchnorms(model):
+  return [(path, module) for path, module in nnx.iter_modules(model)
+          if isinstance(module, nnx.BatchNorm)]
+
+
 def _batchnorms(model):
-  return [module for _, module in nnx.iter_modules(model) if isinstance(module, nnx.BatchNorm)]
+  return [module for _, module in _named_batchnorms(model)]
