@@ -197,21 +197,25 @@ def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
                 key=jax.random.key(0), progress=False, return_info=True)
   plain, plain_reports = adaround.reconstruct_model(fp, images, fallback_to_nearest=False, **kwargs)
   safe, safe_reports = adaround.reconstruct_model(fp, images, **kwargs)
-  worse = [r.reconstructed_error > r.nearest_error for r in plain_reports]
-  assert any(worse), plain_reports
-  assert [r.kept_nearest for r in safe_reports] == worse
+  assert any(r.reconstructed_error > r.nearest_error for r in plain_reports)
   assert not any(r.kept_nearest for r in plain_reports)
+  # Each unit keeps nearest exactly when its reconstruction ended worse (later units differ
+  # from the plain run's once an earlier one kept nearest: their inputs changed).
+  assert [r.kept_nearest for r in safe_reports] == [
+      r.reconstructed_error > r.nearest_error for r in safe_reports]
+  assert any(r.kept_nearest for r in safe_reports)
   named = lambda model: {"/".join(map(str, path)): layer
                          for path, layer in trquant.nnx.quant_layers(model)}
   nearest = named(adaround.round_to_nearest(fp, bits=4, example_input=images[:2]))
   safe_layers, plain_layers = named(safe), named(plain)
-  for report in safe_reports:
+  first_kept = next(i for i, r in enumerate(safe_reports) if r.kept_nearest)
+  for index, report in enumerate(safe_reports):
     for name in report.layers:
       if report.kept_nearest:
         assert report.flipped_fraction == 0.0
         np.testing.assert_array_equal(safe_layers[name].weight_codes(),
                                       nearest[name].weight_codes())
-      else:  # same key, same data: the reconstruction kept is the plain run's
+      elif index < first_kept:  # same key, same inputs: the plain run's reconstruction
         np.testing.assert_array_equal(safe_layers[name].weight_codes(),
                                       plain_layers[name].weight_codes())
 
