@@ -235,8 +235,9 @@ def _markdown(args, fp_accuracy, table, per_layer, kinds, bits_list, methods, el
            f" {args.batch_size}, {args.seeds} seed(s), first conv and last linear in FP, frozen"
            f" MSE weight scales, LSQ activations. Oscillation EMA momentum {first['momentum']:g}; a"
            " weight counts as oscillating when its frequency exceeds 0.005. Accuracies in %, mean ±"
-           f" std over seeds. {first['steps']} steps, {first['seconds']:.0f} s per run; total"
-           f" {elapsed / 60:.1f} min.", "",
+           f" std over seeds. {first['steps']} steps, {first['seconds']:.0f} s per run; training"
+           f" {sum(row['seconds'] * args.seeds for row in table.values()) / 60:.1f} min in all"
+           f" (this invocation: {elapsed / 60:.1f} min; with --resume, runs are read back).", "",
            "| bits | method | accuracy | per seed | BN re-estimated | per seed |"
            " oscillating weights (%) | frozen (%) | oscillations / weight, last epoch |",
            "|---|---|---|---|---|---|---|---|---|"]
