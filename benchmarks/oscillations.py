@@ -129,32 +129,32 @@ def layer_kinds(args, num_classes=10, in_channels=1):
 
 
 def _kind_mean(values, names, kinds, kind, weights=None):
-  """Mean of per-layer `values` over the layers of one kind (weighted by `weights`)."""
+  """Per-epoch mean of per-layer `values` (epochs x layers) over the layers of one kind
+  (weighted by `weights`)."""
   index = [i for i, name in enumerate(names) if kinds.get(name) == kind]
-  if not index:
-    return float("nan")
-  values = np.asarray(values, float)[..., index]
+  values = np.asarray(values, float)[:, index]
   w = None if weights is None else np.asarray(weights, float)[index]
-  return np.average(values, axis=-1, weights=w)
+  return np.average(values, axis=-1, weights=w).tolist()
 
 
 def run_curves(result, kinds):
-  """Per-epoch curves of one run: accuracy, oscillating / frozen fraction and BN KL per kind."""
+  """Per-epoch curves of one run: accuracy, and oscillating / frozen fraction and BN KL for
+  each kind of layer the model has."""
   osc = result["oscillations"]
   history = result["history"]
-  curves = {"accuracy": history["test_accuracy"]}
-  for key in ("oscillating_fraction", "frozen_fraction"):
-    per_layer = osc.get(f"{key}_per_layer_epoch")
-    for kind in ("depth-wise", "point-wise"):
-      curves[f"{key}/{kind}"] = ([0.0] * len(history["epoch"]) if per_layer is None else
-                                 np.atleast_1d(_kind_mean(per_layer, osc["layers"], kinds, kind,
-                                                          osc["weights"])).tolist())
   divergence = history.get("bn_divergence")
+  per_layer = {key: (osc.get(f"{key}_per_layer_epoch"), osc["layers"], osc["weights"])
+               for key in ("oscillating_fraction", "frozen_fraction")}
   if divergence:
     names = list(divergence[0])
-    values = [[epoch[name] for name in names] for epoch in divergence]
+    per_layer["bn_kl"] = ([[epoch[name] for name in names] for epoch in divergence], names, None)
+  curves = {"accuracy": history["test_accuracy"]}
+  for key, (values, names, weights) in per_layer.items():
     for kind in ("depth-wise", "point-wise"):
-      curves[f"bn_kl/{kind}"] = np.atleast_1d(_kind_mean(values, names, kinds, kind)).tolist()
+      if not any(kinds.get(name) == kind for name in names):
+        continue  # the model has no layer of this kind
+      curves[f"{key}/{kind}"] = ([0.0] * len(history["epoch"]) if values is None  # no freezing
+                                 else _kind_mean(values, names, kinds, kind, weights))
   return curves
 
 
@@ -257,13 +257,14 @@ def _markdown(args, fp_accuracy, table, per_layer, kinds, bits_list, methods, el
   for bits in bits_list:
     for method in methods:
       final = table[(bits, method)]["final_by_kind"]
-      kl = lambda kind: (f"{final[f'bn_kl/{kind}'][0]:.4f} ± {final[f'bn_kl/{kind}'][1]:.4f}"
+      percent = lambda key: cell(final[key]) if key in final else "—"  # no layer of that kind
+      kl = lambda kind: (f"{final[f'bn_kl/{kind}'][0]:.2e} ± {final[f'bn_kl/{kind}'][1]:.1e}"
                          if f"bn_kl/{kind}" in final else "—")
       lines.append(f"| W{bits}A{bits} | {method} |"
-                   f" {cell(final['oscillating_fraction/depth-wise'])} |"
-                   f" {cell(final['oscillating_fraction/point-wise'])} |"
-                   f" {cell(final['frozen_fraction/depth-wise'])} |"
-                   f" {cell(final['frozen_fraction/point-wise'])} | {kl('depth-wise')} |"
+                   f" {percent('oscillating_fraction/depth-wise')} |"
+                   f" {percent('oscillating_fraction/point-wise')} |"
+                   f" {percent('frozen_fraction/depth-wise')} |"
+                   f" {percent('frozen_fraction/point-wise')} | {kl('depth-wise')} |"
                    f" {kl('point-wise')} |")
   for bits in bits_list:
     first = per_layer[(bits, methods[0])]

@@ -86,6 +86,7 @@ def test_oscillations_quick(tmp_path):
   assert len(curves["accuracy"]) == len(curves["bn_kl/point-wise"]) == 2  # 2 epochs
   assert all(value >= 0.0 for value in curves["bn_kl/point-wise"])
   assert curves["frozen_fraction/point-wise"][-1] > 0.0
+  assert not any(key.endswith("/depth-wise") for key in curves)  # no depth-wise layer, no curve
   assert (tmp_path / "curves.png").exists()
   # A second call with --resume reads every run back instead of training it again.
   again, _ = oscillations.main(["--quick", "--resume", "--reuse-fp", "--out", str(tmp_path)])
