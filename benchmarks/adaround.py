@@ -144,7 +144,7 @@ def timing(args, model, dataset, bits):
   big_path, big = max(convs, key=lambda item: item[1].kernel.get_value().size)
   head_path = [path for path, layer in layers.items() if isinstance(layer, trquant.nnx.QuantLinear)][-1]
   rows = []
-  cases = [(big_path, big, adaround.layer_apply_fn(big), "conv as patches @ kernel (default on CPU)",
+  cases = [(big_path, big, adaround.layer_apply_fn(big, patches=True), "conv as patches @ kernel",
             args.timing_iters),
            (head_path, layers[head_path], adaround.layer_apply_fn(layers[head_path]), "linear",
             args.timing_iters)]

@@ -1,13 +1,17 @@
-"""TR scheduling vs LR scheduling at the paper's training length, on a BatchNorm MLP.
+"""TR scheduling vs LR scheduling at the paper's training length, on a BN MLP or a BN CNN.
 
-A 784-W-W-W-10 MLP (BatchNorm after every linear layer, clipped activations
-``clip(x, -1, 1)``; the first and last linear layers in full precision, the inner
-two :class:`trquant.nnx.QuantLinear` with quantized weights and signed quantized
-inputs) is trained in full precision once, then fine-tuned from that checkpoint
-with quantization for ``--steps`` steps by each method, for each seed. A seed
-fixes the data order, shared by every method. Steps run in jitted ``lax.scan``
-chunks (one chunk between two evaluations), so a step costs what its arithmetic
-costs.
+``--model mlp``: a 784-W-W-W-10 MLP (BatchNorm after every linear layer, clipped
+activations ``clip(x, -1, 1)``; the first and last linear layers in full precision, the
+inner two :class:`trquant.nnx.QuantLinear` with quantized weights and signed quantized
+inputs). ``--model cnn``: four 3x3 convolutions W (stride 2) - W - 2W (stride 2) - 2W,
+each followed by BatchNorm and ``clip(x, -1, 1)``, global average pooling and a linear
+head; the first conv and the head in full precision, the inner three
+:class:`trquant.nnx.QuantConv`. The model is trained in full precision once, then
+fine-tuned from that checkpoint with quantization for ``--steps`` steps by each method,
+for each seed. A seed fixes the data order, shared by every method. MLP steps run in
+jitted ``lax.scan`` chunks (one chunk between two evaluations), the seeds side by side;
+CNN steps run one jitted step per Python iteration, seed after seed (XLA:CPU runs
+convolutions inside a scan, or vmapped over seeds, several times slower).
 
 Methods (``--methods``, comma-separated):
 
@@ -30,6 +34,9 @@ subsampled into each run's JSON.
     python benchmarks/tr_long.py --data-dir ../shared/data --width 64 --bits 1,2 \
         --optimizers sgd,adam --methods lr,lr-lsq,tr,tr-l2e-3,tr-l5e-3 --steps 80000 --seeds 5 \
         --out benchmarks/results/tr_long_mlp
+    python benchmarks/tr_long.py --model cnn --width 16 --bits 1,2 --optimizers sgd,adam \
+        --methods lr,tr-auto,tr,tr-l2e-3 --steps 10000 --fp-steps 15000 --eval-every 500 \
+        --batch-size 32 --seeds 0,1,2 --out benchmarks/results/tr_long_cnn
     python benchmarks/tr_long.py --summary-only --out benchmarks/results/tr_long_mlp
     python benchmarks/tr_long.py --quick     # synthetic-free smoke run on digits, seconds
 """
@@ -78,14 +85,54 @@ class BNMLP(nnx.Module):
     self.bn1, self.bn2, self.bn3 = (nnx.BatchNorm(width, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
                                                   rngs=rngs) for _ in range(3))
 
+  quantized_names = ("fc2", "fc3")
+
   def quantized_layers(self):
-    return [self.fc2, self.fc3]
+    return [getattr(self, name) for name in self.quantized_names]
 
   def __call__(self, x):
     x = x.reshape(x.shape[0], -1)
     for fc, bn in ((self.fc1, self.bn1), (self.fc2, self.bn2), (self.fc3, self.bn3)):
       x = jnp.clip(bn(fc(x)), -1.0, 1.0)
     return self.fc4(x)
+
+
+class BNCNN(nnx.Module):
+  """A small BN CNN: 3x3 convs W (stride 2, FP) -> W -> 2W (stride 2) -> 2W, clip(x, -1, 1)
+  after each BatchNorm, global average pool, FP linear head; the inner three convs quantized."""
+
+  quantized_names = ("conv2", "conv3", "conv4")
+
+  def __init__(self, in_features: int, width: int, num_classes: int, *, bits, weight_quantizer="fixed",
+               rngs: nnx.Rngs):
+    self.side = math.isqrt(in_features)
+    if self.side ** 2 != in_features:
+      raise ValueError(f"BNCNN needs square single-channel images, got {in_features} features")
+    quant = dict(weight_bits=bits, act_bits=bits, signed_act=True, weight_quantizer=weight_quantizer)
+    fp = dict(weight_bits=None, act_bits=None)
+    conv = lambda i, o, stride, q: trquant.nnx.QuantConv(i, o, 3, strides=stride, use_bias=False,
+                                                         **q, rngs=rngs)
+    self.conv1 = conv(1, width, 2, fp)
+    self.conv2 = conv(width, width, 1, quant)
+    self.conv3 = conv(width, 2 * width, 2, quant)
+    self.conv4 = conv(2 * width, 2 * width, 1, quant)
+    self.head = trquant.nnx.QuantLinear(2 * width, num_classes, **fp, rngs=rngs)
+    self.bn1, self.bn2, self.bn3, self.bn4 = (
+        nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, rngs=rngs)
+        for c in (width, width, 2 * width, 2 * width))
+
+  def quantized_layers(self):
+    return [getattr(self, name) for name in self.quantized_names]
+
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], self.side, self.side, 1)
+    for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3),
+                     (self.conv4, self.bn4)):
+      x = jnp.clip(bn(conv(x)), -1.0, 1.0)
+    return self.head(jnp.mean(x, axis=(1, 2)))
+
+
+MODELS = {"mlp": BNMLP, "cnn": BNCNN}
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,8 +167,8 @@ def base_optimizer(name, learning_rate, weight_decay):
 
 def lsq_codes_fn(model):
   """codes_fn over the whole params tree for learned scales: reads each scale from params."""
-  bits = model.fc2.kernel.bits
-  names = ("fc2", "fc3")
+  names = model.quantized_names
+  bits = model.quantized_layers()[0].kernel.bits
   unwrap = lambda x: x.get_value() if isinstance(x, nnx.Variable) else x
 
   def codes(params):
@@ -186,7 +233,7 @@ def layer_measures(layer, kernel_before, codes_before):
   return transition, step, near, beyond
 
 
-def make_chunk_fn(graphdef, *, batch_size):
+def make_chunk_fn(graphdef, *, batch_size, scan=True):
   def loss_fn(model, x, y):
     logits = model(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
@@ -220,9 +267,24 @@ def make_chunk_fn(graphdef, *, batch_size):
   # for all of them, which on a small model costs little more than one.
   seeds_step = jax.vmap(step, in_axes=(0, 0, None, None))
 
-  @jax.jit
+  if scan:
+    @jax.jit
+    def chunk(carry, indices, train_x, train_y):
+      return jax.lax.scan(lambda c, i: seeds_step(c, i, train_x, train_y), carry, indices)
+
+    return chunk
+
+  # XLA:CPU runs convolutions inside a `lax.scan`/`while` body ~15x slower than the same
+  # convolutions in a top-level program (jax 0.10.2, measured on the BN CNN: 85 vs 5.7
+  # ms/step), so conv models take one jitted step per Python iteration.
+  jitted_step = jax.jit(seeds_step)
+
   def chunk(carry, indices, train_x, train_y):
-    return jax.lax.scan(lambda c, i: seeds_step(c, i, train_x, train_y), carry, indices)
+    records = []
+    for step_indices in indices:
+      carry, record = jitted_step(carry, step_indices, train_x, train_y)
+      records.append(record)
+    return carry, jax.tree.map(lambda *r: jnp.stack(r), *records)
 
   return chunk
 
@@ -253,13 +315,24 @@ def seed_slice(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-def train(model, tx, data, *, steps, eval_every, batch_size, seeds, log=None):
+def train(model, tx, data, *, steps, eval_every, batch_size, seeds, log=None, side_by_side=True):
   """Trains copies of `model` with `tx`, one per seed (data order), side by side in scanned
-  chunks; returns ([model per seed], per-step records (steps, seeds, ...), eval curves)."""
+  chunks; returns ([model per seed], per-step records (steps, seeds, ...), eval curves).
+
+  With ``side_by_side=False`` the seeds run one after the other, one jitted step per Python
+  iteration (conv models: vmapped and scanned convolutions are slow on XLA:CPU)."""
+  if side_by_side is False:
+    outputs = [train(model, tx, data, steps=steps, eval_every=eval_every, batch_size=batch_size,
+                     seeds=[seed], log=log, side_by_side=None) for seed in seeds]
+    models = [m for out in outputs for m in out[0]]
+    records = {key: np.concatenate([out[1][key] for out in outputs], axis=1) for key in outputs[0][1]}
+    evals = [(step, [a for out in outputs for a in out[2][i][1]])
+             for i, (step, _) in enumerate(outputs[0][2])]
+    return models, records, evals
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, carry = nnx.split((model, optimizer))
   carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(seeds),) + a.shape), carry)
-  chunk_fn = make_chunk_fn(graphdef, batch_size=batch_size)
+  chunk_fn = make_chunk_fn(graphdef, batch_size=batch_size, scan=side_by_side is not None)
   evaluate = make_eval_fn(graphdef)
   train_x, train_y, test_x, test_y = data
   orders = [data_order(seed, train_x.shape[0], batch_size) for seed in seeds]
@@ -309,14 +382,14 @@ def load_data(args):
 
 
 def fp_checkpoint(args, data, num_classes, log):
-  path = os.path.join(args.out, f"fp_mlp{args.width}.npz")
-  record = os.path.join(args.out, f"fp_mlp{args.width}.json")
+  path = os.path.join(args.out, f"fp_{args.model}{args.width}.npz")
+  record = os.path.join(args.out, f"fp_{args.model}{args.width}.json")
   if os.path.exists(path) and os.path.exists(record):
     with open(record) as f:
       accuracy = json.load(f)["final_test_accuracy"]
-    log(f"FP MLP-{args.width}: {accuracy:.4f} (reused {path})")
+    log(f"FP {args.model}-{args.width}: {accuracy:.4f} (reused {path})")
     return path, accuracy
-  model = BNMLP(data[0].shape[1], args.width, num_classes, bits=None, rngs=nnx.Rngs(1234))
+  model = MODELS[args.model](data[0].shape[1], args.width, num_classes, bits=None, rngs=nnx.Rngs(1234))
   tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, args.fp_steps)),
                    optax.identity())
   # The FP model has no quantized layer: train it with a plain loop of the same chunks.
@@ -331,7 +404,15 @@ def fp_checkpoint(args, data, num_classes, log):
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
 
-  chunk = jax.jit(lambda c, i, x, y: jax.lax.scan(lambda c, i: step(c, i, x, y), c, i))
+  if args.model == "mlp":
+    chunk = jax.jit(lambda c, i, x, y: jax.lax.scan(lambda c, i: step(c, i, x, y), c, i))
+  else:  # convolutions: one jitted step per iteration (see make_chunk_fn)
+    jitted_step = jax.jit(step)
+
+    def chunk(c, indices, x, y):
+      for i in indices:
+        c, loss = jitted_step(c, i, x, y)
+      return c, loss
   order = data_order(9999, data[0].shape[0], args.batch_size)
   done = 0
   while done < args.fp_steps:
@@ -347,18 +428,18 @@ def fp_checkpoint(args, data, num_classes, log):
   np.savez(path, **flat)
   with open(record, "w") as f:
     json.dump({"final_test_accuracy": accuracy, "steps": args.fp_steps, "width": args.width}, f)
-  log(f"FP MLP-{args.width}: {accuracy:.4f} ({args.fp_steps} Adam steps)")
+  log(f"FP {args.model}-{args.width}: {accuracy:.4f} ({args.fp_steps} Adam steps)")
   return path, accuracy
 
 
-def run_name(width, bits, optimizer, method, lr, seed):
-  return f"mlp{width}-W{bits}A{bits}-{optimizer}-{method}-lr{lr:g}-s{seed}"
+def run_name(model, width, bits, optimizer, method, lr, seed):
+  return f"{model}{width}-W{bits}A{bits}-{optimizer}-{method}-lr{lr:g}-s{seed}"
 
 
 def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, seeds, log):
   """One method on every seed (side by side); returns one result dict per seed."""
   config = method_config(method, bits, args.target_tr)
-  model = BNMLP(data[0].shape[1], args.width, num_classes, bits=bits,
+  model = MODELS[args.model](data[0].shape[1], args.width, num_classes, bits=bits,
                 weight_quantizer=config["weight_quantizer"], rngs=nnx.Rngs(0))
   trquant.nnx.load_float_weights(model, dict(np.load(fp_path)))
   trquant.nnx.init_weight_scales(model)
@@ -371,7 +452,8 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
   start = time.time()
   models, records, evals = train(model, tx, data, steps=args.steps, eval_every=args.eval_every,
                                  batch_size=args.batch_size, seeds=seeds,
-                                 log=log if args.verbose else None)
+                                 log=log if args.verbose else None,
+                                 side_by_side=args.model == "mlp")
   seconds = time.time() - start
   tail = slice(int(0.9 * args.steps), None)
   head = slice(0, int(0.9 * args.steps))
@@ -381,8 +463,8 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
     last = [a for _, a in curve[-10:]]
     per_seed = {key: value[:, i] for key, value in records.items()}
     result = {
-        "name": run_name(args.width, bits, optimizer, method, lr, seed),
-        "width": args.width, "bits": bits, "optimizer": optimizer, "method": method, "lr": lr,
+        "name": run_name(args.model, args.width, bits, optimizer, method, lr, seed),
+        "model": args.model, "width": args.width, "bits": bits, "optimizer": optimizer, "method": method, "lr": lr,
         "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "config": config,
         "final_test_accuracy": curve[-1][1],
         "bn_reestimated_accuracy": batchnorm_reestimated_accuracy(models[i], data, seed,
@@ -415,7 +497,7 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
 
 def load_runs(out):
   runs = []
-  for path in sorted(pathlib.Path(out).glob("mlp*-W*.json")):
+  for path in sorted(pathlib.Path(out).glob("*-W*A*-*.json")):
     with open(path) as f:
       runs.append(json.load(f))
   return runs
@@ -450,7 +532,12 @@ def summarize(out):
     raise SystemExit(f"no run JSONs in {out}")
   fp = runs[0]["fp_accuracy"]
   width = runs[0]["width"]
-  lines = [f"# TR vs LR scheduling at 80K steps: BN MLP 784-{width}-{width}-{width}-10, Fashion-MNIST",
+  steps = runs[0]["steps"]
+  if runs[0].get("model", "mlp") == "mlp":
+    model_text = f"BN MLP 784-{width}-{width}-{width}-10"
+  else:
+    model_text = f"BN CNN (3x3 convs {width}-{width}-{2 * width}-{2 * width}, inner three quantized)"
+  lines = [f"# TR vs LR scheduling at {steps // 1000}K steps: {model_text}, Fashion-MNIST",
            "", f"FP checkpoint: {fp * 100:.2f}%. Device: {runs[0]['device']}. Accuracy in %,"
            " mean ± std over seeds (per-seed values in the last column). Δ vs `lr` is the paired"
            " per-seed difference (same data order), mean ± standard error.", ""]
@@ -502,7 +589,7 @@ def summarize(out):
       f"W{e['bits']}A{e['bits']} {e['optimizer']} {fp * 100 - np.mean(e['final']) * 100:.2f}"
       for e in summary["settings"] if e["method"] == "lr"), ""]
 
-  lines += ["## Mechanism (last 10% of the steps, mean over seeds and the two quantized layers)", "",
+  lines += ["## Mechanism (last 10% of the steps, mean over seeds and the quantized layers)", "",
             "| setting | method | transition rate k | oscillating | near a transition point |"
             " beyond the grid | tracking error |K-R|/R (first 90%) |",
             "|---|---|---|---|---|---|---|"]
@@ -604,7 +691,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--dataset", default="fashion-mnist")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--model", choices=sorted(MODELS), default="mlp")
+  parser.add_argument("--width", type=int, default=64, help="MLP width / CNN channels of the first convs")
   parser.add_argument("--bits", default="1,2", help="comma-separated W=A bit widths")
   parser.add_argument("--optimizers", default="sgd,adam")
   parser.add_argument("--methods", default="lr,lr-lsq,tr,tr-l2e-3,tr-l5e-3")
@@ -644,7 +732,7 @@ def main(argv=None):
             lr = DEFAULT_LR[optimizer] * mult
             seeds = [seed for seed in map(int, args.seeds.split(","))
                      if not os.path.exists(os.path.join(
-                         args.out, run_name(args.width, bits, optimizer, method, lr, seed) + ".json"))]
+                         args.out, run_name(args.model, args.width, bits, optimizer, method, lr, seed) + ".json"))]
             if not seeds:
               continue
             results = run_seeds(args, data, num_classes, fp_path, bits=bits, optimizer=optimizer,

@@ -344,8 +344,10 @@ def test_conv_apply_fn_matches_the_layer(kwargs):
   np.testing.assert_allclose(adaround.layer_apply_fn(layer)(layer.kernel.get_value(), x), layer(x),
                              atol=1e-5)
   patches = nnx.clone(layer)
-  patches.patches_conv = True  # what layer_apply_fn and the block loops use on CPU
+  patches.patches_conv = True  # what the model drivers use for loop="scan" on CPU
   np.testing.assert_allclose(patches(x), layer(x), atol=1e-5)
+  np.testing.assert_allclose(
+      adaround.layer_apply_fn(layer, patches=True)(layer.kernel.get_value(), x), layer(x), atol=1e-5)
   assert not layer.patches_conv
 
 

@@ -170,6 +170,21 @@ def test_tr_long_quick(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_tr_long_quick_cnn(tmp_path):
+  tr_long = _load("benchmarks/tr_long.py", "trquant_bench_tr_long")
+  tr_long.main(["--quick", "--model", "cnn", "--out", str(tmp_path), "--optimizers", "adam",
+                "--methods", "lr,tr-auto"])
+  runs = sorted(tmp_path.glob("cnn32-W2A2-adam-*.json"))
+  assert len(runs) == 4  # 2 methods x 2 seeds, one after the other
+  run = json.loads((tmp_path / "cnn32-W2A2-adam-tr-auto-lr0.001-s1.json").read_text())
+  assert run["model"] == "cnn" and run["auto_r0"] > 0
+  assert len(run["curves"]["transition_rate"][0]) == 3  # the three quantized convs
+  assert [step for step, _ in run["eval_curve"]] == [100, 200]
+  tr_long.main(["--summary-only", "--out", str(tmp_path)])
+  assert "BN CNN" in (tmp_path / "summary.md").read_text()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_ptq_quick(tmp_path):
   ptq = _load("benchmarks/ptq.py", "trquant_bench_ptq")
   summary = ptq.main(["--quick", "--out", str(tmp_path)])

@@ -23,15 +23,18 @@ residual block, a transformer block) jointly against the block's output, with th
 step sizes of its quantized activations; QDrop also feeds full-precision values in
 place of quantized ones at random while it learns.
 
-The package has three modules: :mod:`trquant.adaround.rounding` (AdaRound on arrays),
-:mod:`trquant.adaround.block` (block reconstruction on arrays) and
-:mod:`trquant.adaround.model` (the NNX model driver); every name below is also here.
+The package has four modules: :mod:`trquant.adaround.rounding` (AdaRound on arrays),
+:mod:`trquant.adaround.block` (block reconstruction on arrays),
+:mod:`trquant.adaround.loop` (how the loops run: a fused ``lax.scan``, or on CPU, for
+convolutions, one jitted step per iteration) and :mod:`trquant.adaround.model` (the NNX
+model driver); every name below is also here.
 
 * :func:`rectified_sigmoid`, :func:`init_alpha`, :func:`rounding_regularizer`,
   :func:`beta_schedule`, :func:`soft_weight`, :func:`hard_codes`: the pieces.
 * :func:`reconstruct_layer`: AdaRound of one layer, given a function
   ``apply_fn(w, x)`` and calibration inputs / targets. The whole optimisation
-  runs inside one jitted ``lax.scan``.
+  runs inside one jitted ``lax.scan`` (on CPU, a convolution's loop steps a jitted
+  iteration instead: ``loop``).
 * :func:`adaround_model` and :func:`round_to_nearest`: post-training weight
   quantization of an NNX model of trquant layers (:class:`trquant.nnx.QuantLinear`,
   ``QuantConv``, ``QuantLinearGeneral``, ``QuantEinsum``), e.g. a full-precision
@@ -56,6 +59,8 @@ from trquant.adaround.block import BlockResult
 from trquant.adaround.block import block_error
 from trquant.adaround.block import block_errors
 from trquant.adaround.block import reconstruct_block
+from trquant.adaround.loop import LOOPS
+from trquant.adaround.loop import has_convolution
 from trquant.adaround.model import GRANULARITIES
 from trquant.adaround.model import BlockReport
 from trquant.adaround.model import LayerReport
@@ -91,6 +96,7 @@ __all__ = [
     "BlockResult",
     "GRANULARITIES",
     "GAMMA",
+    "LOOPS",
     "LayerReport",
     "Reconstruction",
     "ZETA",
@@ -101,6 +107,7 @@ __all__ = [
     "check_loop_args",
     "float_copy",
     "hard_codes",
+    "has_convolution",
     "init_alpha",
     "layer_apply_fn",
     "layer_data",

@@ -35,6 +35,7 @@ import numpy as np
 import optax
 
 from trquant import checks
+from trquant.adaround import loop as loops
 from trquant.adaround import rounding
 
 __all__ = ["BlockResult", "block_error", "block_errors", "reconstruct_block"]
@@ -145,6 +146,25 @@ def _run(problem: _Block, weights, scales, act_scales, x_q, x_fp, y, key):
   return problem.run(weights, scales, act_scales, x_q, x_fp, y, key)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _finish(problem, *args):
+  """``problem.finish`` as one program (its eager ops would each compile on first use)."""
+  return problem.finish(*args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_steps(problem: _Block, weights, scales, act_scales):
+  """The state of the ``"steps"`` loop: the learned values, Adam states, loss buffers."""
+  zero = jnp.zeros((), jnp.float32)
+  return loops.with_records(problem.init(weights, scales, act_scales), problem.iters, (zero, zero))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _step(problem: _Block, state, step, arrays):
+  """One iteration, compiled once per problem: the body of the ``"steps"`` loop."""
+  return loops.record_step(lambda carry, t: problem.step(carry, t, arrays), state, step)
+
+
 def _as_tuple(name, value) -> tuple:
   if isinstance(value, (list, tuple)):
     if not value:
@@ -159,7 +179,7 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, bits,
                       lam: float = 0.01, lr: float = 1e-3, act_lr: float = 4e-5,
                       warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
                       beta_mode: str = "cosine", zeta: float = rounding.ZETA,
-                      gamma: float = rounding.GAMMA, key) -> BlockResult:
+                      gamma: float = rounding.GAMMA, key, loop: str = "auto") -> BlockResult:
   """Learns the rounding of several weights (and activation step sizes) against one output.
 
   Minimises ``||apply_fn(W_soft, a, x, k) - y||^2`` (summed over the last axis, averaged
@@ -170,7 +190,8 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, bits,
   step sizes ``a`` (kept positive). With ``drop_prob = p > 0`` (QDrop) each element of
   a mini-batch's input is the full-precision ``x_fp`` instead of ``x_q`` with
   probability ``p``; ``apply_fn`` gets a fresh key ``k`` per step for dropping inside
-  the block. The loop is one jitted ``lax.scan``.
+  the block. The loop is one jitted ``lax.scan``, or on CPU, for a block with a
+  convolution, a Python loop over one jitted step (``loop``).
 
   Args:
     apply_fn: ``(weights, act_scales, x, key) -> output``: the block, pure and
@@ -191,6 +212,7 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, bits,
       :func:`trquant.adaround.reconstruct_layer`.
     act_lr: Adam learning rate of the activation step sizes (BRECQ: 4e-5).
     key: a jax PRNG key.
+    loop: ``"auto"``, ``"scan"`` or ``"steps"``, as :func:`trquant.adaround.reconstruct_layer`.
 
   Returns:
     A :class:`BlockResult`.
@@ -213,6 +235,7 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, bits,
     >>> [c.shape for c in result.codes]
     [(8, 16), (16, 4)]
   """
+  loops.check_loop(loop)
   if not callable(apply_fn):
     raise ValueError(f"`apply_fn` must be a callable (weights, act_scales, x, key) -> output,"
                      f" got {apply_fn!r}.")
@@ -280,9 +303,15 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, bits,
                      f" `y_fp` has {tuple(y_fp.shape[1:])}.")
   problem = _Block(apply_fn, grids, iters, batch_size, lam, lr, float(act_lr), warmup, beta,
                    beta_mode, drop_prob, float(zeta), float(gamma))
-  Vs, learned, reconstruction, regularization = _run(problem, weights, scales, act_scales, x_q,
-                                                     x_fp, y_fp, key)
-  codes, hard = problem.finish(weights, scales, Vs)
+  if loops.resolve_loop(loop, apply_fn, weights, act_scales, x_q[:1], key) == "scan":
+    Vs, learned, reconstruction, regularization = _run(problem, weights, scales, act_scales, x_q,
+                                                       x_fp, y_fp, key)
+  else:
+    arrays = (weights, scales, x_q, x_fp, y_fp, key)
+    state = loops.run_steps(lambda state, t: _step(problem, state, t, arrays),
+                            _init_steps(problem, weights, scales, act_scales), problem.iters)
+    ((Vs, learned), _), (reconstruction, regularization) = state
+  codes, hard = _finish(problem, weights, scales, Vs)
   return BlockResult(codes, hard, learned, reconstruction, regularization)
 
 

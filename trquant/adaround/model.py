@@ -24,6 +24,7 @@ from flax import nnx
 from trquant import nnx as tq_nnx
 from trquant import quantizers
 from trquant.adaround import block as block_lib
+from trquant.adaround import loop as loops
 from trquant.adaround import rounding
 from trquant.nnx import traversal as nnx_traversal
 
@@ -213,25 +214,30 @@ def _plan(model, batches, *, bits, per_channel, first_last_bits):
   return fp, work, plan
 
 
-def _cpu_patches(module) -> None:
-  """Convolutions of ``module`` as patches @ kernel on CPU, where XLA runs a conv's kernel
+def _patches(module) -> None:
+  """Convolutions of ``module`` as patches @ kernel: on CPU, XLA runs a conv's kernel
   gradient inside ``lax.scan`` ~30x slower than outside one (a matmul's it does not)."""
-  if jax.default_backend() == "cpu":
-    for _, layer in tq_nnx.quant_layers(module):
-      if isinstance(layer, tq_nnx.QuantConv):
-        layer.patches_conv = True
+  for _, layer in tq_nnx.quant_layers(module):
+    if isinstance(layer, tq_nnx.QuantConv):
+      layer.patches_conv = True
 
 
-def layer_apply_fn(fp_layer):
+def _scan_on_cpu(loop: str) -> bool:
+  """Whether a reconstruction runs as a ``lax.scan`` on CPU (then convs go as patches)."""
+  return loops.check_loop(loop) == "scan" and jax.default_backend() == "cpu"
+
+
+def layer_apply_fn(fp_layer, *, patches: bool = False):
   """``(w, x) -> fp_layer(x)`` with the kernel replaced by ``w`` (pure, differentiable).
 
-  On CPU a :class:`trquant.nnx.QuantConv` computes as patches @ kernel (a copy of the
-  layer with ``patches_conv`` set): the same result up to float summation order, and a
-  fast kernel gradient inside the reconstruction's ``lax.scan``.
+  With ``patches``, a :class:`trquant.nnx.QuantConv` computes as patches @ kernel (a
+  copy of the layer with ``patches_conv`` set): the same result up to float summation
+  order, and on CPU a fast kernel gradient inside a ``lax.scan`` (the model drivers use
+  it for ``loop="scan"`` on CPU).
   """
-  if isinstance(fp_layer, tq_nnx.QuantConv) and jax.default_backend() == "cpu":
+  if patches and isinstance(fp_layer, tq_nnx.QuantConv):
     fp_layer = nnx.clone(fp_layer)
-    _cpu_patches(fp_layer)
+    _patches(fp_layer)
   graphdef, kernel_state, rest = nnx.split(fp_layer, tq_nnx.QuantWeight, ...)
 
   def apply_fn(w, x):
@@ -318,7 +324,8 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
                    batch_size: int = 32, lam: float = 0.01, lr: float = 1e-3,
                    warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
                    beta_mode: str = "cosine", activation: Optional[Callable] = None,
-                   key, progress: bool = True, return_info: bool = False):
+                   key, progress: bool = True, return_info: bool = False,
+                   loop: str = "auto"):
   """AdaRound post-training weight quantization of an NNX model, layer by layer.
 
   For every trquant layer (:class:`trquant.nnx.QuantLinear`, ``QuantConv``,
@@ -360,6 +367,8 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
     key: a jax PRNG key; layer ``i`` uses ``fold_in(key, i)``.
     progress: show a tqdm progress bar over the layers (if tqdm is installed).
     return_info: also return per-layer :class:`LayerReport` records.
+    loop: how each layer's iterations run (``"auto"``, ``"scan"``, ``"steps"``), see
+      :func:`trquant.adaround.reconstruct_layer`.
 
   Returns:
     A new model of the same structure whose quantized layers hold the AdaRound
@@ -387,6 +396,7 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
   """
   batches = _calibration_list(calibration_batches)
   # Validate the hyper-parameters before any work (reconstruct_layer checks them again).
+  loops.check_loop(loop)
   rounding.check_loop_args(iters=iters, batch_size=batch_size, lam=lam, lr=lr, warmup=warmup,
                            beta=beta, beta_mode=beta_mode)
   fp, work, plan = _plan(model, batches, bits=bits, per_channel=per_channel,
@@ -401,13 +411,13 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
       x_q = layer_data(work, work_layer, batches, output=False, name=f"layer {name}")
       y_fp = layer_data(fp, fp_layer, batches, output=True, name=f"layer {name}")
       captured = time.perf_counter()
-      apply_fn = layer_apply_fn(fp_layer)
+      apply_fn = layer_apply_fn(fp_layer, patches=_scan_on_cpu(loop))
       kernel = fp_layer.kernel.get_value()
       result = rounding.reconstruct_layer(apply_fn, kernel, scale, x_q, y_fp, bits=layer_bits,
                                           iters=iters, batch_size=batch_size, lam=lam, lr=lr,
                                           warmup=warmup, beta=beta, beta_mode=beta_mode,
                                           activation=activation,
-                                          key=jax.random.fold_in(key, index))
+                                          key=jax.random.fold_in(key, index), loop=loop)
       jax.block_until_ready(result.weight)
       done = time.perf_counter()
       work_layer.kernel.set_value(result.weight)
@@ -601,7 +611,7 @@ def _qdrop_hook(key, drop_prob):
   return hook
 
 
-def _unit_apply_fn(work_unit, drop_prob: float):
+def _unit_apply_fn(work_unit, drop_prob: float, *, patches: bool):
   """The unit as ``(kernels, act_scales, x, key) -> output`` and the paths of its leaves.
 
   A copy of the unit whose kernels are used as given (no weight quantization: the
@@ -612,7 +622,8 @@ def _unit_apply_fn(work_unit, drop_prob: float):
   unit = nnx.clone(work_unit)
   for _, layer in tq_nnx.quant_layers(unit):
     layer.kernel.set_metadata(bits=None)
-  _cpu_patches(unit)
+  if patches:
+    _patches(unit)
   unit.eval()
   graphdef, kernels, acts, rest = nnx.split(unit, tq_nnx.QuantWeight, tq_nnx.ActScale, ...)
   kernel_paths, kernel_def = jax.tree_util.tree_flatten_with_path(kernels)
@@ -669,7 +680,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
                       lr: float = 1e-3, act_lr: float = 4e-5, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), beta_mode: str = "cosine",
                       fallback_to_nearest: bool = True, key, progress: bool = True,
-                      return_info: bool = False):
+                      return_info: bool = False, loop: str = "auto"):
   """Post-training quantization by block reconstruction (BRECQ), QDrop, with activations.
 
   Like :func:`adaround_model`, on a copy of ``model`` whose trquant layers are in full
@@ -719,6 +730,8 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
     key: a jax PRNG key; unit ``i`` uses ``fold_in(key, i)``.
     progress: a tqdm progress bar over the units (if tqdm is installed).
     return_info: also return per-unit :class:`BlockReport` records.
+    loop: how each unit's iterations run (``"auto"``, ``"scan"``, ``"steps"``), see
+      :func:`trquant.adaround.reconstruct_block`.
 
   Returns:
     A new model with the reconstructed weights (kernel ``= scale * codes``, a frozen
@@ -759,6 +772,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
   if drop_prob > 0 and act_bits is None:
     raise ValueError("`drop_prob` > 0 (QDrop) drops activation quantization: it needs"
                      " `act_bits`.")
+  loops.check_loop(loop)
   rounding.check_loop_args(iters=iters, batch_size=batch_size, lam=lam, lr=lr, warmup=warmup,
                            beta=beta, beta_mode=beta_mode)
   fp, work, plan = _plan(model, batches, bits=bits, per_channel=per_channel,
@@ -789,7 +803,8 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
       x_fp, y_fp = unit_data(fp, unit, batches, name=f"unit {name}")
       captured_at = time.perf_counter()
       work_unit = _module_at(work, unit)
-      apply_fn, kernel_layers, act_layers = _unit_apply_fn(work_unit, float(drop_prob))
+      apply_fn, kernel_layers, act_layers = _unit_apply_fn(work_unit, float(drop_prob),
+                                                               patches=_scan_on_cpu(loop))
       prefix = name + "/" if unit else ""
       kernel_names = [prefix + "/".join(map(str, p)) if p else name for p in kernel_layers]
       act_names = [prefix + "/".join(map(str, p)) if p else name for p in act_layers]
@@ -808,7 +823,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
           act_scales=act_scales if act_scales else None,
           x_fp=x_fp if drop_prob > 0 else None, drop_prob=float(drop_prob), iters=iters,
           batch_size=batch_size, lam=lam, lr=lr, act_lr=act_lr, warmup=warmup, beta=beta,
-          beta_mode=beta_mode, key=jax.random.fold_in(key, index))
+          beta_mode=beta_mode, key=jax.random.fold_in(key, index), loop=loop)
       jax.block_until_ready(result.weights)
       done = time.perf_counter()
       learned = list(result.act_scales) if act_scales else []

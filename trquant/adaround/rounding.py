@@ -36,6 +36,7 @@ import optax
 
 from trquant import checks
 from trquant import quantizers
+from trquant.adaround import loop as loops
 
 __all__ = [
     "AdaRoundResult",
@@ -472,7 +473,7 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
                       lr: float = 1e-3, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), beta_mode: str = "cosine",
                       activation: Optional[Callable] = None, zeta: float = ZETA,
-                      gamma: float = GAMMA, key) -> AdaRoundResult:
+                      gamma: float = GAMMA, key, loop: str = "auto") -> AdaRoundResult:
   """AdaRound of one layer: learns to round ``w`` up or down to reconstruct its output.
 
   Minimises, with Adam on the rounding variables ``V`` only (initialised by
@@ -480,9 +481,10 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
   the last axis, averaged over the others) on mini-batches ``(x, y)`` drawn
   with replacement from ``(x_q, y_fp)``, plus ``lam`` times
   :func:`rounding_regularizer` from step ``ceil(warmup * iters)`` on, with
-  ``beta`` annealed by :func:`beta_schedule`. The whole loop is one jitted
-  ``lax.scan``: no Python runs per iteration. Mini-batch ``t`` is drawn from
-  ``fold_in(key, t)``, so a key gives the same result on every call.
+  ``beta`` annealed by :func:`beta_schedule`. The loop is one jitted ``lax.scan``
+  (no Python per iteration), or on CPU, for a layer with a convolution, a Python
+  loop over one jitted step (``loop``, see :mod:`trquant.adaround.loop`). Mini-batch
+  ``t`` is drawn from ``fold_in(key, t)``, so a key gives the same result on every call.
 
   Args:
     apply_fn: ``(w, x) -> output`` of the layer (e.g. its pre-activation), pure
@@ -506,6 +508,8 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
       ``jax.nn.relu``), or None.
     zeta, gamma: the stretch of :func:`rectified_sigmoid`.
     key: a jax PRNG key for the mini-batches.
+    loop: ``"auto"``, ``"scan"`` or ``"steps"``: how the iterations run (same
+      result up to float summation order); ``"auto"`` picks the faster one.
 
   Returns:
     An :class:`AdaRoundResult`: ``codes = clip(floor(w / scale) + [V >= 0], lo, hi)``,
@@ -514,7 +518,7 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
   Raises:
     ValueError: for bad bits, a non-positive or non-broadcasting scale, empty or
       mismatched calibration arrays, ``apply_fn`` outputs that do not match
-      ``y_fp``, ``iters < 1`` or other bad hyper-parameters.
+      ``y_fp``, ``iters < 1``, an unknown ``loop`` or other bad hyper-parameters.
 
   Example:
     >>> import jax, jax.numpy as jnp, trquant
@@ -526,12 +530,18 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
     >>> result.codes.shape, bool(jnp.all(result.weight == s * result.codes))
     ((16, 4), True)
   """
+  loops.check_loop(loop)
   problem, arrays = reconstruction_problem(
       apply_fn, w, scale, x_q, y_fp, bits=bits, signed=signed, iters=iters,
       batch_size=batch_size, lam=lam, lr=lr, warmup=warmup, beta=beta, beta_mode=beta_mode,
       activation=activation, zeta=zeta, gamma=gamma, key=key)
-  V, reconstruction, regularization = _run(problem, *arrays)
-  codes, weight = problem.finish(arrays[0], arrays[1], V)
+  if loops.resolve_loop(loop, apply_fn, arrays[0], arrays[2][:1]) == "scan":
+    V, reconstruction, regularization = _run(problem, *arrays)
+  else:
+    state = loops.run_steps(lambda state, t: _step(problem, state, t, arrays),
+                            _init_steps(problem, arrays[0], arrays[1]), problem.iters)
+    (V, _), (reconstruction, regularization) = state
+  codes, weight = _finish(problem, arrays[0], arrays[1], V)
   return AdaRoundResult(codes, weight, V, reconstruction, regularization)
 
 
@@ -539,6 +549,25 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
 def _run(problem: Reconstruction, w, scale, x, y, key):
   """The fused loop, compiled once per problem (equal problems share the compilation)."""
   return problem.run(w, scale, x, y, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish(problem, *args):
+  """``problem.finish`` as one program (its eager ops would each compile on first use)."""
+  return problem.finish(*args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_steps(problem: Reconstruction, w, scale):
+  """The state of the ``"steps"`` loop: (V, Adam state) and the per-step loss buffers."""
+  zero = jnp.zeros((), jnp.float32)
+  return loops.with_records(problem.init(w, scale), problem.iters, (zero, zero))
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _step(problem: Reconstruction, state, step, arrays):
+  """One iteration, compiled once per problem: the body of the ``"steps"`` loop."""
+  return loops.record_step(lambda carry, t: problem.step(carry, t, arrays), state, step)
 
 
 def reconstruction_error(apply_fn: Callable, w, x, y, *, activation: Optional[Callable] = None,
