@@ -622,7 +622,8 @@ def summarize(out):
             if match:
               summary["lr_sweep"].append({"bits": bits, "optimizer": optimizer, "method": method,
                                           "lr": lr, "final": match[0]["final_test_accuracy"]})
-          lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
+          if any(cells):
+            lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
 
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
