@@ -200,6 +200,8 @@ def main(argv=None):
       model = adaround_bench.fp_model(bench_args, name, dataset, fp_epochs[name])
       for setting in args.settings:
         for method in args.methods:
+          if method == "qdrop" and setting[2] is None:
+            continue  # QDrop drops activation quantization: weight-only settings have none
           for seed in range(args.seeds):
             path = os.path.join(args.out, f"run-{name}-{setting[0]}-{method}-s{seed}.json")
             if os.path.exists(path):
