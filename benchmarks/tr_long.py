@@ -267,22 +267,24 @@ def make_chunk_fn(graphdef, *, batch_size, scan=True):
   # for all of them, which on a small model costs little more than one.
   seeds_step = jax.vmap(step, in_axes=(0, 0, None, None))
 
+  return chunk_of_steps(seeds_step, scan=scan)
+
+
+def chunk_of_steps(step, *, scan):
+  """``chunk(carry, indices, train_x, train_y) -> (carry, stacked records)`` running
+  ``step(carry, indices[t], train_x, train_y)`` for every t: one jitted ``lax.scan``, or
+  with ``scan=False`` one jitted step per Python iteration (XLA:CPU runs convolutions
+  inside a scan body ~15x slower than in a top-level program: jax 0.10.2, the BN CNN's
+  step 85 vs 5.7 ms)."""
   if scan:
-    @jax.jit
-    def chunk(carry, indices, train_x, train_y):
-      return jax.lax.scan(lambda c, i: seeds_step(c, i, train_x, train_y), carry, indices)
+    return jax.jit(lambda carry, indices, x, y: jax.lax.scan(
+        lambda c, i: step(c, i, x, y), carry, indices))
+  jitted_step = jax.jit(step)
 
-    return chunk
-
-  # XLA:CPU runs convolutions inside a `lax.scan`/`while` body ~15x slower than the same
-  # convolutions in a top-level program (jax 0.10.2, measured on the BN CNN: 85 vs 5.7
-  # ms/step), so conv models take one jitted step per Python iteration.
-  jitted_step = jax.jit(seeds_step)
-
-  def chunk(carry, indices, train_x, train_y):
+  def chunk(carry, indices, x, y):
     records = []
     for step_indices in indices:
-      carry, record = jitted_step(carry, step_indices, train_x, train_y)
+      carry, record = jitted_step(carry, step_indices, x, y)
       records.append(record)
     return carry, jax.tree.map(lambda *r: jnp.stack(r), *records)
 
@@ -315,15 +317,15 @@ def seed_slice(tree, i):
   return jax.tree.map(lambda a: a[i], tree)
 
 
-def train(model, tx, data, *, steps, eval_every, batch_size, seeds, log=None, side_by_side=True):
+def train(model, tx, data, *, steps, eval_every, batch_size, seeds, log=None, stepped=False):
   """Trains copies of `model` with `tx`, one per seed (data order), side by side in scanned
   chunks; returns ([model per seed], per-step records (steps, seeds, ...), eval curves).
 
-  With ``side_by_side=False`` the seeds run one after the other, one jitted step per Python
+  With ``stepped`` the seeds run one after the other, one jitted step per Python
   iteration (conv models: vmapped and scanned convolutions are slow on XLA:CPU)."""
-  if side_by_side is False:
+  if stepped and len(seeds) > 1:
     outputs = [train(model, tx, data, steps=steps, eval_every=eval_every, batch_size=batch_size,
-                     seeds=[seed], log=log, side_by_side=None) for seed in seeds]
+                     seeds=[seed], log=log, stepped=True) for seed in seeds]
     models = [m for out in outputs for m in out[0]]
     records = {key: np.concatenate([out[1][key] for out in outputs], axis=1) for key in outputs[0][1]}
     evals = [(step, [a for out in outputs for a in out[2][i][1]])
@@ -332,7 +334,7 @@ def train(model, tx, data, *, steps, eval_every, batch_size, seeds, log=None, si
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   graphdef, carry = nnx.split((model, optimizer))
   carry = jax.tree.map(lambda a: jnp.broadcast_to(a, (len(seeds),) + a.shape), carry)
-  chunk_fn = make_chunk_fn(graphdef, batch_size=batch_size, scan=side_by_side is not None)
+  chunk_fn = make_chunk_fn(graphdef, batch_size=batch_size, scan=not stepped)
   evaluate = make_eval_fn(graphdef)
   train_x, train_y, test_x, test_y = data
   orders = [data_order(seed, train_x.shape[0], batch_size) for seed in seeds]
@@ -404,15 +406,7 @@ def fp_checkpoint(args, data, num_classes, log):
     optimizer.update(model, grads)
     return nnx.state((model, optimizer)), loss
 
-  if args.model == "mlp":
-    chunk = jax.jit(lambda c, i, x, y: jax.lax.scan(lambda c, i: step(c, i, x, y), c, i))
-  else:  # convolutions: one jitted step per iteration (see make_chunk_fn)
-    jitted_step = jax.jit(step)
-
-    def chunk(c, indices, x, y):
-      for i in indices:
-        c, loss = jitted_step(c, i, x, y)
-      return c, loss
+  chunk = chunk_of_steps(step, scan=args.model == "mlp")
   order = data_order(9999, data[0].shape[0], args.batch_size)
   done = 0
   while done < args.fp_steps:
@@ -453,7 +447,7 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
   models, records, evals = train(model, tx, data, steps=args.steps, eval_every=args.eval_every,
                                  batch_size=args.batch_size, seeds=seeds,
                                  log=log if args.verbose else None,
-                                 side_by_side=args.model == "mlp")
+                                 stepped=args.model != "mlp")
   seconds = time.time() - start
   tail = slice(int(0.9 * args.steps), None)
   head = slice(0, int(0.9 * args.steps))

@@ -146,25 +146,6 @@ def _run(problem: _Block, weights, scales, act_scales, x_q, x_fp, y, key):
   return problem.run(weights, scales, act_scales, x_q, x_fp, y, key)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _finish(problem, *args):
-  """``problem.finish`` as one program (its eager ops would each compile on first use)."""
-  return problem.finish(*args)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_steps(problem: _Block, weights, scales, act_scales):
-  """The state of the ``"steps"`` loop: the learned values, Adam states, loss buffers."""
-  zero = jnp.zeros((), jnp.float32)
-  return loops.with_records(problem.init(weights, scales, act_scales), problem.iters, (zero, zero))
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _step(problem: _Block, state, step, arrays):
-  """One iteration, compiled once per problem: the body of the ``"steps"`` loop."""
-  return loops.record_step(lambda carry, t: problem.step(carry, t, arrays), state, step)
-
-
 def _as_tuple(name, value) -> tuple:
   if isinstance(value, (list, tuple)):
     if not value:
@@ -307,11 +288,9 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, bits,
     Vs, learned, reconstruction, regularization = _run(problem, weights, scales, act_scales, x_q,
                                                        x_fp, y_fp, key)
   else:
-    arrays = (weights, scales, x_q, x_fp, y_fp, key)
-    state = loops.run_steps(lambda state, t: _step(problem, state, t, arrays),
-                            _init_steps(problem, weights, scales, act_scales), problem.iters)
-    ((Vs, learned), _), (reconstruction, regularization) = state
-  codes, hard = _finish(problem, weights, scales, Vs)
+    ((Vs, learned), _), (reconstruction, regularization) = loops.run_steps(
+        problem, (weights, scales, act_scales), (weights, scales, x_q, x_fp, y_fp, key))
+  codes, hard = loops.finish(problem, weights, scales, Vs)
   return BlockResult(codes, hard, learned, reconstruction, regularization)
 
 

@@ -16,13 +16,13 @@ function contains a convolution calls a jitted step once per iteration instead.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["LOOPS", "check_loop", "has_convolution", "record_step", "resolve_loop", "run_steps",
-           "with_records"]
+__all__ = ["LOOPS", "check_loop", "finish", "has_convolution", "resolve_loop", "run_steps"]
 
 LOOPS = ("auto", "scan", "steps")
 
@@ -80,28 +80,37 @@ def resolve_loop(loop: str, fn: Callable, *example_args) -> str:
   return "scan"
 
 
-def with_records(carry, iters: int, record_example):
-  """``(carry, buffers)``: the state of a ``"steps"`` loop, with one ``(iters, ...)`` zero
-  buffer per leaf of ``record_example`` (what one step records)."""
-  buffers = jax.tree.map(lambda r: jnp.zeros((iters,) + jnp.shape(r), jnp.result_type(r)),
-                         record_example)
+def run_steps(problem, init_args: tuple, arrays):
+  """The ``"steps"`` loop of a reconstruction problem; returns ``(carry, records)``.
+
+  ``problem`` (hashable: it is a static argument) has ``iters``, ``init(*init_args)`` and
+  a pure ``step(carry, t, arrays) -> (carry, record)``. Each iteration calls one jitted,
+  state-donating step, compiled once per problem, which writes its record into row ``t``
+  of ``(iters, ...)`` device buffers (nothing leaves the device per iteration); the
+  records come back as ``lax.scan`` stacks them.
+  """
+  state = _init_steps(problem, init_args, arrays)
+  for t in range(problem.iters):
+    state = _step(problem, state, jnp.int32(t), arrays)
+  return state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def finish(problem, *args):
+  """``problem.finish(*args)`` as one program (its eager ops would each compile on first use)."""
+  return problem.finish(*args)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_steps(problem, init_args, arrays):
+  carry = problem.init(*init_args)
+  record = jax.eval_shape(problem.step, carry, jnp.int32(0), arrays)[1]
+  buffers = jax.tree.map(lambda r: jnp.zeros((problem.iters,) + r.shape, r.dtype), record)
   return carry, buffers
 
 
-def record_step(step: Callable, state, t):
-  """One iteration of a ``"steps"`` loop: ``carry, record = step(carry, t)``, the record
-  written at row ``t`` of the buffers (so nothing leaves the device per iteration)."""
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _step(problem, state, t, arrays):
   carry, buffers = state
-  carry, record = step(carry, t)
+  carry, record = problem.step(carry, t, arrays)
   return carry, jax.tree.map(lambda buffer, value: buffer.at[t].set(value), buffers, record)
-
-
-def run_steps(jitted_step: Callable, state, iters: int):
-  """``state = jitted_step(state, t)`` for ``t < iters``: the Python loop of ``"steps"``.
-
-  ``jitted_step`` is :func:`record_step` of the problem's step, jitted (with the state
-  donated); returns the final ``(carry, buffers)``.
-  """
-  for t in range(iters):
-    state = jitted_step(state, jnp.int32(t))
-  return state

@@ -538,10 +538,8 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
   if loops.resolve_loop(loop, apply_fn, arrays[0], arrays[2][:1]) == "scan":
     V, reconstruction, regularization = _run(problem, *arrays)
   else:
-    state = loops.run_steps(lambda state, t: _step(problem, state, t, arrays),
-                            _init_steps(problem, arrays[0], arrays[1]), problem.iters)
-    (V, _), (reconstruction, regularization) = state
-  codes, weight = _finish(problem, arrays[0], arrays[1], V)
+    (V, _), (reconstruction, regularization) = loops.run_steps(problem, arrays[:2], arrays)
+  codes, weight = loops.finish(problem, arrays[0], arrays[1], V)
   return AdaRoundResult(codes, weight, V, reconstruction, regularization)
 
 
@@ -549,25 +547,6 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, bits: int, sig
 def _run(problem: Reconstruction, w, scale, x, y, key):
   """The fused loop, compiled once per problem (equal problems share the compilation)."""
   return problem.run(w, scale, x, y, key)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _finish(problem, *args):
-  """``problem.finish`` as one program (its eager ops would each compile on first use)."""
-  return problem.finish(*args)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _init_steps(problem: Reconstruction, w, scale):
-  """The state of the ``"steps"`` loop: (V, Adam state) and the per-step loss buffers."""
-  zero = jnp.zeros((), jnp.float32)
-  return loops.with_records(problem.init(w, scale), problem.iters, (zero, zero))
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _step(problem: Reconstruction, state, step, arrays):
-  """One iteration, compiled once per problem: the body of the ``"steps"`` loop."""
-  return loops.record_step(lambda carry, t: problem.step(carry, t, arrays), state, step)
 
 
 def reconstruction_error(apply_fn: Callable, w, x, y, *, activation: Optional[Callable] = None,
