@@ -79,12 +79,25 @@ def parse_args(argv=None):
 def _setting(text, parser):
   text = text.strip().upper()
   try:
-    if "A" in text:
-      weight, act = text[1:].split("A")
-      return text, int(weight), int(act)
-    return text, int(text[1:]), None
+    if not text.startswith("W"):
+      raise ValueError(text)
+    weight, act = text[1:].split("A") if "A" in text else (text[1:], None)
+    bits = (int(weight), None if act is None else int(act))
+    if min(b for b in bits if b is not None) < 1:
+      raise ValueError(text)
+    return (text,) + bits
   except ValueError:
-    parser.error(f"a setting is W<bits> or W<bits>A<bits>, got {text!r}")
+    parser.error(f"a setting is W<bits> or W<bits>A<bits> (bits >= 1), e.g. W4A4 or W2;"
+                 f" got {text!r}")
+
+
+def planned_runs(args):
+  """``(setting, method, seed)`` of every run of one model, in the order they run.
+
+  QDrop drops activation quantization at random, so weight-only settings have no QDrop run.
+  """
+  return [(setting, method, seed) for setting in args.settings for method in args.methods
+          if not (method == "qdrop" and setting[2] is None) for seed in range(args.seeds)]
 
 
 def run_one(args, model, dataset, name, setting, method, seed):
@@ -198,19 +211,15 @@ def main(argv=None):
           out=args.out, dataset=args.dataset, retrain=False, batch_size=args.batch_size,
           data_dir=args.data_dir, max_steps_per_epoch=args.max_steps_per_epoch)
       model = adaround_bench.fp_model(bench_args, name, dataset, fp_epochs[name])
-      for setting in args.settings:
-        for method in args.methods:
-          if method == "qdrop" and setting[2] is None:
-            continue  # QDrop drops activation quantization: weight-only settings have none
-          for seed in range(args.seeds):
-            path = os.path.join(args.out, f"run-{name}-{setting[0]}-{method}-s{seed}.json")
-            if os.path.exists(path):
-              continue
-            result = run_one(args, model, dataset, name, setting, method, seed)
-            with open(path, "w") as f:
-              json.dump(result, f)
-            print(f"{name} {setting[0]} {method} seed {seed}: {100 * result['accuracy']:.2f}%"
-                  f" ({result['seconds']:.0f} s)", flush=True)
+      for setting, method, seed in planned_runs(args):
+        path = os.path.join(args.out, f"run-{name}-{setting[0]}-{method}-s{seed}.json")
+        if os.path.exists(path):
+          continue
+        result = run_one(args, model, dataset, name, setting, method, seed)
+        with open(path, "w") as f:
+          json.dump(result, f)
+        print(f"{name} {setting[0]} {method} seed {seed}: {100 * result['accuracy']:.2f}%"
+              f" ({result['seconds']:.0f} s)", flush=True)
   summary = summarize(args)
   with open(os.path.join(args.out, "summary.md")) as f:
     print(f.read())

@@ -201,3 +201,15 @@ def test_ptq_quick(tmp_path):
   again = ptq.main(["--quick", "--out", str(tmp_path)])
   assert again["cnn"]["W3A4"]["qdrop"]["accuracies"] == rows["qdrop"]["accuracies"]
   assert "| cnn | W3A4 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_ptq_plans_no_qdrop_for_weight_only_settings():
+  ptq = _load("benchmarks/ptq.py", "trquant_bench_ptq")
+  args = ptq.parse_args(["--settings", "W4A4,W2", "--seeds", "2"])
+  runs = [(setting[0], method, seed) for setting, method, seed in ptq.planned_runs(args)]
+  assert [run for run in runs if run[1] == "qdrop"] == [("W4A4", "qdrop", 0), ("W4A4", "qdrop", 1)]
+  assert {run[0] for run in runs if run[1] == "brecq"} == {"W4A4", "W2"}
+  assert len(runs) == 2 * 4 + 2 * 3
+  for bad in ("X4", "W4A", "W0", "WA4"):
+    with pytest.raises(SystemExit):
+      ptq.parse_args(["--settings", bad])
