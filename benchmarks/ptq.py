@@ -196,7 +196,51 @@ def summarize(args):
     json.dump({"iters": args.iters, "models": summary}, f, indent=1)
   with open(os.path.join(args.out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
+  plot(summary, args.iters, os.path.join(args.out, "summary.png"))
   return summary
+
+
+def plot(summary, iters, path):
+  """Per model: accuracy per setting and method (mean, std bars, seeds as dots), and each
+  unit's output error after / before reconstruction in the setting with the fewest bits."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  colours = dict(zip(METHODS, ("C7", "C0", "C3", "C2")))
+  fig, axes = plt.subplots(len(summary), 2, figsize=(12, 3.5 * len(summary)), squeeze=False)
+  for row, (model, settings) in enumerate(sorted(summary.items())):
+    ax = axes[row, 0]
+    width = 0.8 / len(METHODS)
+    for s_index, (setting, methods) in enumerate(sorted(settings.items())):
+      for m_index, method in enumerate(METHODS):
+        if method not in methods:
+          continue
+        entry, x = methods[method], s_index + (m_index - 1.5) * width
+        ax.bar(x, 100 * entry["mean"], width, yerr=100 * entry["std"], color=colours[method],
+               label=method if s_index == 0 else None)
+        ax.plot([x] * len(entry["accuracies"]), [100 * a for a in entry["accuracies"]], "k.",
+                ms=3)
+      fp_accuracy = next(iter(methods.values()))["fp_accuracy"]
+      ax.hlines(100 * fp_accuracy, s_index - 0.4, s_index + 0.4, colors="k", linestyles="--",
+                lw=1)
+    ax.set_xticks(range(len(settings)), sorted(settings))
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{model}: accuracy ({iters} it/unit; dashed: FP)", fontsize=9)
+    ax.legend(fontsize=7)
+    lowest = min(settings, key=lambda s: (int(s[1:].split("A")[0]), "A" not in s))
+    ax = axes[row, 1]
+    for method, entry in settings[lowest].items():
+      if entry["units"]:  # layer-wise: one unit per layer; block-wise: one per block
+        ratios = [unit["error_ratio"] for unit in entry["units"].values()]
+        ax.plot(range(len(ratios)), ratios, "o-", color=colours[method], label=method, ms=3)
+    ax.set_xlabel("unit, in call order (stem first, head last)")
+    ax.set_ylabel("unit output error / nearest's")
+    ax.set_title(f"{model} {lowest}: error ratio per unit", fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -216,6 +260,7 @@ def main(argv=None):
         if os.path.exists(path):
           continue
         result = run_one(args, model, dataset, name, setting, method, seed)
+        jax.clear_caches()  # each run compiles its own loops: do not keep them all
         with open(path, "w") as f:
           json.dump(result, f)
         print(f"{name} {setting[0]} {method} seed {seed}: {100 * result['accuracy']:.2f}%"
