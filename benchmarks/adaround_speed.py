@@ -57,6 +57,8 @@ def parse_args(argv=None):
   parser.add_argument("--calibration", type=int, default=1024)
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+  parser.add_argument("--no-scan", action="store_true",
+                      help="skip the lax.scan form (slow for convolutions on CPU)")
   parser.add_argument("--out", default="benchmarks/results/adaround_speed")
   parser.add_argument("--quick", action="store_true", help="a few iterations, one seed, one bit width")
   args = parser.parse_args(argv)
@@ -135,6 +137,9 @@ def error_ratio(apply_fn, weight, nearest_error, x, y):
   return adaround.reconstruction_error(apply_fn, weight, x, y) / nearest_error
 
 
+LABELS = ("trquant", "trquant_scan", "torch")
+
+
 def run(args):
   import torch  # noqa: F401  (fail early, with the install hint below)
   rows = []
@@ -152,6 +157,7 @@ def run(args):
                "loop_auto": adaround.loop.resolve_loop("auto", apply_fn, w, x[:1])}
         forms = [("trquant", apply_fn, "auto"),
                  ("trquant_scan", patches_apply_fn if kind == "conv" else apply_fn, "scan")]
+        forms = forms[:1] if args.no_scan else forms
         for label, fn, loop in forms:
           jax.clear_caches()
           start = time.perf_counter()
@@ -167,7 +173,7 @@ def run(args):
         rows.append(row)
         print(f"{name} W{bits} seed {seed}: " + ", ".join(
             f"{label} {args.iters / row[f'{label}_seconds']:.0f} it/s (ratio {row[f'{label}_ratio']:.3f})"
-            for label in ("trquant", "trquant_scan", "torch")), flush=True)
+            for label in LABELS if f"{label}_seconds" in row), flush=True)
   return rows
 
 
@@ -176,7 +182,8 @@ def summarize(rows, args):
   lines = ["# AdaRound loop speed: trquant vs eager PyTorch", "",
            f"Device: {jax.devices()[0].device_kind}, {os.cpu_count()} CPU cores; jax {jax.__version__},"
            f" torch {torch.__version__} ({args.threads} threads). {args.iters} iterations, batch"
-           f" {args.batch_size}, {args.calibration} calibration examples, {args.seeds} seeds."
+           f" {args.batch_size}, {args.calibration} calibration examples, {args.seeds} seeds;"
+           f" XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}."
            " Iterations per second of the whole call, compilation included (mean ± std over seeds);"
            " ratio = output error of the final rounding / round-to-nearest's (mean over seeds).", "",
            "| layer | bits | trquant (loop) | trquant scan | eager PyTorch | trquant / PyTorch |"
@@ -188,12 +195,14 @@ def summarize(rows, args):
       group = [r for r in rows if r["case"] == name and r["bits"] == bits]
       if not group:
         continue
+      labels = [label for label in LABELS if f"{label}_seconds" in group[0]]
       its = {label: np.array([r["iters"] / r[f"{label}_seconds"] for r in group])
-             for label in ("trquant", "trquant_scan", "torch")}
-      ratios = {label: np.array([r[f"{label}_ratio"] for r in group])
-                for label in ("trquant", "trquant_scan", "torch")}
+             for label in labels}
+      ratios = {label: np.array([r[f"{label}_ratio"] for r in group]) for label in labels}
       speedup = its["trquant"] / its["torch"]
       fmt = lambda v: f"{v.mean():.0f} ± {v.std(ddof=1) if len(v) > 1 else 0:.0f}"
+      its.setdefault("trquant_scan", np.full(1, np.nan))  # --no-scan: shown as nan
+      ratios.setdefault("trquant_scan", np.full(1, np.nan))
       lines.append(f"| {name} | W{bits} | {fmt(its['trquant'])} ({group[0]['loop_auto']}) |"
                    f" {fmt(its['trquant_scan'])} | {fmt(its['torch'])} | {speedup.mean():.2f}x |"
                    f" {ratios['trquant'].mean():.3f} | {ratios['trquant_scan'].mean():.3f} |"
@@ -207,7 +216,8 @@ def summarize(rows, args):
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(args.out, "summary.json"), "w") as f:
     json.dump({"rows": rows, "summary": summary, "device": jax.devices()[0].device_kind,
-               "jax": jax.__version__, "torch": torch.__version__, "threads": args.threads}, f,
+               "jax": jax.__version__, "torch": torch.__version__, "threads": args.threads,
+               "xla_flags": os.environ.get("XLA_FLAGS", "")}, f,
               indent=1)
   print("\n".join(lines))
 
