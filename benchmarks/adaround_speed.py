@@ -201,11 +201,11 @@ def summarize(rows, args):
       ratios = {label: np.array([r[f"{label}_ratio"] for r in group]) for label in labels}
       speedup = its["trquant"] / its["torch"]
       fmt = lambda v: f"{v.mean():.0f} ± {v.std(ddof=1) if len(v) > 1 else 0:.0f}"
-      its.setdefault("trquant_scan", np.full(1, np.nan))  # --no-scan: shown as nan
-      ratios.setdefault("trquant_scan", np.full(1, np.nan))
+      skipped = np.full(1, np.nan)  # --no-scan: the scan columns read nan
       lines.append(f"| {name} | W{bits} | {fmt(its['trquant'])} ({group[0]['loop_auto']}) |"
-                   f" {fmt(its['trquant_scan'])} | {fmt(its['torch'])} | {speedup.mean():.2f}x |"
-                   f" {ratios['trquant'].mean():.3f} | {ratios['trquant_scan'].mean():.3f} |"
+                   f" {fmt(its.get('trquant_scan', skipped))} | {fmt(its['torch'])} |"
+                   f" {speedup.mean():.2f}x | {ratios['trquant'].mean():.3f} |"
+                   f" {ratios.get('trquant_scan', skipped).mean():.3f} |"
                    f" {ratios['torch'].mean():.3f} |")
       summary.append({"case": name, "bits": bits, "loop": group[0]["loop_auto"],
                       "its": {k: v.tolist() for k, v in its.items()},

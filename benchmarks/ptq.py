@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import time
 
 import jax
@@ -76,19 +77,26 @@ def parse_args(argv=None):
   return args
 
 
-def _setting(text, parser):
+def parse_setting(text):
+  """``"W4A4"`` -> ``("W4A4", 4, 4)``, ``"W2"`` -> ``("W2", 2, None)``.
+
+  Raises:
+    ValueError: for text that is not ``W<bits>`` or ``W<bits>A<bits>`` with bits >= 1.
+  """
   text = text.strip().upper()
+  match = re.fullmatch(r"W(\d+)(?:A(\d+))?", text)
+  bits = match and (int(match[1]), None if match[2] is None else int(match[2]))
+  if not bits or min(b for b in bits if b is not None) < 1:
+    raise ValueError(f"a setting is W<bits> or W<bits>A<bits> (bits >= 1), e.g. W4A4 or W2;"
+                     f" got {text!r}")
+  return (text,) + bits
+
+
+def _setting(text, parser):
   try:
-    if not text.startswith("W"):
-      raise ValueError(text)
-    weight, act = text[1:].split("A") if "A" in text else (text[1:], None)
-    bits = (int(weight), None if act is None else int(act))
-    if min(b for b in bits if b is not None) < 1:
-      raise ValueError(text)
-    return (text,) + bits
-  except ValueError:
-    parser.error(f"a setting is W<bits> or W<bits>A<bits> (bits >= 1), e.g. W4A4 or W2;"
-                 f" got {text!r}")
+    return parse_setting(text)
+  except ValueError as error:
+    parser.error(str(error))
 
 
 def planned_runs(args):
@@ -216,7 +224,7 @@ def plot(summary, iters, path):
       for m_index, method in enumerate(METHODS):
         if method not in methods:
           continue
-        entry, x = methods[method], s_index + (m_index - 1.5) * width
+        entry, x = methods[method], s_index + (m_index - (len(METHODS) - 1) / 2) * width
         ax.bar(x, 100 * entry["mean"], width, yerr=100 * entry["std"], color=colours[method],
                label=method if s_index == 0 else None)
         ax.plot([x] * len(entry["accuracies"]), [100 * a for a in entry["accuracies"]], "k.",
@@ -228,7 +236,8 @@ def plot(summary, iters, path):
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{model}: accuracy ({iters} it/unit; dashed: FP)", fontsize=9)
     ax.legend(fontsize=7)
-    lowest = min(settings, key=lambda s: (int(s[1:].split("A")[0]), "A" not in s))
+    # Fewest weight bits; with activations quantized before weight-only.
+    lowest = min(settings, key=lambda s: (parse_setting(s)[1], parse_setting(s)[2] is None))
     ax = axes[row, 1]
     for method, entry in settings[lowest].items():
       if entry["units"]:  # layer-wise: one unit per layer; block-wise: one per block
