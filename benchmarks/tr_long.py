@@ -75,8 +75,9 @@ class BNMLP(nnx.Module):
   """784-W-W-W-10 with BatchNorm and clip(x, -1, 1); inner two layers quantized."""
 
   def __init__(self, in_features: int, width: int, num_classes: int, *, bits, weight_quantizer="fixed",
-               rngs: nnx.Rngs):
-    quant = dict(weight_bits=bits, act_bits=bits, signed_act=True, weight_quantizer=weight_quantizer)
+               scale_method="mse", rngs: nnx.Rngs):
+    quant = dict(weight_bits=bits, act_bits=bits, signed_act=True, weight_quantizer=weight_quantizer,
+                 scale_method=scale_method)
     fp = dict(weight_bits=None, act_bits=None)
     self.fc1 = trquant.nnx.QuantLinear(in_features, width, **fp, rngs=rngs)
     self.fc2 = trquant.nnx.QuantLinear(width, width, **quant, rngs=rngs)
@@ -104,11 +105,12 @@ class BNCNN(nnx.Module):
   quantized_names = ("conv2", "conv3", "conv4")
 
   def __init__(self, in_features: int, width: int, num_classes: int, *, bits, weight_quantizer="fixed",
-               rngs: nnx.Rngs):
+               scale_method="mse", rngs: nnx.Rngs):
     self.side = math.isqrt(in_features)
     if self.side ** 2 != in_features:
       raise ValueError(f"BNCNN needs square single-channel images, got {in_features} features")
-    quant = dict(weight_bits=bits, act_bits=bits, signed_act=True, weight_quantizer=weight_quantizer)
+    quant = dict(weight_bits=bits, act_bits=bits, signed_act=True, weight_quantizer=weight_quantizer,
+                 scale_method=scale_method)
     fp = dict(weight_bits=None, act_bits=None)
     conv = lambda i, o, stride, q: trquant.nnx.QuantConv(i, o, 3, strides=stride, use_bias=False,
                                                          **q, rngs=rngs)
@@ -132,7 +134,28 @@ class BNCNN(nnx.Module):
     return self.head(jnp.mean(x, axis=(1, 2)))
 
 
-MODELS = {"mlp": BNMLP, "cnn": BNCNN}
+class MobileNetV2TinyQAT(nnx.Module):
+  """``trquant.models.MobileNetV2Tiny`` (5 inverted residuals with depth-wise 3x3 convs,
+  BatchNorm, ReLU6, unsigned quantized inputs) on flat single-channel images; the stem and
+  the head in full precision, every other conv quantized."""
+
+  def __init__(self, in_features: int, width: int, num_classes: int, *, bits, weight_quantizer="fixed",
+               scale_method="mse", rngs: nnx.Rngs):
+    del width  # the architecture is fixed
+    self.side = math.isqrt(in_features)
+    self.net = trquant.models.build_model(
+        "mobilenetv2_tiny", num_classes=num_classes, in_channels=1, weight_bits=bits, act_bits=bits,
+        first_last="fp", weight_quantizer=weight_quantizer, scale_method=scale_method,
+        image_size=self.side, rngs=rngs)
+
+  def quantized_layers(self):
+    return [layer for _, layer in trquant.nnx.quant_layers(self.net) if layer.kernel.bits is not None]
+
+  def __call__(self, x):
+    return self.net(x.reshape(x.shape[0], self.side, self.side, 1))
+
+
+MODELS = {"mlp": BNMLP, "cnn": BNCNN, "mbv2tiny": MobileNetV2TinyQAT}
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,12 +180,38 @@ def method_config(method: str, bits: int, target_tr: float) -> dict:
   raise ValueError(f"unknown method {method!r}")
 
 
-def base_optimizer(name, learning_rate, weight_decay):
+RECIPES = {
+    # This benchmark's earlier recipe: MSE weight scales, weight decay for SGD only, on every
+    # parameter, momentum on every parameter.
+    "default": dict(scale_init="mse", adam_weight_decay=0.0, reference_groups=False),
+    # The TR paper's public CIFAR code: weight steps frozen at 3*std (binary: a +-3 sigma
+    # straight-through window), coupled L2 on the gradient of every kernel for SGD and Adam
+    # alike (scaled by the TALR under TR), no decay and no momentum on scales, BN and biases.
+    "reference": dict(scale_init="std3", adam_weight_decay=1e-4, reference_groups=True),
+}
+
+
+def base_optimizer(name, learning_rate, weight_decay, momentum=True):
+  """SGD (momentum 0.9) or Adam, each with coupled L2: the decay is added to the gradient
+  before the optimizer's moments (``weight_decay=0`` for none)."""
+  decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
   if name == "sgd":
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(learning_rate, momentum=0.9))
+    return optax.chain(*decay, optax.sgd(learning_rate, momentum=0.9 if momentum else None))
   if name == "adam":
-    return optax.adam(learning_rate)
+    return optax.chain(*decay, optax.adam(learning_rate))
   raise ValueError(f"unknown optimizer {name!r}")
+
+
+def parameter_groups(model, reference_groups: bool):
+  """``optax.partition`` labels: "quant" (quantized kernels) and "float" (the rest), or with
+  ``reference_groups`` "quant", "kernel" (FP kernels) and "other" (BN, biases, scales)."""
+  def label(variable):
+    if isinstance(variable, trquant.nnx.QuantWeight):
+      return "quant" if variable.bits is not None else ("kernel" if reference_groups else "float")
+    return "other" if reference_groups else "float"
+
+  return jax.tree.map(label, nnx.state(model, nnx.Param),
+                      is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def lsq_codes_fn(model):
@@ -186,20 +235,30 @@ def lsq_codes_fn(model):
 
 
 def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_steps, weight_decay,
-                   controller=None, r0=None, auto_warmup=None):
+                   controller=None, r0=None, auto_warmup=None, adam_weight_decay=0.0,
+                   reference_groups=False, windup_guard=True):
   cosine_lr = optax.cosine_decay_schedule(lr, total_steps)
+  decay = weight_decay if optimizer == "sgd" else adam_weight_decay
+  float_opt = lambda: base_optimizer(optimizer, cosine_lr, decay)
   if schedule == "lr":
-    tx = base_optimizer(optimizer, cosine_lr, weight_decay)
+    quant = float_opt()
   else:
     if r0 == "auto":
+      # auto_warmup None: the settling warm-up (the default of measured_target).
       target = trquant.measured_target(total_steps, warmup_steps=auto_warmup)
     else:
       target = optax.cosine_decay_schedule(r0, total_steps)
-    quant = optax.chain(base_optimizer(optimizer, lr, weight_decay),
+    quant = optax.chain(base_optimizer(optimizer, lr, decay),
                         trquant.tr_schedule(target, codes_fn=trquant.nnx.codes_fn(model),
-                                            controller=controller))
-    tx = optax.partition({"quant": quant, "float": base_optimizer(optimizer, cosine_lr, weight_decay)},
-                         trquant.nnx.param_labels(model))
+                                            controller=controller, windup_guard=windup_guard))
+  if reference_groups:
+    other = base_optimizer(optimizer, cosine_lr, 0.0, momentum=False)
+    tx = optax.partition({"quant": quant, "kernel": float_opt(), "other": other},
+                         parameter_groups(model, True))
+  elif schedule == "lr":
+    tx = quant
+  else:
+    tx = optax.partition({"quant": quant, "float": float_opt()}, parameter_groups(model, False))
   codes = trquant.nnx.codes_fn(model) if weight_quantizer == "fixed" else lsq_codes_fn(model)
   # Last: it sees the update that is applied.
   return optax.chain(tx, trquant.track_oscillations(codes)), cosine_lr
@@ -261,6 +320,10 @@ def make_chunk_fn(graphdef, *, batch_size, scan=True):
       record["talr_multiplier"] = multiplier
       record["running_transition_rate"] = optax.tree.get(state, "running_transition_rate")
       record["target_transition_rate"] = optax.tree.get(state, "target_transition_rate")
+      record["initial_target_rate"] = optax.tree.get(state, "initial_target_rate")
+      record["warmup_end_step"] = optax.tree.get(state, "warmup_end_step")
+      record["windup_events"] = optax.tree.get(state, "windup_events")
+      record["multiplier_ceiling"] = optax.tree.get(state, "multiplier_ceiling")
     return nnx.state((model, optimizer)), record
 
   # Seeds run side by side (a leading axis on the carry and the indices): one program
@@ -426,6 +489,16 @@ def fp_checkpoint(args, data, num_classes, log):
   return path, accuracy
 
 
+def recipe_of(args) -> dict:
+  """The recipe's settings with the command line's overrides."""
+  recipe = dict(RECIPES[args.recipe])
+  if args.scale_init is not None:
+    recipe["scale_init"] = args.scale_init
+  if args.adam_weight_decay is not None:
+    recipe["adam_weight_decay"] = args.adam_weight_decay
+  return recipe
+
+
 def run_name(model, width, bits, optimizer, method, lr, seed):
   return f"{model}{width}-W{bits}A{bits}-{optimizer}-{method}-lr{lr:g}-s{seed}"
 
@@ -433,16 +506,24 @@ def run_name(model, width, bits, optimizer, method, lr, seed):
 def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, seeds, log):
   """One method on every seed (side by side); returns one result dict per seed."""
   config = method_config(method, bits, args.target_tr)
+  recipe = recipe_of(args)
   model = MODELS[args.model](data[0].shape[1], args.width, num_classes, bits=bits,
-                weight_quantizer=config["weight_quantizer"], rngs=nnx.Rngs(0))
+                weight_quantizer=config["weight_quantizer"], scale_method=recipe["scale_init"],
+                rngs=nnx.Rngs(0))
   trquant.nnx.load_float_weights(model, dict(np.load(fp_path)))
   trquant.nnx.init_weight_scales(model)
   model.eval()
   trquant.nnx.calibrate_activations(model, data[0][:512])
   model.train()
-  auto_warmup = max(args.steps // 100, 50)
+  # The earlier fixed warm-up (1% of the run) or the settling warm-up of measured_target.
+  auto_warmup = max(args.steps // 100, 50) if args.auto_warmup == "fixed" else None
   tx, _ = make_transform(model, optimizer=optimizer, lr=lr, total_steps=args.steps,
-                         weight_decay=args.weight_decay, auto_warmup=auto_warmup, **config)
+                         weight_decay=args.weight_decay, auto_warmup=auto_warmup,
+                         adam_weight_decay=recipe["adam_weight_decay"],
+                         reference_groups=recipe["reference_groups"],
+                         windup_guard=not args.no_windup_guard, **config)
+  config = dict(config, recipe=args.recipe, **recipe, windup_guard=not args.no_windup_guard,
+                auto_warmup=args.auto_warmup)
   start = time.time()
   models, records, evals = train(model, tx, data, steps=args.steps, eval_every=args.eval_every,
                                  batch_size=args.batch_size, seeds=seeds,
@@ -479,7 +560,12 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
       # Tracking error over the first 90% (the target is ~0 at the very end).
       result["tracking_rel_error"] = float(np.nanmean(
           np.abs(running[head] - target[head, None]) / safe[head]))
-      result["auto_r0"] = float(target[auto_warmup]) if config.get("r0") == "auto" else None
+      result["auto_r0"] = float(per_seed["initial_target_rate"][-1]) \
+          if config.get("r0") == "auto" else None
+      result["warmup_end_step"] = int(per_seed["warmup_end_step"][-1]) \
+          if config.get("r0") == "auto" else None
+      result["windup_events"] = np.asarray(per_seed["windup_events"][-1]).tolist()
+      result["multiplier_ceiling_final"] = np.asarray(per_seed["multiplier_ceiling"][-1]).tolist()
     results.append(result)
   return results
 
@@ -529,6 +615,8 @@ def summarize(out):
   steps = runs[0]["steps"]
   if runs[0].get("model", "mlp") == "mlp":
     model_text = f"BN MLP 784-{width}-{width}-{width}-10"
+  elif runs[0]["model"] == "mbv2tiny":
+    model_text = "MobileNetV2-tiny (5 inverted residuals, FP stem and head)"
   else:
     model_text = f"BN CNN (3x3 convs {width}-{width}-{2 * width}-{2 * width}, inner three quantized)"
   lines = [f"# TR vs LR scheduling at {steps // 1000}K steps: {model_text}, Fashion-MNIST",
@@ -597,34 +685,94 @@ def summarize(out):
         f" {f'{np.mean(beyond) * 100:.2f}%' if beyond else ''} |"
         f" {f'{np.mean(tracking):.3f}' if tracking else ''} |")
 
-  sweep = [r for r in runs if r["method"] in ("lr", "lr-lsq")]
-  lrs = sorted({r["lr"] for r in sweep})
-  if len(lrs) > len(optimizers):
-    lines += ["", "## Baseline LR sweep (seed 0)", "",
-              "| setting | method | " + " | ".join(f"LR ×{m:g}" for m in (0.3, 1, 3)) + " |",
-              "|---|---|---|---|---|"]
+  lines += ["", "## Over the run (mean over seeds and the quantized layers)", "",
+            "| setting | method | u at 10% / 50% / 90% | peak u | beyond the grid at 10% / 50% / end |"
+            " windup events (all seeds, layers) | warm-up end (tr-auto) |",
+            "|---|---|---|---|---|---|---|"]
+  for e in summary["settings"]:
+    group = _group(runs, bits=e["bits"], optimizer=e["optimizer"], method=e["method"], lr=e["lr"])
+    curves = [r["curves"] for r in group]
+    points = len(curves[0]["transition_rate"])
+    at = lambda key, fraction: np.mean([np.mean(c[key][min(int(fraction * points), points - 1)])
+                                        for c in curves])
+    u_text = peak_text = events_text = warmup_text = ""
+    if "talr_multiplier" in curves[0]:
+      u_text = " / ".join(f"{at('talr_multiplier', f):.3g}" for f in (0.1, 0.5, 0.9))
+      peak_text = f"{np.mean([np.max(np.mean(c['talr_multiplier'], axis=1)) for c in curves]):.3g}"
+      if all("windup_events" in r for r in group):
+        events_text = str(int(sum(np.sum(r["windup_events"]) for r in group)))
+      ends = [r.get("warmup_end_step") for r in group if r.get("warmup_end_step") is not None]
+      warmup_text = ", ".join(str(v) for v in ends)
+    beyond_text = ""
+    if "beyond_range" in curves[0]:
+      beyond_text = " / ".join(f"{at('beyond_range', f) * 100:.0f}%" for f in (0.1, 0.5, 0.999))
+    e["over_the_run"] = {"u": u_text, "peak_u": peak_text, "beyond": beyond_text,
+                         "windup_events": events_text, "warmup_end": warmup_text}
+    lines.append(f"| W{e['bits']}A{e['bits']} {e['optimizer']} | {e['method']} | {u_text} |"
+                 f" {peak_text} | {beyond_text} | {events_text} | {warmup_text} |")
+
+  # Base-LR sweeps: every (setting, method) run at more than one LR multiplier.
+  sweeps = {}
+  for r in runs:
+    sweeps.setdefault((r["bits"], r["optimizer"], r["method"]), set()).add(r["lr"])
+  sweeps = {key: sorted(lrs) for key, lrs in sweeps.items() if len(lrs) > 1}
+  if sweeps:
+    mults = sorted({round(lr / DEFAULT_LR[key[1]], 6) for key, lrs in sweeps.items() for lr in lrs})
+    lines += ["", "## Base-LR sweep (test accuracy, mean ± std over the seeds run at each LR)", "",
+              "| setting | method | " + " | ".join(f"LR ×{m:g}" for m in mults) + " |",
+              "|---|---|" + "---|" * len(mults)]
     summary["lr_sweep"] = []
-    for bits in bits_list:
-      for optimizer in optimizers:
-        for method in ("lr", "lr-lsq"):
-          cells = []
-          for mult in (0.3, 1, 3):
-            lr = DEFAULT_LR[optimizer] * mult
-            match = [r for r in sweep if r["bits"] == bits and r["optimizer"] == optimizer
-                     and r["method"] == method and abs(r["lr"] - lr) < 1e-12 and r["seed"] == 0]
-            cells.append(f"{match[0]['final_test_accuracy'] * 100:.2f}" if match else "")
-            if match:
-              summary["lr_sweep"].append({"bits": bits, "optimizer": optimizer, "method": method,
-                                          "lr": lr, "final": match[0]["final_test_accuracy"]})
-          if any(cells):
-            lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
+    for (bits, optimizer, method), lrs in sorted(sweeps.items()):
+      cells = []
+      for mult in mults:
+        lr = DEFAULT_LR[optimizer] * mult
+        match = [r for r in runs if r["bits"] == bits and r["optimizer"] == optimizer
+                 and r["method"] == method and abs(r["lr"] - lr) < 1e-9 * max(lr, 1)]
+        finals = [r["final_test_accuracy"] for r in sorted(match, key=lambda r: r["seed"])]
+        cells.append(f"{_fmt(finals)} (n={len(finals)})" if finals else "")
+        if finals:
+          summary["lr_sweep"].append({"bits": bits, "optimizer": optimizer, "method": method,
+                                      "lr_multiplier": mult, "seeds": [r["seed"] for r in match],
+                                      "final": finals})
+      lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
 
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1)
   plot(runs, out)
+  if summary.get("lr_sweep"):
+    plot_lr_sweep(summary["lr_sweep"], out)
   print("\n".join(lines))
+
+
+def plot_lr_sweep(sweep, out):
+  """Test accuracy against the base-LR multiplier, one line per method: lr_sweep.png."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  settings = sorted({(e["bits"], e["optimizer"]) for e in sweep})
+  fig, axes = plt.subplots(1, len(settings), figsize=(4.5 * len(settings), 3.5), squeeze=False)
+  for ax, (bits, optimizer) in zip(axes[0], settings):
+    for method in sorted({e["method"] for e in sweep}):
+      rows = sorted((e for e in sweep if (e["bits"], e["optimizer"], e["method"])
+                     == (bits, optimizer, method)), key=lambda e: e["lr_multiplier"])
+      if not rows:
+        continue
+      x = [e["lr_multiplier"] for e in rows]
+      mean = np.array([np.mean(e["final"]) for e in rows]) * 100
+      std = np.array([np.std(e["final"], ddof=1) if len(e["final"]) > 1 else 0.0
+                      for e in rows]) * 100
+      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"base LR / {DEFAULT_LR[optimizer]:g}")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"W{bits}A{bits} {optimizer}", fontsize=9)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "lr_sweep.png"), dpi=80)
+  plt.close(fig)
 
 
 def plot(runs, out):
@@ -699,6 +847,18 @@ def parse_args(argv=None):
   parser.add_argument("--seeds", default="0,1,2,3,4")
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
+  parser.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                      help="default: MSE scales, no Adam decay; reference: the TR paper's public code"
+                           " (3*std scales, coupled L2 1e-4 for Adam too, no decay/momentum on BN"
+                           " and scales)")
+  parser.add_argument("--scale-init", choices=("mse", "std3"), default=None,
+                      help="override the recipe's weight scale initialiser")
+  parser.add_argument("--adam-weight-decay", type=float, default=None,
+                      help="override the recipe's coupled L2 for Adam")
+  parser.add_argument("--no-windup-guard", action="store_true",
+                      help="tr_schedule without its windup guard (the earlier behaviour)")
+  parser.add_argument("--auto-warmup", choices=("settle", "fixed"), default="settle",
+                      help="tr-auto's warm-up: settling (default) or the earlier fixed 1%%")
   parser.add_argument("--out", default="benchmarks/results/tr_long_mlp")
   parser.add_argument("--verbose", action="store_true")
   parser.add_argument("--summary-only", action="store_true")

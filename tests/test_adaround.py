@@ -407,3 +407,26 @@ def test_calibration_batches_of_different_shapes_are_named():
   with pytest.raises(ValueError, match=r"calibration batches.*batch 0 has examples of shape"
                                        r" \(8, 8, 1\), batch 2 of shape \(6, 6, 1\)"):
     adaround.adaround_model(fp, batches, bits=3, iters=2, key=jax.random.key(0), progress=False)
+
+
+class _KeywordMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.fc1 = nnx.Linear(8, 16, rngs=rngs)
+    self.fc2 = nnx.Linear(16, 4, rngs=rngs)
+
+  def __call__(self, x, *, cache=None, segment_ids):
+    del cache
+    return self.fc2(nnx.relu(self.fc1(x))) * segment_ids
+
+
+def test_adaround_model_runs_a_model_called_with_keyword_arguments_through_apply_fn():
+  fp = trquant.nnx.quantize(_KeywordMLP(nnx.Rngs(0)), trquant.nnx.QuantRule())
+  x = jax.random.normal(jax.random.key(0), (32, 8))
+  apply_fn = lambda model, x: model(x, cache=None, segment_ids=1.0)
+  with pytest.raises(TypeError, match="segment_ids"):
+    adaround.adaround_model(fp, x, bits=4, iters=2, key=jax.random.key(0), progress=False)
+  q, reports = adaround.adaround_model(fp, x, bits=4, first_last_bits=8, iters=2,
+                                       key=jax.random.key(0), progress=False, return_info=True,
+                                       apply_fn=apply_fn)
+  assert [(r.name, r.bits) for r in reports] == [("fc1", 8), ("fc2", 8)]
+  assert q.fc1.weight_bits == 8 and np.isfinite(np.asarray(apply_fn(q, x))).all()

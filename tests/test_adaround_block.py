@@ -320,9 +320,10 @@ def test_a_unit_with_two_inputs_is_named():
   class Net(nnx.Module):
     def __init__(self, rngs):
       self.pair = Pair(rngs)
+      self.head = trquant.nnx.QuantLinear(4, 2, weight_bits=None, rngs=rngs)
 
     def __call__(self, x):
-      return self.pair(x, x)
+      return self.head(self.pair(x, x))
 
   with pytest.raises(ValueError, match="must take one input"):
     adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), bits=4, iters=2,
@@ -365,3 +366,116 @@ def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_re
                                rtol=1e-6)
   with pytest.raises(ValueError, match="example_input"):
     adaround.round_to_nearest(fp, bits=4, act_bits=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Units called with keyword arguments; models called with keyword arguments (apply_fn)
+# ---------------------------------------------------------------------------------------
+
+
+def test_layer_granularity_reconstructs_multi_head_attention_projections():
+  # nnx.MultiHeadAttention calls its projections with out_sharding=: the keyword is
+  # recorded and passed again when each projection is reconstructed on its own.
+  attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
+  fp = trquant.nnx.quantize(attn, trquant.nnx.QuantRule())
+  x = jax.random.normal(jax.random.key(0), (16, 3, 8))
+  q, reports = adaround.reconstruct_model(fp, x, bits=4, act_bits=8, granularity="layer",
+                                          iters=2, key=jax.random.key(1), progress=False,
+                                          return_info=True)
+  assert [r.name for r in reports] == ["query", "key", "value", "out"]
+  assert all(layer.weight_bits == 4 and layer.act_bits == 8 for layer in _layers(q).values())
+  assert np.isfinite(np.asarray(q(x))).all()
+
+
+class _KeywordBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.norm = nnx.LayerNorm(8, rngs=rngs)
+    self.fc = nnx.Linear(8, 8, rngs=rngs)
+    self.dropout = nnx.Dropout(0.5, rngs=rngs)
+
+  def __call__(self, x, *, deterministic: bool, rngs=None):
+    return x + self.dropout(self.fc(self.norm(x)), deterministic=deterministic, rngs=rngs)
+
+
+class _KeywordNet(nnx.Module):
+  """As public NNX models are written: __call__ and its blocks take keyword arguments."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Linear(4, 8, rngs=rngs)
+    self.blocks = nnx.List([_KeywordBlock(rngs)])
+    self.head = nnx.Linear(8, 3, rngs=rngs)
+
+  def __call__(self, x, *, deterministic: bool, rngs=None):
+    x = self.embed(x)
+    for block in self.blocks:
+      x = block(x, deterministic=deterministic, rngs=rngs)
+    return self.head(x)
+
+
+def _evaluate(model, x):
+  return model(x, deterministic=True, rngs=None)
+
+
+@pytest.fixture(scope="module")
+def keyword_net():
+  fp = trquant.nnx.quantize(_KeywordNet(nnx.Rngs(0)), trquant.nnx.QuantRule())
+  return fp, jax.random.normal(jax.random.key(0), (32, 4))
+
+
+def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
+  fp, x = keyword_net
+  with pytest.raises(TypeError, match="deterministic"):  # model(x) is not how it is called
+    fp(x)
+  nearest = adaround.round_to_nearest(fp, bits=4, act_bits=8, first_last_bits=8,
+                                      example_input=x, apply_fn=_evaluate)
+  layers = _layers(nearest)
+  assert layers["embed"].weight_bits == layers["head"].weight_bits == 8
+  assert layers["blocks/0/fc"].weight_bits == 4 and layers["blocks/0/fc"].act_bits == 8
+  # The block is called with deterministic=True, rngs=None: recorded and replayed. One
+  # step with tiny learning rates stays at round-to-nearest's start.
+  q, reports = adaround.reconstruct_model(fp, x, bits=4, act_bits=8, first_last_bits=8,
+                                          iters=1, lr=1e-12, act_lr=1e-12,
+                                          key=jax.random.key(0), progress=False,
+                                          return_info=True, apply_fn=_evaluate)
+  assert [r.name for r in reports] == ["embed", "blocks/0", "head"]
+  np.testing.assert_allclose(_evaluate(q, x), _evaluate(nearest, x), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="apply_fn"):
+    adaround.reconstruct_model(fp, x, bits=4, iters=1, key=jax.random.key(0), progress=False,
+                               apply_fn="model(x)")
+
+
+def test_a_wrapper_around_the_model_is_opened_into_the_models_units(keyword_net):
+  fp, x = keyword_net
+
+  class Wrapper(nnx.Module):
+    def __init__(self, model):
+      self.model = model
+
+    def __call__(self, x):
+      return self.model(x, deterministic=True)
+
+  _, reports = adaround.reconstruct_model(Wrapper(fp), x, bits=4, iters=1,
+                                          key=jax.random.key(0), progress=False,
+                                          return_info=True)
+  assert [r.name for r in reports] == ["model/embed", "model/blocks/0", "model/head"]
+
+
+def test_a_unit_called_with_an_array_keyword_is_named():
+  class Masked(nnx.Module):
+    def __init__(self, rngs):
+      self.a = trquant.nnx.QuantLinear(4, 4, weight_bits=None, rngs=rngs)
+
+    def __call__(self, x, *, mask):
+      return self.a(x) * mask
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.masked = Masked(rngs)
+      self.head = trquant.nnx.QuantLinear(4, 2, weight_bits=None, rngs=rngs)
+
+    def __call__(self, x):
+      return self.head(self.masked(x, mask=jnp.ones(4)))
+
+  with pytest.raises(ValueError, match="array keyword argument mask"):
+    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), bits=4, iters=2,
+                               key=jax.random.key(0), progress=False)

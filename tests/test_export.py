@@ -54,7 +54,7 @@ def test_wide_codes_use_16_bits():
   assert to_integer(_weights((10,)), 1e-4, bits=12, signed=False).data.dtype == jnp.uint16
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(bits=st.sampled_from([1, 2, 4, 6]), size=st.integers(1, 37),
        seed=st.integers(0, 2**16), per_channel=st.booleans())
 def test_round_trip_property(bits, size, seed, per_channel):

@@ -160,32 +160,37 @@ def test_track_matches_float64_reference():
   assert np.max(np.abs(f - frequency)) < 2e-3
 
 
-def test_fixed_point_frequency_is_unbiased_where_half_precision_fails():
+def test_frequency_is_unbiased_at_small_momentum_where_half_precision_fails():
+  """Weights flip between codes 0 and 1 at random (every flip after the first oscillates);
+  with momentum 1e-3 the uint16 frequency stays unbiased, where a bfloat16 EMA never decays."""
   n, steps, momentum, rate = 4096, 3000, 1e-3, 0.02
-  keys = jax.random.split(jax.random.key(0), steps)
+  params = {"w": jnp.zeros(n)}
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"], 1.0, bits=4)}
+  tx = trquant.track_oscillations(codes_fn, momentum=momentum)
+  flips = jax.random.uniform(jax.random.key(0), (steps, n)) < rate
 
-  def step(carry, key):
-    fixed, bf16 = carry
-    draw, rounding = jax.random.split(key)
-    oscillated = jax.random.uniform(draw, (n,)) < rate
-    fixed = oscillations._stochastic_ema(fixed, jnp.where(oscillated, 65535.0, 0.0), momentum,
-                                         rounding, 0, 65535)
-    bf16 = (jnp.bfloat16(momentum) * oscillated.astype(jnp.bfloat16)
-            + jnp.bfloat16(1 - momentum) * bf16)
-    return (fixed, bf16), None
+  def step(carry, flip):
+    p, s = carry
+    update = {"w": jnp.where(flip, 1.0 - 2.0 * p["w"], 0.0)}  # 0 -> 1 or 1 -> 0
+    _, s = tx.update(update, s, p)
+    return (optax.apply_updates(p, update), s), None
 
-  init = (jnp.full((n,), 0.05 * 65535, jnp.float32).astype(jnp.uint16),
-          jnp.full((n,), 0.05, jnp.bfloat16))
-  (fixed, bf16), _ = jax.lax.scan(step, init, keys)
-  decay = (1 - momentum) ** steps
-  expected = 0.05 * decay + rate * (1 - decay)  # exact mean of the EMA
-  assert abs(float(jnp.mean(fixed / 65535.0)) - expected) < 2e-4
-  assert float(jnp.mean(bf16.astype(jnp.float32))) > 2 * expected  # 1 - m rounds to 1: no decay
+  (_, state), _ = jax.lax.scan(step, (params, tx.init(params)), flips)
+  codes = np.concatenate([np.zeros((1, n)), np.cumsum(np.asarray(flips), axis=0) % 2])
+  frequency, _, _ = _reference_track(codes, momentum)
+  f = np.asarray(state.oscillation_frequency["w"], np.float64) / 65535
+  assert frequency.mean() > 0.015  # about rate * (1 - (1 - momentum) ** steps)
+  assert abs(f.mean() - frequency.mean()) < 2e-4
 
+  # The same EMA in bfloat16: 1 - momentum rounds to 1, so it only ever grows.
+  previous = np.concatenate([np.zeros((1, n)), np.cumsum(np.asarray(flips), axis=0)[:-1]])
+  oscillated = np.asarray(flips) & (previous > 0)  # a flip after the first
 
-# ---------------------------------------------------------------------------------------
-# Freezing
-# ---------------------------------------------------------------------------------------
+  def bf16_step(ema, hit):
+    return jnp.bfloat16(momentum) * hit.astype(jnp.bfloat16) + jnp.bfloat16(1 - momentum) * ema, None
+
+  bf16, _ = jax.lax.scan(bf16_step, jnp.zeros((n,), jnp.bfloat16), jnp.asarray(oscillated))
+  assert float(jnp.mean(bf16.astype(jnp.float32))) > 2 * frequency.mean()
 
 
 def _freeze(**kwargs):
@@ -263,22 +268,35 @@ def test_frozen_weights_land_on_their_grid_point_and_stay(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_landing_update_reaches_target(dtype):
+def test_frozen_weights_land_on_any_scale_grid(dtype):
+  """Per-weight scales that are not powers of two: the freezing update lands (nearly) every
+  weight on code * scale at once; the rest are within a rounding, on the same code, and land
+  exactly on the next step, when they are re-pinned."""
   rng = np.random.default_rng(0)
   n = 100_000
-  scale = np.exp(rng.uniform(-6, 0, n)).astype(np.float32)
-  codes = rng.integers(-8, 8, n).astype(np.float32)
+  scale = jnp.asarray(np.exp(rng.uniform(-6, 0, n)).astype(np.float32))
+  codes = rng.integers(-7, 7, n).astype(np.float32)  # code + 1 stays on the 4-bit grid
+  params = {"w": jnp.asarray((codes + rng.uniform(-0.45, 0.45, n)) * scale).astype(dtype)}
+  tx = trquant.freeze_oscillations(
+      lambda p: {"w": trquant.quantize(p["w"], scale, bits=4)}, lambda p: {"w": scale},
+      total_steps=10, threshold=0.5, momentum=1.0, start_fraction=0.0)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  # One code up and back down: every weight oscillates once and freezes on the next update.
+  for update in (scale, -scale):
+    updates, state = step({"w": update.astype(dtype)}, state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(optax.tree.get(state, "frozen_fraction")[0]) == 0.0
   target = jnp.asarray(codes * scale).astype(dtype)
-  param = jnp.asarray(target.astype(jnp.float32) + rng.uniform(-1.5, 1.5, n).astype(np.float32)
-                      * scale).astype(dtype)
-  update = jnp.zeros_like(param)
-  landed = (param + oscillations._landing_update(param, target, update)).astype(param.dtype)
-  assert float(jnp.mean(landed == target)) > 0.98  # the rest cannot land in one float update
-  # Those are within a rounding, on the same code, and land exactly when re-pinned.
+  zero = {"w": jnp.zeros(n, dtype)}
+  updates, state = step(zero, state, params)
+  landed = optax.apply_updates(params, updates)["w"]
+  assert float(optax.tree.get(state, "frozen_fraction")[0]) == 1.0
+  assert landed.dtype == jnp.dtype(dtype)
+  assert float(jnp.mean(landed == target)) > 0.98
   np.testing.assert_array_equal(jnp.round(landed.astype(jnp.float32) / scale), codes)
-  second = oscillations._landing_update(landed, target, update)
-  np.testing.assert_array_equal((landed + second).astype(param.dtype), target)
-  np.testing.assert_array_equal(oscillations._landing_update(target, target, update), 0.0)
+  updates, state = step(zero, state, {"w": landed})
+  np.testing.assert_array_equal(optax.apply_updates({"w": landed}, updates)["w"], target)
 
 
 def test_no_freezing_before_start():

@@ -13,7 +13,7 @@ flipped differently under the sharded reductions.
 
 import textwrap
 
-_COMMON = textwrap.dedent("""
+_SETUP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import trquant
@@ -81,9 +81,9 @@ _COMMON = textwrap.dedent("""
           assert m.sharding.is_equivalent_to(p.sharding, m.ndim), (m.sharding, p.sharding)
       for leaf in jax.tree.leaves(opt_state[1]):  # per-layer vectors and scalars
         assert leaf.sharding.is_fully_replicated, leaf.sharding
-
-    reference = train(init_params())
 """)
+
+_COMMON = _SETUP + "reference = train(init_params())\n"
 
 _DATA_PARALLEL = _COMMON + textwrap.dedent("""
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
@@ -157,3 +157,72 @@ def test_fully_sharded_params_match_single_device(run_on_cpu_mesh):
 
 def test_fully_sharded_oscillation_transforms_match_single_device(run_on_cpu_mesh):
   assert "FULLY SHARDED OSCILLATIONS OK" in run_on_cpu_mesh(_FULLY_SHARDED_OSCILLATIONS)
+
+
+_EXPLICIT_SHARDING = _SETUP + textwrap.dedent("""
+    # Explicit mesh axes under jax.set_mesh, the way current NNX model code shards: every
+    # kernel split along an axis (a 3-D einsum kernel along its middle one), the batch
+    # split over the same axis, biases replicated, and each kernel gathered for its product
+    # (FSDP). The TR
+    # and oscillation transforms must give the same state as the unsharded run.
+    from jax.sharding import AxisType
+    SCALES["proj"] = 0.05
+
+    def init_params():
+      k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+      return {"dense": {"kernel": jax.random.normal(k1, (32, 64)) * 0.1, "bias": jnp.zeros(64)},
+              "proj": {"kernel": jax.random.normal(k3, (64, 8, 8)) * 0.1, "bias": jnp.zeros(8)},
+              "head": {"kernel": jax.random.normal(k2, (64, 16)) * 0.1, "bias": jnp.zeros(16)}}
+
+    def gather(w):  # FSDP's all-gather, spelled out as explicit axes require
+      return jax.sharding.reshard(w, P()) if any(jax.typeof(w).sharding.spec) else w
+
+    def loss_fn(params, x, y):
+      kernel = lambda name: gather(trquant.fake_quant(params[name]["kernel"], SCALES[name], bits=2))
+      h = jax.nn.relu(x @ kernel("dense") + params["dense"]["bias"])
+      h = jnp.einsum("bi,ihd->bhd", h, kernel("proj")) + params["proj"]["bias"]
+      out = h.reshape(h.shape[0], -1) @ kernel("head")
+      return jnp.mean((out + params["head"]["bias"] - y) ** 2)
+
+    scales_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
+    osc_tx = optax.chain(optax.adam(3e-3), trquant.tr_schedule(
+        optax.cosine_decay_schedule(2e-2, 40), codes_fn=codes_fn),
+        trquant.freeze_oscillations(codes_fn, scales_fn, total_steps=20, momentum=0.3,
+                                    start_fraction=0.25, threshold=0.05))
+    reference = train(init_params(), tx=osc_tx)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+    specs = {"dense": P("fsdp"), "proj": P(None, "fsdp"), "head": P("fsdp")}
+    with jax.set_mesh(mesh):
+      put = lambda params: {name: {"kernel": jax.device_put(layer["kernel"], specs[name]),
+                                   "bias": jax.device_put(layer["bias"], P())}
+                            for name, layer in params.items()}
+      params, opt_state = train(init_params(), put=put, donate=True, tx=osc_tx,
+                                put_batch=lambda a: jax.device_put(a, P("fsdp")))
+      # The argument checks read sharded codes too: weights given as codes are named.
+      weights_fn = lambda p: {name: {"kernel": p[name]["kernel"], "bias": None} for name in p}
+      try:
+        trquant.tr_schedule(1e-2, codes_fn=weights_fn).init(params)
+        raise AssertionError("non-integer codes were accepted")
+      except ValueError as error:
+        assert "non-integer values" in str(error), error
+    assert str(jax.typeof(params["proj"]["kernel"])) == "float32[64,8@fsdp,8]", jax.typeof(params["proj"]["kernel"])
+    compare(params, opt_state, reference,
+            fields=FIELDS + ("oscillation_count", "oscillating_fraction", "frozen_fraction"))
+    freezer, ref_freezer = opt_state[2], reference[1][2]
+    for tree, ref_tree in ((freezer.code_ema, ref_freezer.code_ema), (freezer.frozen, ref_freezer.frozen),
+                           (freezer.tracker.oscillation_frequency, ref_freezer.tracker.oscillation_frequency),
+                           (freezer.tracker.last_direction, ref_freezer.tracker.last_direction)):
+      for leaf, ref_leaf, name in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree), sorted(specs)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref_leaf))
+        kernel = params[name]["kernel"]  # per-weight state keeps the kernel's sharding
+        assert jax.typeof(leaf).sharding.spec == jax.typeof(kernel).sharding.spec, (name, jax.typeof(leaf))
+    for leaf in jax.tree.leaves(opt_state[1]):  # per-layer vectors and scalars
+      assert leaf.sharding.is_fully_replicated, leaf.sharding
+    assert float(np.max(ref_freezer.frozen_fraction)) > 0, ref_freezer.frozen_fraction
+    print("EXPLICIT SHARDING OK")
+""")
+
+
+def test_explicit_sharding_mesh_matches_single_device(run_on_cpu_mesh):
+  """TR scheduling and oscillation freezing on params sharded over explicit mesh axes."""
+  assert "EXPLICIT SHARDING OK" in run_on_cpu_mesh(_EXPLICIT_SHARDING)

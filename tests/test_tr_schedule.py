@@ -65,7 +65,11 @@ def test_state_fields_and_shapes():
 def test_state_holds_no_copy_of_weights():
   state = _tx().init(_params())
   tr_state = state[1]
-  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 1 + 1 + 3 * 2 + 1
+  # Scalars: step, target, R_0, warm-up end, previous window rate; the (sum, count) of the
+  # warm-up window; 9 vectors of one entry per quantized layer (2 here): rates, multiplier
+  # and the windup guard's ceiling, stalled fraction, window references and event count.
+  # Nothing weight-sized.
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 9 * 2
 
 
 def test_first_step_scales_quantized_leaves_and_passes_others():
@@ -673,3 +677,130 @@ def test_counts_match_a_reference_count_over_steps():
     np.testing.assert_array_equal(optax.tree.get(state, "measured_transition_rate"),
                                   np.asarray(expected, np.float32))
     params = after
+
+
+# ---------------------------------------------------------------------------------------
+# Settling warm-up of a measured target
+# ---------------------------------------------------------------------------------------
+
+
+def test_settling_warmup_ends_where_the_rate_settles():
+  """R_0 is the mean rate of the first window within the tolerance of the one before it,
+  after a transient (large steps at first, as right after quantizing an FP checkpoint)."""
+  params = _params()
+  window, tolerance = 10, 0.1
+  target = trquant.measured_target(400, window_steps=window, max_warmup_steps=200,
+                                   settle_tolerance=tolerance)
+  tx = optax.chain(optax.sgd(0.05), trquant.tr_schedule(target, codes_fn=_codes_fn))
+
+  def grads_fn(p, seed):  # a step 6x larger at first, decaying to 1x by step ~60
+    return jax.tree.map(lambda g: g * (1.0 + 5.0 * np.exp(-seed / 15.0)), _grads(p, seed))
+
+  states = _run(tx, params, 120, grads_fn=grads_fn)
+  rates = np.array([np.asarray(optax.tree.get(s, "measured_transition_rate")) for s in states])
+  sizes = np.array([512.0, 64.0])
+  overall = rates @ sizes / sizes.sum()
+  means = overall[:120].reshape(-1, window).mean(axis=1)
+  settled = next(j for j in range(1, len(means))
+                 if means[j - 1] > 0 and abs(means[j] - means[j - 1]) <= tolerance * means[j - 1])
+  assert settled >= 2  # the transient is seen, and skipped
+  end = (settled + 1) * window
+  assert int(optax.tree.get(states[-1], "warmup_end_step")) == end
+  r0 = float(optax.tree.get(states[-1], "initial_target_rate"))
+  assert r0 == pytest.approx(means[settled], rel=1e-4)
+  assert r0 < 0.7 * means[0]  # the transient's rate would have been far higher
+  multipliers = np.array([np.asarray(optax.tree.get(s, "talr_multiplier")) for s in states])
+  np.testing.assert_array_equal(multipliers[:end], 1.0)  # the optimizer's own step meanwhile
+  # From the end of the warm-up, a cosine from R_0 over the remaining steps.
+  assert float(optax.tree.get(states[end + 1], "target_transition_rate")) == pytest.approx(
+      r0 * 0.5 * (1 + np.cos(np.pi / (400 - end))), rel=1e-5)
+
+
+def test_settling_warmup_stops_at_its_longest():
+  params = _params()
+  # A tolerance no two windows meet: the warm-up ends at max_warmup_steps.
+  target = trquant.measured_target(100, window_steps=5, max_warmup_steps=20,
+                                   settle_tolerance=1e-9)
+  states = _run(optax.chain(optax.sgd(0.3), trquant.tr_schedule(target, codes_fn=_codes_fn)),
+                params, 25)
+  assert int(optax.tree.get(states[-1], "warmup_end_step")) == 20
+  assert float(optax.tree.get(states[-1], "initial_target_rate")) > 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(total_steps=2), "too short for a settling warm-up"),
+    (dict(total_steps=100, window_steps=0), "window_steps"),
+    (dict(total_steps=100, window_steps=10, max_warmup_steps=15), "two"),
+    (dict(total_steps=100, settle_tolerance=0.0), "settle_tolerance"),
+])
+def test_settling_warmup_invalid_arguments(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    trquant.measured_target(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# Windup guard: a target the optimizer cannot reach must not run the TALR away
+# ---------------------------------------------------------------------------------------
+
+
+def _runaway_problem(target, *, guard, steps=2000):
+  """Binary weights (scale mean|w|: ~40% start outside the straight-through window),
+  Adam without weight decay, a target far above the optimizer's own rate. Returns per-step
+  (rate, multiplier, fraction beyond the grid) and the final transform state."""
+  kx, kw, kt = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (512, 32))
+  y = x @ jnp.sign(jax.random.normal(kt, (32, 8)))
+  params = {"w": jax.random.normal(kw, (32, 8))}
+  scale = trquant.init_scale(params["w"], bits=1)
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=1)}
+  tx = optax.chain(optax.adam(1e-2), trquant.tr_schedule(
+      target, codes_fn=codes_fn, momentum=0.9, windup_guard=guard, guard_window=50))
+
+  def loss(p, idx):
+    return jnp.mean((x[idx] @ trquant.fake_quant(p["w"], scale, bits=1) - y[idx]) ** 2)
+
+  def step(carry, key):
+    p, s = carry
+    updates, s = tx.update(jax.grad(loss)(p, jax.random.randint(key, (64,), 0, 512)), s, p)
+    p = optax.apply_updates(p, updates)
+    return (p, s), (s[1].measured_transition_rate[0], s[1].talr_multiplier[0],
+                    jnp.mean(jnp.abs(p["w"]) > scale))
+
+  keys = jax.random.split(jax.random.key(1), steps)
+  (_, state), records = jax.jit(lambda c: jax.lax.scan(step, c, keys))((params, tx.init(params)))
+  return [np.asarray(r) for r in records], state[1]
+
+
+def test_without_the_guard_the_talr_runs_away():
+  (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=False)
+  last = slice(1500, None)
+  np.testing.assert_array_equal(multiplier[last], 1e3)  # max_scale
+  np.testing.assert_array_equal(rate[last], 0.0)  # no transition for good
+  assert beyond[-1] == 1.0  # every latent weight beyond the grid
+  assert int(state.windup_events[0]) == 0
+
+
+def test_the_guard_stops_the_run_away():
+  (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=True)
+  last = slice(1500, None)
+  assert int(state.windup_events[0]) > 0  # reported in the state
+  assert multiplier.max() < 2.0 and multiplier[-1] == pytest.approx(1.0)  # never below init
+  assert float(state.multiplier_ceiling[0]) == pytest.approx(1.0)
+  assert rate[last].mean() > 1e-3  # weights still transit
+  assert beyond[-1] < 0.95
+
+
+@pytest.mark.parametrize("target", [2e-3, 5e-3])
+def test_the_guard_leaves_a_reachable_target_alone(target):
+  guarded, state = _runaway_problem(target, guard=True)
+  unguarded, _ = _runaway_problem(target, guard=False)
+  assert int(state.windup_events[0]) == 0
+  for a, b in zip(guarded, unguarded):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_guard_window_is_validated():
+  with pytest.raises(ValueError, match="guard_window"):
+    _tx(guard_window=1)
+  with pytest.raises(ValueError, match="windup_guard"):
+    _tx(windup_guard="yes")

@@ -103,7 +103,8 @@ def check_integer_codes(codes_def, codes, quantized) -> None:
       continue
     fractional = jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
     if bool(jnp.any(fractional)):
-      example = float(leaf.reshape(-1)[jnp.argmax(fractional.reshape(-1))])
+      # On the host: a sharded array cannot be flattened on its devices without a layout.
+      example = float(np.asarray(leaf)[np.asarray(fractional)][0])
       raise ValueError(
           f"codes_fn(params) returned non-integer values at {path_str(path)} (e.g."
           f" {example!r}): it must return the integer codes of each quantized weight, e.g."
@@ -119,12 +120,37 @@ def check_integer_codes(codes_def, codes, quantized) -> None:
 # elementwise work that feeds it: the reduced array is written out first. So the pass
 # over the weights sums the flags of 16 equal blocks of the flattened array into one
 # small integer per position (contiguous reads, one output per 16 weights), and only
-# that sixteenth is reduced, instead of writing a float32 flag per weight.
+# that sixteenth is reduced, instead of writing a float32 flag per weight. An array
+# sharded over explicit mesh axes (``jax.sharding.AxisType.Explicit``) cannot be
+# flattened without gathering it, so it is reduced as it is, each device over its shard.
 _BLOCKS = 16
 
 
+def explicit_sharding(x):
+  """The sharding in `x`'s type when some axis of `x` is sharded over an explicit mesh
+  axis (``jax.sharding.AxisType.Explicit``, e.g. under ``jax.set_mesh``), else None.
+
+  Operations that change the layout of such an array (a reshape, an array created to
+  combine with it) must say how their result is sharded; Auto-sharded and unsharded
+  arrays give None.
+  """
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:  # a jax without sharding in types has no explicit axes either
+    return None
+  sharding = getattr(typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if spec is None or all(axis is None for axis in spec):
+    return None
+  return sharding
+
+
 def _block_sums(flags):
-  """The unsigned integer `flags`, flattened, summed over 16 equal blocks; and the rest."""
+  """The unsigned integer `flags`, flattened, summed over 16 equal blocks; and the rest.
+
+  An explicitly sharded `flags` comes back whole (its own sums), with an empty rest.
+  """
+  if explicit_sharding(flags) is not None:
+    return flags, jnp.zeros((0,), flags.dtype)
   flags = flags.reshape(-1)
   main = flags.shape[0] - flags.shape[0] % _BLOCKS
   blocks = flags[:main].reshape(_BLOCKS, -1)

@@ -772,7 +772,8 @@ def _check_code_range(layout: _Layout, codes) -> None:
     leaf = jnp.asarray(leaf)
     outside = jnp.isfinite(leaf) & ((leaf < lo) | (leaf > hi))
     if bool(jnp.any(outside)):
-      example = float(leaf.reshape(-1)[jnp.argmax(outside.reshape(-1))])
+      # On the host: a sharded array cannot be flattened on its devices without a layout.
+      example = float(np.asarray(leaf)[np.asarray(outside)][0])
       raise ValueError(
           f"codes_fn(params) returned the code {example:g} at {codes_tree.path_str(path)}, outside"
           f" [{lo}, {hi}]: freeze_oscillations keeps each weight's code EMA in int16 fixed"

@@ -453,8 +453,10 @@ def init_scale(
       ``"absmax"``: ``max(|x|) / hi`` (no clipping);
       ``"mse"``: grid search over ``num_candidates`` clipping ranges
       ``c * max(|x|)``, ``c`` in ``(0, 1]``, minimising the mean squared
-      quantization error. For binary (``bits=1, signed=True``) every method
-      returns ``mean(|x|)``, the error-minimising binary scale.
+      quantization error. For binary (``bits=1, signed=True``) ``"std3"``
+      returns ``3 * std(x)``: the TR paper's binary quantizer
+      ``sign(x)`` with a straight-through window ``|x| <= 3 std``; every other
+      method returns ``mean(|x|)``, the error-minimising binary scale.
     axis: None for one per-tensor scale, or the axis (axes) to keep for
       per-channel scales, e.g. ``axis=-1`` for the output channels of a Flax
       kernel. The result keeps reduced dimensions, so it broadcasts to ``x``.
@@ -490,7 +492,9 @@ def init_scale(
     out = fn(value, axis=axes, keepdims=keep)
     return out if keep else out.reshape(())
 
-  if grid.binary:
+  if grid.binary and method == "std3":
+    scale = 3.0 * reduce(jnp.std, x)
+  elif grid.binary:
     scale = reduce(jnp.mean, abs_x)
   elif method == "lsq":
     scale = 2.0 * reduce(jnp.mean, abs_x) / math.sqrt(hi)

@@ -51,6 +51,30 @@ class TransitionRateState(NamedTuple):
   # shape=(), float32: R_0 of the target. With a MeasuredTarget: 0 until its measuring window,
   # then the mean transition rate measured so far, fixed from the end of the warm-up.
   initial_target_rate: jax.Array
+  # shape=(), int32: the step at which the warm-up of a MeasuredTarget ends (0 without one).
+  # While the warm-up waits for the rate to settle it holds the latest step it may end at.
+  warmup_end_step: jax.Array
+  # shape=(2,), float32: sum and count of the count-weighted rate in the current measuring
+  # window of a settling warm-up.
+  warmup_window: jax.Array
+  # shape=(), float32: mean rate of the previous measuring window (0 before the first).
+  warmup_previous_rate: jax.Array
+  # shape=(groups,), float32: the highest multiplier the windup guard allows (max_scale, or
+  # inf, until the guard finds the rate no longer responds to a rising multiplier).
+  multiplier_ceiling: jax.Array
+  # shape=(groups,), float32: multiplier at the start of the guard's current window.
+  guard_start_multiplier: jax.Array
+  # shape=(groups,), float32: K / R at the start of the guard's current window (0 before it).
+  guard_start_tracking: jax.Array
+  # shape=(groups,), float32: running fraction (EMA, momentum m) of quantized weights whose
+  # incoming update is below 1% of the layer's RMS update: weights that have stopped, e.g.
+  # beyond the grid, where the straight-through gradient is 0.
+  stalled_fraction: jax.Array
+  # shape=(groups,), float32: stalled_fraction at the start of the guard's current window.
+  guard_start_stalled: jax.Array
+  # shape=(groups,), int32: how often the guard lowered the ceiling. Non-zero means the target
+  # was out of reach of this optimizer: the rate stopped responding to a larger multiplier.
+  windup_events: jax.Array
 
 
 # ---------------------------------------------------------------------------------------
@@ -120,9 +144,12 @@ class MeasuredTarget(NamedTuple):
   """
 
   total_steps: int
-  warmup_steps: int
+  warmup_steps: Optional[int]  # None: the warm-up ends when the rate has settled
   decay: Union[str, Callable[[jax.Array], jax.Array]]
   fraction: float
+  window_steps: int  # measuring window of a settling warm-up
+  max_warmup_steps: int  # the latest a settling warm-up ends
+  settle_tolerance: float  # settled: two successive windows within this relative change
 
 
 def measured_target(
@@ -131,29 +158,47 @@ def measured_target(
     warmup_steps: Optional[int] = None,
     decay: Union[str, Callable[[jax.Array], jax.Array]] = "cosine",
     fraction: float = 1.0,
+    window_steps: Optional[int] = None,
+    max_warmup_steps: Optional[int] = None,
+    settle_tolerance: float = 0.1,
 ) -> MeasuredTarget:
   r"""A target transition rate with no R_0 to tune: measured, then decayed to 0.
 
-  Passed as ``target_tr`` of :func:`tr_schedule`. For the first ``warmup_steps``
-  updates the transform applies the optimizer's own step (the multiplier stays at
-  ``init_scale``) and measures the transition rate it causes; R_0 is
-  ``fraction`` times the mean rate (count-weighted over the quantized layers)
-  of the second half of the warm-up. The first half is left out: right after an
-  FP checkpoint is quantized, the first steps flip many weights at once. From
-  step ``warmup_steps`` on, the target is ``R_0 * decay(p)`` with
-  ``p = (t - warmup_steps) / (total_steps - warmup_steps)`` clipped to
-  ``[0, 1]``, and the controller makes the running rate follow it. The count
-  comes from the transform's own pass over the codes: nothing extra is computed.
+  Passed as ``target_tr`` of :func:`tr_schedule`. During a warm-up the transform
+  applies the optimizer's own step (the multiplier stays at ``init_scale``) and
+  measures the transition rate it causes, count-weighted over the quantized
+  layers. Right after an FP checkpoint is quantized the first steps flip many
+  weights at once, and the rate then falls for a few hundred steps before it
+  settles (2-5x on a small BN CNN), so by default the warm-up waits for it:
 
-  So a cosine TR schedule needs only the run length, as a cosine LR schedule
-  does; the state's ``initial_target_rate`` holds the R_0 that was measured.
+  * ``warmup_steps=None`` (default, settling warm-up): the rate is averaged over
+    windows of ``window_steps`` updates; the warm-up ends after the first window
+    whose mean is within ``settle_tolerance`` (relative) of the previous
+    window's, or after ``max_warmup_steps``, and R_0 is ``fraction`` times that
+    last window's mean.
+  * ``warmup_steps=n``: a fixed warm-up of ``n`` updates; R_0 is ``fraction``
+    times the mean rate of its second half.
+
+  From the end of the warm-up ``e`` on, the target is ``R_0 * decay(p)`` with
+  ``p = (t - e) / (total_steps - e)`` clipped to ``[0, 1]``, and the controller
+  makes the running rate follow it. The count comes from the transform's own pass
+  over the codes: nothing extra is computed. The state's ``initial_target_rate``
+  holds the R_0 measured, ``warmup_end_step`` the step the warm-up ended at.
 
   Args:
-    total_steps: the number of updates of the run (> warmup_steps).
-    warmup_steps: measuring window; None for 1% of ``total_steps``, at least 20.
+    total_steps: the number of updates of the run.
+    warmup_steps: a fixed warm-up (>= 2, < total_steps), or None to wait until the
+      rate has settled.
     decay: ``"cosine"`` (default), ``"linear"``, ``"constant"``, or a jit-traceable
       callable ``progress -> factor`` on ``[0, 1]`` with ``factor(0) = 1``.
     fraction: R_0 as a multiple of the measured rate (positive).
+    window_steps: measuring window of a settling warm-up; None for 0.5% of
+      ``total_steps``, at least 10 (at least 1 and at most an eighth of the run in
+      runs shorter than 80 steps).
+    max_warmup_steps: the latest a settling warm-up ends; None for 10% of
+      ``total_steps`` (at least two windows).
+    settle_tolerance: relative change between two successive window means below
+      which the rate counts as settled (positive).
 
   Returns:
     A :class:`MeasuredTarget`.
@@ -176,21 +221,44 @@ def measured_target(
   if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
     raise ValueError(f"`total_steps` must be an int, got {total_steps!r}.")
   total_steps = int(total_steps)
+  if warmup_steps is not None:
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
+      raise ValueError(f"`warmup_steps` must be an int or None, got {warmup_steps!r}.")
+    warmup_steps = int(warmup_steps)
+    if warmup_steps < 2:
+      raise ValueError(f"`warmup_steps` must be >= 2 (the rate is measured over its second"
+                       f" half), got {warmup_steps}.")
+    if total_steps <= warmup_steps:
+      raise ValueError(f"`total_steps` ({total_steps}) must exceed `warmup_steps`"
+                       f" ({warmup_steps}): the target decays over the steps after the warm-up.")
+  if window_steps is None:
+    # 0.5% of the run, at least 10 steps, but short runs keep room for two windows.
+    window_steps = max(total_steps // 200, min(10, total_steps // 8), 1)
+  if isinstance(window_steps, bool) or not isinstance(window_steps, (int, np.integer)) \
+      or window_steps < 1:
+    raise ValueError(f"`window_steps` must be a positive int, got {window_steps!r}.")
+  window_steps = int(window_steps)
+  if max_warmup_steps is None:
+    max_warmup_steps = max(total_steps // 10, 2 * window_steps)
+  if isinstance(max_warmup_steps, bool) or not isinstance(max_warmup_steps, (int, np.integer)):
+    raise ValueError(f"`max_warmup_steps` must be an int, got {max_warmup_steps!r}.")
+  max_warmup_steps = int(max_warmup_steps)
   if warmup_steps is None:
-    warmup_steps = min(max(total_steps // 100, 20), total_steps - 1)
-  if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
-    raise ValueError(f"`warmup_steps` must be an int, got {warmup_steps!r}.")
-  warmup_steps = int(warmup_steps)
-  if warmup_steps < 2:
-    raise ValueError(f"`warmup_steps` must be >= 2 (the rate is measured over its second half),"
-                     f" got {warmup_steps}.")
-  if total_steps <= warmup_steps:
-    raise ValueError(f"`total_steps` ({total_steps}) must exceed `warmup_steps`"
-                     f" ({warmup_steps}): the target decays over the steps after the warm-up.")
+    if max_warmup_steps < 2 * window_steps:
+      raise ValueError(f"`max_warmup_steps` ({max_warmup_steps}) must cover at least two"
+                       f" measuring windows of `window_steps` ({window_steps}): settling is"
+                       " judged by comparing two of them.")
+    if total_steps <= max_warmup_steps:
+      raise ValueError(
+          f"`total_steps` ({total_steps}) is too short for a settling warm-up: it must exceed"
+          f" `max_warmup_steps` ({max_warmup_steps}, two windows of {window_steps} steps at"
+          " least). Pass a longer run, a smaller `window_steps`, or a fixed `warmup_steps`.")
   if not callable(decay) and decay not in DECAYS:
     raise ValueError(f"`decay` must be one of {DECAYS} or a callable, got {decay!r}.")
   _validate_positive("fraction", fraction)
-  return MeasuredTarget(total_steps, warmup_steps, decay, float(fraction))
+  _validate_positive("settle_tolerance", settle_tolerance)
+  return MeasuredTarget(total_steps, warmup_steps, decay, float(fraction), window_steps,
+                        max_warmup_steps, float(settle_tolerance))
 
 
 def tr_schedule(
@@ -203,6 +271,8 @@ def tr_schedule(
     per_layer: bool = True,
     init_scale: float = 1.0,
     max_scale: Optional[float] = 1e3,
+    windup_guard: bool = True,
+    guard_window: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Schedules the transition rate of quantized weights with a transition-adaptive LR.
 
@@ -247,7 +317,28 @@ def tr_schedule(
   * a callable ``(u, R_t, K_{t-1}, eta, R_{t-1}) -> new u`` on float32 arrays
     (``u`` and ``K`` have one entry per group, ``R`` and ``eta`` are scalars).
 
-  The result is clipped to ``[0, max_scale]``.
+  The result is clipped to ``[0, max_scale]`` and, with ``windup_guard``, to the
+  guard's ceiling.
+
+  Windup guard (default on): the loop is stable only while the rate rises with
+  ``u``. Pushed too far, a large step carries latent weights beyond the grid,
+  where the straight-through gradient is 0; they stop, the rate falls, and an
+  integral controller raises ``u`` further: a run-away that ends with ``u`` at
+  ``max_scale``, every weight beyond the grid and no transition for the rest of
+  the run. The guard compares ``u`` and the tracking ratio ``K / R`` over windows
+  of ``guard_window`` updates (per group), together with ``stalled_fraction``:
+  the running fraction of quantized weights whose incoming update is below 1% of
+  the layer's RMS update (weights that have stopped; with Adam or momentum SGD,
+  those beyond the grid). When ``u`` rose by more than 25% over a window while
+  ``K / R`` (below 1) fell by more than 10% (or is below 0.01), or when ``u`` at
+  least doubled while the stalled fraction grew by more than 5 points, raising
+  ``u`` no longer pays: the
+  ceiling drops to the multiplier at the start of that window. When ``u`` sat at
+  the ceiling for a whole window and either still happened, the ceiling halves. It never drops below ``init_scale`` (the
+  optimizer's own step). Each such event is counted in ``windup_events``: a
+  non-zero count says the target was above what this optimizer can reach, and a
+  lower R_0 (or :func:`measured_target`) fits it better. Where the rate keeps
+  up with the target the guard does nothing.
 
   Non-finite updates: when a quantized leaf's incoming update has a NaN or
   inf, that layer's ``u``, ``K`` and ``k`` keep their previous values for the
@@ -279,6 +370,9 @@ def tr_schedule(
       their counts (False).
     init_scale: initial multiplier ``u`` (1 = the optimizer's own LR).
     max_scale: upper bound on ``u`` (None for no bound).
+    windup_guard: stop raising ``u`` where the rate no longer responds (above).
+    guard_window: the guard's window in updates; None for ``5 / (1 - momentum)``
+      (500 at the default momentum).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
@@ -335,6 +429,16 @@ def tr_schedule(
     _validate_positive("max_scale", max_scale)
   if not isinstance(per_layer, (bool, np.bool_)):
     raise ValueError(f"`per_layer` must be a bool, got {per_layer!r}.")
+  if not isinstance(windup_guard, (bool, np.bool_)):
+    raise ValueError(f"`windup_guard` must be a bool, got {windup_guard!r}.")
+  if guard_window is None:
+    guard_window = max(int(round(5.0 / (1.0 - float(momentum)))), 1) \
+        if isinstance(momentum, numbers.Number) else 500
+  if isinstance(guard_window, bool) or not isinstance(guard_window, (int, np.integer)) \
+      or guard_window < 2:
+    raise ValueError(f"`guard_window` must be an int >= 2 (updates), got {guard_window!r}.")
+  guard_window = int(guard_window)
+  settling = measured and target_tr.warmup_steps is None
 
   def target_at(step):
     value = target_tr(step) if callable(target_tr) else target_tr
@@ -353,12 +457,13 @@ def tr_schedule(
           " (typically 1e-4 to 1e-2). Check the schedule's initial value."
       )
 
-  def measured_target_at(step, initial_rate):
+  def measured_target_at(step, initial_rate, warmup_end):
     # The target after the warm-up; during it, the rate measured so far (reported only).
-    warmup, total = target_tr.warmup_steps, target_tr.total_steps
-    progress = jnp.clip((step - warmup) / (total - warmup), 0.0, 1.0).astype(jnp.float32)
+    total = target_tr.total_steps
+    span = jnp.maximum(total - warmup_end, 1).astype(jnp.float32)
+    progress = jnp.clip((step - warmup_end) / span, 0.0, 1.0).astype(jnp.float32)
     decayed = initial_rate * _decay_factor(target_tr.decay, progress)
-    return jnp.where(step < warmup, initial_rate, target_tr.fraction * decayed)
+    return jnp.where(step < warmup_end, initial_rate, target_tr.fraction * decayed)
 
   def num_groups(quantized) -> int:
     return sum(quantized) if per_layer else 1
@@ -380,6 +485,13 @@ def tr_schedule(
       check_initial_target()
     # A measured target starts unknown (0); the running TR then starts from nothing too.
     target = jnp.zeros([], jnp.float32) if measured else target_at(jnp.zeros([], jnp.int32))
+    if not measured:
+      warmup_end = 0
+    elif settling:
+      warmup_end = target_tr.max_warmup_steps  # lowered when the rate settles
+    else:
+      warmup_end = target_tr.warmup_steps
+    ceiling = np.inf if max_scale is None else float(max_scale)
     return TransitionRateState(
         tr_step=jnp.zeros([], jnp.int32),
         target_transition_rate=target,
@@ -387,7 +499,74 @@ def tr_schedule(
         running_transition_rate=jnp.full([groups], target, jnp.float32),
         talr_multiplier=jnp.full([groups], init_scale, jnp.float32),
         initial_target_rate=jnp.copy(target),  # own buffer: donated state must not alias
+        warmup_end_step=jnp.full([], warmup_end, jnp.int32),
+        warmup_window=jnp.zeros([2], jnp.float32),
+        warmup_previous_rate=jnp.zeros([], jnp.float32),
+        multiplier_ceiling=jnp.full([groups], ceiling, jnp.float32),
+        guard_start_multiplier=jnp.full([groups], init_scale, jnp.float32),
+        guard_start_tracking=jnp.zeros([groups], jnp.float32),
+        stalled_fraction=jnp.zeros([groups], jnp.float32),
+        # 1: the first window only sets the references (weights may start stalled).
+        guard_start_stalled=jnp.ones([groups], jnp.float32),
+        windup_events=jnp.zeros([groups], jnp.int32),
     )
+
+  def warmup_step(state, overall):
+    """R_0 and the warm-up's end after this step's count-weighted rate ``overall``."""
+    step = state.tr_step
+    initial_rate, warmup_end = state.initial_target_rate, state.warmup_end_step
+    window, previous = state.warmup_window, state.warmup_previous_rate
+    in_warmup = step < warmup_end
+    finite = jnp.isfinite(overall)
+    if not settling:
+      # R_0: the running mean of the rate over the second half of the fixed warm-up.
+      start = target_tr.warmup_steps // 2
+      seen = (step - start).astype(jnp.float32)
+      collecting = (step >= start) & in_warmup & finite
+      initial_rate = jnp.where(collecting, initial_rate + (overall - initial_rate) / (seen + 1.0),
+                               initial_rate)
+      return initial_rate, warmup_end, window, previous
+    window = window + jnp.where(in_warmup & finite, jnp.stack([overall, 1.0]), 0.0)
+    window_done = in_warmup & ((step + 1) % target_tr.window_steps == 0)
+    mean = window[0] / jnp.maximum(window[1], 1.0)
+    change = jnp.abs(mean - previous) / jnp.where(previous > 0, previous, 1.0)
+    settled = (previous > 0) & (change <= target_tr.settle_tolerance)
+    ends = window_done & (settled | (step + 1 >= target_tr.max_warmup_steps))
+    # Reported during the warm-up: the last window's mean; at its end, R_0.
+    initial_rate = jnp.where(window_done, mean, initial_rate)
+    warmup_end = jnp.where(ends, step + 1, warmup_end)
+    previous = jnp.where(window_done, mean, previous)
+    window = jnp.where(window_done, jnp.zeros_like(window), window)
+    return initial_rate, warmup_end, window, previous
+
+  def guard_step(state, multiplier, running, target, stalled, finite):
+    """The windup guard's ceiling, window references and event count after this step."""
+    ceiling = state.multiplier_ceiling
+    start_u, start_tracking = state.guard_start_multiplier, state.guard_start_tracking
+    start_stalled, events = state.guard_start_stalled, state.windup_events
+    tracking = jnp.where(target > 0, running / jnp.where(target > 0, target, 1.0), 1.0)
+    window_done = (state.tr_step + 1) % guard_window == 0
+    if measured:
+      window_done &= state.tr_step >= state.warmup_end_step
+    # Below target and falling, or stalled (almost no transition left at all).
+    fell = (tracking < 1.0) & ((tracking < 0.9 * start_tracking) | (tracking < 0.01))
+    # Weights stop faster than the window before: the larger step is pushing them out.
+    stalling = stalled > start_stalled + 0.05
+    rose = multiplier >= 1.25 * start_u
+    # Weights also stop on their own (dead ReLU units, a fitted loss): only a multiplier
+    # that at least doubled in the window is taken to be the cause.
+    doubled = multiplier >= 2.0 * start_u
+    held = (start_u >= 0.99 * ceiling) & (multiplier >= 0.99 * ceiling)
+    lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held)))
+    floor = jnp.float32(init_scale)
+    new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
+    ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
+    events = events + lower.astype(jnp.int32)
+    refresh = window_done & finite
+    start_u = jnp.where(refresh, jnp.minimum(multiplier, ceiling), start_u)
+    start_tracking = jnp.where(refresh, tracking, start_tracking)
+    start_stalled = jnp.where(refresh, stalled, start_stalled)
+    return ceiling, start_u, start_tracking, start_stalled, events
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -406,7 +585,7 @@ def tr_schedule(
 
     # 1. Controller: u_t from u_{t-1}, R_t and K_{t-1}.
     if measured:
-      target = measured_target_at(state.tr_step, state.initial_target_rate)
+      target = measured_target_at(state.tr_step, state.initial_target_rate, state.warmup_end_step)
     else:
       target = target_at(state.tr_step)
     multiplier = control(
@@ -418,9 +597,11 @@ def tr_schedule(
     )
     upper = jnp.inf if max_scale is None else max_scale
     multiplier = jnp.clip(multiplier.astype(jnp.float32), 0.0, upper)
+    if windup_guard:
+      multiplier = jnp.minimum(multiplier, state.multiplier_ceiling)
     if measured:
       # The warm-up measures the optimizer's own rate: the multiplier stays where it started.
-      in_warmup = state.tr_step < target_tr.warmup_steps
+      in_warmup = state.tr_step < state.warmup_end_step
       multiplier = jnp.where(in_warmup, state.talr_multiplier, multiplier)
 
     # 2. Scale the quantized updates; the rest pass through untouched.
@@ -435,7 +616,7 @@ def tr_schedule(
     # 3. Count the transitions this update causes, with the arithmetic of apply_updates.
     new_params = optax.apply_updates(params, scaled_updates)
     codes_after = codes_def.flatten_up_to(codes_fn(new_params))
-    changed, total = [], []
+    changed, total, stalled_count = [], [], []
     for before, after, update, is_quantized in zip(
         codes_def.flatten_up_to(codes_before), codes_after, update_slots, quantized
     ):
@@ -443,6 +624,10 @@ def tr_schedule(
         # NaN when the layer's update has a non-finite entry: how it is recognised below.
         changed.append(codes_tree.count_transitions(before, after, update))
         total.append(float(np.size(before)))
+        if windup_guard:
+          magnitude = jnp.abs(update.astype(jnp.float32))
+          rms = jnp.sqrt(jnp.mean(jnp.square(magnitude)))
+          stalled_count.append(jnp.sum(magnitude < 0.01 * rms, dtype=jnp.float32))
     changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)
     if per_layer:
@@ -451,30 +636,48 @@ def tr_schedule(
       measured_rate = (jnp.sum(changed) / max(total.sum(), 1.0))[None]
     finite = jnp.isfinite(measured_rate)
     ema = momentum
-    initial_rate = state.initial_target_rate
+    initial_rate, warmup_end = state.initial_target_rate, state.warmup_end_step
+    window, previous = state.warmup_window, state.warmup_previous_rate
     if measured:
       step = state.tr_step.astype(jnp.float32)
       # Started from nothing, the running TR is the plain mean until 1/(1-m) steps have passed.
       ema = jnp.minimum(momentum, step / (step + 1.0))
-      # R_0: the running mean of the count-weighted rate over the second half of the warm-up.
-      start = target_tr.warmup_steps // 2
-      seen = (state.tr_step - start).astype(jnp.float32)
       overall = jnp.sum(changed) / max(total.sum(), 1.0)
-      collecting = ((state.tr_step >= start) & (state.tr_step < target_tr.warmup_steps)
-                    & jnp.isfinite(overall))
-      initial_rate = jnp.where(collecting, initial_rate + (overall - initial_rate) / (seen + 1.0),
-                               initial_rate)
+      initial_rate, warmup_end, window, previous = warmup_step(state, overall)
       # Reported during the warm-up: the rate measured so far.
-      target = jnp.where(state.tr_step < target_tr.warmup_steps, initial_rate, target)
+      target = jnp.where(state.tr_step < state.warmup_end_step, initial_rate, target)
     running = ema * state.running_transition_rate + (1.0 - ema) * measured_rate
+    running = jnp.where(finite, running, state.running_transition_rate)
+    multiplier = jnp.where(finite, multiplier, state.talr_multiplier)
+    ceiling, start_u, start_tracking, start_stalled, events, stalled = (
+        state.multiplier_ceiling, state.guard_start_multiplier, state.guard_start_tracking,
+        state.guard_start_stalled, state.windup_events, state.stalled_fraction)
+    if windup_guard:
+      stalled_count = jnp.stack(stalled_count)
+      if per_layer:
+        stalled_now = stalled_count / np.maximum(total, 1.0)
+      else:
+        stalled_now = (jnp.sum(stalled_count) / max(total.sum(), 1.0))[None]
+      stalled = jnp.where(finite, momentum * stalled + (1.0 - momentum) * stalled_now, stalled)
+      ceiling, start_u, start_tracking, start_stalled, events = guard_step(
+          state, multiplier, running, target, stalled, finite)
 
     new_state = TransitionRateState(
         tr_step=optax.safe_increment(state.tr_step),
         target_transition_rate=target,
         measured_transition_rate=jnp.where(finite, measured_rate, state.measured_transition_rate),
-        running_transition_rate=jnp.where(finite, running, state.running_transition_rate),
-        talr_multiplier=jnp.where(finite, multiplier, state.talr_multiplier),
+        running_transition_rate=running,
+        talr_multiplier=multiplier,
         initial_target_rate=initial_rate,
+        warmup_end_step=warmup_end,
+        warmup_window=window,
+        warmup_previous_rate=previous,
+        multiplier_ceiling=ceiling,
+        guard_start_multiplier=start_u,
+        guard_start_tracking=start_tracking,
+        stalled_fraction=stalled,
+        guard_start_stalled=start_stalled,
+        windup_events=events,
     )
     return scaled_updates, new_state
 

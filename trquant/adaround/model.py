@@ -64,11 +64,23 @@ _EAGER_ONLY = (
 )
 
 
-def layer_data(model, layer, batches, *, output: bool, name: str = "the layer"):
+def _forward(apply_fn) -> Callable:
+  """``apply_fn`` checked, or ``model(batch)`` when it is None."""
+  if apply_fn is None:
+    return lambda model, batch: model(batch)
+  if not callable(apply_fn):
+    raise ValueError(f"`apply_fn` must be a callable (model, batch) -> output, e.g."
+                     f" lambda m, x: m(x, rngs=None), got {apply_fn!r}.")
+  return apply_fn
+
+
+def layer_data(model, layer, batches, *, output: bool, name: str = "the layer",
+               apply_fn: Optional[Callable] = None):
   """The inputs (or, with ``output=True``, outputs) of ``layer`` over ``batches``.
 
-  Each batch runs ``model(batch)`` eagerly up to the layer (:func:`trquant.nnx.capture`
-  with ``stop=True``); the inputs are the layer's before its own input quantization.
+  Each batch runs ``apply_fn(model, batch)`` (default ``model(batch)``) eagerly up to
+  the layer (:func:`trquant.nnx.capture` with ``stop=True``); the inputs are the
+  layer's before its own input quantization.
 
   Returns:
     The values concatenated over the batches, ``(N, ...)``.
@@ -77,10 +89,11 @@ def layer_data(model, layer, batches, *, output: bool, name: str = "the layer"):
     ValueError: when the forward pass does not call the layer eagerly (e.g. a jitted
       ``__call__``), or the batches give values of different shapes.
   """
+  forward = _forward(apply_fn)
   chunks = []
   for batch in batches:
     with tq_nnx.capture(model, [layer], stop=True) as captured:
-      model(batch)
+      forward(model, batch)
     if captured.calls:
       call = captured.calls[0]
       equation = call.kwargs.get("einsum_str")
@@ -108,10 +121,10 @@ def layer_data(model, layer, batches, *, output: bool, name: str = "the layer"):
   return jnp.concatenate(chunks, axis=0)
 
 
-def _call_order(model, layers, example):
+def _call_order(model, layers, example, forward):
   """The layers that one forward pass calls, in call order (first call of each)."""
   with tq_nnx.capture(model, layers) as captured:
-    model(example)
+    forward(model, example)
   by_name = {nnx_traversal.path_name(path): layer for path, layer in tq_nnx.quant_layers(model)}
   return [by_name[name] for name in captured.order]
 
@@ -177,7 +190,7 @@ def _set_quantized(layer, *, bits: int, scale, per_channel: bool, kernel=None) -
   layer.weight_scale = nnx.data(tq_nnx.WeightScale(jnp.asarray(scale, jnp.float32)))
 
 
-def _plan(model, batches, *, bits, per_channel, first_last_bits):
+def _plan(model, batches, *, bits, per_channel, first_last_bits, forward):
   """Validates; returns (fp copy, working copy, [(name, fp layer, work layer, bits, scale)])."""
   _check_model(model)
   rounding.weight_grid(bits, True)
@@ -191,7 +204,7 @@ def _plan(model, batches, *, bits, per_channel, first_last_bits):
   work_layers = dict(tq_nnx.quant_layers(work))
   names = {id(layer): path for path, layer in fp_layers}
   if batches is not None:
-    order = _call_order(fp, [layer for _, layer in fp_layers], batches[0][:1])
+    order = _call_order(fp, [layer for _, layer in fp_layers], batches[0][:1], forward)
     called = {id(layer) for layer in order}
     # Layers the forward pass never calls keep their tree order, after the called ones.
     order += [layer for _, layer in fp_layers if id(layer) not in called]
@@ -257,7 +270,8 @@ def _progress_bar(total: int, desc: str):
 
 def round_to_nearest(model, *, bits: int, per_channel: bool = False,
                      first_last_bits: Optional[int] = None, example_input=None,
-                     act_bits: Optional[int] = None, return_info: bool = False):
+                     act_bits: Optional[int] = None, return_info: bool = False,
+                     apply_fn: Optional[Callable] = None):
   """Post-training round-to-nearest weight quantization with MSE step sizes (the baseline).
 
   Every trquant layer (:class:`trquant.nnx.QuantLinear`, ``QuantConv``,
@@ -282,13 +296,16 @@ def round_to_nearest(model, *, bits: int, per_channel: bool = False,
     act_bits: activation bit width (``first_last_bits`` at the edges), or None.
     return_info: also return per-layer :class:`LayerReport` records (errors
       are not measured here: NaN).
+    apply_fn: ``(model, batch) -> output``, how the forward pass is run on
+      ``example_input``; default ``model(batch)``. Give it for a model called with
+      keyword arguments, e.g. ``lambda m, x: m(x, rngs=None)``.
 
   Returns:
     The new quantized model, or ``(model, reports)`` with ``return_info``.
 
   Raises:
-    ValueError: for bad bits, a model without trquant layer, or
-      ``first_last_bits`` or ``act_bits`` without ``example_input``.
+    ValueError: for bad bits, a model without trquant layer, a non-callable
+      ``apply_fn``, or ``first_last_bits`` or ``act_bits`` without ``example_input``.
 
   Example:
     >>> import jax.numpy as jnp, trquant
@@ -299,6 +316,7 @@ def round_to_nearest(model, *, bits: int, per_channel: bool = False,
     (4, None)
   """
   batches = None
+  forward = _forward(apply_fn)
   if first_last_bits is not None and example_input is None:
     raise ValueError("`first_last_bits` needs `example_input` to find the first and last layers"
                      " of the forward pass.")
@@ -309,10 +327,10 @@ def round_to_nearest(model, *, bits: int, per_channel: bool = False,
   if example_input is not None:
     batches = _calibration_list(example_input)
   fp, work, plan = _plan(model, batches, bits=bits, per_channel=per_channel,
-                         first_last_bits=first_last_bits)
+                         first_last_bits=first_last_bits, forward=forward)
   if act_bits is not None:
     _quantize_activations(fp, plan, batches[0], act_bits=act_bits,
-                          first_last_bits=first_last_bits)
+                          first_last_bits=first_last_bits, forward=forward)
   if not return_info:
     return work
   return work, [LayerReport(name, layer_bits, 0.0, 0.0, math.nan, math.nan, 0.0)
@@ -325,7 +343,7 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
                    warmup: float = 0.2, beta: tuple[float, float] = (20.0, 2.0),
                    beta_mode: str = "cosine", activation: Optional[Callable] = None,
                    key, progress: bool = True, return_info: bool = False,
-                   loop: str = "auto"):
+                   loop: str = "auto", apply_fn: Optional[Callable] = None):
   """AdaRound post-training weight quantization of an NNX model, layer by layer.
 
   For every trquant layer (:class:`trquant.nnx.QuantLinear`, ``QuantConv``,
@@ -369,6 +387,10 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
     return_info: also return per-layer :class:`LayerReport` records.
     loop: how each layer's iterations run (``"auto"``, ``"scan"``, ``"steps"``), see
       :func:`trquant.adaround.reconstruct_layer`.
+    apply_fn: ``(model, batch) -> output``, how the forward pass is run on a
+      calibration batch; default ``model(batch)``. Give it for a model called with
+      keyword arguments (``lambda m, x: m(x, rngs=None)``, ``lambda m, tokens:
+      m(tokens, cache=None)``); it must call the model eagerly.
 
   Returns:
     A new model of the same structure whose quantized layers hold the AdaRound
@@ -395,12 +417,13 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
     [3, 3]
   """
   batches = _calibration_list(calibration_batches)
+  forward = _forward(apply_fn)
   # Validate the hyper-parameters before any work (reconstruct_layer checks them again).
   loops.check_loop(loop)
   rounding.check_loop_args(iters=iters, batch_size=batch_size, lam=lam, lr=lr, warmup=warmup,
                            beta=beta, beta_mode=beta_mode)
   fp, work, plan = _plan(model, batches, bits=bits, per_channel=per_channel,
-                         first_last_bits=first_last_bits)
+                         first_last_bits=first_last_bits, forward=forward)
   bar = _progress_bar(len(plan), "adaround") if progress else None
   reports = []
   try:
@@ -408,12 +431,14 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
       if bar is not None:
         bar.set_postfix_str(name)
       start = time.perf_counter()
-      x_q = layer_data(work, work_layer, batches, output=False, name=f"layer {name}")
-      y_fp = layer_data(fp, fp_layer, batches, output=True, name=f"layer {name}")
+      x_q = layer_data(work, work_layer, batches, output=False, name=f"layer {name}",
+                       apply_fn=forward)
+      y_fp = layer_data(fp, fp_layer, batches, output=True, name=f"layer {name}",
+                        apply_fn=forward)
       captured = time.perf_counter()
-      apply_fn = layer_apply_fn(fp_layer, patches=_scan_on_cpu(loop))
+      layer_fn = layer_apply_fn(fp_layer, patches=_scan_on_cpu(loop))
       kernel = fp_layer.kernel.get_value()
-      result = rounding.reconstruct_layer(apply_fn, kernel, scale, x_q, y_fp, bits=layer_bits,
+      result = rounding.reconstruct_layer(layer_fn, kernel, scale, x_q, y_fp, bits=layer_bits,
                                           iters=iters, batch_size=batch_size, lam=lam, lr=lr,
                                           warmup=warmup, beta=beta, beta_mode=beta_mode,
                                           activation=activation,
@@ -424,7 +449,7 @@ def adaround_model(model, calibration_batches, *, bits: int, per_channel: bool =
       nearest_codes = quantizers.quantize(kernel, scale, bits=layer_bits)
       nearest = quantizers.dequantize(nearest_codes, scale)
       nearest_error, adaround_error = rounding.reconstruction_errors(
-          apply_fn, [nearest, result.weight], x_q, y_fp, activation=activation)
+          layer_fn, [nearest, result.weight], x_q, y_fp, activation=activation)
       reports.append(LayerReport(name, layer_bits, captured - start, done - captured,
                                  nearest_error, adaround_error,
                                  float(jnp.mean(result.codes != nearest_codes))))
@@ -492,36 +517,54 @@ def _module_at(model, path: tuple):
   return module
 
 
-def unit_data(model, path: tuple, batches, *, name: str = "the unit"):
-  """The inputs and outputs of the sub-module at ``path`` over ``batches``.
+def _is_array(value) -> bool:
+  return isinstance(value, (jax.Array, np.ndarray))
 
-  Each batch runs ``model(batch)`` eagerly, with the sub-module temporarily replaced in
-  its parent by a recorder that runs it, keeps its (single, positional) input and its
-  output, and ends the pass. Works for any sub-module (a residual block, a layer); the
-  model's code is not changed.
 
-  Returns:
-    ``(inputs, outputs)``, each concatenated over the batches.
+def _check_unit_kwargs(kwargs: dict, name: str) -> None:
+  """Raises unless every keyword argument a unit is called with is a static value."""
+  for keyword, value in kwargs.items():
+    if any(_is_array(leaf) for leaf in jax.tree.leaves(value)):
+      raise ValueError(
+          f"{name} is called with the array keyword argument {keyword}=...; a"
+          " reconstruction unit takes one array input (keyword arguments that are not"
+          " arrays, such as out_sharding=None or deterministic=True, are kept). Name"
+          " smaller units (blocks=[...]) that take one input, or use granularity='layer'.")
 
-  Raises:
-    ValueError: when the forward pass does not call the sub-module eagerly, calls it
-      with more than one input, or the batches give values of different shapes.
-  """
+
+def _same_kwargs(a: dict, b: dict) -> bool:
+  if a.keys() != b.keys():
+    return False
+  try:
+    return all(bool(a[k] is b[k] or a[k] == b[k]) for k in a)
+  except Exception:  # values without a truth-valued ==
+    return False
+
+
+def _record_unit(model, path: tuple, batches, *, name: str, forward):
+  """``(inputs, outputs, kwargs)`` of the sub-module at ``path`` (see :func:`unit_data`)."""
   path = tuple(path)
   if not path:
     inputs = list(batches)
-    return jnp.concatenate(inputs, 0), jnp.concatenate([model(b) for b in inputs], 0)
+    outputs = [forward(model, b) for b in inputs]
+    return jnp.concatenate(inputs, 0), jnp.concatenate(outputs, 0), {}
   parent, key = _module_at(model, path[:-1]), path[-1]
   unit = _get_child(parent, key)
-  inputs, outputs = [], []
+  inputs, outputs, seen_kwargs = [], [], []
 
   def record(args, kwargs, output):
-    if len(args) != 1 or kwargs:
-      raise ValueError(f"{name} is called with {len(args)} positional and {sorted(kwargs)}"
-                       " keyword arguments; a reconstruction unit must take one input. Name"
-                       " smaller units (blocks=...) or reconstruct layer by layer.")
+    if len(args) != 1:
+      raise ValueError(f"{name} is called with {len(args)} positional arguments; a"
+                       " reconstruction unit must take one input. Name smaller units"
+                       " (blocks=...) or reconstruct layer by layer (granularity='layer').")
     if isinstance(args[0], jax.core.Tracer):
       raise ValueError(f"{name} ran on traced values. {_EAGER_ONLY}")
+    _check_unit_kwargs(kwargs, name)
+    if seen_kwargs and not _same_kwargs(seen_kwargs[0], kwargs):
+      raise ValueError(f"{name} is called with different keyword arguments across the"
+                       f" calibration batches ({seen_kwargs[0]!r}, then {kwargs!r}); a"
+                       " reconstruction unit is replayed with one set of them.")
+    seen_kwargs.append(dict(kwargs))
     inputs.append(args[0])
     outputs.append(output)
 
@@ -529,7 +572,7 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit"):
     count = len(inputs)
     _set_child(parent, key, _UnitRecorder(unit, record))
     try:
-      model(batch)
+      forward(model, batch)
     except _StopForward:
       pass
     finally:
@@ -542,7 +585,51 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit"):
     if len({tuple(v.shape[1:]) for v in values}) > 1:
       raise ValueError(f"the {what} of {name} have different shapes across the calibration"
                        " batches: give calibration batches of one shape.")
-  return jnp.concatenate(inputs, axis=0), jnp.concatenate(outputs, axis=0)
+  return jnp.concatenate(inputs, axis=0), jnp.concatenate(outputs, axis=0), seen_kwargs[0]
+
+
+def unit_data(model, path: tuple, batches, *, name: str = "the unit",
+              apply_fn: Optional[Callable] = None, return_kwargs: bool = False):
+  """The inputs and outputs of the sub-module at ``path`` over ``batches``.
+
+  Each batch runs ``apply_fn(model, batch)`` (default ``model(batch)``) eagerly, with
+  the sub-module temporarily replaced in its parent by a recorder that runs it, keeps
+  its single positional input, its keyword arguments and its output, and ends the
+  pass. Works for any sub-module (a residual block, a layer, an attention projection
+  that ``nnx.MultiHeadAttention`` calls with ``out_sharding=``); the model's code is
+  not changed.
+
+  Args:
+    model: the NNX model.
+    path: the sub-module's path, a tuple of attribute names and indices (``()``:
+      the model itself, run by ``apply_fn``).
+    batches: a list of model inputs.
+    name: how errors name the sub-module.
+    apply_fn: ``(model, batch) -> output``; default ``model(batch)``.
+    return_kwargs: also return the keyword arguments the sub-module was called with.
+
+  Returns:
+    ``(inputs, outputs)``, each concatenated over the batches; with
+    ``return_kwargs``, ``(inputs, outputs, kwargs)``.
+
+  Raises:
+    ValueError: when the forward pass does not call the sub-module eagerly, calls it
+      with more than one positional input, with an array keyword argument or with
+      keyword arguments that differ between batches, or the batches give values of
+      different shapes.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> net = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                      nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> x, y = trquant.adaround.unit_data(net, ("layers", 2), [jnp.ones((3, 4))])
+    >>> x.shape, y.shape
+    ((3, 8), (3, 2))
+  """
+  inputs, outputs, kwargs = _record_unit(model, path, batches, name=name,
+                                         forward=_forward(apply_fn))
+  return (inputs, outputs, kwargs) if return_kwargs else (inputs, outputs)
 
 
 # Containers that their parent iterates (never called themselves): opened up into their items.
@@ -598,6 +685,11 @@ def _units(model, granularity: str, blocks) -> list[tuple]:
   if isinstance(model, tq_nnx.QUANT_LAYERS):
     return [()]
   visit(model, ())
+  # A model that only wraps another one (a module calling the model with its keyword
+  # arguments): its one child would make the whole network one unit, so open it up.
+  while len(units) == 1 and not isinstance(_module_at(model, units[0]), tq_nnx.QUANT_LAYERS):
+    only = units.pop()
+    visit(_module_at(model, only), only)
   return units
 
 
@@ -611,13 +703,15 @@ def _qdrop_hook(key, drop_prob):
   return hook
 
 
-def _unit_apply_fn(work_unit, drop_prob: float, *, patches: bool):
+def _unit_apply_fn(work_unit, drop_prob: float, *, patches: bool, call):
   """The unit as ``(kernels, act_scales, x, key) -> output`` and the paths of its leaves.
 
   A copy of the unit whose kernels are used as given (no weight quantization: the
   reconstruction passes soft or hard-rounded weights) and whose inputs are quantized
   with the given activation step sizes; with ``key`` and ``drop_prob > 0`` each
   quantized input keeps its full-precision value with probability ``drop_prob`` (QDrop).
+  ``call(module, x)`` runs the unit as the model's forward pass does (its keyword
+  arguments).
   """
   unit = nnx.clone(work_unit)
   for _, layer in tq_nnx.quant_layers(unit):
@@ -635,7 +729,7 @@ def _unit_apply_fn(work_unit, drop_prob: float, *, patches: bool):
     if key is not None and drop_prob > 0:
       for index, (_, layer) in enumerate(tq_nnx.quant_layers(module)):
         layer.input_quant_hook = _qdrop_hook(jax.random.fold_in(key, index), drop_prob)
-    return module(x)
+    return call(module, x)
 
   # Leaf paths as the layers' paths inside the unit (without the trailing variable name).
   kernel_layers = [nnx_traversal.state_path(path)[:-1] for path, _ in kernel_paths]
@@ -650,7 +744,7 @@ def _set_act_quant(layer, *, bits: int, signed: bool, scale) -> None:
   layer.act_scale = nnx.data(tq_nnx.ActScale(jnp.asarray(scale, jnp.float32)))
 
 
-def _quantize_activations(fp, plan, batch, *, act_bits: int, first_last_bits) -> None:
+def _quantize_activations(fp, plan, batch, *, act_bits: int, first_last_bits, forward) -> None:
   """Sets LSQ input quantization on the plan's working layers, from the FP layers' inputs.
 
   Signed where the full-precision input on ``batch`` has negative values; step size by
@@ -660,7 +754,7 @@ def _quantize_activations(fp, plan, batch, *, act_bits: int, first_last_bits) ->
   for _, layer in tq_nnx.quant_layers(fp):
     layer.act_bits = None  # the reference is full precision throughout
   with tq_nnx.capture(fp) as captured:
-    fp(batch)
+    forward(fp, batch)
   for index, (name, fp_layer, work_layer, _, _) in enumerate(plan):
     inputs = captured.inputs(fp_layer)
     if not inputs:
@@ -680,7 +774,8 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
                       lr: float = 1e-3, act_lr: float = 4e-5, warmup: float = 0.2,
                       beta: tuple[float, float] = (20.0, 2.0), beta_mode: str = "cosine",
                       fallback_to_nearest: bool = True, key, progress: bool = True,
-                      return_info: bool = False, loop: str = "auto"):
+                      return_info: bool = False, loop: str = "auto",
+                      apply_fn: Optional[Callable] = None):
   """Post-training quantization by block reconstruction (BRECQ), QDrop, with activations.
 
   Like :func:`adaround_model`, on a copy of ``model`` whose trquant layers are in full
@@ -709,7 +804,13 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
      keeps those instead (short budgets, 8-bit layers where nearest is already close).
 
   Units are recorded by replacing them in their parent for one eager pass per batch,
-  so the model's ``__call__`` must run eagerly and a unit must take one input.
+  so the model's ``__call__`` must run eagerly and a unit must take one array input;
+  keyword arguments that are not arrays (``out_sharding=None``, as
+  ``nnx.MultiHeadAttention`` calls its projections; ``deterministic=True``) are
+  recorded and passed again during reconstruction. A model called with keyword
+  arguments itself (``rngs=None``, ``cache=``, ``segment_ids=``) is run through
+  ``apply_fn``; a model whose only child holds all the layers (a wrapper) is opened up
+  into that child's units.
 
   Args:
     model: an NNX model of trquant layers in full precision (built so, or made from a
@@ -732,6 +833,9 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
     return_info: also return per-unit :class:`BlockReport` records.
     loop: how each unit's iterations run (``"auto"``, ``"scan"``, ``"steps"``), see
       :func:`trquant.adaround.reconstruct_block`.
+    apply_fn: ``(model, batch) -> output``, how the forward pass is run on a
+      calibration batch; default ``model(batch)``. E.g. ``lambda m, x: m(x,
+      rngs=None)``, or ``lambda m, tokens: m(tokens, cache=None, segment_ids=None)``.
 
   Returns:
     A new model with the reconstructed weights (kernel ``= scale * codes``, a frozen
@@ -741,8 +845,8 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
   Raises:
     ValueError: for bad bits, granularity, blocks (a path that is not a module,
       holds no trquant layer, or overlaps another), ``drop_prob``, calibration data,
-      a unit not called eagerly or called with several inputs, or bad
-      hyper-parameters.
+      a unit not called eagerly, called with several inputs or an array keyword
+      argument, a non-callable ``apply_fn``, or bad hyper-parameters.
 
   Example:
     >>> import jax, jax.numpy as jnp, trquant
@@ -762,6 +866,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
     ([('body/layers/0', 'body/layers/2'), ('head',)], 4)
   """
   batches = _calibration_list(calibration_batches)
+  forward = _forward(apply_fn)
   if granularity not in GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
   if act_bits is not None:
@@ -776,14 +881,14 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
   rounding.check_loop_args(iters=iters, batch_size=batch_size, lam=lam, lr=lr, warmup=warmup,
                            beta=beta, beta_mode=beta_mode)
   fp, work, plan = _plan(model, batches, bits=bits, per_channel=per_channel,
-                         first_last_bits=first_last_bits)
+                         first_last_bits=first_last_bits, forward=forward)
   units = _units(work, granularity, blocks)
   by_name = {name: (fp_layer, work_layer, layer_bits, scale)
              for name, fp_layer, work_layer, layer_bits, scale in plan}
   order = [name for name, *_ in plan]  # layers in call order
   if act_bits is not None:
     _quantize_activations(fp, plan, batches[0], act_bits=act_bits,
-                          first_last_bits=first_last_bits)
+                          first_last_bits=first_last_bits, forward=forward)
 
   def first_call(unit):
     names = [i for i, name in enumerate(order)
@@ -799,12 +904,17 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
       if bar is not None:
         bar.set_postfix_str(name)
       start = time.perf_counter()
-      x_q, _ = unit_data(work, unit, batches, name=f"unit {name}")
-      x_fp, y_fp = unit_data(fp, unit, batches, name=f"unit {name}")
+      x_q, _, _ = _record_unit(work, unit, batches, name=f"unit {name}", forward=forward)
+      x_fp, y_fp, unit_kwargs = _record_unit(fp, unit, batches, name=f"unit {name}",
+                                             forward=forward)
       captured_at = time.perf_counter()
       work_unit = _module_at(work, unit)
-      apply_fn, kernel_layers, act_layers = _unit_apply_fn(work_unit, float(drop_prob),
-                                                               patches=_scan_on_cpu(loop))
+      # The model itself as a unit runs as apply_fn runs it; a sub-module as its parent
+      # called it, with the keyword arguments recorded.
+      call = forward if not unit else (
+          lambda module, x, kwargs=unit_kwargs: module(x, **kwargs))
+      unit_fn, kernel_layers, act_layers = _unit_apply_fn(
+          work_unit, float(drop_prob), patches=_scan_on_cpu(loop), call=call)
       prefix = name + "/" if unit else ""
       kernel_names = [prefix + "/".join(map(str, p)) if p else name for p in kernel_layers]
       act_names = [prefix + "/".join(map(str, p)) if p else name for p in act_layers]
@@ -819,7 +929,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
       nearest = [quantizers.dequantize(c, s).astype(w.dtype)
                  for c, s, w in zip(nearest_codes, scales, weights)]
       result = block_lib.reconstruct_block(
-          apply_fn, weights, scales, x_q, y_fp, bits=layer_bits,
+          unit_fn, weights, scales, x_q, y_fp, bits=layer_bits,
           act_scales=act_scales if act_scales else None,
           x_fp=x_fp if drop_prob > 0 else None, drop_prob=float(drop_prob), iters=iters,
           batch_size=batch_size, lam=lam, lr=lr, act_lr=act_lr, warmup=warmup, beta=beta,
@@ -828,7 +938,7 @@ def reconstruct_model(model, calibration_batches, *, bits: int, act_bits: Option
       done = time.perf_counter()
       learned = list(result.act_scales) if act_scales else []
       nearest_error, reconstructed_error = block_lib.block_errors(
-          apply_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp)
+          unit_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp)
       keep_nearest = bool(fallback_to_nearest) and reconstructed_error > nearest_error
       final_weights, final_acts = ((nearest, act_scales) if keep_nearest
                                    else (result.weights, learned))

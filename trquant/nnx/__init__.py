@@ -26,7 +26,8 @@ activation scales are :class:`ActScale` params. Then:
 * :func:`calibrate_activations`, :func:`init_weight_scales`,
   :func:`load_float_weights` and :func:`reestimate_batchnorm` set scales, weights
   and BatchNorm statistics; :func:`batchnorm_divergence` measures how far running
-  BatchNorm statistics are from those of the current weights;
+  BatchNorm statistics are from those of the current weights, and
+  :func:`check_batchnorm` re-estimates them or warns after QAT;
 * :func:`capture` records the inputs and outputs of the quantized layers during a
   forward pass (AdaRound uses it).
 
@@ -57,7 +58,9 @@ from trquant.nnx.capturing import capture
 from trquant.nnx.transforms import FREEZE_FIELDS
 from trquant.nnx.transforms import OSCILLATION_FIELDS
 from trquant.nnx.transforms import TRANSITION_FIELDS
+from trquant.nnx.calibration import BatchNormDivergenceWarning
 from trquant.nnx.calibration import batchnorm_divergence
+from trquant.nnx.calibration import check_batchnorm
 from trquant.nnx.calibration import calibrate_activations
 from trquant.nnx.transforms import codes_fn
 from trquant.nnx.transforms import dampening_loss
@@ -98,6 +101,7 @@ __all__ = [
     "UNSUPPORTED_LAYERS",
     "WEIGHT_QUANTIZERS",
     "ActScale",
+    "BatchNormDivergenceWarning",
     "Call",
     "Capture",
     "LearnedWeightScale",
@@ -111,6 +115,7 @@ __all__ = [
     "batchnorm_divergence",
     "calibrate_activations",
     "capture",
+    "check_batchnorm",
     "codes_fn",
     "dampening_loss",
     "first_last_rule",

@@ -5,11 +5,16 @@
   activation scales;
 * :func:`reestimate_batchnorm` re-estimates BatchNorm running statistics with the
   quantized weights (against oscillation-corrupted statistics), and
-  :func:`batchnorm_divergence` measures how far the running statistics are from them.
+  :func:`batchnorm_divergence` measures how far the running statistics are from them;
+  :func:`check_batchnorm` does both after QAT: it measures, and re-estimates or warns
+  (:class:`BatchNormDivergenceWarning`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+import warnings
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -203,6 +208,79 @@ def batchnorm_divergence(model, batches: Iterable, num_batches: int = 50,
                 - jnp.asarray(running.mean.get_value(), jnp.float32))
     kl = 0.5 * (jnp.log(var_run / var_pop) + (var_pop + mean_gap ** 2) / var_run - 1.0)
     divergence[traversal.path_name(path)] = float(jnp.mean(kl))
+  return divergence
+
+
+class BatchNormDivergenceWarning(UserWarning):
+  """BatchNorm running statistics far from those of the model's current weights."""
+
+
+def check_batchnorm(model, batches: Iterable, *, threshold: float = 0.01,
+                    num_batches: int = 20, apply_fn: Optional[Callable] = None,
+                    reestimate: bool = False) -> dict[str, float]:
+  """After QAT: are the BatchNorm running statistics those of the quantized weights?
+
+  Running statistics are averages over the training steps, so they lag the weights.
+  After a short QAT run (low-bit weights that still move a lot, or oscillate) they can
+  belong to weights the model no longer has, and the evaluation model is broken while
+  the training loss looks fine. This measures :func:`batchnorm_divergence` on up to
+  ``num_batches`` batches and, where a layer's mean KL exceeds ``threshold``, either
+  warns (:class:`BatchNormDivergenceWarning`, naming the layers and saying to call
+  :func:`reestimate_batchnorm`) or, with ``reestimate=True``, re-estimates the
+  statistics on the same batches. A well-settled run stays within batch noise (a KL of
+  about 1e-4 to 1e-3 from 20 batches).
+
+  Args:
+    model: an NNX model containing ``nnx.BatchNorm`` layers (left in evaluation mode).
+    batches: iterable of training batches (arrays, or tuples whose first element is
+      the input); the first ``num_batches`` are used.
+    threshold: the mean KL per layer above which a layer counts as diverged (positive).
+    num_batches: batches for the population statistics (positive).
+    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+    reestimate: re-estimate the statistics when a layer diverged instead of warning.
+
+  Returns:
+    ``{layer path: mean KL}``, measured before any re-estimation.
+
+  Raises:
+    ValueError: if the model has no BatchNorm layer, ``batches`` is empty or an
+      argument is invalid.
+
+  Example:
+    >>> import warnings, jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.BatchNorm(8, rngs=nnx.Rngs(0)))
+    >>> model.eval()  # running statistics of a fresh model: mean 0, variance 1
+    >>> batches = [jax.random.normal(jax.random.key(i), (32, 4)) * 3 + 1 for i in range(4)]
+    >>> before = check_batchnorm(model, batches, reestimate=True)
+    >>> before["layers/1"] > 0.01, check_batchnorm(model, batches)["layers/1"] < 0.01
+    (True, True)
+  """
+  if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+      or not math.isfinite(threshold) or threshold <= 0):
+    raise ValueError(f"`threshold` must be a positive number (a mean KL), got {threshold!r}.")
+  if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
+    raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}.")
+  if not isinstance(reestimate, bool):
+    raise ValueError(f"`reestimate` must be a bool, got {reestimate!r}.")
+  batches = list(itertools.islice(iter(batches), num_batches))  # used twice
+  if not batches:
+    raise ValueError("`batches` yielded no batch.")
+  divergence = batchnorm_divergence(model, batches, num_batches, apply_fn)
+  diverged = {name: kl for name, kl in divergence.items() if not kl <= threshold}
+  if diverged:
+    if reestimate:
+      reestimate_batchnorm(model, batches, num_batches, apply_fn)
+    else:
+      worst = sorted(diverged.items(), key=lambda item: -item[1])[:5]
+      warnings.warn(
+          f"{len(diverged)} of {len(divergence)} BatchNorm layers have running statistics"
+          f" far from those of the current weights (mean KL above {threshold:g}:"
+          f" {', '.join(f'{name} {kl:.3g}' for name, kl in worst)}); evaluated with them,"
+          " the model is not the one that was trained. Call"
+          " trquant.nnx.reestimate_batchnorm(model, train_batches) before evaluating or"
+          " exporting (or check_batchnorm(..., reestimate=True)).",
+          BatchNormDivergenceWarning, stacklevel=2)
   return divergence
 
 

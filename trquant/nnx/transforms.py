@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +25,33 @@ from trquant.nnx import traversal
 from trquant.nnx.layers import QuantWeight
 
 
-def _frozen_scale_kernels(model, purpose: str) -> dict:
-  """{kernel path in the params tree: layer} of every quantized layer; they must have
-  frozen weight scales (``weight_quantizer="fixed"``), which `purpose` needs."""
+def _check_max_bits(max_bits) -> None:
+  if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int)
+                               or max_bits < 1):
+    raise ValueError(f"`max_bits` must be None or a positive int (e.g. 4: leave 8-bit layers"
+                     f" out), got {max_bits!r}.")
+
+
+def _within(layer, max_bits) -> bool:
+  """Whether `layer` quantizes its weights to at most `max_bits` bits (None: any)."""
+  bits = layer.kernel.bits
+  return bits is not None and (max_bits is None or bits <= max_bits)
+
+
+def _frozen_scale_kernels(model, purpose: str, max_bits=None) -> dict:
+  """{kernel path in the params tree: layer} of every quantized layer with at most
+  `max_bits` bits; they must have frozen weight scales (``weight_quantizer="fixed"``),
+  which `purpose` needs."""
+  _check_max_bits(max_bits)
   kernels = {}
   for path, layer in traversal.require_quant_layers(model, purpose, quantized_weights=True):
+    if not _within(layer, max_bits):
+      continue
     _check_frozen_scale(path, layer, purpose)
     kernels[path + ("kernel",)] = layer
+  if not kernels:
+    raise ValueError(f"{purpose}: no quantized layer has at most max_bits={max_bits} bits"
+                     " (every layer was left out). Raise `max_bits`, or leave it None.")
   return kernels
 
 
@@ -56,9 +76,9 @@ class _ModelScales:
   :func:`trquant.export.load_integer`) is seen by the next call.
   """
 
-  def __init__(self, model, purpose: str):
+  def __init__(self, model, purpose: str, max_bits=None):
     self.purpose = purpose
-    self.layers = _frozen_scale_kernels(model, purpose)
+    self.layers = _frozen_scale_kernels(model, purpose, max_bits)
 
   def layer(self, params_path):
     return self.layers.get(traversal.state_path(params_path))
@@ -68,13 +88,20 @@ class _ModelScales:
     return layer.weight_scale.get_value()
 
 
-def codes_fn(model) -> Callable[[Any], Any]:
+def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   """Returns ``codes_fn`` for :func:`trquant.tr_schedule` from an NNX model of trquant layers.
 
   The function maps the params that ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
   passes to the transform (an ``nnx.State``; also under ``optax.partition``) to a
   tree of the same structure: the integer codes of every quantized kernel, None
   elsewhere.
+
+  ``max_bits`` leaves out layers with more bits (None in the tree): an 8-bit first
+  or last layer has a grid 64 times finer than a 2-bit layer's, so under one TR
+  target its codes flip far more often than the target for many steps (its TALR
+  starts where the low-bit layers' does). Give the same ``max_bits`` to
+  :func:`param_labels` so that those layers get the float partition's LR schedule
+  (a leaf left out of ``codes_fn`` passes through ``tr_schedule`` unscheduled).
 
   The frozen weight scales are read from the model's layers each time the function
   is called, not when it is made: an optimizer built before the scales are set (an
@@ -86,9 +113,18 @@ def codes_fn(model) -> Callable[[Any], Any]:
   (an in-process restore), trace it again (call ``jax.clear_caches()``, or wrap the
   step function in a new ``nnx.jit``).
 
+  Args:
+    model: an NNX model of trquant layers.
+    max_bits: leave out layers quantized to more bits (e.g. 4: 8-bit layers are not
+      scheduled); None (default) keeps every quantized layer.
+
+  Returns:
+    ``codes_fn(params) -> tree`` of integer codes (None where not quantized).
+
   Raises:
     ValueError: if the model has no trquant layer with quantized weights (build it
-      from trquant layers, or make it with :func:`trquant.nnx.quantize`), or a
+      from trquant layers, or make it with :func:`trquant.nnx.quantize`), ``max_bits``
+      is not a positive int or leaves every layer out, or a
       quantized layer learns its weight scale (``weight_quantizer="lsq"``): TR scheduling needs frozen weight
       scales, since a moving scale changes codes without any weight update. Use
       ``weight_quantizer="fixed"``.
@@ -103,7 +139,7 @@ def codes_fn(model) -> Callable[[Any], Any]:
     >>> codes_fn(params)["layers"][0]["kernel"].max()  # every weight rounds to 0 now
     Array(0., dtype=float32)
   """
-  scales = _ModelScales(model, "TR scheduling")
+  scales = _ModelScales(model, "TR scheduling", max_bits)
 
   def model_codes_fn(params):
     def leaf_codes(path, leaf):
@@ -118,7 +154,7 @@ def codes_fn(model) -> Callable[[Any], Any]:
   return model_codes_fn
 
 
-def scales_fn(model) -> Callable[[Any], Any]:
+def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   """Returns ``scale_fn`` for :func:`trquant.freeze_oscillations` from an NNX model.
 
   The companion of :func:`codes_fn`: the same tree (the structure of the params
@@ -127,14 +163,16 @@ def scales_fn(model) -> Callable[[Any], Any]:
   or a keep-dims array for per-channel scales) and None elsewhere, so that the
   bin centre of code ``c`` is ``c * scale``. As for :func:`codes_fn`, the scales
   are read from the model's layers each time the function is called (inside a
-  jitted step: when it is traced).
+  jitted step: when it is traced). ``max_bits`` leaves out the layers that
+  :func:`codes_fn` with the same ``max_bits`` leaves out.
 
   Raises:
-    ValueError: if the model has no trquant layer with quantized weights, or a
-      quantized layer learns its weight scale (``weight_quantizer="lsq"``): a moving
-      scale would move frozen weights off their grid points.
+    ValueError: if the model has no trquant layer with quantized weights (with at most
+      ``max_bits`` bits), or a quantized layer learns its weight scale
+      (``weight_quantizer="lsq"``): a moving scale would move frozen weights off their
+      grid points.
   """
-  scales = _ModelScales(model, "freezing")
+  scales = _ModelScales(model, "freezing", max_bits)
 
   def model_scales_fn(params):
     def leaf_scale(path, _):
@@ -235,13 +273,16 @@ def dampening_loss(model, *, aggregation: str = "kernel_mean"):
 
 
 def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
-                 float_label: str = "float"):
+                 float_label: str = "float", max_bits: Optional[int] = None):
   """Label tree for ``optax.partition``: quantized kernels vs every other parameter.
 
   Args:
     model: an NNX model.
     wrt: the filter passed to ``nnx.Optimizer`` (default ``nnx.Param``).
     quant_label, float_label: the labels.
+    max_bits: kernels quantized to more bits get ``float_label`` (as
+      :func:`codes_fn` with the same ``max_bits`` leaves them out); None: every
+      quantized kernel gets ``quant_label``.
 
   Returns:
     An ``nnx.State`` with the structure of ``nnx.state(model, wrt)`` holding
@@ -254,10 +295,12 @@ def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
     labels from this tree (``jax.tree.map(f, param_labels(model))``), or pass such a
     tree to :func:`partition`, which unwraps the Variables.
   """
+  _check_max_bits(max_bits)
   state = nnx.state(model, wrt)
 
   def label(variable):
-    if isinstance(variable, QuantWeight) and variable.bits is not None:
+    if (isinstance(variable, QuantWeight) and variable.bits is not None
+        and (max_bits is None or variable.bits <= max_bits)):
       return quant_label
     return float_label
 

@@ -16,14 +16,35 @@ from flax import nnx
 from trquant.nnx.layers import QUANT_LAYERS
 
 
-def quant_layers(model) -> list[tuple[tuple, Any]]:
+def quant_layers(model, *, joined: bool = False) -> list[tuple[Any, Any]]:
   """``(path, layer)`` of every trquant layer of an NNX model, in ``nnx.iter_modules`` order.
 
-  ``path`` is the tuple of keys of the layer in ``nnx.state(model)`` (``"/".join``
-  of its strings is the name :func:`trquant.nnx.quantize` rules match).
+  Args:
+    model: an NNX model.
+    joined: give each path as one ``"/"``-joined string (``"blocks/0/attn/query"``), the
+      name :class:`trquant.nnx.QuantRule` paths match and reports use, instead of the
+      tuple of keys of the layer in ``nnx.state(model)`` (``("blocks", 0, "attn",
+      "query")``).
+
+  Returns:
+    A list of ``(path, layer)`` pairs.
+
+  Example:
+    >>> import trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+    >>> [path for path, _ in trquant.nnx.quant_layers(model)]
+    [('layers', 0)]
+    >>> [name for name, _ in trquant.nnx.quant_layers(model, joined=True)]
+    ['layers/0']
   """
-  return [(tuple(path), module) for path, module in nnx.iter_modules(model)
-          if isinstance(module, QUANT_LAYERS)]
+  if not isinstance(joined, bool):
+    raise ValueError(f"`joined` must be a bool, got {joined!r}.")
+  layers = [(tuple(path), module) for path, module in nnx.iter_modules(model)
+            if isinstance(module, QUANT_LAYERS)]
+  if joined:
+    return [(path_name(path), module) for path, module in layers]
+  return layers
 
 
 def path_name(path) -> str:

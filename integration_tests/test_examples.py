@@ -1,0 +1,107 @@
+"""The examples run end to end (short settings) and write their outputs."""
+
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+from flax import nnx
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_train_digits_quick(tmp_path):
+  train_digits = _load("train_digits")
+  summary = train_digits.main([
+      "--epochs", "4", "--fp-epochs", "3", "--seeds", "1", "--no-progress", "--out", str(tmp_path)
+  ])
+  assert (tmp_path / "digits_qat.png").stat().st_size > 10_000
+  saved = json.loads((tmp_path / "digits_qat.json").read_text())
+  assert saved["summary"] == summary
+  assert summary["fp"]["final_mean"] > 0.9
+  for run in ("lr", "tr"):
+    assert summary[run]["final_mean"] > 0.8, run
+    assert 0.0 <= summary[run]["tr_last_epoch"] < 0.1, run
+  history = saved["per_seed"][0]["history"]["tr"]
+  assert len(history["test_accuracy"]) == 4
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_train_qat_checkpoint_round_trip(tmp_path):
+  train_qat = _load("train_qat")
+  common = ["--model", "cnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "64",
+            "--max-steps-per-epoch", "5", "--no-progress", "--out", str(tmp_path)]
+  fp = train_qat.main(common + ["--weight-bits", "0", "--act-bits", "0",
+                                "--save", str(tmp_path / "fp.npz")])
+  assert (tmp_path / "fp.npz").exists() and fp["final_test_accuracy"] > 0.1
+  qat = train_qat.main(common + ["--weight-bits", "2", "--act-bits", "2", "--schedule", "tr",
+                                 "--init-from", str(tmp_path / "fp.npz")])
+  transitions = qat["transitions"]
+  assert len(transitions["talr_multiplier"]) == 5
+  assert len(list(tmp_path.glob("cnn-digits-W2A2-adam-tr-*.png"))) == 1
+  auto = train_qat.main(common + ["--weight-bits", "2", "--act-bits", "2", "--schedule", "tr",
+                                  "--target-tr", "auto", "--bn-divergence", "2",
+                                  "--init-from", str(tmp_path / "fp.npz")])
+  assert auto["args"]["target_tr"] == "auto" and len(auto["history"]["bn_divergence"]) == 1
+  assert set(auto["history"]["bn_divergence"][0]) >= {"conv2/bn", "conv3/bn"}
+  with pytest.raises(SystemExit):
+    train_qat.parse_args(["--target-tr", "-1"])
+  other_model = train_qat.models.build_model(
+      "resnet20", num_classes=10, in_channels=1, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="which the model lacks"):
+    train_qat.load_checkpoint(other_model, tmp_path / "fp.npz")
+
+
+def test_train_vit_quick(tmp_path):
+  """The ViT pipeline: plain NNX ViT, FP training, quantize, AdamW vs AdamW + TR, AdaRound, export."""
+  train_vit = _load("train_vit")
+  results = train_vit.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+  assert (tmp_path / "vit_qat.png").stat().st_size > 10_000
+  saved = json.loads((tmp_path / "vit_qat.json").read_text())
+  assert saved["summary"] == results["summary"]
+  assert results["fp"]["test_accuracy"] > 0.75
+  for method in ("adamw", "adamw-tr"):
+    assert results["summary"]["W4A4"][method]["mean"] > 0.6, method
+  tr_run = [run for run in saved["runs"] if run["method"] == "adamw-tr"][0]
+  assert tr_run["history"]["tr"][-1]["initial_target_rate"] > 0  # R_0 was measured
+  assert len(tr_run["history"]["tr"][-1]["running_transition_rate"]) == 6  # 4 projections + MLP
+  adaround = results["adaround"]
+  assert adaround["export"]["reloaded_identical"]
+  assert adaround["export"]["file_bytes"] < adaround["export"]["float32_bytes"]
+  assert [layer["name"] for layer in adaround["layers"]][:2] == ["patch_embed", "blocks/0/attn/query"]
+  assert adaround["accuracy"]["adaround"] > 0.6
+
+
+def test_train_lm_quick(tmp_path):
+  """The LM pipeline: plain NNX GQA/RoPE/SwiGLU LM on stdlib bytes, FP training, quantize by
+  rules, AdamW vs AdamW + TR with oscillation tracking, PTQ (nearest, AdaRound, BRECQ), export."""
+  train_lm = _load("train_lm")
+  results = train_lm.main(["--quick", "--no-progress", "--out", str(tmp_path)])
+  assert (tmp_path / "lm.png").stat().st_size > 10_000
+  saved = json.loads((tmp_path / "lm.json").read_text())
+  rows = {row["name"]: row for row in results["rows"]}
+  assert [row["name"] for row in saved["rows"]] == list(rows)
+  assert set(rows) == {"FP", "FP +40 steps", "W4A8 adamw s0", "W4A8 adamw-tr s0", "PTQ W4 nearest",
+                       "PTQ W4 AdaRound", "PTQ W4 BRECQ"}
+  assert rows["FP"]["held_loss"] < 3.5  # below uniform bytes (ln 256 = 5.55 nats)
+  for name, row in rows.items():
+    assert row["held_loss"] < rows["FP"]["held_loss"] + 0.3, name
+    assert row["eval_tokens_per_s"] > 0, name
+    if name.startswith(("W", "PTQ")):
+      assert row["export"]["reloaded_identical"], name
+      assert row["export"]["file_bytes"] < results["float32_bytes"], name
+  tr = rows["W4A8 adamw-tr s0"]["history"]["stats"][-1]
+  assert len(tr["running_transition_rate"]) == 7  # q, k, v, o, gate, up, down; the 8-bit head not
+  assert len(tr["oscillating_fraction"]) == 7

@@ -1,0 +1,228 @@
+"""trquant.nnx.transforms: codes_fn, scales_fn, param_labels, partition and transition_stats
+with nnx.Optimizer."""
+
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import trquant
+from trquant.nnx import QuantConv, QuantLinear
+
+
+def _mlp(weight_quantizer="fixed", act_bits=4, seed=0):
+  rngs = nnx.Rngs(seed)
+  return nnx.Sequential(
+      QuantLinear(16, 32, weight_bits=2, rngs=rngs, weight_quantizer=weight_quantizer),
+      nnx.relu,
+      QuantLinear(32, 8, weight_bits=2, act_bits=act_bits, rngs=rngs,
+                  weight_quantizer=weight_quantizer),
+  )
+
+
+class _ConvNet(nnx.Module):
+  def __init__(self, rngs, weight_bits=3):
+    self.conv = QuantConv(1, 8, 3, weight_bits=weight_bits, use_bias=False, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.depthwise = QuantConv(8, 8, 3, feature_group_count=8, weight_bits=weight_bits,
+                               act_bits=weight_bits, per_channel=True, rngs=rngs)
+    self.head = QuantLinear(8, 10, weight_bits=None, rngs=rngs)
+
+  def __call__(self, x):
+    x = nnx.relu(self.bn(self.conv(x)))
+    x = nnx.relu(self.depthwise(x))
+    return self.head(x.mean(axis=(1, 2)))
+
+
+def test_param_labels():
+  model = _ConvNet(nnx.Rngs(0))
+  labels = nnx.to_flat_state(trquant.nnx.param_labels(model))
+  flat = {tuple(path): label for path, label in labels}
+  assert flat[("conv", "kernel")] == "quant"
+  assert flat[("depthwise", "kernel")] == "quant"
+  assert flat[("head", "kernel")] == "float"  # full-precision layer
+  assert flat[("depthwise", "act_scale")] == "float"
+  assert flat[("bn", "scale")] == "float"
+  assert sum(label == "quant" for label in flat.values()) == 2
+
+
+def test_partition_accepts_labels_held_in_variables():
+  model = _mlp()
+  # Labels made from the state by jax.tree.map keep an nnx.Variable around each label.
+  held = jax.tree.map(lambda _: "sgd", nnx.state(model, nnx.Param))
+  assert isinstance(held["layers"][0]["kernel"], nnx.Variable)
+  grads = nnx.grad(lambda m: m(jnp.ones((2, 16))).sum())(model)
+  broken = nnx.Optimizer(model, optax.partition({"sgd": optax.sgd(0.1)}, held), wrt=nnx.Param)
+  with pytest.raises(ValueError, match="structure"):
+    broken.update(model, grads)  # optax.partition itself cannot use them
+
+  reference = nnx.clone(model)
+  nnx.Optimizer(reference, optax.sgd(0.1), wrt=nnx.Param).update(reference, grads)
+  optimizer = nnx.Optimizer(model, trquant.nnx.partition({"sgd": optax.sgd(0.1)}, held),
+                            wrt=nnx.Param)
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(model.layers[2].kernel.get_value(),
+                                reference.layers[2].kernel.get_value())
+  # A model is labelled with param_labels; every label needs a transform.
+  trquant.nnx.partition({"quant": optax.sgd(0.1), "float": optax.adam(1e-3)}, _mlp())
+  with pytest.raises(ValueError, match=r"\['float'\] have no transform"):
+    trquant.nnx.partition({"quant": optax.sgd(0.1)}, _mlp())
+
+
+def _train(model, tx, steps=5, seed=0):
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(seed), (16, 16))
+  y = jax.random.normal(jax.random.key(seed + 1), (16, 8))
+
+  @nnx.jit
+  def step(model, optimizer):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(steps)]
+  return optimizer, losses
+
+
+def test_codes_fn_with_optimizer_counts_applied_transitions():
+  model = _mlp()
+  codes = trquant.nnx.codes_fn(model)
+  tx = optax.partition({
+      "quant": optax.chain(optax.adam(5e-2), trquant.tr_schedule(1e-2, codes_fn=codes)),
+      "float": optax.adam(1e-3)}, trquant.nnx.param_labels(model))
+  before = [np.asarray(model.layers[i].weight_codes()) for i in (0, 2)]
+  scales_before = [np.asarray(model.layers[i].weight_scale.get_value()) for i in (0, 2)]
+  optimizer, losses = _train(model, tx, steps=1)
+  after = [np.asarray(model.layers[i].weight_codes()) for i in (0, 2)]
+  expected = [np.mean(a != b) for a, b in zip(before, after)]
+  measured = np.asarray(optax.tree.get(optimizer.opt_state, "measured_transition_rate"))
+  assert measured.shape == (2,) and max(expected) > 0
+  np.testing.assert_allclose(measured, expected, rtol=1e-6)
+  # The frozen scales did not move.
+  for i, scale in zip((0, 2), scales_before):
+    np.testing.assert_array_equal(model.layers[i].weight_scale.get_value(), scale)
+
+
+def test_training_with_tr_schedule_reduces_loss():
+  model = _mlp()
+  tx = optax.partition({
+      "quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(
+          optax.cosine_decay_schedule(1e-2, 40), codes_fn=trquant.nnx.codes_fn(model))),
+      "float": optax.adam(1e-2)}, trquant.nnx.param_labels(model))
+  optimizer, losses = _train(model, tx, steps=40)
+  assert losses[-1] < losses[0]
+  assert int(optax.tree.get(optimizer.opt_state, "tr_step")) == 40
+
+
+def test_codes_fn_rejects_learned_weight_scales():
+  with pytest.raises(ValueError, match="weight_quantizer='fixed'"):
+    trquant.nnx.codes_fn(_mlp(weight_quantizer="lsq"))
+
+
+def test_codes_fn_needs_a_quantized_layer():
+  model = nnx.Sequential(QuantLinear(4, 4, weight_bits=None, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="no quantized"):
+    trquant.nnx.codes_fn(model)
+
+
+def test_codes_fn_and_scales_fn_read_the_current_scales():
+  model = _mlp()
+  codes_fn, scales_fn = trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  layer = model.layers[2]
+  layer.weight_scale.set_value(layer.weight_scale.get_value() * 3.0)  # e.g. a restore
+  np.testing.assert_array_equal(codes_fn(params)["layers"][2]["kernel"], layer.weight_codes())
+  np.testing.assert_array_equal(scales_fn(params)["layers"][2]["kernel"],
+                                layer.weight_scale.get_value())
+
+
+def test_transition_stats_are_snapshots_inside_jit():
+  model = _mlp()
+  tx = optax.partition({
+      "quant": optax.chain(optax.adam(5e-2), trquant.tr_schedule(
+          optax.linear_schedule(1e-2, 0.0, 10), codes_fn=trquant.nnx.codes_fn(model))),
+      "float": optax.adam(1e-3)}, trquant.nnx.param_labels(model))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jax.random.normal(jax.random.key(0), (16, 16))
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    before = trquant.nnx.values(nnx.state(model, nnx.Param))
+    optimizer.update(model, grads)
+    return before, trquant.nnx.transition_stats(optimizer)
+
+  records = [step(model, optimizer) for _ in range(3)]
+  steps = [int(stats["tr_step"]) for _, stats in records]
+  targets = [float(stats["target_transition_rate"]) for _, stats in records]
+  assert steps == [1, 2, 3]  # each record kept its own step, not the final state
+  assert targets == pytest.approx([1e-2, 9e-3, 8e-3])
+  kernels = [np.asarray(before["layers"][0]["kernel"]) for before, _ in records]
+  assert not np.array_equal(kernels[0], kernels[1])
+  assert set(records[0][1]) == set(trquant.nnx.TRANSITION_FIELDS)
+
+
+def test_transition_stats_needs_tr_schedule():
+  model = _mlp()
+  with pytest.raises(ValueError, match="no trquant.tr_schedule"):
+    trquant.nnx.transition_stats(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
+
+
+_SHARDED_SCRIPT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np, optax
+    from flax import nnx
+    import trquant
+    from trquant.nnx import QuantLinear
+    assert jax.device_count() == 8, jax.devices()
+
+    class Model(nnx.Module):
+      def __init__(self, rngs, sharded):
+        init = nnx.initializers.lecun_normal()
+        shard = (lambda spec: nnx.with_partitioning(init, spec)) if sharded else (lambda spec: init)
+        self.hidden = QuantLinear(16, 64, weight_bits=2, kernel_init=shard((None, "model")), rngs=rngs)
+        self.out = QuantLinear(64, 8, weight_bits=2, act_bits=4, kernel_init=shard(("model", None)), rngs=rngs)
+      def __call__(self, x):
+        return self.out(nnx.relu(self.hidden(x)))
+
+    def run(sharded):
+      model = Model(nnx.Rngs(0), sharded)
+      labels = trquant.nnx.param_labels(model)
+      tx = optax.partition({
+          "quant": optax.chain(optax.adam(3e-2), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(model))),
+          "float": optax.adam(1e-3)}, labels)
+      optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+      x = jax.random.normal(jax.random.key(1), (32, 16))
+      y = jax.random.normal(jax.random.key(2), (32, 8))
+
+      @nnx.jit
+      def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+      for _ in range(5):
+        step(model, optimizer)
+      return model, optimizer
+
+    plain_model, plain_opt = run(False)
+    mesh = jax.make_mesh((8,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+      model, opt = run(True)
+      spec = model.hidden.kernel.get_value().sharding.spec
+      assert tuple(spec) == (None, "model"), spec
+      assert len(model.hidden.kernel.get_value().sharding.device_set) == 8
+      for field in ("running_transition_rate", "talr_multiplier", "measured_transition_rate"):
+        np.testing.assert_allclose(optax.tree.get(opt.opt_state, field),
+                                   optax.tree.get(plain_opt.opt_state, field), rtol=1e-5, atol=1e-7)
+      for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(plain_model, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+      print("SHARDED OK", optax.tree.get(opt.opt_state, "measured_transition_rate"))
+""")
+
+
+def test_sharded_model_matches_unsharded(run_on_cpu_mesh):
+  assert "SHARDED OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)
