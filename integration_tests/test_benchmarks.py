@@ -174,3 +174,21 @@ def test_ptq_quick(tmp_path):
   again = ptq.main(["--quick", "--out", str(tmp_path)])
   assert again["cnn"]["W3A4"]["qdrop"]["accuracies"] == rows["qdrop"]["accuracies"]
   assert "| cnn | W3A4 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_quant_speed_quick(tmp_path):
+  bench = _load("benchmarks/quant_speed.py", "trquant_bench_quant_speed")
+  results = bench.main(["--quick", "--out", str(tmp_path)])
+  entry = results["models"]["vit_tiny"]
+  rows = entry["rows"]
+  assert entry["batch_size"] == 8
+  assert list(rows) == ["float", "quant", "quant_tr", "infer_float", "infer_quant"]
+  for row in rows.values():
+    assert row["median_ms"] > 0 and row["ratio"] > 0 and len(row["round_ms"]) == 2
+    assert row["hlo"]["instructions"] > 0
+  assert rows["float"]["ratio"] == rows["infer_float"]["ratio"] == 1.0
+  # The quantized steps compute more than the float ones: fake-quant and LSQ gradients.
+  assert rows["quant"]["hlo"]["instructions"] > rows["float"]["hlo"]["instructions"]
+  summary = (tmp_path / "summary.md").read_text()
+  assert "| vit_tiny | 8 | (c) W4A8 + tr_schedule |" in summary
+  assert json.loads((tmp_path / "summary.json").read_text())["cpu_affinity"]

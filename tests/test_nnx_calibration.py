@@ -7,37 +7,14 @@ import pytest
 from flax import nnx
 
 import trquant
-from trquant.nnx import QuantConv, QuantLinear
-
-
-def _mlp(weight_quantizer="fixed", act_bits=4, seed=0):
-  rngs = nnx.Rngs(seed)
-  return nnx.Sequential(
-      QuantLinear(16, 32, weight_bits=2, rngs=rngs, weight_quantizer=weight_quantizer),
-      nnx.relu,
-      QuantLinear(32, 8, weight_bits=2, act_bits=act_bits, rngs=rngs,
-                  weight_quantizer=weight_quantizer),
-  )
-
-
-class _ConvNet(nnx.Module):
-  def __init__(self, rngs, weight_bits=3):
-    self.conv = QuantConv(1, 8, 3, weight_bits=weight_bits, use_bias=False, rngs=rngs)
-    self.bn = nnx.BatchNorm(8, rngs=rngs)
-    self.depthwise = QuantConv(8, 8, 3, feature_group_count=8, weight_bits=weight_bits,
-                               act_bits=weight_bits, per_channel=True, rngs=rngs)
-    self.head = QuantLinear(8, 10, weight_bits=None, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu(self.bn(self.conv(x)))
-    x = nnx.relu(self.depthwise(x))
-    return self.head(x.mean(axis=(1, 2)))
+from trquant.nnx import QuantLinear
+from nnx_fixture_models import ConvNet, small_mlp
 
 
 def test_load_float_weights_keeps_quantization():
   fp_model = nnx.Sequential(QuantLinear(16, 32, weight_bits=None, rngs=nnx.Rngs(5)), nnx.relu,
                             QuantLinear(32, 8, weight_bits=None, rngs=nnx.Rngs(6)))
-  model = _mlp()
+  model = small_mlp()
   loaded = trquant.nnx.load_float_weights(model, fp_model)
   assert ("layers", 0, "kernel") in loaded
   np.testing.assert_array_equal(model.layers[0].kernel.get_value(), fp_model.layers[0].kernel.get_value())
@@ -53,7 +30,7 @@ def test_load_float_weights_from_flat_arrays():
                             QuantLinear(32, 8, weight_bits=None, rngs=nnx.Rngs(6)))
   arrays = {"/".join(map(str, path)): np.asarray(value) for path, value in
             nnx.to_flat_state(nnx.state(fp_model, nnx.Param))}
-  model = _mlp()
+  model = small_mlp()
   trquant.nnx.load_float_weights(model, arrays)
   np.testing.assert_array_equal(model.layers[2].kernel.get_value(), arrays["layers/2/kernel"])
   assert model.layers[2].kernel.bits == 2
@@ -78,7 +55,7 @@ def test_init_weight_scales_follows_loaded_weights():
 
 
 def test_reestimate_batchnorm_is_plain_average_of_batch_statistics():
-  model = _ConvNet(nnx.Rngs(0))
+  model = ConvNet(nnx.Rngs(0))
   batches = [jax.random.normal(jax.random.key(i), (8, 6, 6, 1)) * (1 + i) for i in range(5)]
   means, variances = [], []
   for batch in batches:
@@ -94,7 +71,7 @@ def test_reestimate_batchnorm_is_plain_average_of_batch_statistics():
 
 
 def test_batchnorm_divergence_is_gaussian_kl_to_the_reestimated_statistics():
-  model = _ConvNet(nnx.Rngs(0))
+  model = ConvNet(nnx.Rngs(0))
   batches = [jax.random.normal(jax.random.key(i), (8, 6, 6, 1)) * 3 + 1 for i in range(3)]
   before = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
   divergence = trquant.nnx.batchnorm_divergence(model, batches, num_batches=3)
@@ -114,13 +91,13 @@ def test_batchnorm_divergence_is_gaussian_kl_to_the_reestimated_statistics():
   again = trquant.nnx.batchnorm_divergence(model, batches, num_batches=3)
   assert abs(again["bn"]) < 1e-5
   with pytest.raises(ValueError, match="no nnx.BatchNorm"):
-    trquant.nnx.batchnorm_divergence(_mlp(), batches)
+    trquant.nnx.batchnorm_divergence(small_mlp(), batches)
 
 
 def test_reestimate_batchnorm_bad_input():
   with pytest.raises(ValueError, match="BatchNorm"):
-    trquant.nnx.reestimate_batchnorm(_mlp(), [jnp.ones((2, 16))])
+    trquant.nnx.reestimate_batchnorm(small_mlp(), [jnp.ones((2, 16))])
   with pytest.raises(ValueError, match="num_batches"):
-    trquant.nnx.reestimate_batchnorm(_ConvNet(nnx.Rngs(0)), [], num_batches=0)
+    trquant.nnx.reestimate_batchnorm(ConvNet(nnx.Rngs(0)), [], num_batches=0)
   with pytest.raises(ValueError, match="no batch"):
-    trquant.nnx.reestimate_batchnorm(_ConvNet(nnx.Rngs(0)), [])
+    trquant.nnx.reestimate_batchnorm(ConvNet(nnx.Rngs(0)), [])

@@ -10,15 +10,7 @@ import trquant
 from trquant.nnx import (ActScale, LearnedWeightScale, QuantConv, QuantLinear, QuantWeight,
                          WeightScale)
 
-
-def _mlp(weight_quantizer="fixed", act_bits=4, seed=0):
-  rngs = nnx.Rngs(seed)
-  return nnx.Sequential(
-      QuantLinear(16, 32, weight_bits=2, rngs=rngs, weight_quantizer=weight_quantizer),
-      nnx.relu,
-      QuantLinear(32, 8, weight_bits=2, act_bits=act_bits, rngs=rngs,
-                  weight_quantizer=weight_quantizer),
-  )
+from nnx_fixture_models import small_mlp
 
 
 def test_quant_linear_forward_matches_functional():
@@ -135,7 +127,7 @@ def test_variable_types_and_metadata():
 
 
 def test_scales_receive_gradients():
-  model = _mlp(weight_quantizer="lsq")
+  model = small_mlp(weight_quantizer="lsq")
   x = jax.random.uniform(jax.random.key(1), (32, 16))
   grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
   assert float(jnp.abs(grads.layers[0].weight_scale.get_value())) > 0

@@ -11,35 +11,12 @@ import pytest
 from flax import nnx
 
 import trquant
-from trquant.nnx import QuantConv, QuantLinear
-
-
-def _mlp(weight_quantizer="fixed", act_bits=4, seed=0):
-  rngs = nnx.Rngs(seed)
-  return nnx.Sequential(
-      QuantLinear(16, 32, weight_bits=2, rngs=rngs, weight_quantizer=weight_quantizer),
-      nnx.relu,
-      QuantLinear(32, 8, weight_bits=2, act_bits=act_bits, rngs=rngs,
-                  weight_quantizer=weight_quantizer),
-  )
-
-
-class _ConvNet(nnx.Module):
-  def __init__(self, rngs, weight_bits=3):
-    self.conv = QuantConv(1, 8, 3, weight_bits=weight_bits, use_bias=False, rngs=rngs)
-    self.bn = nnx.BatchNorm(8, rngs=rngs)
-    self.depthwise = QuantConv(8, 8, 3, feature_group_count=8, weight_bits=weight_bits,
-                               act_bits=weight_bits, per_channel=True, rngs=rngs)
-    self.head = QuantLinear(8, 10, weight_bits=None, rngs=rngs)
-
-  def __call__(self, x):
-    x = nnx.relu(self.bn(self.conv(x)))
-    x = nnx.relu(self.depthwise(x))
-    return self.head(x.mean(axis=(1, 2)))
+from trquant.nnx import QuantLinear
+from nnx_fixture_models import ConvNet, small_mlp
 
 
 def test_param_labels():
-  model = _ConvNet(nnx.Rngs(0))
+  model = ConvNet(nnx.Rngs(0))
   labels = nnx.to_flat_state(trquant.nnx.param_labels(model))
   flat = {tuple(path): label for path, label in labels}
   assert flat[("conv", "kernel")] == "quant"
@@ -51,7 +28,7 @@ def test_param_labels():
 
 
 def test_partition_accepts_labels_held_in_variables():
-  model = _mlp()
+  model = small_mlp()
   # Labels made from the state by jax.tree.map keep an nnx.Variable around each label.
   held = jax.tree.map(lambda _: "sgd", nnx.state(model, nnx.Param))
   assert isinstance(held["layers"][0]["kernel"], nnx.Variable)
@@ -68,9 +45,9 @@ def test_partition_accepts_labels_held_in_variables():
   np.testing.assert_array_equal(model.layers[2].kernel.get_value(),
                                 reference.layers[2].kernel.get_value())
   # A model is labelled with param_labels; every label needs a transform.
-  trquant.nnx.partition({"quant": optax.sgd(0.1), "float": optax.adam(1e-3)}, _mlp())
+  trquant.nnx.partition({"quant": optax.sgd(0.1), "float": optax.adam(1e-3)}, small_mlp())
   with pytest.raises(ValueError, match=r"\['float'\] have no transform"):
-    trquant.nnx.partition({"quant": optax.sgd(0.1)}, _mlp())
+    trquant.nnx.partition({"quant": optax.sgd(0.1)}, small_mlp())
 
 
 def _train(model, tx, steps=5, seed=0):
@@ -89,7 +66,7 @@ def _train(model, tx, steps=5, seed=0):
 
 
 def test_codes_fn_with_optimizer_counts_applied_transitions():
-  model = _mlp()
+  model = small_mlp()
   codes = trquant.nnx.codes_fn(model)
   tx = optax.partition({
       "quant": optax.chain(optax.adam(5e-2), trquant.tr_schedule(1e-2, codes_fn=codes)),
@@ -108,7 +85,7 @@ def test_codes_fn_with_optimizer_counts_applied_transitions():
 
 
 def test_training_with_tr_schedule_reduces_loss():
-  model = _mlp()
+  model = small_mlp()
   tx = optax.partition({
       "quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(
           optax.cosine_decay_schedule(1e-2, 40), codes_fn=trquant.nnx.codes_fn(model))),
@@ -120,7 +97,7 @@ def test_training_with_tr_schedule_reduces_loss():
 
 def test_codes_fn_rejects_learned_weight_scales():
   with pytest.raises(ValueError, match="weight_quantizer='fixed'"):
-    trquant.nnx.codes_fn(_mlp(weight_quantizer="lsq"))
+    trquant.nnx.codes_fn(small_mlp(weight_quantizer="lsq"))
 
 
 def test_codes_fn_needs_a_quantized_layer():
@@ -130,7 +107,7 @@ def test_codes_fn_needs_a_quantized_layer():
 
 
 def test_codes_fn_and_scales_fn_read_the_current_scales():
-  model = _mlp()
+  model = small_mlp()
   codes_fn, scales_fn = trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
   params = trquant.nnx.values(nnx.state(model, nnx.Param))
   layer = model.layers[2]
@@ -141,7 +118,7 @@ def test_codes_fn_and_scales_fn_read_the_current_scales():
 
 
 def test_transition_stats_are_snapshots_inside_jit():
-  model = _mlp()
+  model = small_mlp()
   tx = optax.partition({
       "quant": optax.chain(optax.adam(5e-2), trquant.tr_schedule(
           optax.linear_schedule(1e-2, 0.0, 10), codes_fn=trquant.nnx.codes_fn(model))),
@@ -167,7 +144,7 @@ def test_transition_stats_are_snapshots_inside_jit():
 
 
 def test_transition_stats_needs_tr_schedule():
-  model = _mlp()
+  model = small_mlp()
   with pytest.raises(ValueError, match="no trquant.tr_schedule"):
     trquant.nnx.transition_stats(nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param))
 
