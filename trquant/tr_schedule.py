@@ -511,12 +511,11 @@ def tr_schedule(
         windup_events=jnp.zeros([groups], jnp.int32),
     )
 
-  def warmup_step(state, overall):
+  def warmup_step(state, overall, in_warmup):
     """R_0 and the warm-up's end after this step's count-weighted rate ``overall``."""
     step = state.tr_step
     initial_rate, warmup_end = state.initial_target_rate, state.warmup_end_step
     window, previous = state.warmup_window, state.warmup_previous_rate
-    in_warmup = step < warmup_end
     finite = jnp.isfinite(overall)
     if not settling:
       # R_0: the running mean of the rate over the second half of the fixed warm-up.
@@ -599,9 +598,9 @@ def tr_schedule(
     multiplier = jnp.clip(multiplier.astype(jnp.float32), 0.0, upper)
     if windup_guard:
       multiplier = jnp.minimum(multiplier, state.multiplier_ceiling)
+    in_warmup = state.tr_step < state.warmup_end_step  # always False without a MeasuredTarget
     if measured:
       # The warm-up measures the optimizer's own rate: the multiplier stays where it started.
-      in_warmup = state.tr_step < state.warmup_end_step
       multiplier = jnp.where(in_warmup, state.talr_multiplier, multiplier)
 
     # 2. Scale the quantized updates; the rest pass through untouched.
@@ -630,10 +629,14 @@ def tr_schedule(
           stalled_count.append(jnp.sum(magnitude < 0.01 * rms, dtype=jnp.float32))
     changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)
-    if per_layer:
-      measured_rate = changed / np.maximum(total, 1.0)
-    else:
-      measured_rate = (jnp.sum(changed) / max(total.sum(), 1.0))[None]
+
+    def fraction_overall(counts):  # count-weighted over every quantized weight
+      return jnp.sum(counts) / max(total.sum(), 1.0)
+
+    def fraction_per_group(counts):
+      return counts / np.maximum(total, 1.0) if per_layer else fraction_overall(counts)[None]
+
+    measured_rate = fraction_per_group(changed)
     finite = jnp.isfinite(measured_rate)
     ema = momentum
     initial_rate, warmup_end = state.initial_target_rate, state.warmup_end_step
@@ -642,10 +645,10 @@ def tr_schedule(
       step = state.tr_step.astype(jnp.float32)
       # Started from nothing, the running TR is the plain mean until 1/(1-m) steps have passed.
       ema = jnp.minimum(momentum, step / (step + 1.0))
-      overall = jnp.sum(changed) / max(total.sum(), 1.0)
-      initial_rate, warmup_end, window, previous = warmup_step(state, overall)
+      initial_rate, warmup_end, window, previous = warmup_step(
+          state, fraction_overall(changed), in_warmup)
       # Reported during the warm-up: the rate measured so far.
-      target = jnp.where(state.tr_step < state.warmup_end_step, initial_rate, target)
+      target = jnp.where(in_warmup, initial_rate, target)
     running = ema * state.running_transition_rate + (1.0 - ema) * measured_rate
     running = jnp.where(finite, running, state.running_transition_rate)
     multiplier = jnp.where(finite, multiplier, state.talr_multiplier)
@@ -653,11 +656,7 @@ def tr_schedule(
         state.multiplier_ceiling, state.guard_start_multiplier, state.guard_start_tracking,
         state.guard_start_stalled, state.windup_events, state.stalled_fraction)
     if windup_guard:
-      stalled_count = jnp.stack(stalled_count)
-      if per_layer:
-        stalled_now = stalled_count / np.maximum(total, 1.0)
-      else:
-        stalled_now = (jnp.sum(stalled_count) / max(total.sum(), 1.0))[None]
+      stalled_now = fraction_per_group(jnp.stack(stalled_count))
       stalled = jnp.where(finite, momentum * stalled + (1.0 - momentum) * stalled_now, stalled)
       ceiling, start_u, start_tracking, start_stalled, events = guard_step(
           state, multiplier, running, target, stalled, finite)
