@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: one examples/train_qat.py run per call, and the FP checkpoint."""
+"""Shared by the benchmarks: one examples/train_qat.py run per call, the FP checkpoint, and
+writing a summary table with its results."""
 
 from __future__ import annotations
 
@@ -89,3 +90,15 @@ def fp_checkpoint(args):
 def mean_std(values):
   values = np.asarray(values, float)
   return float(values.mean()), float(values.std())
+
+
+def write_summary(out, lines, results, stem="summary"):
+  """Writes ``lines`` to ``out/<stem>.md`` and ``results`` to ``out/<stem>.json``, prints the
+  table and returns it."""
+  text = "\n".join(lines) + "\n"
+  with open(os.path.join(out, f"{stem}.md"), "w") as f:
+    f.write(text)
+  with open(os.path.join(out, f"{stem}.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  print("\n" + text)
+  return text

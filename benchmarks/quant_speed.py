@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import time
@@ -350,12 +349,7 @@ def anatomy_main(args):
       lines.append(f"| {name} {tuple(row['shape'])} | {PIECE_LABELS[piece]} | {r['fwd_ms']:.3f} ms |"
                    f" {r['fwd_ratio']:.2f} | {r['fwd_bwd_ms']:.3f} ms | {r['fwd_bwd_ratio']:.2f} |"
                    f" {r['hlo']['instructions']} | {r['hlo']['reduce']} |")
-  summary = "\n".join(lines) + "\n"
-  with open(os.path.join(args.out, "anatomy.md"), "w") as f:
-    f.write(summary)
-  with open(os.path.join(args.out, "anatomy.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  print("\n" + summary)
+  _runs.write_summary(args.out, lines, results, stem="anatomy")
   return results
 
 
@@ -391,12 +385,7 @@ def main(argv=None):
                    f" {row['median_ms']:.2f} ms | {row['steps_per_s']:.1f} |"
                    f" {row['ratio']:.2f} [{row['ratio_iqr'][0]:.2f}, {row['ratio_iqr'][1]:.2f}] |"
                    f" {h['instructions']} | {h['fusion']} | {h['reduce']} | {h['convert']} |")
-  summary = "\n".join(lines) + "\n"
-  with open(os.path.join(args.out, "summary.md"), "w") as f:
-    f.write(summary)
-  with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  print("\n" + summary)
+  _runs.write_summary(args.out, lines, results, stem="summary")
   return results
 
 
