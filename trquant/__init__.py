@@ -31,10 +31,10 @@ from trquant.quantizers import quant_range
 from trquant.quantizers import quantize
 from trquant.quantizers import round_ste
 from trquant.quantizers import transition_rate
-from trquant.tr_schedule import MeasuredTarget
-from trquant.tr_schedule import TransitionRateState
-from trquant.tr_schedule import measured_target
-from trquant.tr_schedule import tr_schedule
+from trquant.tr_scheduling import MeasuredTarget
+from trquant.tr_scheduling import TransitionRateState
+from trquant.tr_scheduling import measured_target
+from trquant.tr_scheduling import tr_schedule
 
 __version__ = "0.1.0"
 
