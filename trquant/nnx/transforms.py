@@ -123,7 +123,7 @@ def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
 
   Raises:
     ValueError: if the model has no trquant layer with quantized weights (build it
-      from trquant layers, or make it with :func:`trquant.nnx.quantize`), ``max_bits``
+      from trquant layers, or make it with :func:`trquant.nnx.quantize_model`), ``max_bits``
       is not a positive int or leaves every layer out, or a
       quantized layer learns its weight scale (``weight_quantizer="lsq"``): TR scheduling needs frozen weight
       scales, since a moving scale changes codes without any weight update. Use
@@ -184,16 +184,70 @@ def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   return model_scales_fn
 
 
+def layer_names(model, *, wrt=nnx.Param, max_bits: Optional[int] = None) -> list:
+  """The ``"/"``-joined paths of the layers whose kernels :func:`codes_fn` quantizes.
+
+  In the order of the per-layer vectors of :func:`trquant.tr_schedule`,
+  :func:`trquant.track_oscillations` and :func:`trquant.freeze_oscillations` (the
+  tree order of the quantized kernels), with the same ``max_bits`` as the
+  ``codes_fn`` they were given.
+
+  Example:
+    >>> import trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)),
+    ...                        trquant.nnx.QuantLinear(2, 2, weight_bits=None, rngs=nnx.Rngs(1)))
+    >>> trquant.nnx.layer_names(model)
+    ['layers/0']
+  """
+  params = traversal.values(nnx.state(model, wrt))
+  codes = jax.eval_shape(codes_fn(model, max_bits=max_bits), params)
+  names = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(codes, is_leaf=lambda x: x is None)[0]:
+    if leaf is not None:
+      names.append(traversal.path_name(traversal.state_path(path)[:-1]))
+  return names
+
+
+def _by_layer(stats: dict, per_layer_fields, names) -> dict:
+  """`stats` with each per-layer vector turned into ``{layer name: value}``."""
+  keyed = dict(stats)
+  for field in per_layer_fields:
+    value = stats.get(field)
+    if value is None:
+      continue
+    if value.shape[0] == 1 and len(names) != 1:
+      keyed[field] = {"all layers": value[0]}  # one group over every layer (per_layer=False)
+      continue
+    if value.shape[0] != len(names):
+      raise ValueError(
+          f"`{field}` has {value.shape[0]} entries but the model has {len(names)} quantized"
+          " layers: pass the `max_bits` the transform's codes_fn was made with.")
+    keyed[field] = dict(zip(names, value))
+  return keyed
+
+
 TRANSITION_FIELDS = ("tr_step", "target_transition_rate", "measured_transition_rate",
                      "running_transition_rate", "talr_multiplier")
+_PER_LAYER_TRANSITION_FIELDS = ("measured_transition_rate", "running_transition_rate",
+                                "talr_multiplier")
 
 
-def transition_stats(optimizer) -> dict:
+def transition_stats(optimizer, *, model=None, max_bits: Optional[int] = None) -> dict:
   """Arrays of the :func:`trquant.tr_schedule` state held by an ``nnx.Optimizer``.
+
+  Args:
+    optimizer: an ``nnx.Optimizer`` whose transform holds one ``tr_schedule``.
+    model: the optimizer's model, to key the per-layer values by layer name
+      (:func:`layer_names`); None leaves them as vectors in tree order.
+    max_bits: the ``max_bits`` of the ``codes_fn`` given to ``tr_schedule``.
 
   Returns:
     ``{field: array}`` for the fields of :class:`trquant.TransitionRateState`
-    (snapshots, safe to return from ``nnx.jit`` and to keep per step).
+    (snapshots, safe to return from ``nnx.jit`` and to keep per step). With
+    ``model``, ``measured_transition_rate``, ``running_transition_rate`` and
+    ``talr_multiplier`` are ``{layer name: value}`` (``{"all layers": value}`` with
+    ``per_layer=False``).
 
   Raises:
     ValueError: if the optimizer has no (or several) ``tr_schedule`` in its chain.
@@ -209,6 +263,8 @@ def transition_stats(optimizer) -> dict:
     if value is None:
       raise ValueError("the optimizer's transform has no trquant.tr_schedule.")
     stats[field] = value
+  if model is not None:
+    stats = _by_layer(stats, _PER_LAYER_TRANSITION_FIELDS, layer_names(model, max_bits=max_bits))
   return stats
 
 
@@ -216,15 +272,21 @@ OSCILLATION_FIELDS = ("osc_step", "oscillation_count", "oscillating_fraction")
 FREEZE_FIELDS = ("freeze_threshold", "frozen_fraction")
 
 
-def oscillation_stats(optimizer) -> dict:
+def oscillation_stats(optimizer, *, model=None, max_bits: Optional[int] = None) -> dict:
   """Per-layer arrays of the oscillation tracker (or freezer) held by an ``nnx.Optimizer``.
+
+  Args:
+    optimizer: an ``nnx.Optimizer`` whose transform holds one oscillation transform.
+    model: the optimizer's model, to key the per-layer values by layer name
+      (:func:`layer_names`); None leaves them as vectors in tree order.
+    max_bits: the ``max_bits`` of the transform's ``codes_fn``.
 
   Returns:
     ``{field: array}`` (snapshots) for ``osc_step``, ``oscillation_count`` and
     ``oscillating_fraction`` of :func:`trquant.track_oscillations` or
     :func:`trquant.freeze_oscillations`, plus ``freeze_threshold`` and
     ``frozen_fraction`` for the latter. Per-layer vectors follow the tree order of
-    the quantized kernels.
+    the quantized kernels, or, with ``model``, are ``{layer name: value}``.
 
   Raises:
     ValueError: if the optimizer has no (or several) oscillation transforms in its chain.
@@ -243,6 +305,9 @@ def oscillation_stats(optimizer) -> dict:
       raise ValueError("the optimizer's transform has no trquant.track_oscillations or"
                        " trquant.freeze_oscillations.")
     stats[field] = value
+  if model is not None:
+    stats = _by_layer(stats, ("oscillation_count", "oscillating_fraction", "frozen_fraction"),
+                      layer_names(model, max_bits=max_bits))
   return stats
 
 
