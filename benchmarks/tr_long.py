@@ -261,7 +261,7 @@ def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_st
     tx = optax.partition({"quant": quant, "float": float_opt()}, parameter_groups(model, False))
   codes = trquant.nnx.codes_fn(model) if weight_quantizer == "fixed" else lsq_codes_fn(model)
   # Last: it sees the update that is applied.
-  return optax.chain(tx, trquant.track_oscillations(codes)), cosine_lr
+  return optax.chain(tx, trquant.track_oscillations(codes_fn=codes)), cosine_lr
 
 
 # ---------------------------------------------------------------------------------------

@@ -148,16 +148,19 @@ def tr_schedule(
   of ``guard_window`` updates (per group), together with ``stalled_fraction``:
   the running fraction of quantized weights whose incoming update is below 1% of
   the layer's RMS update (weights that have stopped; with Adam or momentum SGD,
-  those beyond the grid). When ``u`` rose by more than 25% over a window while
-  ``K / R`` (below 1) fell by more than 10% (or is below 0.01), or when ``u`` at
-  least doubled while the stalled fraction grew by more than 5 points, raising
-  ``u`` no longer pays: the
-  ceiling drops to the multiplier at the start of that window. When ``u`` sat at
-  the ceiling for a whole window and either still happened, the ceiling halves. It never drops below ``init_multiplier`` (the
-  optimizer's own step). Each such event is counted in ``windup_events``: a
-  non-zero count says the target was above what this optimizer can reach, and a
-  lower R_0 (or :func:`measured_target`) fits it better. Where the rate keeps
-  up with the target the guard does nothing.
+  those beyond the grid). Raising ``u`` no longer pays when, over a window, ``u``
+  rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
+  below 0.01); or ``u`` at least doubled while the stalled fraction grew by more
+  than 5 points; or ``u`` rose by more than 25% while more than 90% of the
+  layer's weights are stalled (the rate it buys comes from the few weights still
+  inside the grid, which a larger step only shakes). Then the ceiling drops to the
+  multiplier at the start of that window. When ``u`` sat at the ceiling for a
+  whole window and any of these still held, the ceiling halves. It never drops
+  below ``init_multiplier`` (the optimizer's own step). Each such event is counted
+  in ``windup_events``: a non-zero count says the target was above what this
+  optimizer can reach, and a lower R_0 (or :func:`measured_target`) fits it
+  better. Where the rate keeps up with the target and the weights move, the guard
+  does nothing.
 
   Non-finite updates: when a quantized leaf's incoming update has a NaN or
   inf, that layer's ``u``, ``K`` and ``k`` keep their previous values for the

@@ -21,6 +21,9 @@ __all__ = ["GuardFields", "default_guard_window", "guard_step", "stalled_count"]
 # A weight has stopped when its incoming update is below this fraction of its layer's RMS
 # update.
 STALLED_FRACTION_OF_RMS = 0.01
+# Above this running fraction of stopped weights, the layer's transitions come from the few
+# weights still inside the grid: a larger multiplier only shakes those.
+MOSTLY_STALLED = 0.9
 
 
 def default_guard_window(decay) -> int:
@@ -76,7 +79,10 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
   # that at least doubled in the window is taken to be the cause.
   doubled = multiplier >= 2.0 * start_u
   held = (start_u >= 0.99 * ceiling) & (multiplier >= 0.99 * ceiling)
-  lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held)))
+  # Most weights beyond the grid: the rate the multiplier buys comes from the rest.
+  mostly_stalled = stalled > MOSTLY_STALLED
+  lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held))
+                                  | (mostly_stalled & (rose | held)))
   floor = jnp.float32(floor)
   new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
   ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
