@@ -21,8 +21,8 @@ import numpy as np
 
 from trquant.adaround import loop as loops
 
-__all__ = ["AdaRoundConfig", "BETA_MODES", "GAMMA", "ZETA", "check_int", "check_positive",
-           "check_stretch", "check_warmup"]
+__all__ = ["AdaRoundConfig", "BETA_MODES", "GAMMA", "ZETA", "check_config", "check_int",
+           "check_positive", "check_stretch", "check_warmup"]
 
 ZETA = 1.1
 GAMMA = -0.1
