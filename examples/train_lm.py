@@ -369,17 +369,19 @@ def run_qwix(args, fp, bits, data, curve_windows, final_windows, example):
 
 def run_ptq(args, fp, calibration, final_windows, out):
   fp_layers = trquant.nnx.quantize(fp, [QuantRule("embed", skip=True), QuantRule()])
-  common = dict(bits=args.ptq_bits, first_last_bits=8)
+  common = dict(weight_bits=args.ptq_bits, first_last_bits=8)
+  config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
   rows = []
-  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[:1], **common)
+  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[:1],
+                                              **common).model
   t0 = time.perf_counter()
   ada, ada_info = trquant.adaround.adaround_model(
-      fp_layers, calibration, iters=args.ptq_iters, key=jax.random.key(0),
-      progress=not args.no_progress, return_info=True, **common)
+      fp_layers, calibration, config=config, key=jax.random.key(0),
+      progress=not args.no_progress, **common)
   t1 = time.perf_counter()
   brecq, brecq_info = trquant.adaround.reconstruct_model(
-      fp_layers, calibration, iters=args.ptq_iters, key=jax.random.key(0),
-      progress=not args.no_progress, return_info=True, **common)
+      fp_layers, calibration, config=config, key=jax.random.key(0),
+      progress=not args.no_progress, **common)
   t2 = time.perf_counter()
   for name, model, seconds, info in (("nearest", nearest, 0.0, []),
                                      ("AdaRound", ada, t1 - t0, ada_info),

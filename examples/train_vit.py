@@ -373,12 +373,13 @@ def run_adaround(args, fp, dataset, out_dir):
   images = dataset.train_images[index]
   calibration = [images[i:i + 256] for i in range(0, len(images), 256)]
   fp_layers = trquant.nnx.quantize(fp, QuantRule())  # every layer a trquant layer, in FP
-  common = dict(bits=args.adaround_bits, per_channel=args.per_channel, first_last_bits=8)
+  common = dict(weight_bits=args.adaround_bits, per_channel=args.per_channel, first_last_bits=8)
   start = time.perf_counter()
-  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0], **common)
+  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0],
+                                              **common).model
   ada, reports = trquant.adaround.adaround_model(
-      fp_layers, calibration, iters=args.adaround_iters, key=jax.random.key(0),
-      progress=not args.no_progress, return_info=True, **common)
+      fp_layers, calibration, config=trquant.adaround.AdaRoundConfig(iters=args.adaround_iters),
+      key=jax.random.key(0), progress=not args.no_progress, **common)
   seconds = time.perf_counter() - start
   accuracy = {"fp": evaluate(fp, dataset.test_images, dataset.test_labels),
               "nearest": evaluate(nearest, dataset.test_images, dataset.test_labels),

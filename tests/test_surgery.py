@@ -409,9 +409,10 @@ def test_adaround_on_a_surgery_made_model(name):
   model = _ViT(nnx.Rngs(0), depth=1) if name == "vit" else _EinsumNet(nnx.Rngs(0))
   x = _images(seed=2, n=128) if name == "vit" else jax.random.normal(jax.random.key(2), (128, 5, 8))
   fp = trquant.nnx.quantize_model(model, QuantRule())  # trquant layers in full precision
-  q, reports = trquant.adaround.adaround_model(fp, x, bits=3, per_channel=True, iters=120, lr=1e-2,
-                                               key=jax.random.key(0), progress=False,
-                                               return_info=True)
+  config = trquant.adaround.AdaRoundConfig(iters=120, lr=1e-2)
+  q, reports = trquant.adaround.adaround_model(fp, x, weight_bits=3, per_channel=True,
+                                               config=config, key=jax.random.key(0),
+                                               progress=False)
   expected = 2 + 6 if name == "vit" else 2
   assert len(reports) == expected
   if name == "vit":
@@ -420,7 +421,7 @@ def test_adaround_on_a_surgery_made_model(name):
   for report in reports:
     assert report.adaround_error <= report.nearest_error * 1.001, report
   assert sum(r.adaround_error for r in reports) < sum(r.nearest_error for r in reports)
-  nearest = trquant.adaround.round_to_nearest(fp, bits=3, per_channel=True)
+  nearest = trquant.adaround.round_to_nearest(fp, weight_bits=3, per_channel=True).model
   held_out = _images(seed=9, n=64) if name == "vit" else jax.random.normal(jax.random.key(9), (64, 5, 8))
   target = model(held_out)
   error = lambda m: float(jnp.mean((m(held_out) - target) ** 2))

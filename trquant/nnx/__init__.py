@@ -34,7 +34,8 @@ activation scales are :class:`ActScale` params. Then:
 Modules: ``layers`` (the quantized layers and their Variables), ``surgery``
 (:func:`quantize_model`, :class:`QuantRule`), ``calibration`` (weights, scales, BatchNorm
 statistics from data), ``transforms`` (the glue to trquant's optax transforms),
-``capturing`` (:func:`capture_layers`), ``traversal`` (listing a model's trquant layers).
+``capturing`` (:func:`capture_layers`), ``traversal`` (listing a model's trquant layers),
+``graph`` (reading and editing the model graph by key, shared by surgery and AdaRound).
 Every public name is also here.
 
 Example:

@@ -41,6 +41,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from trquant import quantizers
+from trquant.nnx import graph
 from trquant.nnx.capturing import capture_layers
 from trquant.nnx.traversal import path_name
 from trquant.nnx.layers import QUANT_LAYERS
@@ -215,20 +216,6 @@ def _check_layer_type(layer_type) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def _children(node):
-  if isinstance(node, nnx.List):
-    return list(enumerate(node))
-  if isinstance(node, nnx.Dict):
-    return list(node.items())
-  if isinstance(node, nnx.Pytree):
-    return [(key, value) for key, value in vars(node).items() if not key.startswith("_pytree__")]
-  if isinstance(node, (list, tuple)):
-    return list(enumerate(node))
-  if isinstance(node, dict):
-    return list(node.items())
-  return []
-
-
 def _references(root):
   """Every place a module is referenced from (shared modules have several), and the
   number of references to each Variable."""
@@ -248,33 +235,11 @@ def _references(root):
       expanded.add(id(node))
     elif not isinstance(node, (list, tuple, dict)):
       return
-    for key, child in _children(node):
+    for key, child in graph.children(node):
       walk(child, path + (key,))
 
   walk(root, ())
   return modules, variables
-
-
-def _child(node, key):
-  if isinstance(node, (list, tuple, dict, nnx.List, nnx.Dict)):
-    return node[key]
-  return getattr(node, key)
-
-
-def _set(root, path, value) -> None:
-  parent = root
-  for key in path[:-1]:
-    parent = _child(parent, key)
-  key = path[-1]
-  if isinstance(parent, tuple):
-    items = list(parent)
-    items[key] = value
-    rebuilt = type(parent)(*items) if hasattr(parent, "_fields") else tuple(items)
-    _set(root, path[:-1], rebuilt)
-  elif isinstance(parent, (list, dict, nnx.List, nnx.Dict)):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -509,7 +474,7 @@ def quantize_model(model, rules):
   for module, layer in replacements:
     for path in modules[id(module)]:
       if path:
-        _set(work, path, layer)
+        graph.set_at(work, path, layer)
       else:
         root = layer
   return root
@@ -566,7 +531,7 @@ def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
     new_layers.append(layer)
     for path in modules[id(module)]:
       if path:
-        _set(probe, path, layer)
+        graph.set_at(probe, path, layer)
       else:
         root = layer
   if not new_layers:

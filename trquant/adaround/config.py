@@ -1,0 +1,161 @@
+"""The optimisation hyper-parameters of AdaRound / BRECQ / QDrop, validated once.
+
+:class:`AdaRoundConfig` holds everything that says *how* a rounding is learned (steps,
+mini-batch, regulariser, learning rates, annealing, the stretch of ``h``, QDrop's
+probability, how the loop runs), with the defaults of the AdaRound paper (Nagel et al.
+2020) and BRECQ's activation learning rate. Every function of :mod:`trquant.adaround`
+takes one as ``config=``; what is being quantized (bit widths, per-channel scales, which
+units, the forward function) stays in keyword arguments.
+
+The argument checks here (:func:`check_int`, :func:`check_positive`,
+:func:`check_warmup`, :func:`check_stretch`) are shared with the rest of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import numpy as np
+
+from trquant.adaround import loop as loops
+
+__all__ = ["AdaRoundConfig", "BETA_MODES", "GAMMA", "ZETA", "check_config", "check_int",
+           "check_positive", "check_stretch", "check_warmup"]
+
+ZETA = 1.1
+GAMMA = -0.1
+BETA_MODES = ("cosine", "linear")
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(name: str, value, minimum: int) -> int:
+  """``value`` as an int ``>= minimum``, or a ValueError naming ``name``."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
+  """``value`` as a finite positive (or, with ``allow_zero``, non-negative) float."""
+  if not _is_number(value) or not math.isfinite(float(value)):
+    raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+  if float(value) < 0 or (float(value) == 0 and not allow_zero):
+    kind = "non-negative" if allow_zero else "positive"
+    raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+  return float(value)
+
+
+def check_warmup(warmup, name: str = "warmup") -> float:
+  """A warm-up fraction in ``[0, 1)``."""
+  if not _is_number(warmup) or not 0.0 <= float(warmup) < 1.0:
+    raise ValueError(f"`{name}` must be in [0, 1), got {warmup!r}.")
+  return float(warmup)
+
+
+def check_stretch(zeta, gamma) -> tuple[float, float]:
+  """The stretch ``(zeta, gamma)`` of the rectified sigmoid: ``gamma <= 0``, ``zeta >= 1``."""
+  if not _is_number(zeta) or not _is_number(gamma) or not (float(gamma) <= 0.0 < 1.0 <= float(zeta)):
+    raise ValueError(f"need `gamma` <= 0 and `zeta` >= 1 so that h(V) reaches 0 and 1; got"
+                     f" zeta={zeta!r}, gamma={gamma!r}.")
+  return float(zeta), float(gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaRoundConfig:
+  """How AdaRound (and BRECQ / QDrop) learns a rounding: the optimisation hyper-parameters.
+
+  Frozen, hashable and validated at construction: a bad value raises a ``ValueError``
+  naming the field and its allowed range. Change fields with :meth:`replace` (or
+  ``dataclasses.replace``). The defaults are the AdaRound paper's (10k Adam steps of
+  batch 32 at lr 1e-3 on ``V``, ``lambda = 0.01``, 20% warm-up, ``beta`` 20 -> 2 cosine,
+  ``zeta = 1.1``, ``gamma = -0.1``) and BRECQ's activation step-size learning rate.
+
+  Attributes:
+    iters: Adam steps per layer / unit, ``>= 1`` (the paper: 10k; BRECQ 20k).
+    batch_size: examples per step, ``>= 1``, drawn with replacement.
+    lam: weight of the rounding regulariser, ``>= 0`` (0.01; BRECQ 0.1 for MobileNetV2).
+    lr: Adam learning rate of the rounding variables ``V``, ``> 0``.
+    act_lr: Adam learning rate of the activation step sizes in block reconstruction
+      (BRECQ: 4e-5), ``> 0``; unused where no activation is quantized.
+    warmup: fraction of ``iters`` without regulariser, in ``[0, 1)``.
+    beta: ``(start, end)`` of the regulariser's annealed exponent, both ``> 0``.
+    beta_mode: ``"cosine"`` (AIMET) or ``"linear"`` (BRECQ, QDrop).
+    zeta, gamma: the stretch of :func:`trquant.adaround.rectified_sigmoid`,
+      ``zeta >= 1``, ``gamma <= 0``.
+    drop_prob: QDrop's probability in ``[0, 1)`` of using the full-precision value in
+      place of a quantized input while learning (0.5 in the paper); 0 is BRECQ /
+      AdaRound. Needs full-precision inputs (``x_fp`` / ``act_bits``).
+    loop: how the iterations run: ``"auto"``, ``"scan"`` or ``"steps"`` (see
+      :mod:`trquant.adaround.loop`; same result up to float summation order).
+
+  Example:
+    >>> import trquant
+    >>> config = trquant.adaround.AdaRoundConfig(iters=2000, lr=1e-2)
+    >>> config.replace(beta_mode="linear").beta_mode, config.batch_size
+    ('linear', 32)
+    >>> trquant.adaround.AdaRoundConfig(warmup=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: AdaRoundConfig: `warmup` must be in [0, 1), got 1.0.
+  """
+
+  iters: int = 10_000
+  batch_size: int = 32
+  lam: float = 0.01
+  lr: float = 1e-3
+  act_lr: float = 4e-5
+  warmup: float = 0.2
+  beta: tuple[float, float] = (20.0, 2.0)
+  beta_mode: str = "cosine"
+  zeta: float = ZETA
+  gamma: float = GAMMA
+  drop_prob: float = 0.0
+  loop: str = "auto"
+
+  def __post_init__(self):
+    try:
+      checked = dict(
+          iters=check_int("iters", self.iters, 1),
+          batch_size=check_int("batch_size", self.batch_size, 1),
+          lam=check_positive("lam", self.lam, allow_zero=True),
+          lr=check_positive("lr", self.lr),
+          act_lr=check_positive("act_lr", self.act_lr),
+          warmup=check_warmup(self.warmup),
+      )
+      beta = self.beta
+      if not isinstance(beta, (tuple, list)) or len(beta) != 2:
+        raise ValueError(f"`beta` must be a pair (start, end) of positive numbers, got {beta!r}.")
+      checked["beta"] = (check_positive("beta[0]", beta[0]), check_positive("beta[1]", beta[1]))
+      if not isinstance(self.beta_mode, str) or self.beta_mode not in BETA_MODES:
+        raise ValueError(f"`beta_mode` must be one of {BETA_MODES}, got {self.beta_mode!r}.")
+      checked["zeta"], checked["gamma"] = check_stretch(self.zeta, self.gamma)
+      drop_prob = self.drop_prob
+      if not _is_number(drop_prob) or not 0.0 <= float(drop_prob) < 1.0:
+        raise ValueError(f"`drop_prob` must be a number in [0, 1), got {drop_prob!r}.")
+      checked["drop_prob"] = float(drop_prob)
+      loops.check_loop(self.loop)
+    except ValueError as error:
+      raise ValueError(f"AdaRoundConfig: {error}") from None
+    for name, value in checked.items():  # plain Python numbers: hashable, no array leaks
+      object.__setattr__(self, name, value)
+
+  def replace(self, **changes) -> "AdaRoundConfig":
+    """A copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+
+def check_config(config) -> AdaRoundConfig:
+  """``config`` itself when it is an :class:`AdaRoundConfig`, else a ValueError saying so."""
+  if not isinstance(config, AdaRoundConfig):
+    hint = (" Pass the hyper-parameters as config=trquant.adaround.AdaRoundConfig(...)"
+            if isinstance(config, dict) else "")
+    raise ValueError(f"`config` must be a trquant.adaround.AdaRoundConfig, got"
+                     f" {type(config).__name__}.{hint}")
+  return config
