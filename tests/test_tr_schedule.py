@@ -804,3 +804,55 @@ def test_guard_window_is_validated():
     _tx(guard_window=1)
   with pytest.raises(ValueError, match="windup_guard"):
     _tx(windup_guard="yes")
+
+
+def _beyond_grid_run(saturation_fn, steps=600):
+  """Binary weights, 94% beyond the +-s window (no straight-through gradient there) and a
+  coupled weight decay that keeps them moving, so they never count as stalled: only the
+  few weights inside the window can meet the target."""
+  scale = 0.1
+  w0 = jax.random.normal(jax.random.key(0), (2000,))
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=1)}
+  tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(1e-3), trquant.tr_schedule(
+      3e-3, codes_fn=codes_fn, decay=0.9, guard_window=100, saturation_fn=saturation_fn))
+  params = {"w": w0}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    inside = jnp.abs(params["w"]) <= scale
+    grads = {"w": jnp.where(inside, jax.random.normal(key, w0.shape), 0.0)}
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  multipliers = []
+  for t in range(steps):
+    params, state = step(params, state, jax.random.key(t + 1))
+    multipliers.append(float(optax.tree.get(state, "talr_multiplier")[0]))
+  return np.array(multipliers), state
+
+
+def test_guard_reads_beyond_grid_weights_from_saturation_fn():
+  saturation_fn = lambda p: {"w": jnp.abs(p["w"]) > 0.1}
+  blind, blind_state = _beyond_grid_run(None)
+  seeing, seeing_state = _beyond_grid_run(saturation_fn)
+  assert float(optax.tree.get(blind_state, "stalled_fraction")[0]) < 0.5  # decay moves them
+  assert float(optax.tree.get(blind_state, "beyond_grid_fraction")[0]) == 0.0
+  assert float(optax.tree.get(seeing_state, "beyond_grid_fraction")[0]) > 0.9
+  # Without the mask u climbs until the rate stops answering; with it, the first window
+  # that raised u while most weights were beyond the grid sets the ceiling.
+  assert blind.max() > 3.0
+  assert seeing.max() < 2.0
+  assert int(optax.tree.get(seeing_state, "windup_events")[0]) >= 1
+
+
+def test_nnx_codes_fn_carries_its_saturation_fn():
+  model = nnx.Sequential(trquant.nnx.QuantLinear(8, 4, weight_bits=1, rngs=nnx.Rngs(0)))
+  model.layers[0].weight_scale.set_value(jnp.float32(1e-3))  # every weight beyond the grid
+  codes_fn = trquant.nnx.codes_fn(model)
+  assert callable(codes_fn.saturation_fn)
+  tx = optax.chain(optax.sgd(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn, decay=0.0))
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  np.testing.assert_allclose(optax.tree.get(state, "beyond_grid_fraction"), [1.0])

@@ -24,10 +24,11 @@ __all__ = [
     "check_callable",
     "check_decay",
     "check_fraction",
+    "check_int",
     "check_positive",
     "check_scale",
     "check_scale_values",
-    "check_steps",
+    "check_warmup_fraction",
     "check_warmup_steps",
     "concrete_values",
     "is_number",
@@ -39,19 +40,27 @@ def is_number(value) -> bool:
   return isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_))
 
 
-def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-  """Raises a ValueError unless a number `value` is positive (or >= 0) and finite.
+def check_positive(name: str, value, *, allow_zero: bool = False):
+  """``value`` as a finite positive (or, with ``allow_zero``, non-negative) float, or a
+  ValueError naming ``name``.
 
   A jax array (e.g. a hyper-parameter injected by ``optax.inject_hyperparams``) is
-  not checked: it may be traced."""
-  if isinstance(value, (bool, np.bool_)):
-    raise ValueError(f"`{name}` must be a number, got {value!r}.")
-  if isinstance(value, numbers.Number):
-    value = float(value)
-    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-      bound = "non-negative" if allow_zero else "positive"
-      raise ValueError(f"`{name}` must be {bound} and finite, got {value!r}.")
+  returned unchecked: it may be traced."""
+  if isinstance(value, jax.Array):
+    return value
+  if not is_number(value) or not math.isfinite(float(value)):
+    raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+  if float(value) < 0 or (float(value) == 0 and not allow_zero):
+    kind = "non-negative" if allow_zero else "positive"
+    raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+  return float(value)
+
+
+def check_warmup_fraction(value, name: str = "warmup") -> float:
+  """A warm-up given as a fraction of the run, in ``[0, 1)``."""
+  if not is_number(value) or not 0.0 <= float(value) < 1.0:
+    raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+  return float(value)
 
 
 def check_fraction(name: str, value) -> None:
@@ -77,7 +86,7 @@ def check_decay(value, name: str = "decay") -> None:
         f" (as in optax.ema; e.g. 0.999 averages over about 1000 steps), got {value!r}.")
 
 
-def check_steps(name: str, value, *, minimum: int = 1) -> int:
+def check_int(name: str, value, minimum: int = 1) -> int:
   """`value` as an int, or a ValueError unless it is an int >= `minimum`."""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
     raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
@@ -91,7 +100,7 @@ def check_warmup_steps(warmup_steps, total_steps: int, *, default_fraction: floa
   when None, ``ceil(default_fraction * total_steps)``."""
   if warmup_steps is None:
     return math.ceil(default_fraction * total_steps)
-  warmup_steps = check_steps("warmup_steps", warmup_steps, minimum=0)
+  warmup_steps = check_int("warmup_steps", warmup_steps, 0)
   if warmup_steps >= total_steps:
     raise ValueError(f"`warmup_steps` ({warmup_steps}) must be below `total_steps`"
                      f" ({total_steps}): the schedule starts after the warm-up.")

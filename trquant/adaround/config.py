@@ -7,61 +7,28 @@ probability, how the loop runs), with the defaults of the AdaRound paper (Nagel 
 takes one as ``config=``; what is being quantized (bit widths, per-channel scales, which
 units, the forward function) stays in keyword arguments.
 
-The argument checks here (:func:`check_int`, :func:`check_positive`,
-:func:`check_warmup`, :func:`check_stretch`) are shared with the rest of the package.
+Its fields are checked with :mod:`trquant.checks`, the package's one set of argument
+checks, plus :func:`check_stretch` for the stretch of ``h``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 
-import numpy as np
 
+from trquant import checks
 from trquant.adaround import loop as loops
 
-__all__ = ["AdaRoundConfig", "BETA_MODES", "GAMMA", "ZETA", "check_config", "check_int",
-           "check_positive", "check_stretch", "check_warmup"]
+__all__ = ["AdaRoundConfig", "BETA_MODES", "GAMMA", "ZETA", "check_config", "check_stretch"]
 
 ZETA = 1.1
 GAMMA = -0.1
 BETA_MODES = ("cosine", "linear")
 
 
-def _is_number(value) -> bool:
-  return isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_))
-
-
-def check_int(name: str, value, minimum: int) -> int:
-  """``value`` as an int ``>= minimum``, or a ValueError naming ``name``."""
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-  if value < minimum:
-    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-  return int(value)
-
-
-def check_positive(name: str, value, *, allow_zero: bool = False) -> float:
-  """``value`` as a finite positive (or, with ``allow_zero``, non-negative) float."""
-  if not _is_number(value) or not math.isfinite(float(value)):
-    raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-  if float(value) < 0 or (float(value) == 0 and not allow_zero):
-    kind = "non-negative" if allow_zero else "positive"
-    raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
-  return float(value)
-
-
-def check_warmup(warmup, name: str = "warmup") -> float:
-  """A warm-up fraction in ``[0, 1)``."""
-  if not _is_number(warmup) or not 0.0 <= float(warmup) < 1.0:
-    raise ValueError(f"`{name}` must be in [0, 1), got {warmup!r}.")
-  return float(warmup)
-
-
 def check_stretch(zeta, gamma) -> tuple[float, float]:
   """The stretch ``(zeta, gamma)`` of the rectified sigmoid: ``gamma <= 0``, ``zeta >= 1``."""
-  if not _is_number(zeta) or not _is_number(gamma) or not (float(gamma) <= 0.0 < 1.0 <= float(zeta)):
+  if not checks.is_number(zeta) or not checks.is_number(gamma) or not (float(gamma) <= 0.0 < 1.0 <= float(zeta)):
     raise ValueError(f"need `gamma` <= 0 and `zeta` >= 1 so that h(V) reaches 0 and 1; got"
                      f" zeta={zeta!r}, gamma={gamma!r}.")
   return float(zeta), float(gamma)
@@ -122,22 +89,22 @@ class AdaRoundConfig:
   def __post_init__(self):
     try:
       checked = dict(
-          iters=check_int("iters", self.iters, 1),
-          batch_size=check_int("batch_size", self.batch_size, 1),
-          lam=check_positive("lam", self.lam, allow_zero=True),
-          lr=check_positive("lr", self.lr),
-          act_lr=check_positive("act_lr", self.act_lr),
-          warmup=check_warmup(self.warmup),
+          iters=checks.check_int("iters", self.iters, 1),
+          batch_size=checks.check_int("batch_size", self.batch_size, 1),
+          lam=checks.check_positive("lam", self.lam, allow_zero=True),
+          lr=checks.check_positive("lr", self.lr),
+          act_lr=checks.check_positive("act_lr", self.act_lr),
+          warmup=checks.check_warmup_fraction(self.warmup),
       )
       beta = self.beta
       if not isinstance(beta, (tuple, list)) or len(beta) != 2:
         raise ValueError(f"`beta` must be a pair (start, end) of positive numbers, got {beta!r}.")
-      checked["beta"] = (check_positive("beta[0]", beta[0]), check_positive("beta[1]", beta[1]))
+      checked["beta"] = (checks.check_positive("beta[0]", beta[0]), checks.check_positive("beta[1]", beta[1]))
       if not isinstance(self.beta_mode, str) or self.beta_mode not in BETA_MODES:
         raise ValueError(f"`beta_mode` must be one of {BETA_MODES}, got {self.beta_mode!r}.")
       checked["zeta"], checked["gamma"] = check_stretch(self.zeta, self.gamma)
       drop_prob = self.drop_prob
-      if not _is_number(drop_prob) or not 0.0 <= float(drop_prob) < 1.0:
+      if not checks.is_number(drop_prob) or not 0.0 <= float(drop_prob) < 1.0:
         raise ValueError(f"`drop_prob` must be a number in [0, 1), got {drop_prob!r}.")
       checked["drop_prob"] = float(drop_prob)
       loops.check_loop(self.loop)

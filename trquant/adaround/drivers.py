@@ -176,7 +176,7 @@ def adaround_model(model, calibration_batches, *, weight_bits: int,
   :func:`trquant.nnx.capture_layers` during eager forward passes stopped right after the
   layer: the model's ``__call__`` must run eagerly (not be wrapped in ``jax.jit`` /
   ``nnx.jit``). A ``QuantEinsum`` is reconstructed with its own equation. Plain NNX
-  layers of the model (e.g. left so by :func:`trquant.nnx.quantize`) are not
+  layers of the model (e.g. left so by :func:`trquant.nnx.quantize_model`) are not
   quantized, and ``first_last_bits`` applies to the first and last trquant layer.
 
   Args:

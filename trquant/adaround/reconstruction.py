@@ -53,7 +53,6 @@ from trquant.adaround import loop as loops
 from trquant.adaround import rounding
 from trquant.adaround.config import AdaRoundConfig
 from trquant.adaround.config import check_config
-from trquant.adaround.config import check_int
 
 __all__ = [
     "AdaRoundResult",
@@ -485,7 +484,7 @@ def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, weight_bits: i
 def block_errors(apply_fn: Callable, candidates: Sequence, x, y, *,
                  activation: Optional[Callable] = None, batch_size: int = 256) -> list[float]:
   """:func:`block_error` of each ``(weights, act_scales)`` candidate, compiled once."""
-  batch_size = check_int("batch_size", batch_size, 1)
+  batch_size = checks.check_int("batch_size", batch_size, 1)
   x, y = jnp.asarray(x), jnp.asarray(y)
   if x.ndim < 1 or y.ndim < 2 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
     raise ValueError(f"`x` and `y` must hold the same positive number of examples; got shapes"

@@ -18,11 +18,9 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from trquant import checks
@@ -30,10 +28,7 @@ from trquant import quantizers
 from trquant.adaround.config import BETA_MODES
 from trquant.adaround.config import GAMMA
 from trquant.adaround.config import ZETA
-from trquant.adaround.config import check_int
-from trquant.adaround.config import check_positive
 from trquant.adaround.config import check_stretch
-from trquant.adaround.config import check_warmup
 
 __all__ = [
     "beta_schedule",
@@ -49,10 +44,6 @@ __all__ = [
 # V is initialised from a probability clipped into [_EPS, 1 - _EPS], so that fractional parts
 # of exactly 0 (or h's end points for zeta = 1, gamma = 0) give a finite V.
 _EPS = 1e-6
-
-
-def _is_number(value) -> bool:
-  return isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_))
 
 
 def weight_grid(bits, signed: bool, name: str = "weight_bits") -> tuple[int, int]:
@@ -188,7 +179,7 @@ def rounding_regularizer(V, beta, *, zeta: float = ZETA, gamma: float = GAMMA):
     >>> trquant.adaround.rounding_regularizer(jnp.array([0.0, 20.0, -20.0]), 2.0)
     Array(1., dtype=float32)
   """
-  if _is_number(beta) and not float(beta) > 0:
+  if checks.is_number(beta) and not float(beta) > 0:
     raise ValueError(f"`beta` must be positive, got {beta!r}.")
   return regularizer_of_h(rectified_sigmoid(V, zeta, gamma), beta)
 
@@ -223,10 +214,10 @@ def beta_schedule(iters: int, *, start: float = 20.0, end: float = 2.0, warmup: 
     >>> [round(float(schedule(s)), 2) for s in (0, 200, 600, 1000)]
     [20.0, 20.0, 11.0, 2.0]
   """
-  iters = check_int("iters", iters, 1)
-  start = check_positive("start", start)
-  end = check_positive("end", end)
-  warmup = check_warmup(warmup)
+  iters = checks.check_int("iters", iters, 1)
+  start = checks.check_positive("start", start)
+  end = checks.check_positive("end", end)
+  warmup = checks.check_warmup_fraction(warmup)
   if mode not in BETA_MODES:
     raise ValueError(f"`mode` must be one of {BETA_MODES}, got {mode!r}.")
   start_step = math.ceil(warmup * iters)

@@ -73,6 +73,7 @@ from trquant.nnx.transforms import partition
 from trquant.nnx.transforms import layer_names
 from trquant.nnx.traversal import quant_layers
 from trquant.nnx.calibration import reestimate_batchnorm
+from trquant.nnx.transforms import saturation_fn
 from trquant.nnx.transforms import scales_fn
 from trquant.nnx.transforms import transition_stats
 from trquant.nnx.traversal import values
@@ -130,6 +131,7 @@ __all__ = [
     "quant_layers",
     "quantize_model",
     "reestimate_batchnorm",
+    "saturation_fn",
     "scales_fn",
     "transition_stats",
     "values",

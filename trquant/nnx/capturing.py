@@ -182,4 +182,4 @@ def capture_layers(model, layers: Optional[Iterable] = None, *, stop: bool = Fal
       layer.capture_hook = hook
 
 
-__all__ = ["Call", "Capture", "StopForward", "capture", "record_call"]
+__all__ = ["Call", "Capture", "StopForward", "capture_layers", "record_call"]

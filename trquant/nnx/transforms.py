@@ -151,7 +151,46 @@ def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
 
     return jax.tree_util.tree_map_with_path(leaf_codes, params)
 
+  # tr_schedule's windup guard reads which weights are beyond the grid from it.
+  model_codes_fn.saturation_fn = saturation_fn(model, max_bits=max_bits)
   return model_codes_fn
+
+
+def saturation_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
+  """Returns ``saturation_fn`` for :func:`trquant.tr_schedule` from an NNX model.
+
+  The companion of :func:`codes_fn` (which carries it as ``codes_fn.saturation_fn``,
+  so ``tr_schedule`` finds it by itself): the same tree with, for every quantized
+  kernel, a boolean mask that is True where the latent weight lies beyond the grid
+  (``w / s`` outside ``[lo, hi]``, the straight-through window, where the weight's
+  gradient is 0), and None elsewhere.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(2, 1, weight_bits=1, rngs=nnx.Rngs(0)))
+    >>> model.layers[0].weight_scale.set_value(jnp.float32(0.5))
+    >>> model.layers[0].kernel.set_value(jnp.array([[0.3], [-0.9]]))
+    >>> params = trquant.nnx.values(nnx.state(model, nnx.Param))
+    >>> trquant.nnx.saturation_fn(model)(params)["layers"][0]["kernel"][:, 0]
+    Array([False,  True], dtype=bool)
+  """
+  scales = _ModelScales(model, "TR scheduling", max_bits)
+
+  def model_saturation_fn(params):
+    def leaf_mask(path, leaf):
+      layer = scales.layer(path)
+      if layer is None:
+        return None
+      kernel = layer.kernel
+      lo, hi = quantizers.quant_range(kernel.bits, signed=kernel.signed, narrow=kernel.narrow)
+      scale = scales.scale(traversal.state_path(path), layer)
+      ratio = leaf.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
+      return (ratio < lo) | (ratio > hi)
+
+    return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+  return model_saturation_fn
 
 
 def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:

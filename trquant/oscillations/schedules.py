@@ -51,7 +51,7 @@ def freeze_threshold_schedule(
     >>> [round(float(schedule(s)), 4) for s in (0, 250, 625, 1000)]
     [inf, 0.1, 0.055, 0.01]
   """
-  total_steps = checks.check_steps("total_steps", total_steps)
+  total_steps = checks.check_int("total_steps", total_steps)
   checks.check_fraction("init_value", init_value)
   checks.check_fraction("end_value", end_value)
   start_step = checks.check_warmup_steps(warmup_steps, total_steps,
@@ -88,7 +88,7 @@ def dampening_weight_schedule(
     >>> [round(float(schedule(s)), 4) for s in (0, 250, 625, 1000)]
     [0.0, 0.0, 0.05, 0.1]
   """
-  total_steps = checks.check_steps("total_steps", total_steps)
+  total_steps = checks.check_int("total_steps", total_steps)
   if not checks.is_number(end_value) or not (math.isfinite(end_value) and end_value >= 0):
     raise ValueError(f"`end_value` must be a non-negative number, got {end_value!r}.")
   start_step = checks.check_warmup_steps(warmup_steps, total_steps,

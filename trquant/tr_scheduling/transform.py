@@ -75,6 +75,9 @@ class TransitionRateState(NamedTuple):
   stalled_fraction: jax.Array
   # shape=(groups,), float32: stalled_fraction at the start of the guard's current window.
   guard_start_stalled: jax.Array
+  # shape=(groups,), float32: running fraction (EMA, same decay) of quantized weights beyond
+  # the grid (outside the straight-through window), from ``saturation_fn``; 0 without one.
+  beyond_grid_fraction: jax.Array
   # shape=(groups,), int32: how often the guard lowered the ceiling. Non-zero means the target
   # was out of reach of this optimizer: the rate stopped responding to a larger multiplier.
   windup_events: jax.Array
@@ -92,6 +95,7 @@ def tr_schedule(
     max_multiplier: Optional[float] = 1e3,
     windup_guard: bool = True,
     guard_window: Optional[int] = None,
+    saturation_fn: Optional[CodesFn] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Schedules the transition rate of quantized weights with a transition-adaptive LR.
 
@@ -152,8 +156,12 @@ def tr_schedule(
   rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
   below 0.01); or ``u`` at least doubled while the stalled fraction grew by more
   than 5 points; or ``u`` rose by more than 25% while more than 90% of the
-  layer's weights are stalled (the rate it buys comes from the few weights still
-  inside the grid, which a larger step only shakes). Then the ceiling drops to the
+  layer's weights are stalled or beyond the grid (the rate it buys comes from the
+  few weights still inside the grid, which a larger step only shakes). Which
+  weights are beyond the grid the transform learns from ``saturation_fn``;
+  ``trquant.nnx.codes_fn`` carries its model's, so an NNX model needs nothing
+  more. Without one, the stalled fraction stands in for it (it misses weights
+  that weight decay still moves). Then the ceiling drops to the
   multiplier at the start of that window. When ``u`` sat at the ceiling for a
   whole window and any of these still held, the ceiling halves. It never drops
   below ``init_multiplier`` (the optimizer's own step). Each such event is counted
@@ -196,6 +204,11 @@ def tr_schedule(
     windup_guard: stop raising ``u`` where the rate no longer responds (above).
     guard_window: the guard's window in updates; None for ``5 / (1 - decay)``
       (500 at the default decay).
+    saturation_fn: ``params -> tree`` with the structure of ``codes_fn(params)``: a
+      boolean mask per quantized leaf, True where the latent weight lies beyond the
+      grid (outside the straight-through window, where its gradient is 0); None
+      elsewhere. None uses ``codes_fn.saturation_fn`` when ``codes_fn`` has one
+      (:func:`trquant.nnx.codes_fn` does), else the guard goes without.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
@@ -239,6 +252,10 @@ def tr_schedule(
   else:
     raise ValueError(f"`controller` must be a string or a callable, got {controller!r}.")
   checks.check_callable("codes_fn", codes_fn, "a callable params -> codes tree")
+  if saturation_fn is None:
+    saturation_fn = getattr(codes_fn, "saturation_fn", None)
+  if saturation_fn is not None:
+    checks.check_callable("saturation_fn", saturation_fn, "a callable params -> tree of masks")
   measured = isinstance(target_tr, targets.MeasuredTarget)
   if not callable(target_tr) and not measured:
     checks.check_positive("target_tr", target_tr, allow_zero=True)
@@ -253,7 +270,7 @@ def tr_schedule(
   checks.check_bool("windup_guard", windup_guard)
   if guard_window is None:
     guard_window = windup_guard_rules.default_guard_window(decay)
-  guard_window = checks.check_steps("guard_window", guard_window, minimum=2)
+  guard_window = checks.check_int("guard_window", guard_window, 2)
 
   def target_at(step):
     value = target_tr(step) if callable(target_tr) else target_tr
@@ -310,6 +327,7 @@ def tr_schedule(
         stalled_fraction=jnp.zeros([groups], jnp.float32),
         # 1: the first window only sets the references (weights may start stalled).
         guard_start_stalled=jnp.ones([groups], jnp.float32),
+        beyond_grid_fraction=jnp.zeros([groups], jnp.float32),
         windup_events=jnp.zeros([groups], jnp.int32),
     )
 
@@ -362,9 +380,12 @@ def tr_schedule(
     # 3. Count the transitions this update causes, with the arithmetic of apply_updates.
     new_params = optax.apply_updates(params, scaled_updates)
     codes_after = codes_def.flatten_up_to(codes_fn(new_params))
-    changed, total, stalled_count = [], [], []
-    for before, after, update, is_quantized in zip(
-        codes_def.flatten_up_to(codes_before), codes_after, update_slots, quantized
+    changed, total, stalled_count, beyond_count = [], [], [], []
+    use_saturation = windup_guard and saturation_fn is not None
+    masks = (codes_tree.flatten_like(codes_def, saturation_fn(params), "saturation_fn(params)")
+             if use_saturation else [None] * len(quantized))
+    for before, after, update, mask, is_quantized in zip(
+        codes_def.flatten_up_to(codes_before), codes_after, update_slots, masks, quantized
     ):
       if is_quantized:
         # NaN when the layer's update has a non-finite entry: how it is recognised below.
@@ -372,6 +393,8 @@ def tr_schedule(
         total.append(float(np.size(before)))
         if windup_guard:
           stalled_count.append(windup_guard_rules.stalled_count(update))
+        if use_saturation:
+          beyond_count.append(codes_tree.count_true(mask).astype(jnp.float32))
     changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)
 
@@ -398,19 +421,23 @@ def tr_schedule(
     running = ema * state.running_transition_rate + (1.0 - ema) * measured_rate
     running = jnp.where(finite, running, state.running_transition_rate)
     multiplier = jnp.where(finite, multiplier, state.talr_multiplier)
-    ceiling, start_u, start_tracking, start_stalled, events, stalled = (
+    ceiling, start_u, start_tracking, start_stalled, events, stalled, beyond = (
         state.multiplier_ceiling, state.guard_start_multiplier, state.guard_start_tracking,
-        state.guard_start_stalled, state.windup_events, state.stalled_fraction)
+        state.guard_start_stalled, state.windup_events, state.stalled_fraction,
+        state.beyond_grid_fraction)
     if windup_guard:
       stalled_now = fraction_per_group(jnp.stack(stalled_count))
       stalled = jnp.where(finite, decay * stalled + (1.0 - decay) * stalled_now, stalled)
+      if use_saturation:
+        beyond_now = fraction_per_group(jnp.stack(beyond_count))
+        beyond = jnp.where(finite, decay * beyond + (1.0 - decay) * beyond_now, beyond)
       window_done = (state.tr_step + 1) % guard_window == 0
       if measured:
         window_done &= state.tr_step >= state.warmup_end_step
       ceiling, start_u, start_tracking, start_stalled, events = windup_guard_rules.guard_step(
           windup_guard_rules.GuardFields(ceiling, start_u, start_tracking, start_stalled, events),
           window_done=window_done, multiplier=multiplier, running=running, target=target,
-          stalled=stalled, finite=finite, floor=init_multiplier)
+          stalled=stalled, beyond=beyond, finite=finite, floor=init_multiplier)
 
     new_state = TransitionRateState(
         tr_step=optax.safe_increment(state.tr_step),
@@ -427,6 +454,7 @@ def tr_schedule(
         guard_start_tracking=start_tracking,
         stalled_fraction=stalled,
         guard_start_stalled=start_stalled,
+        beyond_grid_fraction=beyond,
         windup_events=events,
     )
     return scaled_updates, new_state

@@ -51,7 +51,7 @@ class GuardFields(NamedTuple):
 
 
 def guard_step(fields: GuardFields, *, window_done, multiplier, running, target, stalled,
-               finite, floor: float) -> GuardFields:
+               finite, floor: float, beyond=None) -> GuardFields:
   """The guard's ceiling, window references and event count after one step.
 
   Args:
@@ -61,6 +61,7 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
     running: the running transition rate ``K`` after this step, per group.
     target: the target rate ``R`` of this step (scalar).
     stalled: the running fraction of stalled weights after this step, per group.
+    beyond: the running fraction of weights beyond the grid, per group (None: unknown).
     finite: per group, whether this step's update was finite.
     floor: the lowest ceiling (the initial multiplier: the optimizer's own step).
 
@@ -80,7 +81,8 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
   doubled = multiplier >= 2.0 * start_u
   held = (start_u >= 0.99 * ceiling) & (multiplier >= 0.99 * ceiling)
   # Most weights beyond the grid: the rate the multiplier buys comes from the rest.
-  mostly_stalled = stalled > MOSTLY_STALLED
+  stopped = stalled if beyond is None else jnp.maximum(stalled, beyond)
+  mostly_stalled = stopped > MOSTLY_STALLED
   lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held))
                                   | (mostly_stalled & (rose | held)))
   floor = jnp.float32(floor)
