@@ -30,7 +30,8 @@ def save_checkpoint(model: nnx.Module, path: str | os.PathLike[str]) -> None:
     model: an NNX model.
     path: the ``.npz`` file to write.
   """
-  arrays = {key: np.asarray(variable.get_value()) for key, variable in flat_variables(model).items()}
+  arrays = {key: np.asarray(variable.get_value())
+            for key, variable in flat_variables(model).items()}
   np.savez(path, **arrays)
 
 

@@ -135,8 +135,8 @@ class TrainConfig:
     value = getattr(self, name)
     if value is None and name in _OPTIONAL:
       return
-    interval = (("[" if low_ok else "(") + f"{low:g}, " + (f"{high:g}" if high is not None else "inf")
-                + ("]" if high_ok else ")"))
+    upper = f"{high:g}" if high is not None else "inf"
+    interval = ("[" if low_ok else "(") + f"{low:g}, {upper}" + ("]" if high_ok else ")")
     requirement = f"a number in {interval}" + (" or None" if name in _OPTIONAL else "")
     if not _is_real(value):
       _fail(name, value, requirement)
