@@ -1,7 +1,7 @@
 """AdaRound vs round-to-nearest post-training weight quantization, and the fused loop's speed.
 
 For each model (a small CNN and ResNet-20 by default), trains a full-precision
-checkpoint with examples/train_qat.py (or reuses the one in ``--out``), then for
+checkpoint with trquant_examples.training (or reuses the one in ``--out``), then for
 W4/W3/W2 weight-only quantization with per-tensor and per-channel MSE scales
 reports the test accuracy of the FP model, of round-to-nearest and of AdaRound
 (``trquant.adaround.adaround_model``) from ``--calibration`` training images,
@@ -32,10 +32,10 @@ from flax import nnx
 import _runs  # benchmarks/_runs.py, next to this script
 import trquant
 from trquant import adaround
-from trquant import datasets
-from trquant import models
-
-train_qat = _runs.train_qat
+from trquant_examples import datasets
+from trquant_examples import models
+from trquant_examples.checkpoints import load_checkpoint
+from trquant_examples.training import evaluate
 
 GRANULARITIES = ("tensor", "channel")
 
@@ -96,13 +96,13 @@ def fp_model(args, name, dataset, fp_epochs):
                              in_channels=dataset.image_shape[-1], weight_bits=None, act_bits=None,
                              image_size=dataset.image_shape[0],
                              rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-  train_qat.load_checkpoint(model, checkpoint)
+  load_checkpoint(model, checkpoint)
   model.eval()
   return model
 
 
 def accuracy(model, dataset):
-  return train_qat.evaluate(model, dataset.test_images, dataset.test_labels)
+  return evaluate(model, dataset.test_images, dataset.test_labels)
 
 
 def calibration_batches(dataset, size, seed, batch=256):

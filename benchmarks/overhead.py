@@ -47,10 +47,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-import _runs  # benchmarks/_runs.py, next to this script
-from trquant import models
-
-import trquant  # noqa: E402
+import trquant
+from trquant_examples import models
+from trquant_examples.vit import ViT
 
 VARIANTS = ("adam_cosine", "adam_count", "adam_tr", "adam_tr_track", "adam_tr_freeze")
 LABELS = {"adam_cosine": "(a) Adam + cosine LR", "adam_count": "(a') (a) + bare transition count",
@@ -113,9 +112,8 @@ def build(model_name, *, bits, batch_size, rngs):
     model = MLP((width, width, width, 10), weight_bits=bits, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, width))
   elif model_name == "vit":
-    # The plain-NNX ViT of examples/train_vit.py, the model its surgery quantizes.
-    vit = _runs.load_example("train_vit").ViT
-    fp = vit(image_shape=(32, 32, 3), patch=4, dim=256, depth=4, heads=4, mlp_dim=512,
+    # The plain-NNX ViT of examples/train_vit.py (trquant_examples.vit), quantized by surgery.
+    fp = ViT(image_shape=(32, 32, 3), patch=4, dim=256, depth=4, heads=4, mlp_dim=512,
              num_classes=10, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, 32, 32, 3))
     # Every linear layer gets 2-bit weights, the patch embedding and the head included.

@@ -35,7 +35,7 @@ import numpy as np
 import _runs  # benchmarks/_runs.py, next to this script
 import adaround as adaround_bench  # benchmarks/adaround.py: FP checkpoints, calibration
 from trquant import adaround
-from trquant import datasets
+from trquant_examples import datasets
 
 METHODS = ("nearest", "adaround", "brecq", "qdrop")
 

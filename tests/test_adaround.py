@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import trquant
 from trquant import adaround
-from trquant import models
 from trquant.nnx import QuantConv, QuantLinear, WeightScale
 
+from nnx_fixture_models import SmallCNN
 
 
 def _linear(w, x):
@@ -299,9 +299,8 @@ def digits_cnn():
 
   digits = load_digits()
   images = (digits.images[..., None] / 16.0 - 0.3).astype(np.float32)
-  model = models.build_model("cnn", num_classes=10, in_channels=1, weight_bits=None,
-                             act_bits=None, image_size=8,
-                             rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  model = SmallCNN(num_classes=10, in_channels=1, image_size=8,
+                   rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
   model.eval()
   return model, images[:256], images[256:512]
 

@@ -8,7 +8,8 @@ from flax import nnx
 
 import trquant
 from trquant import adaround
-from trquant import models
+
+from nnx_fixture_models import BasicBlock, ConvBN
 
 
 def _mlp_problem(seed=0, n=512):
@@ -131,13 +132,12 @@ def _layers(model):
 
 
 class TinyResNet(nnx.Module):
-  """ResNet-20's pieces, fewer of them: stem, an identity and a projection block, head."""
+  """A ResNet-20 cut short: stem, an identity and a projection block, head."""
 
   def __init__(self, rngs):
-    fp = models.LayerQuant()
-    self.stem = models.ConvBN(1, 8, 3, quant=fp, signed_input=True, rngs=rngs)
-    self.blocks = nnx.List([models.BasicBlock(8, 8, strides=1, quant=fp, rngs=rngs),
-                            models.BasicBlock(8, 16, strides=2, quant=fp, rngs=rngs)])
+    self.stem = ConvBN(1, 8, 3, signed_input=True, rngs=rngs)
+    self.blocks = nnx.List([BasicBlock(8, 8, strides=1, rngs=rngs),
+                            BasicBlock(8, 16, strides=2, rngs=rngs)])
     self.head = trquant.nnx.QuantLinear(16, 10, weight_bits=None, rngs=rngs)
 
   def __call__(self, x):

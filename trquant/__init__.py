@@ -4,15 +4,11 @@ Quantizers with straight-through gradients, transition-rate (TR) scheduling of
 quantized weights as an optax transform, tools against weight oscillations
 (tracking, iterative freezing, the dampening loss), AdaRound post-training
 quantization (:mod:`trquant.adaround`), Flax NNX layers and model surgery
-(:mod:`trquant.nnx`), integer export (:mod:`trquant.export`), and the reference
-models and offline dataset loaders that the examples and benchmarks use
-(:mod:`trquant.models`, :mod:`trquant.datasets`).
+(:mod:`trquant.nnx`) and integer export (:mod:`trquant.export`).
 """
 
 from trquant import adaround
-from trquant import datasets
 from trquant import export
-from trquant import models
 from trquant import nnx
 from trquant.oscillations import FreezeOscillationsState
 from trquant.oscillations import OscillationState
@@ -47,7 +43,6 @@ __all__ = [
     "binarize",
     "dampening_loss",
     "dampening_weight_schedule",
-    "datasets",
     "dequantize",
     "export",
     "fake_quant",
@@ -57,7 +52,6 @@ __all__ = [
     "init_scale",
     "lsq",
     "measured_target",
-    "models",
     "nnx",
     "quant_range",
     "quantize",

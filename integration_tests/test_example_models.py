@@ -1,4 +1,5 @@
-"""trquant.models: shapes, parameter trees, FP-checkpoint loading, quantization layout, training."""
+"""The examples' reference models (trquant_examples.models): shapes, parameter trees,
+FP-checkpoint loading, quantization layout, training."""
 
 import functools
 
@@ -10,7 +11,7 @@ import pytest
 from flax import nnx
 
 import trquant
-from trquant import models
+from trquant_examples import models
 from trquant.nnx import ActScale, LearnedWeightScale, QuantConv, QuantLinear
 
 
