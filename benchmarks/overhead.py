@@ -117,7 +117,7 @@ def build(model_name, *, bits, batch_size, rngs):
              num_classes=10, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, 32, 32, 3))
     # Every linear layer gets 2-bit weights, the patch embedding and the head included.
-    model = trquant.nnx.quantize(fp, [trquant.nnx.QuantRule(weight_bits=bits)])
+    model = trquant.nnx.quantize_model(fp, [trquant.nnx.QuantRule(weight_bits=bits)])
   else:
     model = models.build_model(model_name, num_classes=10, in_channels=3, weight_bits=bits,
                                act_bits=bits, image_size=32, rngs=rngs)
@@ -154,9 +154,10 @@ def make_transform(variant, model, total_steps):
   chain = [optax.adam(1e-3),
            trquant.tr_schedule(optax.cosine_decay_schedule(5e-3, total_steps), codes_fn=codes_fn)]
   if variant == "adam_tr_track":
-    chain.append(trquant.track_oscillations(codes_fn))
+    chain.append(trquant.track_oscillations(codes_fn=codes_fn))
   elif variant == "adam_tr_freeze":
-    chain.append(trquant.freeze_oscillations(codes_fn, trquant.nnx.scales_fn(model),
+    chain.append(trquant.freeze_oscillations(codes_fn=codes_fn,
+                                             scale_fn=trquant.nnx.scales_fn(model),
                                              total_steps=total_steps))
   return optax.chain(*chain)
 

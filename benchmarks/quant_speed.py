@@ -137,7 +137,7 @@ def build(model_name, variant, batch_size):
     x = jax.random.normal(key, (batch_size,) + shape)
     y = jax.random.randint(jax.random.key(2), (batch_size,), 0, 10)
     if variant != "float":
-      model = trquant.nnx.quantize(model, _vit_rules(model, x[:1], variant))
+      model = trquant.nnx.quantize_model(model, _vit_rules(model, x[:1], variant))
     batch = (x, y)
     loss = lambda net, x, y: optax.softmax_cross_entropy_with_integer_labels(net(x), y).mean()
   elif kind == "lm":
@@ -146,7 +146,7 @@ def build(model_name, variant, batch_size):
     context = LM_TINY_CONTEXT if tiny else LM_CONTEXT
     batch = (jax.random.randint(key, (batch_size, context + 1), 0, 256),)
     if variant != "float":
-      model = trquant.nnx.quantize(model, _lm_rules(variant))
+      model = trquant.nnx.quantize_model(model, _lm_rules(variant))
     x = batch[0][:, :-1]
     loss = lm_loss
   elif kind == "resnet20":

@@ -14,7 +14,7 @@ is reported in nats per byte (and bits per byte). Nothing is downloaded.
 The pipeline:
 
 1. **FP training**: AdamW, warm-up + cosine LR (``--fp-steps``).
-2. **Surgery** for each ``b`` in ``--bits``: ``trquant.nnx.quantize(model, rules)`` with
+2. **Surgery** for each ``b`` in ``--bits``: ``trquant.nnx.quantize_model(model, rules)`` with
    the embedding skipped (a table lookup), the head at W8A8 and every other layer
    (the attention and MLP projections) at ``b``-bit weights and 8-bit inputs (WbA8).
 3. **QAT**, ``--steps`` per run, from that model: ``adamw`` (AdamW + cosine LR on
@@ -233,7 +233,7 @@ def train(model, tx, data, *, args, steps, seed, desc, curve_windows, stats_fn=N
 def qat_transform(args, model, method):
   cosine = optax.cosine_decay_schedule(args.lr, args.steps)
   codes = trquant.nnx.codes_fn(model, max_bits=4)
-  track = trquant.track_oscillations(codes, momentum=min(1e-2, 20 / args.steps))
+  track = trquant.track_oscillations(codes_fn=codes, decay=1.0 - min(1e-2, 20 / args.steps))
   if method == "adamw":
     return optax.chain(adamw(cosine, args.weight_decay), track)
   quant = optax.chain(adamw(args.lr, args.weight_decay),
@@ -285,7 +285,7 @@ def run_qwix(args, fp, bits, data, curve_windows, final_windows, example):
 
 
 def run_ptq(args, fp, calibration, final_windows, out):
-  fp_layers = trquant.nnx.quantize(fp, [QuantRule("embed", skip=True), QuantRule()])
+  fp_layers = trquant.nnx.quantize_model(fp, [QuantRule("embed", skip=True), QuantRule()])
   common = dict(weight_bits=args.ptq_bits, first_last_bits=8)
   config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
   rows = []
@@ -408,7 +408,7 @@ def main(argv=None):
   qwix_note = None
   calibration = eval_windows(corpus["train"], args.calibration, args.context)[:, :-1]
   for bits in args.bits:
-    base = trquant.nnx.quantize(fp, lm_rules(bits))
+    base = trquant.nnx.quantize_model(fp, lm_rules(bits))
     trquant.nnx.calibrate_activations(base, jnp.asarray(calibration[:32]))
     start_loss = evaluate(base, final_windows)[0]
     tqdm.write(f"W{bits}A8 before QAT: {start_loss:.4f} nats/byte")
@@ -422,7 +422,7 @@ def main(argv=None):
         row = {"name": f"W{bits}A8 {method} s{seed}", "bits": bits, "method": method,
                "seed": seed, "start_loss": start_loss, "held_loss": loss,
                "eval_tokens_per_s": tokens_per_s, "history": history}
-        make_fresh = lambda: trquant.nnx.quantize(build_lm(args, seed=1), lm_rules(bits))
+        make_fresh = lambda: trquant.nnx.quantize_model(build_lm(args, seed=1), lm_rules(bits))
         row["export"] = export_check(model, make_fresh, final_windows,
                                      os.path.join(args.out, f"lm_w{bits}a8_{method}_s{seed}.npz"))
         last = history["stats"][-1]

@@ -258,7 +258,7 @@ def quantize_vit(model, bits, dataset, *, per_channel=False):
   example = jnp.asarray(dataset.train_images[:1])
   rules = [trquant.nnx.first_last_rule(model, example),
            QuantRule(weight_bits=bits, act_bits=bits, signed_act=True, per_channel=per_channel)]
-  q = trquant.nnx.quantize(model, rules)
+  q = trquant.nnx.quantize_model(model, rules)
   trquant.nnx.calibrate_activations(q, jnp.asarray(dataset.train_images[:256]))
   return q, rules
 
@@ -330,7 +330,7 @@ def run_adaround(args, fp, dataset, out_dir):
   index = np.sort(rng.choice(len(dataset.train_images), args.calibration, replace=False))
   images = dataset.train_images[index]
   calibration = [images[i:i + 256] for i in range(0, len(images), 256)]
-  fp_layers = trquant.nnx.quantize(fp, QuantRule())  # every layer a trquant layer, in FP
+  fp_layers = trquant.nnx.quantize_model(fp, QuantRule())  # every layer a trquant layer, in FP
   common = dict(weight_bits=args.adaround_bits, per_channel=args.per_channel, first_last_bits=8)
   start = time.perf_counter()
   nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0],

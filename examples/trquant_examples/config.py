@@ -82,7 +82,7 @@ class TrainConfig:
   target_tr: Union[float, str] = 5e-3  # R_0, or "auto": trquant.measured_target
   controller: str = "log"  # the TR controller
   eta: Optional[float] = None  # the controller gain; None: the controller's own
-  tr_momentum: float = 0.99  # EMA momentum of the running TR
+  tr_momentum: float = 0.99  # decay of the running TR (tr_schedule(decay=))
   epochs: int = 5
   batch_size: int = 128
   max_steps_per_epoch: Optional[int] = None  # truncate epochs (quick runs)

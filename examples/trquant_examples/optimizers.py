@@ -10,6 +10,7 @@ layers) the cosine LR. Against weight oscillations, ``trquant.freeze_oscillation
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional
 
 import optax
@@ -75,7 +76,7 @@ def make_transform(config: TrainConfig, model: nnx.Module,
               else optax.cosine_decay_schedule(config.target_tr, total_steps))
     quant = optax.chain(optimizer(learning_rate), trquant.tr_schedule(
         target, codes_fn=trquant.nnx.codes_fn(model), controller=config.controller,
-        eta=config.eta, momentum=config.tr_momentum))
+        eta=config.eta, decay=config.tr_momentum))
     tx = optax.partition({"quant": quant, "float": optimizer(cosine_lr)},
                          trquant.nnx.param_labels(model))
   oscillations = oscillation_transform(config, model, total_steps)
@@ -100,6 +101,11 @@ def oscillation_momentum(config: TrainConfig, total_steps: int) -> float:
   return min(max(1e-3, 5.0 / warmup), 0.05)
 
 
+def oscillation_warmup_steps(config: TrainConfig, total_steps: int) -> int:
+  """The steps before freezing and dampening start: the ``osc_start`` fraction of the run."""
+  return min(math.ceil(config.osc_start * total_steps), total_steps - 1)
+
+
 def oscillation_transform(config: TrainConfig, model: nnx.Module,
                           total_steps: int) -> Optional[optax.GradientTransformation]:
   """``trquant.freeze_oscillations`` or ``trquant.track_oscillations`` as configured.
@@ -113,16 +119,18 @@ def oscillation_transform(config: TrainConfig, model: nnx.Module,
   Returns:
     The transform, or None when the config neither freezes nor tracks oscillations.
   """
-  momentum = oscillation_momentum(config, total_steps)
+  # The transforms take optax's decay: the weight of the old value, 1 - momentum.
+  decay = 1.0 - oscillation_momentum(config, total_steps)
+  warmup_steps = oscillation_warmup_steps(config, total_steps)
   if config.freeze:
     threshold = trquant.freeze_threshold_schedule(
         total_steps, init_value=config.freeze_threshold, end_value=config.freeze_threshold_final,
-        start_fraction=config.osc_start)
+        warmup_steps=warmup_steps)
     return trquant.freeze_oscillations(
-        trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model), total_steps=total_steps,
-        threshold=threshold, momentum=momentum, start_fraction=config.osc_start,
+        codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scales_fn(model),
+        total_steps=total_steps, threshold=threshold, decay=decay, warmup_steps=warmup_steps,
         report_threshold=config.osc_threshold)
   if config.track_oscillations:
-    return trquant.track_oscillations(trquant.nnx.codes_fn(model), momentum=momentum,
+    return trquant.track_oscillations(codes_fn=trquant.nnx.codes_fn(model), decay=decay,
                                       threshold=config.osc_threshold)
   return None

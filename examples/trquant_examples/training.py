@@ -38,7 +38,7 @@ from trquant_examples import checkpoints
 from trquant_examples import datasets
 from trquant_examples import models
 from trquant_examples.config import TrainConfig, run_name
-from trquant_examples.optimizers import make_transform, oscillation_momentum
+from trquant_examples.optimizers import make_transform, oscillation_momentum, oscillation_warmup_steps
 
 
 @nnx.jit
@@ -229,8 +229,9 @@ def _make_train_step(config, total_steps, *, tracks_tr, tracks_osc):
   more than a step of a small model (benchmarks/overhead.py, part 4). The graph
   definition is static: it changes only with the model's train/eval mode.
   """
-  dampening = (trquant.dampening_weight_schedule(total_steps, end_value=config.dampening,
-                                                 start_fraction=config.osc_start)
+  dampening = (trquant.dampening_weight_schedule(
+      total_steps, end_value=config.dampening,
+      warmup_steps=oscillation_warmup_steps(config, total_steps))
                if config.dampening else None)
 
   @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
