@@ -310,6 +310,7 @@ def _kernels(model):
           for path, layer in trquant.nnx.quant_layers(model)}
 
 
+@pytest.mark.integration
 def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   fp, calibration, held_out = digits_cnn
   before = _kernels(fp)
@@ -353,6 +354,7 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   assert agreement(q) >= agreement(nearest)
 
 
+@pytest.mark.integration
 def test_first_last_bits_follow_the_call_order_and_per_channel_scales():
   model = _CallOrderNet(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (64, 8, 8, 1))

@@ -158,6 +158,7 @@ def digits_resnet():
   return model, images[:128]
 
 
+@pytest.mark.integration
 def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(digits_resnet):
   fp, images = digits_resnet
   before = jax.tree.map(np.asarray, nnx.state(fp))
@@ -184,6 +185,7 @@ def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(d
   assert q(images[:4]).shape == (4, 10)
 
 
+@pytest.mark.integration
 def test_reconstruction_lowers_each_units_error(digits_resnet):
   fp, images = digits_resnet
   _, reports = adaround.reconstruct_model(
@@ -196,6 +198,7 @@ def test_reconstruction_lowers_each_units_error(digits_resnet):
     assert report.reconstructed_error <= report.nearest_error * 1.02, report
 
 
+@pytest.mark.integration
 def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
   fp, images = digits_resnet
   # A huge rounding-loss weight and 3 iterations at a large LR leave units worse than nearest.
@@ -226,6 +229,7 @@ def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
                                       plain_layers[name].weight_codes())
 
 
+@pytest.mark.integration
 def test_layer_granularity_reconstructs_each_layer(digits_resnet):
   fp, images = digits_resnet
   _, reports = adaround.reconstruct_model(fp, images, weight_bits=4, granularity="layer",
@@ -235,6 +239,7 @@ def test_layer_granularity_reconstructs_each_layer(digits_resnet):
   assert all(len(r.layers) == 1 for r in reports)
 
 
+@pytest.mark.integration
 def test_reconstruct_model_on_a_quantized_transformer_block():
   class Block(nnx.Module):
     def __init__(self, rngs):
@@ -271,6 +276,7 @@ def test_reconstruct_model_on_a_quantized_transformer_block():
   assert np.isfinite(np.asarray(q(x))).all()
 
 
+@pytest.mark.integration
 def test_reconstruct_model_export_round_trip(digits_resnet, tmp_path):
   fp, images = digits_resnet
   q = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4,
@@ -356,6 +362,7 @@ def test_input_quant_hook_decides_what_the_layer_uses():
   assert not np.allclose(quantized, plain(x))
 
 
+@pytest.mark.integration
 def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_resnet):
   fp, images = digits_resnet
   nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=4, first_last_bits=8,
@@ -383,6 +390,7 @@ def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_re
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_layer_granularity_reconstructs_multi_head_attention_projections():
   # nnx.MultiHeadAttention calls its projections with out_sharding=: the keyword is
   # recorded and passed again when each projection is reconstructed on its own.
@@ -432,6 +440,7 @@ def keyword_net():
   return fp, jax.random.normal(jax.random.key(0), (32, 4))
 
 
+@pytest.mark.integration
 def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
   fp, x = keyword_net
   with pytest.raises(TypeError, match="deterministic"):  # model(x) is not how it is called

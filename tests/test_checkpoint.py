@@ -177,6 +177,7 @@ def _nnx_optimizer(model, codes_fn, scales_fn):
   return nnx.Optimizer(model, optax.chain(tx, freeze), wrt=nnx.Param)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("order", ["optimizer_first", "restore_first", "traced_before_restore"])
 def test_codes_fn_and_scales_fn_follow_a_restore(tmp_path, order):
   # The checkpoint's scales differ clearly from those a fresh model starts with.

@@ -237,6 +237,7 @@ def test_save_and_read_integer_round_trip(tmp_path):
     save_integer(tmp_path / "bad", {"w": object()})
 
 
+@pytest.mark.integration
 def test_load_integer_from_a_file_in_a_new_process(tmp_path):
   namespace = _cnn_namespace()
   model = _trained_cnn(namespace)

@@ -13,6 +13,11 @@ flipped differently under the sharded reductions.
 
 import textwrap
 
+import pytest
+
+# Each test trains in a fresh 8-device interpreter: integration tests.
+pytestmark = pytest.mark.integration
+
 _SETUP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P

@@ -297,6 +297,7 @@ def _quantized_vit(seed=0, bits=2):
   return q
 
 
+@pytest.mark.integration
 def test_tr_schedule_training_on_a_quantized_vit():
   q = _quantized_vit()
   labels = trquant.nnx.param_labels(q)
@@ -330,6 +331,7 @@ def test_tr_schedule_training_on_a_quantized_vit():
   assert losses[-1] < float(loss0)
 
 
+@pytest.mark.integration
 def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
   q = trquant.nnx.quantize_model(_CNN(nnx.Rngs(0)), QuantRule(weight_bits=3, act_bits=4))
   x = jax.random.normal(jax.random.key(1), (32, 8, 8, 1))
@@ -355,6 +357,7 @@ def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
   assert trquant.nnx.reestimate_batchnorm(q, [x[:16], x[16:]]) == 2
 
 
+@pytest.mark.integration
 def test_integer_export_round_trip_of_a_quantized_vit(tmp_path):
   q = _quantized_vit(bits=4)
   q.eval()
@@ -369,6 +372,7 @@ def test_integer_export_round_trip_of_a_quantized_vit(tmp_path):
   np.testing.assert_array_equal(fresh(x), q(x))
 
 
+@pytest.mark.integration
 def test_orbax_round_trip_of_a_quantized_model_and_its_optimizer(tmp_path):
   q = _quantized_vit()
   tx = optax.chain(optax.adam(1e-3), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(q)))
@@ -404,6 +408,7 @@ class _EinsumNet(nnx.Module):
     return self.out(h.reshape(*h.shape[:2], -1))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["vit", "einsum"])
 def test_adaround_on_a_surgery_made_model(name):
   model = _ViT(nnx.Rngs(0), depth=1) if name == "vit" else _EinsumNet(nnx.Rngs(0))
@@ -507,5 +512,6 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_surgery_keeps_sharding_and_trains_as_unsharded(run_on_cpu_mesh):
   assert "SHARDED SURGERY OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)
