@@ -95,7 +95,7 @@ def test_rounding_regularizer_properties():
 
 @pytest.mark.parametrize("mode", adaround.BETA_MODES)
 def test_beta_schedule_endpoints(mode):
-  schedule = adaround.beta_schedule(1000, start=20.0, end=2.0, warmup=0.2, mode=mode)
+  schedule = adaround.beta_schedule(1000, start=20.0, end=2.0, warmup_steps=200, mode=mode)
   values = [float(schedule(step)) for step in (0, 199, 200, 600, 1000, 5000)]
   assert values[:3] == [20.0, 20.0, 20.0]
   assert values[4] == pytest.approx(2.0) and values[5] == pytest.approx(2.0)
@@ -107,7 +107,7 @@ def test_beta_schedule_endpoints(mode):
 
 
 def test_beta_schedule_bad_arguments():
-  for kwargs in (dict(iters=0), dict(iters=10, warmup=1.0), dict(iters=10, mode="exp"),
+  for kwargs in (dict(iters=0), dict(iters=10, warmup_steps=10), dict(iters=10, mode="exp"),
                  dict(iters=10, start=0.0), dict(iters=10, end=-1.0)):
     with pytest.raises(ValueError):
       adaround.beta_schedule(**kwargs)
@@ -175,7 +175,7 @@ def test_fused_loop_matches_a_python_loop_of_steps():
   w, x, y = _correlated_problem(n=64, d_in=8, d_out=4, seed=3)
   scale = trquant.init_scale(w, bits=3, method="mse")
   key = jax.random.key(1)
-  config = adaround.AdaRoundConfig(iters=30, lr=1e-2, batch_size=8, warmup=0.1)
+  config = adaround.AdaRoundConfig(iters=30, lr=1e-2, batch_size=8, warmup_steps=3)
   result = adaround.reconstruct_layer(_linear, w, scale, x, y, weight_bits=3, config=config,
                                       key=key)
   problem, arrays = adaround.reconstruction_problem(
@@ -211,7 +211,7 @@ def test_activation_enters_the_loss():
     (dict(act_lr=-1.0), "act_lr"),
     (dict(lam=-1.0), "`lam` must be non-negative"),
     (dict(lam=float("nan")), "lam"),
-    (dict(warmup=1.0), r"`warmup` must be in \[0, 1\)"),
+    (dict(warmup_steps=10_000), r"`warmup_steps` \(10000\) must be below `iters`"),
     (dict(beta=(20.0,)), "beta"),
     (dict(beta=(20.0, 0.0)), r"beta\[1\]"),
     (dict(beta_mode="exp"), "beta_mode"),

@@ -45,7 +45,7 @@ def test_resolve_loop():
 def test_steps_and_scan_give_the_same_reconstruction_of_a_conv_layer():
   w, x, y = _conv_problem()
   scale = trquant.init_scale(w, bits=3, method="mse")
-  config = adaround.AdaRoundConfig(iters=40, lr=1e-2, batch_size=8, warmup=0.1)
+  config = adaround.AdaRoundConfig(iters=40, lr=1e-2, batch_size=8, warmup_steps=4)
   kwargs = dict(weight_bits=3, key=jax.random.key(3))
   scan = adaround.reconstruct_layer(_conv, w, scale, x, y, config=config.replace(loop="scan"),
                                     **kwargs)

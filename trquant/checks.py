@@ -28,7 +28,6 @@ __all__ = [
     "check_positive",
     "check_scale",
     "check_scale_values",
-    "check_warmup_fraction",
     "check_warmup_steps",
     "concrete_values",
     "is_number",
@@ -55,12 +54,6 @@ def check_positive(name: str, value, *, allow_zero: bool = False):
     raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
   return float(value)
 
-
-def check_warmup_fraction(value, name: str = "warmup") -> float:
-  """A warm-up given as a fraction of the run, in ``[0, 1)``."""
-  if not is_number(value) or not 0.0 <= float(value) < 1.0:
-    raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
-  return float(value)
 
 
 def check_fraction(name: str, value) -> None:
@@ -95,14 +88,15 @@ def check_int(name: str, value, minimum: int = 1) -> int:
   return int(value)
 
 
-def check_warmup_steps(warmup_steps, total_steps: int, *, default_fraction: float) -> int:
+def check_warmup_steps(warmup_steps, total_steps: int, *, default_fraction: float,
+                       total_name: str = "total_steps") -> int:
   """The warm-up in steps: `warmup_steps` checked to be an int in [0, total_steps), or,
   when None, ``ceil(default_fraction * total_steps)``."""
   if warmup_steps is None:
     return math.ceil(default_fraction * total_steps)
   warmup_steps = check_int("warmup_steps", warmup_steps, 0)
   if warmup_steps >= total_steps:
-    raise ValueError(f"`warmup_steps` ({warmup_steps}) must be below `total_steps`"
+    raise ValueError(f"`warmup_steps` ({warmup_steps}) must be below `{total_name}`"
                      f" ({total_steps}): the schedule starts after the warm-up.")
   return warmup_steps
 

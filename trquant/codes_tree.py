@@ -95,28 +95,41 @@ def concrete_codes(codes_fn, params):
   return jax.eval_shape(codes_fn, params), False
 
 
-def check_integer_codes(codes_def, codes, quantized) -> None:
-  """Raises a ValueError naming the first quantized leaf of `codes` with a finite,
-  non-integer value (concrete leaves only: traced ones cannot be checked here)."""
+def first_bad_code(codes_def, codes, quantized, is_bad):
+  """``(path, value)`` of the first entry of a concrete quantized leaf of `codes` where
+  ``is_bad(leaf)`` (a mask) holds, or None; traced leaves cannot be checked here."""
   paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
       codes_def.unflatten(list(range(len(quantized)))))[0]]
   for path, leaf, is_quantized in zip(paths, codes_def.flatten_up_to(codes), quantized):
     if not is_quantized or isinstance(leaf, jax.core.Tracer):
       continue
     leaf = jnp.asarray(leaf)
-    if jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_):
-      continue
-    fractional = jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
-    if bool(jnp.any(fractional)):
+    bad = is_bad(leaf)
+    if bad is not None and bool(jnp.any(bad)):
       # On the host: a sharded array cannot be flattened on its devices without a layout.
-      example = float(np.asarray(leaf)[np.asarray(fractional)][0])
-      raise ValueError(
-          f"codes_fn(params) returned non-integer values at {path_str(path)} (e.g."
-          f" {example!r}): it must return the integer codes of each quantized weight, e.g."
-          " trquant.quantize(w, scale, bits=...), not the weights or their fake-quantized"
-          " values (those change with every update, so every weight would count as a"
-          " transition)."
-      )
+      return path_str(path), float(np.asarray(leaf)[np.asarray(bad)][0])
+  return None
+
+
+def _fractional(leaf):
+  if jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_):
+    return None
+  return jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
+
+
+def check_integer_codes(codes_def, codes, quantized) -> None:
+  """Raises a ValueError naming the first quantized leaf of `codes` with a finite,
+  non-integer value (concrete leaves only: traced ones cannot be checked here)."""
+  found = first_bad_code(codes_def, codes, quantized, _fractional)
+  if found is not None:
+    path, example = found
+    raise ValueError(
+        f"codes_fn(params) returned non-integer values at {path} (e.g."
+        f" {example!r}): it must return the integer codes of each quantized weight, e.g."
+        " trquant.quantize(w, scale, bits=...), not the weights or their fake-quantized"
+        " values (those change with every update, so every weight would count as a"
+        " transition)."
+    )
 
 
 

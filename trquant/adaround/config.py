@@ -14,6 +14,7 @@ checks, plus :func:`check_stretch` for the stretch of ``h``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 
 from trquant import checks
@@ -24,6 +25,8 @@ __all__ = ["AdaRoundConfig", "BETA_MODES", "GAMMA", "ZETA", "check_config", "che
 ZETA = 1.1
 GAMMA = -0.1
 BETA_MODES = ("cosine", "linear")
+# The regulariser is off for the first 20% of the steps (AdaRound, BRECQ, QDrop).
+DEFAULT_WARMUP_FRACTION = 0.2
 
 
 def check_stretch(zeta, gamma) -> tuple[float, float]:
@@ -51,7 +54,8 @@ class AdaRoundConfig:
     lr: Adam learning rate of the rounding variables ``V``, ``> 0``.
     act_lr: Adam learning rate of the activation step sizes in block reconstruction
       (BRECQ: 4e-5), ``> 0``; unused where no activation is quantized.
-    warmup: fraction of ``iters`` without regulariser, in ``[0, 1)``.
+    warmup_steps: steps without regulariser, in ``[0, iters)``; None for the paper's
+      20% of ``iters`` (:attr:`start_step`).
     beta: ``(start, end)`` of the regulariser's annealed exponent, both ``> 0``.
     beta_mode: ``"cosine"`` (AIMET) or ``"linear"`` (BRECQ, QDrop).
     zeta, gamma: the stretch of :func:`trquant.adaround.rectified_sigmoid`,
@@ -67,10 +71,12 @@ class AdaRoundConfig:
     >>> config = trquant.adaround.AdaRoundConfig(iters=2000, lr=1e-2)
     >>> config.replace(beta_mode="linear").beta_mode, config.batch_size
     ('linear', 32)
-    >>> trquant.adaround.AdaRoundConfig(warmup=1.0)
+    >>> config.start_step  # the default warm-up: 20% of the steps
+    400
+    >>> trquant.adaround.AdaRoundConfig(iters=100, warmup_steps=100)
     Traceback (most recent call last):
     ...
-    ValueError: AdaRoundConfig: `warmup` must be in [0, 1), got 1.0.
+    ValueError: AdaRoundConfig: `warmup_steps` (100) must be below `iters` (100): the schedule starts after the warm-up.
   """
 
   iters: int = 10_000
@@ -78,7 +84,7 @@ class AdaRoundConfig:
   lam: float = 0.01
   lr: float = 1e-3
   act_lr: float = 4e-5
-  warmup: float = 0.2
+  warmup_steps: Optional[int] = None
   beta: tuple[float, float] = (20.0, 2.0)
   beta_mode: str = "cosine"
   zeta: float = ZETA
@@ -94,7 +100,9 @@ class AdaRoundConfig:
           lam=checks.check_positive("lam", self.lam, allow_zero=True),
           lr=checks.check_positive("lr", self.lr),
           act_lr=checks.check_positive("act_lr", self.act_lr),
-          warmup=checks.check_warmup_fraction(self.warmup),
+          warmup_steps=(None if self.warmup_steps is None else checks.check_warmup_steps(
+              self.warmup_steps, checks.check_int("iters", self.iters, 1),
+              default_fraction=DEFAULT_WARMUP_FRACTION, total_name="iters")),
       )
       beta = self.beta
       if not isinstance(beta, (tuple, list)) or len(beta) != 2:
@@ -112,6 +120,12 @@ class AdaRoundConfig:
       raise ValueError(f"AdaRoundConfig: {error}") from None
     for name, value in checked.items():  # plain Python numbers: hashable, no array leaks
       object.__setattr__(self, name, value)
+
+  @property
+  def start_step(self) -> int:
+    """The first step with the regulariser on: ``warmup_steps``, or 20% of ``iters``."""
+    return checks.check_warmup_steps(self.warmup_steps, self.iters,
+                                     default_fraction=DEFAULT_WARMUP_FRACTION, total_name="iters")
 
   def replace(self, **changes) -> "AdaRoundConfig":
     """A copy with some fields changed (validated again)."""

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -146,14 +145,14 @@ class Reconstruction:
 
   @property
   def start_step(self) -> int:
-    """The first step with the regulariser on: ``ceil(warmup * iters)``."""
-    return math.ceil(self.config.warmup * self.config.iters)
+    """The first step with the regulariser on (:attr:`AdaRoundConfig.start_step`)."""
+    return self.config.start_step
 
   @property
   def beta_fn(self):
     c = self.config
-    return rounding.beta_schedule(c.iters, start=c.beta[0], end=c.beta[1], warmup=c.warmup,
-                                  mode=c.beta_mode)
+    return rounding.beta_schedule(c.iters, start=c.beta[0], end=c.beta[1],
+                                  warmup_steps=c.start_step, mode=c.beta_mode)
 
   def init(self, arrays: ReconstructionArrays):
     c = self.config

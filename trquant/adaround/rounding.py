@@ -17,7 +17,7 @@ References:
 
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import optax
 from trquant import checks
 from trquant import quantizers
 from trquant.adaround.config import BETA_MODES
+from trquant.adaround.config import DEFAULT_WARMUP_FRACTION
 from trquant.adaround.config import GAMMA
 from trquant.adaround.config import ZETA
 from trquant.adaround.config import check_stretch
@@ -189,16 +190,16 @@ def regularizer_of_h(h, beta):
   return jnp.sum(1.0 - jnp.abs(2.0 * h - 1.0) ** beta).astype(jnp.float32)
 
 
-def beta_schedule(iters: int, *, start: float = 20.0, end: float = 2.0, warmup: float = 0.2,
-                  mode: str = "cosine") -> optax.Schedule:
+def beta_schedule(iters: int, *, start: float = 20.0, end: float = 2.0,
+                  warmup_steps: Optional[int] = None, mode: str = "cosine") -> optax.Schedule:
   """The annealing of the regulariser's exponent ``beta`` over ``iters`` iterations.
 
   Args:
     iters: number of iterations (positive).
     start: ``beta`` when the regulariser switches on (positive; 20 in the paper).
     end: ``beta`` at step ``iters`` (positive; 2 in the paper).
-    warmup: fraction of the iterations without regulariser, in ``[0, 1)``: the
-      annealing starts at step ``ceil(warmup * iters)``.
+    warmup_steps: iterations without regulariser, in ``[0, iters)``: the annealing
+      starts there; None for 20% of ``iters``.
     mode: ``"cosine"`` (AIMET) or ``"linear"`` (BRECQ, QDrop).
 
   Returns:
@@ -206,7 +207,7 @@ def beta_schedule(iters: int, *, start: float = 20.0, end: float = 2.0, warmup: 
     warm-up, then cosine or linear to ``end`` at step ``iters``, constant after.
 
   Raises:
-    ValueError: for a bad ``iters``, ``start``, ``end``, ``warmup`` or ``mode``.
+    ValueError: for a bad ``iters``, ``start``, ``end``, ``warmup_steps`` or ``mode``.
 
   Example:
     >>> import trquant
@@ -217,10 +218,11 @@ def beta_schedule(iters: int, *, start: float = 20.0, end: float = 2.0, warmup: 
   iters = checks.check_int("iters", iters, 1)
   start = checks.check_positive("start", start)
   end = checks.check_positive("end", end)
-  warmup = checks.check_warmup_fraction(warmup)
+  start_step = checks.check_warmup_steps(warmup_steps, iters,
+                                         default_fraction=DEFAULT_WARMUP_FRACTION,
+                                         total_name="iters")
   if mode not in BETA_MODES:
     raise ValueError(f"`mode` must be one of {BETA_MODES}, got {mode!r}.")
-  start_step = math.ceil(warmup * iters)
   span = max(iters - start_step, 1)
 
   def schedule(step):

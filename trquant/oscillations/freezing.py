@@ -6,7 +6,6 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from trquant import checks
@@ -65,22 +64,16 @@ def _check_code_range(layout: codes_tree.QuantizedLayout, codes) -> None:
   """Raises a ValueError naming the first quantized leaf whose (concrete) codes lie
   outside the range the int16 code EMA holds; traced codes are not checked."""
   lo, hi = CODE_EMA_RANGE
-  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
-      layout.codes_def.unflatten(list(range(len(layout.quantized)))))[0]]
-  for path, leaf, q in zip(paths, layout.codes_def.flatten_up_to(codes), layout.quantized):
-    if not q or isinstance(leaf, jax.core.Tracer):
-      continue
-    leaf = jnp.asarray(leaf)
-    outside = jnp.isfinite(leaf) & ((leaf < lo) | (leaf > hi))
-    if bool(jnp.any(outside)):
-      # On the host: a sharded array cannot be flattened on its devices without a layout.
-      example = float(np.asarray(leaf)[np.asarray(outside)][0])
-      raise ValueError(
-          f"codes_fn(params) returned the code {example:g} at {codes_tree.path_str(path)}, outside"
-          f" [{lo}, {hi}]: freeze_oscillations keeps each weight's code EMA in int16 fixed"
-          " point, which holds signed grids up to 8 bits. Quantize such layers to 8 bits"
-          " or fewer (signed), or leave them out of freezing (None in codes_fn)."
-      )
+  found = codes_tree.first_bad_code(layout.codes_def, codes, layout.quantized,
+                                    lambda leaf: jnp.isfinite(leaf) & ((leaf < lo) | (leaf > hi)))
+  if found is not None:
+    path, example = found
+    raise ValueError(
+        f"codes_fn(params) returned the code {example:g} at {path}, outside"
+        f" [{lo}, {hi}]: freeze_oscillations keeps each weight's code EMA in int16 fixed"
+        " point, which holds signed grids up to 8 bits. Quantize such layers to 8 bits"
+        " or fewer (signed), or leave them out of freezing (None in codes_fn)."
+    )
 
 
 def freeze_oscillations(
