@@ -227,8 +227,9 @@ def test_config_names_the_bad_field(kwargs, match):
 
 def test_config_defaults_are_the_papers_and_replace_validates():
   config = adaround.AdaRoundConfig()
-  assert (config.iters, config.batch_size, config.lam, config.lr, config.warmup) == (
-      10_000, 32, 0.01, 1e-3, 0.2)
+  assert (config.iters, config.batch_size, config.lam, config.lr, config.start_step) == (
+      10_000, 32, 0.01, 1e-3, 2000)
+  assert config.warmup_steps is None and config.replace(iters=50).start_step == 10
   assert (config.beta, config.beta_mode, config.zeta, config.gamma) == (
       (20.0, 2.0), "cosine", adaround.ZETA, adaround.GAMMA)
   assert (config.act_lr, config.drop_prob, config.loop) == (4e-5, 0.0, "auto")
