@@ -11,6 +11,8 @@ import pytest
 
 from trquant_examples.config import TrainConfig, run_name
 
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -12,6 +12,8 @@ import pytest
 
 from trquant_examples import datasets as data
 
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
+
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")
 

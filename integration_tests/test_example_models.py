@@ -14,6 +14,8 @@ import trquant
 from trquant_examples import models
 from trquant.nnx import ActScale, LearnedWeightScale, QuantConv, QuantLinear
 
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
+
 
 BIT_SETTINGS = [(None, None), (2, 2), (1, 1)]
 # ResNet-20 with option-B shortcuts and 10 classes: 269,722 (the paper's 0.27M) + 2,752 shortcut.

@@ -16,6 +16,8 @@ from trquant_examples import checkpoints
 from trquant_examples import models
 from trquant_examples.config import TrainConfig, run_name
 
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
+
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 

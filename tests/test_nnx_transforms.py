@@ -201,6 +201,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sharded_model_matches_unsharded(run_on_cpu_mesh):
   assert "SHARDED OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)
 
@@ -215,8 +216,12 @@ def test_stats_keyed_by_layer_name():
   chain = optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(model)),
                       trquant.track_oscillations(codes_fn=trquant.nnx.codes_fn(model)))
   optimizer = nnx.Optimizer(model, chain, wrt=nnx.Param)
-  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 16))) ** 2))(model)
-  optimizer.update(model, grads)
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 16))) ** 2))(model))
+
+  step(model, optimizer)
   plain = trquant.nnx.transition_stats(optimizer)
   keyed = trquant.nnx.transition_stats(optimizer, model=model)
   assert list(keyed["talr_multiplier"]) == names

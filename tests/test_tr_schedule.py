@@ -66,10 +66,10 @@ def test_state_holds_no_copy_of_weights():
   state = _tx().init(_params())
   tr_state = state[1]
   # Scalars: step, target, R_0, warm-up end, previous window rate; the (sum, count) of the
-  # warm-up window; 9 vectors of one entry per quantized layer (2 here): rates, multiplier
-  # and the windup guard's ceiling, stalled fraction, window references and event count.
-  # Nothing weight-sized.
-  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 9 * 2
+  # warm-up window; 10 vectors of one entry per quantized layer (2 here): rates, multiplier
+  # and the windup guard's ceiling, stalled and beyond-grid fractions, window references and
+  # event count. Nothing weight-sized.
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 10 * 2
 
 
 def test_first_step_scales_quantized_leaves_and_passes_others():
