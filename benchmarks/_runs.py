@@ -1,56 +1,62 @@
-"""Shared by the benchmarks: one examples/train_qat.py run per call, the FP checkpoint, and
-writing a summary table with its results."""
+"""Shared by the benchmarks: one training run per call (trquant_examples.training.train),
+the FP checkpoint, and writing a summary table with its results."""
 
 from __future__ import annotations
 
 import json
 import os
-import importlib.util
-import pathlib
-import sys
 
 import numpy as np
 
-
-def load_example(name):
-  """examples/<name>.py as a module: the benchmarks drive the examples' own training loops."""
-  path = pathlib.Path(__file__).resolve().parent.parent / "examples" / f"{name}.py"
-  module_name = f"trquant_example_{name}"
-  if module_name not in sys.modules:
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # before exec: dataclasses resolve their module
-    spec.loader.exec_module(module)
-  return sys.modules[module_name]
+from trquant_examples import training
+from trquant_examples.config import TrainConfig, run_name
 
 
-train_qat = load_example("train_qat")
+def train_config(args, out, **overrides) -> TrainConfig:
+  """The TrainConfig of one benchmark run.
+
+  Args:
+    args: the benchmark's settings: ``model``, ``dataset``, ``data_dir``, ``epochs``,
+      ``batch_size``, ``max_steps_per_epoch`` (0 or None: full epochs) and, if present
+      and not None, ``bn_reestimate``.
+    out: the folder of the run's results JSON (the config's ``out``).
+    **overrides: further TrainConfig fields; a None or False value keeps the default.
+
+  Returns:
+    The config, without progress bar or plot.
+  """
+  settings = dict(model=args.model, dataset=args.dataset, epochs=args.epochs,
+                  batch_size=args.batch_size, out=out, no_progress=True, no_plot=True)
+  if getattr(args, "bn_reestimate", None) is not None:
+    settings["bn_reestimate"] = args.bn_reestimate
+  if args.data_dir:
+    settings["data_dir"] = args.data_dir
+  if args.max_steps_per_epoch:
+    settings["max_steps_per_epoch"] = args.max_steps_per_epoch
+  settings.update({key: value for key, value in overrides.items()
+                   if value is not None and value is not False})
+  return TrainConfig(**settings)
 
 
 def train(args, out, *, resume=False, **overrides):
-  """Runs train_qat with the benchmark's shared flags plus `overrides` (flag=value; True
-  for a switch); writes the run's JSON to `out` and returns its results. With `resume`,
-  a run whose JSON is already in `out` is read back instead of trained again."""
-  argv = ["--model", args.model, "--dataset", args.dataset, "--epochs", str(args.epochs),
-          "--batch-size", str(args.batch_size), "--out", out, "--no-progress", "--no-plot"]
-  if getattr(args, "bn_reestimate", None) is not None:
-    argv += ["--bn-reestimate", str(args.bn_reestimate)]
-  if args.data_dir:
-    argv += ["--data-dir", args.data_dir]
-  if args.max_steps_per_epoch:
-    argv += ["--max-steps-per-epoch", str(args.max_steps_per_epoch)]
-  for key, value in overrides.items():
-    flag = f"--{key.replace('_', '-')}"
-    if value is True:
-      argv.append(flag)
-    elif value is not None and value is not False:
-      argv += [flag, str(value)]
-  run_args = train_qat.parse_args(argv)
-  path = os.path.join(out, f"{train_qat.run_name(run_args)}.json")
+  """Trains one run of :func:`train_config` and writes its results to ``out/<run name>.json``.
+
+  Args:
+    args: the benchmark's shared settings (see :func:`train_config`).
+    out: the folder of the run's JSON.
+    resume: read a run whose JSON is already in ``out`` back instead of training it again.
+    **overrides: further TrainConfig fields (None or False: the default).
+
+  Returns:
+    The run's results (:func:`trquant_examples.training.train`); the JSON holds them with
+    the TR curves subsampled (:func:`subsampled`).
+  """
+  config = train_config(args, out, **overrides)
+  path = os.path.join(out, f"{run_name(config)}.json")
   if resume and os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  results = train_qat.run(run_args)
+  results = training.train(config)
   with open(path, "w") as f:
     json.dump(subsampled(results), f)
   return results

@@ -1,7 +1,7 @@
 """AdaRound vs round-to-nearest post-training weight quantization, and the fused loop's speed.
 
 For each model (a small CNN and ResNet-20 by default), trains a full-precision
-checkpoint with examples/train_qat.py (or reuses the one in ``--out``), then for
+checkpoint with trquant_examples.training (or reuses the one in ``--out``), then for
 W4/W3/W2 weight-only quantization with per-tensor and per-channel MSE scales
 reports the test accuracy of the FP model, of round-to-nearest and of AdaRound
 (``trquant.adaround.adaround_model``) from ``--calibration`` training images,
@@ -32,10 +32,10 @@ from flax import nnx
 import _runs  # benchmarks/_runs.py, next to this script
 import trquant
 from trquant import adaround
-from trquant import datasets
-from trquant import models
-
-train_qat = _runs.train_qat
+from trquant_examples import datasets
+from trquant_examples import models
+from trquant_examples.checkpoints import load_checkpoint
+from trquant_examples.training import evaluate
 
 GRANULARITIES = ("tensor", "channel")
 
@@ -96,13 +96,13 @@ def fp_model(args, name, dataset, fp_epochs):
                              in_channels=dataset.image_shape[-1], weight_bits=None, act_bits=None,
                              image_size=dataset.image_shape[0],
                              rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
-  train_qat.load_checkpoint(model, checkpoint)
+  load_checkpoint(model, checkpoint)
   model.eval()
   return model
 
 
 def accuracy(model, dataset):
-  return train_qat.evaluate(model, dataset.test_images, dataset.test_labels)
+  return evaluate(model, dataset.test_images, dataset.test_labels)
 
 
 def calibration_batches(dataset, size, seed, batch=256):
@@ -113,22 +113,22 @@ def calibration_batches(dataset, size, seed, batch=256):
 
 def _time_loops(apply_fn, w, scale, x, y, *, bits, iters, batch_size):
   """Iterations/s of the fused scan and of a Python loop over a jitted step, compile excluded."""
+  config = adaround.AdaRoundConfig(iters=iters, batch_size=batch_size)  # paper defaults otherwise
   problem, arrays = adaround.reconstruction_problem(
-      apply_fn, w, scale, x, y, bits=bits, signed=True, iters=iters, batch_size=batch_size,
-      lam=0.01, lr=1e-3, warmup=0.2, beta=(20.0, 2.0), beta_mode="cosine", activation=None,
-      zeta=adaround.ZETA, gamma=adaround.GAMMA, key=jax.random.key(0))
-  fused = jax.jit(problem.run).lower(*arrays).compile()
-  jax.block_until_ready(fused(*arrays))  # warm
+      adaround.LayerAsBlock(apply_fn), w, scale, x, y, weight_bits=bits, config=config,
+      key=jax.random.key(0))
+  fused = jax.jit(problem.run).lower(arrays).compile()
+  jax.block_until_ready(fused(arrays))  # warm
   start = time.perf_counter()
-  V_fused = jax.block_until_ready(fused(*arrays)[0])
+  ((V_fused,), _), _ = jax.block_until_ready(fused(arrays)[0])
   fused_seconds = time.perf_counter() - start
   step = jax.jit(problem.step)
-  carry = problem.init(w, scale)
+  carry = problem.init(arrays)
   jax.block_until_ready(step(carry, jnp.int32(0), arrays))  # compile
   start = time.perf_counter()
   for t in range(iters):
     carry, _ = step(carry, jnp.int32(t), arrays)
-  V_eager = jax.block_until_ready(carry[0])
+  ((V_eager,), _), _ = jax.block_until_ready(carry)
   eager_seconds = time.perf_counter() - start
   same_codes = float(jnp.mean((V_fused >= 0) == (V_eager >= 0)))
   return {"iters": iters, "fused_its": iters / fused_seconds, "eager_its": iters / eager_seconds,
@@ -179,24 +179,26 @@ def run_model(args, name, dataset, *, fp_epochs, iters, seeds):
   for granularity in granularities:
     per_channel = granularity == "channel"
     for bits in bits_list:
-      nearest = adaround.round_to_nearest(model, bits=bits, per_channel=per_channel,
-                                          first_last_bits=first_last, example_input=example)
+      nearest = adaround.round_to_nearest(model, weight_bits=bits, per_channel=per_channel,
+                                          first_last_bits=first_last,
+                                          example_input=example).model
       nearest_accuracy = accuracy(nearest, dataset)
       accuracies, errors = [], []
       for seed in range(seeds):
         start = time.perf_counter()
         quantized, reports = adaround.adaround_model(
-            model, calibration_batches(dataset, args.calibration, seed), bits=bits,
-            per_channel=per_channel, first_last_bits=first_last, iters=iters,
-            batch_size=args.ada_batch_size, lam=args.lam, lr=args.lr,
-            key=jax.random.key(seed), progress=not args.quick, return_info=True)
+            model, calibration_batches(dataset, args.calibration, seed), weight_bits=bits,
+            per_channel=per_channel, first_last_bits=first_last,
+            config=adaround.AdaRoundConfig(iters=iters, batch_size=args.ada_batch_size,
+                                           lam=args.lam, lr=args.lr),
+            key=jax.random.key(seed), progress=not args.quick)
         seconds = time.perf_counter() - start
         accuracies.append(accuracy(quantized, dataset))
         errors.append([r.adaround_error / max(r.nearest_error, 1e-12) for r in reports])
         for report in reports:
           entry = layer_times.setdefault(report.name, {"bits": [], "seconds": [], "capture": [],
                                                        "flipped": []})
-          entry["bits"].append(report.bits)
+          entry["bits"].append(report.weight_bits)
           entry["seconds"].append(report.seconds)
           entry["capture"].append(report.capture_seconds)
           entry["flipped"].append(report.flipped_fraction)

@@ -151,8 +151,8 @@ def run(args):
         scale = trquant.init_scale(w, bits=bits, method="mse")
         nearest = scale * jnp.clip(jnp.round(w / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         nearest_error = adaround.reconstruction_error(apply_fn, nearest, x, y)
-        common = dict(bits=bits, iters=args.iters, batch_size=args.batch_size,
-                      key=jax.random.key(seed))
+        config = adaround.AdaRoundConfig(iters=args.iters, batch_size=args.batch_size)
+        common = dict(weight_bits=bits, key=jax.random.key(seed))
         row = {"case": name, "bits": bits, "seed": seed, "iters": args.iters,
                "loop_auto": adaround.loop.resolve_loop("auto", apply_fn, w, x[:1])}
         forms = [("trquant", apply_fn, "auto"),
@@ -161,7 +161,8 @@ def run(args):
         for label, fn, loop in forms:
           jax.clear_caches()
           start = time.perf_counter()
-          result = adaround.reconstruct_layer(fn, w, scale, x, y, loop=loop, **common)
+          result = adaround.reconstruct_layer(fn, w, scale, x, y, config=config.replace(loop=loop),
+                                              **common)
           jax.block_until_ready(result.weight)
           row[f"{label}_seconds"] = time.perf_counter() - start
           row[f"{label}_ratio"] = error_ratio(apply_fn, result.weight, nearest_error, x, y)

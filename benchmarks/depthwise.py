@@ -23,9 +23,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from trquant import models
-
-import trquant  # noqa: E402
+import trquant
+from trquant_examples import models
 
 IMPLS = ("conv", "shift")
 

@@ -12,9 +12,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from trquant import models
-
-import trquant  # noqa: E402
+import trquant
+from trquant_examples import models
 
 
 def main():

@@ -37,10 +37,18 @@ import os
 import time
 
 import numpy as np
+from flax import nnx
 
 import _runs  # benchmarks/_runs.py, next to this script
+import trquant
+from trquant_examples import models
 
 METHODS = ("lsq", "damp", "freeze", "tr", "tr+freeze")
+
+
+def _target_rate(text):
+  """--target-tr: "auto" or a number (TrainConfig checks that it is positive)."""
+  return text if text == "auto" else float(text)
 
 
 def _per_bits(text, cast=float):
@@ -67,10 +75,10 @@ def parse_args(argv=None):
   parser.add_argument("--dampening", type=float, default=0.1, help="final dampening-loss weight")
   parser.add_argument("--freeze-final", default="3:0.011,4:0.01",
                       help="final freezing threshold per bit width (bits:threshold,...)")
-  parser.add_argument("--target-tr", default="auto",
+  parser.add_argument("--target-tr", default="auto", type=_target_rate,
                       help="TR scheduling's R_0, or 'auto' (measured over a warm-up)")
   parser.add_argument("--osc-momentum", type=float, default=None,
-                      help="frequency EMA momentum (default: train_qat's, 1e-3 or more for short runs)")
+                      help="frequency EMA momentum (default: TrainConfig's, 1e-3 or more for short runs)")
   parser.add_argument("--max-steps-per-epoch", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--bn-reestimate", type=int, default=50)
@@ -96,7 +104,7 @@ def parse_args(argv=None):
 
 
 def method_overrides(args, method, bits):
-  """train_qat flags of one method at one bit width."""
+  """TrainConfig fields of one method at one bit width."""
   flags = dict(weight_bits=bits, act_bits=bits, optimizer="sgd", lr=_per_bits(args.lr)[bits],
                weight_decay=args.weight_decay, track_oscillations=True,
                osc_momentum=args.osc_momentum, schedule="tr" if method.startswith("tr") else "lr",
@@ -113,9 +121,7 @@ def layer_kinds(args, num_classes=10, in_channels=1):
   """{kernel or BatchNorm path: "depth-wise" | "point-wise"} for the quantized convs of
   args.model (a conv with one group per channel is depth-wise; the others here are 1x1 or
   full convs) and the BatchNorm that follows each (ConvBN's `bn` next to its `conv`)."""
-  from flax import nnx
-  import trquant
-  model = _runs.train_qat.models.build_model(
+  model = models.build_model(
       args.model, num_classes=num_classes, in_channels=in_channels, weight_bits=4, act_bits=4,
       rngs=nnx.Rngs(0))
   kinds = {}

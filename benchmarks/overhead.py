@@ -47,10 +47,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-import _runs  # benchmarks/_runs.py, next to this script
-from trquant import models
-
-import trquant  # noqa: E402
+import trquant
+from trquant_examples import models
+from trquant_examples.vit import ViT
 
 VARIANTS = ("adam_cosine", "adam_count", "adam_tr", "adam_tr_track", "adam_tr_freeze")
 LABELS = {"adam_cosine": "(a) Adam + cosine LR", "adam_count": "(a') (a) + bare transition count",
@@ -113,13 +112,12 @@ def build(model_name, *, bits, batch_size, rngs):
     model = MLP((width, width, width, 10), weight_bits=bits, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, width))
   elif model_name == "vit":
-    # The plain-NNX ViT of examples/train_vit.py, the model its surgery quantizes.
-    vit = _runs.load_example("train_vit").ViT
-    fp = vit(image_shape=(32, 32, 3), patch=4, dim=256, depth=4, heads=4, mlp_dim=512,
+    # The plain-NNX ViT of examples/train_vit.py (trquant_examples.vit), quantized by surgery.
+    fp = ViT(image_shape=(32, 32, 3), patch=4, dim=256, depth=4, heads=4, mlp_dim=512,
              num_classes=10, rngs=rngs)
     x = jax.random.normal(key_x, (batch_size, 32, 32, 3))
     # Every linear layer gets 2-bit weights, the patch embedding and the head included.
-    model = trquant.nnx.quantize(fp, [trquant.nnx.QuantRule(weight_bits=bits)])
+    model = trquant.nnx.quantize_model(fp, [trquant.nnx.QuantRule(weight_bits=bits)])
   else:
     model = models.build_model(model_name, num_classes=10, in_channels=3, weight_bits=bits,
                                act_bits=bits, image_size=32, rngs=rngs)
@@ -156,9 +154,10 @@ def make_transform(variant, model, total_steps):
   chain = [optax.adam(1e-3),
            trquant.tr_schedule(optax.cosine_decay_schedule(5e-3, total_steps), codes_fn=codes_fn)]
   if variant == "adam_tr_track":
-    chain.append(trquant.track_oscillations(codes_fn))
+    chain.append(trquant.track_oscillations(codes_fn=codes_fn))
   elif variant == "adam_tr_freeze":
-    chain.append(trquant.freeze_oscillations(codes_fn, trquant.nnx.scales_fn(model),
+    chain.append(trquant.freeze_oscillations(codes_fn=codes_fn,
+                                             scale_fn=trquant.nnx.scales_fn(model),
                                              total_steps=total_steps))
   return optax.chain(*chain)
 

@@ -35,7 +35,7 @@ import numpy as np
 import _runs  # benchmarks/_runs.py, next to this script
 import adaround as adaround_bench  # benchmarks/adaround.py: FP checkpoints, calibration
 from trquant import adaround
-from trquant import datasets
+from trquant_examples import datasets
 
 METHODS = ("nearest", "adaround", "brecq", "qdrop")
 
@@ -111,19 +111,20 @@ def planned_runs(args):
 def run_one(args, model, dataset, name, setting, method, seed):
   tag, bits, act_bits = setting
   batches = adaround_bench.calibration_batches(dataset, args.calibration, seed)
-  common = dict(bits=bits, per_channel=not args.per_tensor,
+  common = dict(weight_bits=bits, per_channel=not args.per_tensor,
                 first_last_bits=args.first_last_bits or None)
   start = time.perf_counter()
   reports = []
   if method == "nearest":
     quantized = adaround.round_to_nearest(model, example_input=batches[0], act_bits=act_bits,
-                                          **common)
+                                          **common).model
   else:
     quantized, reports = adaround.reconstruct_model(
         model, batches, act_bits=act_bits, granularity="layer" if method == "adaround" else "block",
-        drop_prob=args.drop_prob if method == "qdrop" else 0.0, iters=args.iters,
-        lam=args.lam, lr=args.lr, act_lr=args.act_lr, key=jax.random.key(seed),
-        progress=not args.quick, return_info=True, **common)
+        config=adaround.AdaRoundConfig(
+            iters=args.iters, lam=args.lam, lr=args.lr, act_lr=args.act_lr,
+            drop_prob=args.drop_prob if method == "qdrop" else 0.0),
+        key=jax.random.key(seed), progress=not args.quick, **common)
   seconds = time.perf_counter() - start
   accuracy = adaround_bench.accuracy(quantized, dataset)
   return {"model": name, "setting": tag, "bits": bits, "act_bits": act_bits, "method": method,

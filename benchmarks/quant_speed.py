@@ -11,11 +11,12 @@ and, to attribute (b)'s cost beyond (a),
   (l) trquant layers with nothing quantized (the plain models' layer replacement alone);
 and one jitted inference step (forward only, eval mode) of the float and the W4A8 model.
 
-Models: the plain-NNX ViT of examples/train_vit.py (its default size: 28x28x1 images,
-patch 7, width 64, 4 blocks, MLP 128) quantized by ``trquant.nnx.quantize`` (first and
-last layer FP by ``first_last_rule``, the rest W4A8); the byte LM of examples/train_lm.py
-(its default size: 2 layers, width 128, context 128) quantized by the example's own rules
-(embedding FP, head W8A8, the rest W4A8); ``trquant.models`` ResNet-20 on 32x32x3 images,
+Models: the plain-NNX ViT of examples/train_vit.py (``trquant_examples.vit``; its default
+size: 28x28x1 images, patch 7, width 64, 4 blocks, MLP 128) quantized by
+``trquant.nnx.quantize`` (first and last layer FP by ``first_last_rule``, the rest W4A8);
+the byte LM of examples/train_lm.py (``trquant_examples.lm``; its default size: 2 layers,
+width 128, context 128) quantized by the example's own rules (embedding FP, head W8A8,
+the rest W4A8); ``trquant_examples.models`` ResNet-20 on 32x32x3 images,
 ``build_model(weight_bits=4, act_bits=8)`` against ``weight_bits=None, act_bits=None``
 (first and last layer FP in both). Random data: throughput only. Activation scales are
 calibrated (``calibrate_activations``) before timing.
@@ -47,8 +48,10 @@ from flax import nnx
 
 import _runs  # benchmarks/_runs.py, next to this script
 import trquant
-from trquant import models
 from trquant.nnx import QuantRule
+from trquant_examples import models
+from trquant_examples.lm import LM, lm_loss
+from trquant_examples.vit import ViT
 
 TRAIN = ("float", "quant", "quant_tr", "weights_only", "acts_only", "layers_only")
 INFER = ("infer_float", "infer_quant")
@@ -93,17 +96,18 @@ def parse_args(argv=None):
 
 
 def _vit(tiny, rngs):
-  vit = _runs.load_example("train_vit").ViT
   if tiny:  # examples/train_vit.py --quick's size
-    return vit(image_shape=(8, 8, 1), patch=4, dim=32, depth=1, heads=2, mlp_dim=64,
+    return ViT(image_shape=(8, 8, 1), patch=4, dim=32, depth=1, heads=2, mlp_dim=64,
                num_classes=10, rngs=rngs), (8, 8, 1)
-  return vit(image_shape=(28, 28, 1), patch=7, dim=64, depth=4, heads=4, mlp_dim=128,
+  return ViT(image_shape=(28, 28, 1), patch=7, dim=64, depth=4, heads=4, mlp_dim=128,
              num_classes=10, rngs=rngs), (28, 28, 1)
 
 
-def _lm_args(tiny):
-  example = _runs.load_example("train_lm")
-  return example, example.parse_args(["--quick"] if tiny else [])
+# The LM sizes of examples/train_lm.py: its defaults, and --quick's.
+LM_SIZES = dict(dim=128, layers=2, heads=4, kv_heads=2, hidden=384)
+LM_CONTEXT = 128
+LM_TINY_SIZES = dict(dim=32, layers=1, heads=2, kv_heads=1, hidden=96)
+LM_TINY_CONTEXT = 32
 
 
 def _vit_rules(model, example, variant):
@@ -133,17 +137,18 @@ def build(model_name, variant, batch_size):
     x = jax.random.normal(key, (batch_size,) + shape)
     y = jax.random.randint(jax.random.key(2), (batch_size,), 0, 10)
     if variant != "float":
-      model = trquant.nnx.quantize(model, _vit_rules(model, x[:1], variant))
+      model = trquant.nnx.quantize_model(model, _vit_rules(model, x[:1], variant))
     batch = (x, y)
     loss = lambda net, x, y: optax.softmax_cross_entropy_with_integer_labels(net(x), y).mean()
   elif kind == "lm":
-    example, lm_args = _lm_args(model_name.endswith("tiny"))
-    model = example.build_lm(lm_args, seed=0)
-    batch = (jax.random.randint(key, (batch_size, lm_args.context + 1), 0, 256),)
+    tiny = model_name.endswith("tiny")
+    model = LM(**(LM_TINY_SIZES if tiny else LM_SIZES), rngs=nnx.Rngs(0))
+    context = LM_TINY_CONTEXT if tiny else LM_CONTEXT
+    batch = (jax.random.randint(key, (batch_size, context + 1), 0, 256),)
     if variant != "float":
-      model = trquant.nnx.quantize(model, _lm_rules(variant))
+      model = trquant.nnx.quantize_model(model, _lm_rules(variant))
     x = batch[0][:, :-1]
-    loss = example.lm_loss
+    loss = lm_loss
   elif kind == "resnet20":
     weight_bits = None if variant in ("float", "acts_only", "layers_only") else 4
     act_bits = None if variant in ("float", "weights_only", "layers_only") else 8

@@ -56,9 +56,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from trquant import datasets
-
-import trquant  # noqa: E402
+import trquant
+from trquant_examples import datasets
+from trquant_examples.models import build_model
 
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
@@ -135,7 +135,7 @@ class BNCNN(nnx.Module):
 
 
 class MobileNetV2TinyQAT(nnx.Module):
-  """``trquant.models.MobileNetV2Tiny`` (5 inverted residuals with depth-wise 3x3 convs,
+  """``trquant_examples.models.MobileNetV2Tiny`` (5 inverted residuals with depth-wise 3x3 convs,
   BatchNorm, ReLU6, unsigned quantized inputs) on flat single-channel images; the stem and
   the head in full precision, every other conv quantized."""
 
@@ -143,7 +143,7 @@ class MobileNetV2TinyQAT(nnx.Module):
                scale_method="mse", rngs: nnx.Rngs):
     del width  # the architecture is fixed
     self.side = math.isqrt(in_features)
-    self.net = trquant.models.build_model(
+    self.net = build_model(
         "mobilenetv2_tiny", num_classes=num_classes, in_channels=1, weight_bits=bits, act_bits=bits,
         first_last="fp", weight_quantizer=weight_quantizer, scale_method=scale_method,
         image_size=self.side, rngs=rngs)
@@ -261,7 +261,7 @@ def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_st
     tx = optax.partition({"quant": quant, "float": float_opt()}, parameter_groups(model, False))
   codes = trquant.nnx.codes_fn(model) if weight_quantizer == "fixed" else lsq_codes_fn(model)
   # Last: it sees the update that is applied.
-  return optax.chain(tx, trquant.track_oscillations(codes)), cosine_lr
+  return optax.chain(tx, trquant.track_oscillations(codes_fn=codes)), cosine_lr
 
 
 # ---------------------------------------------------------------------------------------

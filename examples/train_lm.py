@@ -1,8 +1,8 @@
 """A small decoder-only LM in plain Flax NNX, quantized with trquant.nnx.quantize.
 
-The model is written the way Llama/Qwen-style models are written in NNX, with no
-trquant in it: a byte embedding (``nnx.Embed``, vocabulary 256), pre-norm blocks of
-grouped-query attention (``nnx.Einsum`` projections, e.g. 4 query heads sharing 2
+The model (``trquant_examples.lm.LM``) is written the way Llama/Qwen-style models
+are written in NNX, with no trquant in it: a byte embedding (``nnx.Embed``,
+vocabulary 256), pre-norm blocks of grouped-query attention (``nnx.Einsum`` projections, e.g. 4 query heads sharing 2
 key/value heads, rotary position embeddings, a causal mask) and a SwiGLU MLP
 (``nnx.Linear``), ``nnx.RMSNorm``, and an untied ``nnx.Linear`` head.
 
@@ -14,7 +14,7 @@ is reported in nats per byte (and bits per byte). Nothing is downloaded.
 The pipeline:
 
 1. **FP training**: AdamW, warm-up + cosine LR (``--fp-steps``).
-2. **Surgery** for each ``b`` in ``--bits``: ``trquant.nnx.quantize(model, rules)`` with
+2. **Surgery** for each ``b`` in ``--bits``: ``trquant.nnx.quantize_model(model, rules)`` with
    the embedding skipped (a table lookup), the head at W8A8 and every other layer
    (the attention and MLP projections) at ``b``-bit weights and 8-bit inputs (WbA8).
 3. **QAT**, ``--steps`` per run, from that model: ``adamw`` (AdamW + cosine LR on
@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 import trquant
 from trquant.nnx import QuantRule
+from trquant_examples.lm import LM, lm_loss
 
 METHODS = ("adamw", "adamw-tr")
 
@@ -113,90 +114,12 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------
-# The model: plain Flax NNX
+# The model (trquant_examples.lm, plain Flax NNX) at the flags' sizes, and its rules
 # ---------------------------------------------------------------------------------------
 
 
-def rope(x, theta=10_000.0):
-  """Rotary position embedding of (batch, time, heads, head_dim), positions 0..time-1."""
-  time_, dim = x.shape[1], x.shape[-1]
-  freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = jnp.arange(time_, dtype=jnp.float32)[:, None] * freqs
-  sin, cos = jnp.sin(angles)[None, :, None], jnp.cos(angles)[None, :, None]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
-def _init(in_axis, out_axis):
-  return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                           in_axis=in_axis, out_axis=out_axis)
-
-
-class Attention(nnx.Module):
-  """Causal grouped-query attention: ``heads`` query heads share ``kv_heads`` key/value heads."""
-
-  def __init__(self, dim, heads, kv_heads, *, rngs):
-    self.head_dim = head_dim = dim // heads
-    qkv = dict(kernel_init=_init(0, (1, 2)), rngs=rngs)
-    self.q_proj = nnx.Einsum("btd,dhk->bthk", (dim, heads, head_dim), **qkv)
-    self.k_proj = nnx.Einsum("btd,dhk->bthk", (dim, kv_heads, head_dim), **qkv)
-    self.v_proj = nnx.Einsum("btd,dhk->bthk", (dim, kv_heads, head_dim), **qkv)
-    self.o_proj = nnx.Einsum("bthk,hkd->btd", (heads, head_dim, dim), kernel_init=_init((0, 1), 2),
-                             rngs=rngs)
-
-  def __call__(self, x):
-    b, t, _ = x.shape
-    q, k, v = rope(self.q_proj(x)), rope(self.k_proj(x)), self.v_proj(x)
-    groups = k.shape[2]
-    q = q.reshape(b, t, groups, -1, self.head_dim)  # query head g*r + i reads kv head g
-    logits = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    weights = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgk->btgrk", weights, v).reshape(b, t, -1, self.head_dim)
-    return self.o_proj(out)
-
-
-class MLP(nnx.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
-
-  def __init__(self, dim, hidden, *, rngs):
-    self.gate_proj = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs)
-    self.up_proj = nnx.Linear(dim, hidden, use_bias=False, rngs=rngs)
-    self.down_proj = nnx.Linear(hidden, dim, use_bias=False, rngs=rngs)
-
-  def __call__(self, x):
-    return self.down_proj(nnx.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nnx.Module):
-  def __init__(self, dim, heads, kv_heads, hidden, *, rngs):
-    self.input_norm = nnx.RMSNorm(dim, rngs=rngs)
-    self.attn = Attention(dim, heads, kv_heads, rngs=rngs)
-    self.post_attention_norm = nnx.RMSNorm(dim, rngs=rngs)
-    self.mlp = MLP(dim, hidden, rngs=rngs)
-
-  def __call__(self, x):
-    x = x + self.attn(self.input_norm(x))
-    return x + self.mlp(self.post_attention_norm(x))
-
-
-class LM(nnx.Module):
-  """Decoder-only LM on byte tokens (batch, time) -> logits (batch, time, vocab)."""
-
-  def __init__(self, *, vocab=256, dim, layers, heads, kv_heads, hidden, rngs):
-    self.embed = nnx.Embed(vocab, dim, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.layers = nnx.List([Block(dim, heads, kv_heads, hidden, rngs=rngs) for _ in range(layers)])
-    self.norm = nnx.RMSNorm(dim, rngs=rngs)
-    self.lm_head = nnx.Linear(dim, vocab, use_bias=False, rngs=rngs)
-
-  def __call__(self, tokens):
-    x = self.embed(tokens)
-    for layer in self.layers:
-      x = layer(x)
-    return self.lm_head(self.norm(x))
-
-
 def build_lm(args, seed=0):
+  """The LM at the sizes of ``args`` (parse_args), initialised from ``seed``."""
   return LM(dim=args.width, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
             hidden=args.mlp_width, rngs=nnx.Rngs(seed))
 
@@ -241,12 +164,6 @@ def train_batches(data, batch_size, context, seed):
 # ---------------------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------------------
-
-
-def lm_loss(model, batch):
-  logits = model(batch[:, :-1])
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch[:, 1:]).mean()
 
 
 @nnx.jit
@@ -316,7 +233,7 @@ def train(model, tx, data, *, args, steps, seed, desc, curve_windows, stats_fn=N
 def qat_transform(args, model, method):
   cosine = optax.cosine_decay_schedule(args.lr, args.steps)
   codes = trquant.nnx.codes_fn(model, max_bits=4)
-  track = trquant.track_oscillations(codes, momentum=min(1e-2, 20 / args.steps))
+  track = trquant.track_oscillations(codes_fn=codes, decay=1.0 - min(1e-2, 20 / args.steps))
   if method == "adamw":
     return optax.chain(adamw(cosine, args.weight_decay), track)
   quant = optax.chain(adamw(args.lr, args.weight_decay),
@@ -368,18 +285,20 @@ def run_qwix(args, fp, bits, data, curve_windows, final_windows, example):
 
 
 def run_ptq(args, fp, calibration, final_windows, out):
-  fp_layers = trquant.nnx.quantize(fp, [QuantRule("embed", skip=True), QuantRule()])
-  common = dict(bits=args.ptq_bits, first_last_bits=8)
+  fp_layers = trquant.nnx.quantize_model(fp, [QuantRule("embed", skip=True), QuantRule()])
+  common = dict(weight_bits=args.ptq_bits, first_last_bits=8)
+  config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
   rows = []
-  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[:1], **common)
+  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[:1],
+                                              **common).model
   t0 = time.perf_counter()
   ada, ada_info = trquant.adaround.adaround_model(
-      fp_layers, calibration, iters=args.ptq_iters, key=jax.random.key(0),
-      progress=not args.no_progress, return_info=True, **common)
+      fp_layers, calibration, config=config, key=jax.random.key(0),
+      progress=not args.no_progress, **common)
   t1 = time.perf_counter()
   brecq, brecq_info = trquant.adaround.reconstruct_model(
-      fp_layers, calibration, iters=args.ptq_iters, key=jax.random.key(0),
-      progress=not args.no_progress, return_info=True, **common)
+      fp_layers, calibration, config=config, key=jax.random.key(0),
+      progress=not args.no_progress, **common)
   t2 = time.perf_counter()
   for name, model, seconds, info in (("nearest", nearest, 0.0, []),
                                      ("AdaRound", ada, t1 - t0, ada_info),
@@ -489,7 +408,7 @@ def main(argv=None):
   qwix_note = None
   calibration = eval_windows(corpus["train"], args.calibration, args.context)[:, :-1]
   for bits in args.bits:
-    base = trquant.nnx.quantize(fp, lm_rules(bits))
+    base = trquant.nnx.quantize_model(fp, lm_rules(bits))
     trquant.nnx.calibrate_activations(base, jnp.asarray(calibration[:32]))
     start_loss = evaluate(base, final_windows)[0]
     tqdm.write(f"W{bits}A8 before QAT: {start_loss:.4f} nats/byte")
@@ -503,7 +422,7 @@ def main(argv=None):
         row = {"name": f"W{bits}A8 {method} s{seed}", "bits": bits, "method": method,
                "seed": seed, "start_loss": start_loss, "held_loss": loss,
                "eval_tokens_per_s": tokens_per_s, "history": history}
-        make_fresh = lambda: trquant.nnx.quantize(build_lm(args, seed=1), lm_rules(bits))
+        make_fresh = lambda: trquant.nnx.quantize_model(build_lm(args, seed=1), lm_rules(bits))
         row["export"] = export_check(model, make_fresh, final_windows,
                                      os.path.join(args.out, f"lm_w{bits}a8_{method}_s{seed}.npz"))
         last = history["stats"][-1]

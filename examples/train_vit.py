@@ -68,7 +68,8 @@ from flax import nnx
 from tqdm import tqdm
 
 import trquant
-from trquant import datasets
+from trquant_examples import datasets
+from trquant_examples.vit import ViT
 from trquant.nnx import QuantRule
 
 METHODS = ("adamw", "adamw-tr")
@@ -137,55 +138,12 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------
-# The model: plain Flax NNX
+# The model (trquant_examples.vit, plain Flax NNX) at the flags' sizes
 # ---------------------------------------------------------------------------------------
 
 
-class Block(nnx.Module):
-  """Pre-norm transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
-
-  def __init__(self, dim, heads, mlp_dim, *, rngs):
-    self.norm1 = nnx.LayerNorm(dim, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=heads, in_features=dim, decode=False, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(dim, rngs=rngs)
-    self.fc1 = nnx.Linear(dim, mlp_dim, rngs=rngs)
-    self.fc2 = nnx.Linear(mlp_dim, dim, rngs=rngs)
-
-  def __call__(self, x):
-    x = x + self.attn(self.norm1(x))
-    return x + self.fc2(nnx.gelu(self.fc1(self.norm2(x))))
-
-
-class ViT(nnx.Module):
-  """Vision transformer on (N, H, W, C) images with p x p patches and a class token."""
-
-  def __init__(self, *, image_shape, patch, dim, depth, heads, mlp_dim, num_classes, rngs):
-    height, width, channels = image_shape
-    if height % patch or width % patch:
-      raise ValueError(f"the patch size {patch} must divide the image size {height}x{width}")
-    self.patch = patch
-    tokens = (height // patch) * (width // patch)
-    self.patch_embed = nnx.Linear(patch * patch * channels, dim, rngs=rngs)
-    self.cls_token = nnx.Param(jnp.zeros((1, 1, dim)))
-    self.pos_embed = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (1, tokens + 1, dim)))
-    self.blocks = nnx.List([Block(dim, heads, mlp_dim, rngs=rngs) for _ in range(depth)])
-    self.norm = nnx.LayerNorm(dim, rngs=rngs)
-    self.head = nnx.Linear(dim, num_classes, rngs=rngs)
-
-  def __call__(self, images):
-    n, height, width, channels = images.shape
-    p = self.patch
-    patches = images.reshape(n, height // p, p, width // p, p, channels)
-    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, -1, p * p * channels)
-    x = self.patch_embed(patches)
-    cls = jnp.broadcast_to(self.cls_token.get_value(), (n, 1, x.shape[-1])).astype(x.dtype)
-    x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.get_value()
-    for block in self.blocks:
-      x = block(x)
-    return self.head(self.norm(x)[:, 0])
-
-
 def build_vit(args, dataset, seed):
+  """The ViT at the sizes of ``args`` (parse_args) for the dataset's images."""
   patch = args.patch or (4 if dataset.image_shape[0] % 7 else 7)
   return ViT(image_shape=dataset.image_shape, patch=patch, dim=args.dim, depth=args.depth,
              heads=args.heads, mlp_dim=args.mlp_dim, num_classes=dataset.num_classes,
@@ -300,7 +258,7 @@ def quantize_vit(model, bits, dataset, *, per_channel=False):
   example = jnp.asarray(dataset.train_images[:1])
   rules = [trquant.nnx.first_last_rule(model, example),
            QuantRule(weight_bits=bits, act_bits=bits, signed_act=True, per_channel=per_channel)]
-  q = trquant.nnx.quantize(model, rules)
+  q = trquant.nnx.quantize_model(model, rules)
   trquant.nnx.calibrate_activations(q, jnp.asarray(dataset.train_images[:256]))
   return q, rules
 
@@ -372,13 +330,14 @@ def run_adaround(args, fp, dataset, out_dir):
   index = np.sort(rng.choice(len(dataset.train_images), args.calibration, replace=False))
   images = dataset.train_images[index]
   calibration = [images[i:i + 256] for i in range(0, len(images), 256)]
-  fp_layers = trquant.nnx.quantize(fp, QuantRule())  # every layer a trquant layer, in FP
-  common = dict(bits=args.adaround_bits, per_channel=args.per_channel, first_last_bits=8)
+  fp_layers = trquant.nnx.quantize_model(fp, QuantRule())  # every layer a trquant layer, in FP
+  common = dict(weight_bits=args.adaround_bits, per_channel=args.per_channel, first_last_bits=8)
   start = time.perf_counter()
-  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0], **common)
+  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0],
+                                              **common).model
   ada, reports = trquant.adaround.adaround_model(
-      fp_layers, calibration, iters=args.adaround_iters, key=jax.random.key(0),
-      progress=not args.no_progress, return_info=True, **common)
+      fp_layers, calibration, config=trquant.adaround.AdaRoundConfig(iters=args.adaround_iters),
+      key=jax.random.key(0), progress=not args.no_progress, **common)
   seconds = time.perf_counter() - start
   accuracy = {"fp": evaluate(fp, dataset.test_images, dataset.test_labels),
               "nearest": evaluate(nearest, dataset.test_images, dataset.test_labels),

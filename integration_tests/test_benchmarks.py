@@ -1,11 +1,17 @@
-"""The benchmarks' --quick modes run end to end and report what they measured."""
+"""The benchmarks' --quick modes run end to end and report what they measured; their own
+logic that needs no training run; the TrainConfig of a benchmark run."""
 
+import argparse
 import importlib.util
 import json
 import pathlib
 import sys
 
 import pytest
+
+from trquant_examples.config import TrainConfig, run_name
+
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -16,6 +22,30 @@ def _load(relative, name):
   sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
+
+
+def test_benchmark_runs_share_settings_and_keep_the_defaults_they_do_not_set():
+  runs = _load("benchmarks/_runs.py", "trquant_bench_runs")
+  args = argparse.Namespace(model="cnn", dataset="digits", data_dir="", epochs=2, batch_size=64,
+                            max_steps_per_epoch=0, bn_reestimate=None)
+  config = runs.train_config(args, "out", weight_bits=3, act_bits=3, schedule="tr",
+                             target_tr=2e-3, osc_momentum=None, freeze=False, lr=0.01)
+  assert config == TrainConfig(model="cnn", dataset="digits", epochs=2, batch_size=64, out="out",
+                               weight_bits=3, act_bits=3, schedule="tr", target_tr=2e-3,
+                               lr=0.01, no_progress=True, no_plot=True)
+  assert run_name(config) == "cnn-digits-W3A3-adam-tr-R0.002-s0"
+
+
+def test_ptq_plans_no_qdrop_for_weight_only_settings():
+  ptq = _load("benchmarks/ptq.py", "trquant_bench_ptq")
+  args = ptq.parse_args(["--settings", "W4A4,W2", "--seeds", "2"])
+  runs = [(setting[0], method, seed) for setting, method, seed in ptq.planned_runs(args)]
+  assert [run for run in runs if run[1] == "qdrop"] == [("W4A4", "qdrop", 0), ("W4A4", "qdrop", 1)]
+  assert {run[0] for run in runs if run[1] == "brecq"} == {"W4A4", "W2"}
+  assert len(runs) == 2 * 4 + 2 * 3
+  for bad in ("X4", "W4A", "W0", "WA4"):
+    with pytest.raises(SystemExit):
+      ptq.parse_args(["--settings", bad])
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")

@@ -1,12 +1,22 @@
-"""The examples run end to end (short settings) and write their outputs."""
+"""The examples run end to end (short settings) and write their outputs; train_qat's
+command line and checkpoints, and the validation of its TrainConfig."""
 
+import dataclasses
 import importlib.util
 import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 from flax import nnx
+
+from trquant.nnx import QuantLinear
+from trquant_examples import checkpoints
+from trquant_examples import models
+from trquant_examples.config import TrainConfig, run_name
+
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -58,10 +68,72 @@ def test_train_qat_checkpoint_round_trip(tmp_path):
   assert set(auto["history"]["bn_divergence"][0]) >= {"conv2/bn", "conv3/bn"}
   with pytest.raises(SystemExit):
     train_qat.parse_args(["--target-tr", "-1"])
-  other_model = train_qat.models.build_model(
+  other_model = models.build_model(
       "resnet20", num_classes=10, in_channels=1, weight_bits=None, act_bits=None, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="which the model lacks"):
-    train_qat.load_checkpoint(other_model, tmp_path / "fp.npz")
+    checkpoints.load_checkpoint(other_model, tmp_path / "fp.npz")
+
+
+def test_train_qat_flags_are_the_train_config_fields():
+  train_qat = _load("train_qat")
+  assert train_qat.parse_args([]) == TrainConfig()
+  assert train_qat.parse_args(["--target-tr", "auto"]).target_tr == "auto"
+  assert train_qat.parse_args(["--target-tr", "2e-3"]).target_tr == 2e-3
+  for bad in ("-1", "0", "fast"):
+    with pytest.raises(SystemExit):
+      train_qat.parse_args(["--target-tr", bad])
+  config = train_qat.parse_args(["--weight-bits", "4", "--schedule", "tr", "--freeze",
+                                 "--lr", "0.01", "--seed", "3"])
+  assert config == TrainConfig(weight_bits=4, schedule="tr", freeze=True, lr=0.01, seed=3)
+  assert run_name(config) == "cnn-digits-W4A2-adam-tr-R0.005-freeze-s3"
+  assert run_name(dataclasses.replace(config, tag="mine")) == "mine"
+  with pytest.raises(SystemExit):  # TrainConfig's own checks reach the command line
+    train_qat.parse_args(["--weight-bits", "0", "--schedule", "tr"])
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(epochs=0), "epochs must be an integer >= 1"),
+    (dict(epochs="2"), "epochs must be an integer"),
+    (dict(model="vgg"), "model must be one of"),
+    (dict(lr=-1e-3), "lr must be a number in"),
+    (dict(momentum=1.0), "momentum must be a number in"),
+    (dict(target_tr=0.0), "target_tr must be a positive number"),
+    (dict(osc_start=1.0), "osc_start must be a number in"),
+    (dict(per_channel=1), "per_channel must be True or False"),
+    (dict(weight_bits=0, schedule="tr"), "set weight_bits > 0"),
+    (dict(weight_bits=0, freeze=True), "freeze acts on quantized weights"),
+])
+def test_train_config_rejects_bad_values_naming_the_field(fields, message):
+  with pytest.raises(ValueError, match=message):
+    TrainConfig(**fields)
+
+
+def test_train_config_stores_numbers_as_the_command_line_does():
+  config = TrainConfig(lr=1, target_tr=1, data_dir=pathlib.Path("data"))
+  assert type(config.lr) is float and type(config.target_tr) is float
+  assert config.data_dir == "data"
+  assert config.learning_rate == 1.0 and TrainConfig(optimizer="sgd").learning_rate == 0.1
+  assert not TrainConfig(weight_bits=0, act_bits=0).quantized
+
+
+def test_checkpoint_loads_into_a_quantized_model_of_the_same_architecture(tmp_path):
+  def mlp(bits, seed, hidden=16):
+    rngs = nnx.Rngs(seed)
+    return nnx.Sequential(QuantLinear(8, hidden, weight_bits=bits, rngs=rngs), nnx.relu,
+                          QuantLinear(hidden, 4, weight_bits=bits, act_bits=bits, rngs=rngs))
+
+  fp = mlp(None, 0)
+  checkpoints.save_checkpoint(fp, tmp_path / "fp.npz")
+  qat = mlp(2, 1)
+  loaded = checkpoints.load_checkpoint(qat, tmp_path / "fp.npz")
+  assert "layers/2/kernel" in {"/".join(map(str, path)) for path in loaded}
+  np.testing.assert_array_equal(qat.layers[2].kernel.get_value(), fp.layers[2].kernel.get_value())
+  assert qat.layers[2].kernel.bits == 2  # the quantized model keeps its quantization
+  with pytest.raises(ValueError, match="shape"):
+    checkpoints.load_checkpoint(mlp(2, 1, hidden=12), tmp_path / "fp.npz")
+  with pytest.raises(ValueError, match="which the model lacks"):
+    checkpoints.load_checkpoint(
+        nnx.Sequential(QuantLinear(8, 16, weight_bits=2, rngs=nnx.Rngs(0))), tmp_path / "fp.npz")
 
 
 def test_train_vit_quick(tmp_path):

@@ -29,6 +29,8 @@ import pytest
 
 import trquant
 
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
+
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
 STEPS = 3000

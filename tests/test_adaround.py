@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 import trquant
 from trquant import adaround
-from trquant import models
 from trquant.nnx import QuantConv, QuantLinear, WeightScale
 
+from nnx_fixture_models import SmallCNN
 
 
 def _linear(w, x):
@@ -59,7 +59,7 @@ def test_init_alpha_makes_the_soft_weight_equal_w(seed, scale_value, per_channel
            else jnp.float32(scale_value))
   V = adaround.init_alpha(w, scale)
   assert bool(jnp.all(jnp.isfinite(V)))
-  soft = adaround.soft_weight(w, scale, V, bits=8)  # 8 bits: no weight is clipped
+  soft = adaround.soft_weight(w, scale, V, weight_bits=8)  # 8 bits: no weight is clipped
   np.testing.assert_allclose(soft, w, rtol=1e-5, atol=1e-5 * scale_value)
 
 
@@ -68,7 +68,7 @@ def test_init_alpha_is_finite_for_fractional_parts_at_zero_and_one():
   for zeta, gamma in ((adaround.ZETA, adaround.GAMMA), (1.0, 0.0)):
     V = adaround.init_alpha(w, 1.0, zeta=zeta, gamma=gamma)
     assert bool(jnp.all(jnp.isfinite(V)))
-    np.testing.assert_allclose(adaround.soft_weight(w, 1.0, V, bits=4, zeta=zeta, gamma=gamma),
+    np.testing.assert_allclose(adaround.soft_weight(w, 1.0, V, weight_bits=4, zeta=zeta, gamma=gamma),
                                w, atol=1e-5)
   # A value just below an integer (fractional part ~1) as well.
   w = jnp.array([1.0 - 1e-7, -1e-7])
@@ -95,7 +95,7 @@ def test_rounding_regularizer_properties():
 
 @pytest.mark.parametrize("mode", adaround.BETA_MODES)
 def test_beta_schedule_endpoints(mode):
-  schedule = adaround.beta_schedule(1000, start=20.0, end=2.0, warmup=0.2, mode=mode)
+  schedule = adaround.beta_schedule(1000, start=20.0, end=2.0, warmup_steps=200, mode=mode)
   values = [float(schedule(step)) for step in (0, 199, 200, 600, 1000, 5000)]
   assert values[:3] == [20.0, 20.0, 20.0]
   assert values[4] == pytest.approx(2.0) and values[5] == pytest.approx(2.0)
@@ -107,7 +107,7 @@ def test_beta_schedule_endpoints(mode):
 
 
 def test_beta_schedule_bad_arguments():
-  for kwargs in (dict(iters=0), dict(iters=10, warmup=1.0), dict(iters=10, mode="exp"),
+  for kwargs in (dict(iters=0), dict(iters=10, warmup_steps=10), dict(iters=10, mode="exp"),
                  dict(iters=10, start=0.0), dict(iters=10, end=-1.0)):
     with pytest.raises(ValueError):
       adaround.beta_schedule(**kwargs)
@@ -122,8 +122,9 @@ def test_beta_schedule_bad_arguments():
 def test_adaround_beats_round_to_nearest_on_a_linear_layer(bits, per_channel):
   w, x, y = _correlated_problem(bits)
   scale = trquant.init_scale(w, bits=bits, method="mse", axis=-1 if per_channel else None)
-  result = adaround.reconstruct_layer(_linear, w, scale, x, y, bits=bits, iters=600, lr=1e-2,
-                                      lam=0.1, batch_size=64, key=jax.random.key(0))
+  config = adaround.AdaRoundConfig(iters=600, lr=1e-2, lam=0.1, batch_size=64)
+  result = adaround.reconstruct_layer(_linear, w, scale, x, y, weight_bits=bits, config=config,
+                                      key=jax.random.key(0))
   nearest = trquant.fake_quant(w, scale, bits=bits)
   nearest_error = adaround.reconstruction_error(_linear, nearest, x, y)
   adaround_error = adaround.reconstruction_error(_linear, result.weight, x, y)
@@ -143,13 +144,14 @@ def test_codes_in_range_and_hard_rounding_follows_the_sign_of_V():
   w = w * 3.0  # some weights beyond the clipping range
   scale = jnp.float32(0.5)
   lo, hi = trquant.quant_range(2)
-  result = adaround.reconstruct_layer(_linear, w, scale, x, 3.0 * y, bits=2, iters=50,
+  result = adaround.reconstruct_layer(_linear, w, scale, x, 3.0 * y, weight_bits=2,
+                                      config=adaround.AdaRoundConfig(iters=50),
                                       key=jax.random.key(3))
   codes = np.asarray(result.codes)
   assert codes.min() >= lo and codes.max() <= hi and np.all(codes == np.round(codes))
   expected = np.clip(np.floor(np.asarray(w) / 0.5) + (np.asarray(result.V) >= 0), lo, hi)
   np.testing.assert_array_equal(codes, expected)
-  np.testing.assert_array_equal(result.codes, adaround.hard_codes(w, scale, result.V, bits=2))
+  np.testing.assert_array_equal(result.codes, adaround.hard_codes(w, scale, result.V, weight_bits=2))
   np.testing.assert_array_equal(result.weight, 0.5 * codes)
   # Inside the range every weight is rounded down or up, never further.
   inside = (np.asarray(w) / 0.5 > lo) & (np.asarray(w) / 0.5 < hi)
@@ -160,7 +162,7 @@ def test_codes_in_range_and_hard_rounding_follows_the_sign_of_V():
 def test_reconstruct_layer_is_deterministic_for_a_key():
   w, x, y = _correlated_problem(n=128, d_in=16, d_out=4, seed=2)
   scale = trquant.init_scale(w, bits=3, method="mse")
-  kwargs = dict(bits=3, iters=120, lr=1e-2, batch_size=16)
+  kwargs = dict(weight_bits=3, config=adaround.AdaRoundConfig(iters=120, lr=1e-2, batch_size=16))
   first = adaround.reconstruct_layer(_linear, w, scale, x, y, key=jax.random.key(5), **kwargs)
   second = adaround.reconstruct_layer(_linear, w, scale, x, y, key=jax.random.key(5), **kwargs)
   other = adaround.reconstruct_layer(_linear, w, scale, x, y, key=jax.random.key(6), **kwargs)
@@ -173,14 +175,13 @@ def test_fused_loop_matches_a_python_loop_of_steps():
   w, x, y = _correlated_problem(n=64, d_in=8, d_out=4, seed=3)
   scale = trquant.init_scale(w, bits=3, method="mse")
   key = jax.random.key(1)
-  result = adaround.reconstruct_layer(_linear, w, scale, x, y, bits=3, iters=30, lr=1e-2,
-                                      batch_size=8, warmup=0.1, key=key)
+  config = adaround.AdaRoundConfig(iters=30, lr=1e-2, batch_size=8, warmup_steps=3)
+  result = adaround.reconstruct_layer(_linear, w, scale, x, y, weight_bits=3, config=config,
+                                      key=key)
   problem, arrays = adaround.reconstruction_problem(
-      _linear, w, scale, x, y, bits=3, signed=True, iters=30, batch_size=8, lam=0.01, lr=1e-2,
-      warmup=0.1, beta=(20.0, 2.0), beta_mode="cosine", activation=None, zeta=adaround.ZETA,
-      gamma=adaround.GAMMA, key=key)
+      adaround.LayerAsBlock(_linear), w, scale, x, y, weight_bits=3, config=config, key=key)
   step = jax.jit(problem.step)
-  carry = problem.init(w, scale)
+  carry = problem.init(arrays)
   losses = []
   for t in range(30):
     carry, (reconstruction, _) = step(carry, jnp.int32(t), arrays)
@@ -188,34 +189,68 @@ def test_fused_loop_matches_a_python_loop_of_steps():
   # Same batches and updates; the compiled programs differ in float rounding only, which
   # Adam's normalisation amplifies for near-zero gradients.
   np.testing.assert_allclose(losses, result.reconstruction_loss, rtol=1e-2)
-  np.testing.assert_allclose(carry[0], result.V, atol=0.1)
+  (Vs, _), _ = carry
+  np.testing.assert_allclose(Vs[0], result.V, atol=0.1)
 
 
 def test_activation_enters_the_loss():
   w, x, y = _correlated_problem(n=64, d_in=8, d_out=4, seed=4)
   scale = trquant.init_scale(w, bits=3, method="mse")
-  common = dict(bits=3, iters=5, key=jax.random.key(0))
+  common = dict(weight_bits=3, config=adaround.AdaRoundConfig(iters=5), key=jax.random.key(0))
   plain = adaround.reconstruct_layer(_linear, w, scale, x, y, **common)
   relu = adaround.reconstruct_layer(_linear, w, scale, x, y, activation=jax.nn.relu, **common)
   assert float(relu.reconstruction_loss[0]) < float(plain.reconstruction_loss[0])
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(iters=0), r"AdaRoundConfig: `iters` must be an int >= 1, got 0"),
+    (dict(iters=2.5), "iters"),
+    (dict(iters=True), "iters"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(lr=0.0), "`lr` must be positive"),
+    (dict(act_lr=-1.0), "act_lr"),
+    (dict(lam=-1.0), "`lam` must be non-negative"),
+    (dict(lam=float("nan")), "lam"),
+    (dict(warmup_steps=10_000), r"`warmup_steps` \(10000\) must be below `iters`"),
+    (dict(beta=(20.0,)), "beta"),
+    (dict(beta=(20.0, 0.0)), r"beta\[1\]"),
+    (dict(beta_mode="exp"), "beta_mode"),
+    (dict(zeta=0.9), "zeta"),
+    (dict(gamma=0.1), "gamma"),
+    (dict(drop_prob=1.0), r"`drop_prob` must be a number in \[0, 1\)"),
+    (dict(loop="python"), "`loop` must be one of"),
+])
+def test_config_names_the_bad_field(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    adaround.AdaRoundConfig(**kwargs)
+
+
+def test_config_defaults_are_the_papers_and_replace_validates():
+  config = adaround.AdaRoundConfig()
+  assert (config.iters, config.batch_size, config.lam, config.lr, config.start_step) == (
+      10_000, 32, 0.01, 1e-3, 2000)
+  assert config.warmup_steps is None and config.replace(iters=50).start_step == 10
+  assert (config.beta, config.beta_mode, config.zeta, config.gamma) == (
+      (20.0, 2.0), "cosine", adaround.ZETA, adaround.GAMMA)
+  assert (config.act_lr, config.drop_prob, config.loop) == (4e-5, 0.0, "auto")
+  other = config.replace(iters=np.int64(5), beta=[10, 1])
+  assert other.iters == 5 and type(other.iters) is int and other.beta == (10.0, 1.0)
+  assert hash(other) == hash(adaround.AdaRoundConfig(iters=5, beta=(10.0, 1.0)))
+  with pytest.raises(ValueError, match="iters"):
+    config.replace(iters=0)
+
+
 def test_reconstruct_layer_bad_inputs():
   w, x, y = _correlated_problem(n=16, d_in=8, d_out=4)
   key = jax.random.key(0)
-  good = dict(bits=3, iters=2, key=key)
+  good = dict(weight_bits=3, config=adaround.AdaRoundConfig(iters=2), key=key)
   cases = [
-      (dict(good, bits=1), "binary"),
-      (dict(good, bits=17), "bits"),
-      (dict(good, bits=2.5), "bits"),
-      (dict(good, iters=0), "iters"),
-      (dict(good, batch_size=0), "batch_size"),
-      (dict(good, lr=0.0), "lr"),
-      (dict(good, lam=-1.0), "lam"),
-      (dict(good, warmup=1.0), "warmup"),
-      (dict(good, beta=(20.0,)), "beta"),
-      (dict(good, beta_mode="exp"), "mode"),
+      (dict(good, weight_bits=1), "binary"),
+      (dict(good, weight_bits=17), "weight_bits"),
+      (dict(good, weight_bits=2.5), "weight_bits"),
       (dict(good, key=0), "key"),
+      (dict(good, config=dict(iters=2)), "AdaRoundConfig"),
+      (dict(good, config=adaround.AdaRoundConfig(drop_prob=0.5)), "x_fp"),
   ]
   for kwargs, match in cases:
     with pytest.raises(ValueError, match=match):
@@ -265,9 +300,8 @@ def digits_cnn():
 
   digits = load_digits()
   images = (digits.images[..., None] / 16.0 - 0.3).astype(np.float32)
-  model = models.build_model("cnn", num_classes=10, in_channels=1, weight_bits=None,
-                             act_bits=None, image_size=8,
-                             rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
+  model = SmallCNN(num_classes=10, in_channels=1, image_size=8,
+                   rngs=nnx.Rngs(jax.random.key(0, impl="rbg")))
   model.eval()
   return model, images[:256], images[256:512]
 
@@ -277,13 +311,15 @@ def _kernels(model):
           for path, layer in trquant.nnx.quant_layers(model)}
 
 
+@pytest.mark.integration
 def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   fp, calibration, held_out = digits_cnn
   before = _kernels(fp)
   batches = [calibration[:128], calibration[128:]]
-  q, reports = adaround.adaround_model(fp, batches, bits=2, iters=150, lr=1e-2, lam=0.1,
-                                       key=jax.random.key(0), progress=False, return_info=True)
-  nearest = adaround.round_to_nearest(fp, bits=2)
+  q, reports = adaround.adaround_model(fp, batches, weight_bits=2,
+                                       config=adaround.AdaRoundConfig(iters=150, lr=1e-2, lam=0.1),
+                                       key=jax.random.key(0), progress=False)
+  nearest = adaround.round_to_nearest(fp, weight_bits=2).model
   # The FP model is untouched: same kernels, still unquantized, same classes.
   after = _kernels(fp)
   assert before.keys() == after.keys()
@@ -319,18 +355,21 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   assert agreement(q) >= agreement(nearest)
 
 
+@pytest.mark.integration
 def test_first_last_bits_follow_the_call_order_and_per_channel_scales():
   model = _CallOrderNet(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (64, 8, 8, 1))
-  q = adaround.adaround_model(model, x, bits=3, first_last_bits=8, per_channel=True, iters=20,
-                              key=jax.random.key(0), progress=False)
+  q = adaround.adaround_model(model, x, weight_bits=3, first_last_bits=8, per_channel=True,
+                              config=adaround.AdaRoundConfig(iters=20), key=jax.random.key(0),
+                              progress=False).model
   assert (q.z_first.weight_bits, q.m_mid.weight_bits, q.a_last.weight_bits) == (8, 3, 8)
   assert q.m_mid.weight_scale.get_value().shape == (1, 1, 1, 16)
   assert q.a_last.weight_scale.get_value().shape == (1, 10)
-  nearest = adaround.round_to_nearest(model, bits=3, first_last_bits=8, example_input=x)
+  nearest = adaround.round_to_nearest(model, weight_bits=3, first_last_bits=8,
+                                      example_input=x).model
   assert (nearest.z_first.weight_bits, nearest.m_mid.weight_bits, nearest.a_last.weight_bits) == (8, 3, 8)
   with pytest.raises(ValueError, match="example_input"):
-    adaround.round_to_nearest(model, bits=3, first_last_bits=8)
+    adaround.round_to_nearest(model, weight_bits=3, first_last_bits=8)
   assert model.z_first.weight_bits is None and model.m_mid.weight_scale is None
 
 
@@ -353,24 +392,30 @@ def test_conv_apply_fn_matches_the_layer(kwargs):
 
 def test_adaround_model_bad_inputs(digits_cnn):
   fp, calibration, _ = digits_cnn
-  common = dict(iters=2, key=jax.random.key(0), progress=False)
+  common = dict(config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0), progress=False)
   with pytest.raises(ValueError, match="no trquant"):
     adaround.adaround_model(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), np.ones((4, 2)),
-                            bits=4, **common)
+                            weight_bits=4, **common)
   with pytest.raises(ValueError, match="empty"):
-    adaround.adaround_model(fp, [], bits=4, **common)
+    adaround.adaround_model(fp, [], weight_bits=4, **common)
   with pytest.raises(ValueError, match="empty"):
-    adaround.adaround_model(fp, calibration[:0], bits=4, **common)
+    adaround.adaround_model(fp, calibration[:0], weight_bits=4, **common)
   with pytest.raises(ValueError, match="bits"):
-    adaround.adaround_model(fp, calibration, bits=0, **common)
+    adaround.adaround_model(fp, calibration, weight_bits=0, **common)
   with pytest.raises(ValueError, match="first_last_bits"):
-    adaround.adaround_model(fp, calibration, bits=4, first_last_bits=40, **common)
-  with pytest.raises(ValueError, match="iters"):
-    adaround.adaround_model(fp, calibration, bits=4, **dict(common, iters=0))
+    adaround.adaround_model(fp, calibration, weight_bits=4, first_last_bits=40, **common)
+  with pytest.raises(ValueError, match="AdaRoundConfig: `iters` must be an int >= 1"):
+    adaround.adaround_model(fp, calibration, weight_bits=4,
+                            **dict(common, config=adaround.AdaRoundConfig(iters=0)))
+  with pytest.raises(ValueError, match="AdaRoundConfig"):
+    adaround.adaround_model(fp, calibration, weight_bits=4, **dict(common, config=dict(iters=2)))
+  with pytest.raises(ValueError, match="drop_prob"):
+    adaround.adaround_model(fp, calibration, weight_bits=4,
+                            **dict(common, config=adaround.AdaRoundConfig(drop_prob=0.5)))
   with pytest.raises(ValueError, match="model"):
-    adaround.adaround_model(lambda x: x, calibration, bits=4, **common)
+    adaround.adaround_model(lambda x: x, calibration, weight_bits=4, **common)
   with pytest.raises(ValueError, match="no trquant"):
-    adaround.round_to_nearest(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), bits=4)
+    adaround.round_to_nearest(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), weight_bits=4)
 
 
 class _JittedMLP(nnx.Module):
@@ -388,7 +433,8 @@ class _JittedMLP(nnx.Module):
 def test_jitted_model_call_says_to_call_the_model_eagerly():
   model, x = _JittedMLP(), jax.random.normal(jax.random.key(0), (16, 8))
   model(x)  # the jitted forward pass itself works
-  common = dict(bits=3, iters=2, key=jax.random.key(0), progress=False)
+  common = dict(weight_bits=3, config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0),
+                progress=False)
   with pytest.raises(ValueError, match="layer first ran inside a transform.*nnx.jit.*eagerly"):
     adaround.adaround_model(model, x, **common)
   # Traced once already, the jitted call reuses its trace: the message still names the cause.
@@ -406,7 +452,8 @@ def test_calibration_batches_of_different_shapes_are_named():
              np.ones((4, 6, 6, 1), np.float32)]
   with pytest.raises(ValueError, match=r"calibration batches.*batch 0 has examples of shape"
                                        r" \(8, 8, 1\), batch 2 of shape \(6, 6, 1\)"):
-    adaround.adaround_model(fp, batches, bits=3, iters=2, key=jax.random.key(0), progress=False)
+    adaround.adaround_model(fp, batches, weight_bits=3, config=adaround.AdaRoundConfig(iters=2),
+                            key=jax.random.key(0), progress=False)
 
 
 class _KeywordMLP(nnx.Module):
@@ -420,13 +467,14 @@ class _KeywordMLP(nnx.Module):
 
 
 def test_adaround_model_runs_a_model_called_with_keyword_arguments_through_apply_fn():
-  fp = trquant.nnx.quantize(_KeywordMLP(nnx.Rngs(0)), trquant.nnx.QuantRule())
+  fp = trquant.nnx.quantize_model(_KeywordMLP(nnx.Rngs(0)), trquant.nnx.QuantRule())
   x = jax.random.normal(jax.random.key(0), (32, 8))
   apply_fn = lambda model, x: model(x, cache=None, segment_ids=1.0)
   with pytest.raises(TypeError, match="segment_ids"):
-    adaround.adaround_model(fp, x, bits=4, iters=2, key=jax.random.key(0), progress=False)
-  q, reports = adaround.adaround_model(fp, x, bits=4, first_last_bits=8, iters=2,
-                                       key=jax.random.key(0), progress=False, return_info=True,
-                                       apply_fn=apply_fn)
-  assert [(r.name, r.bits) for r in reports] == [("fc1", 8), ("fc2", 8)]
+    adaround.adaround_model(fp, x, weight_bits=4, config=adaround.AdaRoundConfig(iters=2),
+                            key=jax.random.key(0), progress=False)
+  q, reports = adaround.adaround_model(fp, x, weight_bits=4, first_last_bits=8,
+                                       key=jax.random.key(0), progress=False,
+                                       apply_fn=apply_fn, config=adaround.AdaRoundConfig(iters=2))
+  assert [(r.name, r.weight_bits) for r in reports] == [("fc1", 8), ("fc2", 8)]
   assert q.fc1.weight_bits == 8 and np.isfinite(np.asarray(apply_fn(q, x))).all()

@@ -1,4 +1,4 @@
-"""trquant.adaround.block and reconstruct_model: block reconstruction (BRECQ), QDrop, activations."""
+"""reconstruct_block and reconstruct_model: block reconstruction (BRECQ), QDrop, activations."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,8 @@ from flax import nnx
 
 import trquant
 from trquant import adaround
-from trquant import models
+
+from nnx_fixture_models import BasicBlock, ConvBN
 
 
 def _mlp_problem(seed=0, n=512):
@@ -32,7 +33,8 @@ def test_one_weight_block_is_exactly_reconstruct_layer():
   w1, _, x = _mlp_problem()
   scale = trquant.init_scale(w1, bits=2, method="mse")
   y = x @ w1 + 0.05
-  common = dict(bits=2, iters=80, lr=1e-2, batch_size=16, key=jax.random.key(3))
+  common = dict(weight_bits=2, config=adaround.AdaRoundConfig(iters=80, lr=1e-2, batch_size=16),
+                key=jax.random.key(3))
   layer = adaround.reconstruct_layer(lambda w, x: x @ w, w1, scale, x, y, **common)
   block = adaround.reconstruct_block(lambda ws, a, x, k: x @ ws[0], [w1], [scale], x, y, **common)
   np.testing.assert_array_equal(block.codes[0], layer.codes)
@@ -44,7 +46,8 @@ def test_joint_rounding_beats_nearest_on_a_two_layer_block():
   ws = (w1, w2)
   scales = [trquant.init_scale(w, bits=2, method="mse") for w in ws]
   y = _mlp(ws, None, x, None)
-  result = adaround.reconstruct_block(_mlp, ws, scales, x, y, bits=2, iters=400, lr=1e-2,
+  result = adaround.reconstruct_block(_mlp, ws, scales, x, y, weight_bits=2,
+                                      config=adaround.AdaRoundConfig(iters=400, lr=1e-2),
                                       key=jax.random.key(0))
   nearest = [trquant.dequantize(trquant.quantize(w, s, bits=2), s) for w, s in zip(ws, scales)]
   nearest_error = adaround.block_error(_mlp, nearest, None, x, y)
@@ -62,8 +65,9 @@ def test_activation_scales_are_learned_and_stay_positive():
   scales = [trquant.init_scale(w, bits=4, method="mse") for w in ws]
   y = _mlp(ws, None, x, None)
   start = [jnp.asarray(0.5)]  # a poor step size for the hidden activations
-  result = adaround.reconstruct_block(_mlp, ws, scales, x, y, bits=4, act_scales=start,
-                                      act_lr=1e-2, iters=300, lr=1e-2, key=jax.random.key(0))
+  config = adaround.AdaRoundConfig(iters=300, lr=1e-2, act_lr=1e-2)
+  result = adaround.reconstruct_block(_mlp, ws, scales, x, y, weight_bits=4, act_scales=start,
+                                      config=config, key=jax.random.key(0))
   learned = float(result.act_scales[0])
   assert learned > 0 and learned != 0.5
   assert (adaround.block_error(_mlp, result.weights, result.act_scales, x, y)
@@ -76,10 +80,12 @@ def test_qdrop_mixes_full_precision_inputs_and_is_deterministic_for_a_key():
   scales = [trquant.init_scale(w, bits=2, method="mse") for w in ws]
   x_q = trquant.fake_quant(x, trquant.init_scale(x, bits=2, method="mse"), bits=2)
   y = _mlp(ws, None, x, None)
-  common = dict(bits=2, iters=60, lr=1e-2, x_fp=x, key=jax.random.key(4))
-  first = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, drop_prob=0.5, **common)
-  again = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, drop_prob=0.5, **common)
-  plain = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, drop_prob=0.0, **common)
+  qdrop = adaround.AdaRoundConfig(iters=60, lr=1e-2, drop_prob=0.5)
+  common = dict(weight_bits=2, x_fp=x, key=jax.random.key(4))
+  first = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, config=qdrop, **common)
+  again = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, config=qdrop, **common)
+  plain = adaround.reconstruct_block(_mlp, ws, scales, x_q, y, config=qdrop.replace(drop_prob=0.0),
+                                     **common)
   for a, b in zip(first.codes, again.codes):
     np.testing.assert_array_equal(a, b)
   # The full-precision inputs make the loss lower than with quantized inputs only.
@@ -88,23 +94,22 @@ def test_qdrop_mixes_full_precision_inputs_and_is_deterministic_for_a_key():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(scales="one"), "one step size per weight"),
-    (dict(bits=(2, 2, 2)), "one per weight"),
-    (dict(bits=1), "binary"),
-    (dict(drop_prob=0.5), "x_fp"),
-    (dict(drop_prob=1.0, x_fp="x"), r"\[0, 1\)"),
+    (dict(weight_bits=(2, 2, 2)), "one per weight"),
+    (dict(weight_bits=1), "binary"),
+    (dict(config=adaround.AdaRoundConfig(iters=5, drop_prob=0.5)), "x_fp"),
     (dict(x_fp="short"), "shape of `x_q`"),
     (dict(act_scales=[jnp.asarray(-1.0)]), "positive"),
-    (dict(act_lr=0.0), "act_lr"),
     (dict(y="wide"), "outputs of shape"),
     (dict(weights=[]), "empty"),
-    (dict(iters=0), "iters"),
+    (dict(config={"iters": 5}), "AdaRoundConfig"),
 ])
 def test_reconstruct_block_bad_inputs(kwargs, match):
   w1, w2, x = _mlp_problem()
   ws = [w1, w2]
   scales = [trquant.init_scale(w, bits=2, method="mse") for w in ws]
   y = _mlp(ws, None, x, None)
-  args = dict(weights=ws, scales=scales, y=y, bits=2, iters=5, key=jax.random.key(0))
+  args = dict(weights=ws, scales=scales, y=y, weight_bits=2,
+              config=adaround.AdaRoundConfig(iters=5), key=jax.random.key(0))
   args.update(kwargs)
   if args["scales"] == "one":
     args["scales"] = scales[:1]
@@ -127,13 +132,12 @@ def _layers(model):
 
 
 class TinyResNet(nnx.Module):
-  """ResNet-20's pieces, fewer of them: stem, an identity and a projection block, head."""
+  """A ResNet-20 cut short: stem, an identity and a projection block, head."""
 
   def __init__(self, rngs):
-    fp = models.LayerQuant()
-    self.stem = models.ConvBN(1, 8, 3, quant=fp, signed_input=True, rngs=rngs)
-    self.blocks = nnx.List([models.BasicBlock(8, 8, strides=1, quant=fp, rngs=rngs),
-                            models.BasicBlock(8, 16, strides=2, quant=fp, rngs=rngs)])
+    self.stem = ConvBN(1, 8, 3, signed_input=True, rngs=rngs)
+    self.blocks = nnx.List([BasicBlock(8, 8, strides=1, rngs=rngs),
+                            BasicBlock(8, 16, strides=2, rngs=rngs)])
     self.head = trquant.nnx.QuantLinear(16, 10, weight_bits=None, rngs=rngs)
 
   def __call__(self, x):
@@ -154,17 +158,19 @@ def digits_resnet():
   return model, images[:128]
 
 
+@pytest.mark.integration
 def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(digits_resnet):
   fp, images = digits_resnet
   before = jax.tree.map(np.asarray, nnx.state(fp))
-  q, reports = adaround.reconstruct_model(fp, images, bits=4, act_bits=4, first_last_bits=8,
-                                          iters=10, key=jax.random.key(0), progress=False,
-                                          return_info=True)
+  q, reports = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4, first_last_bits=8,
+                                          config=adaround.AdaRoundConfig(iters=10),
+                                          key=jax.random.key(0), progress=False)
   assert [r.name for r in reports] == ["stem", "blocks/0", "blocks/1", "head"]
   assert reports[1].layers == ("blocks/0/conv1/conv", "blocks/0/conv2/conv")
   assert reports[2].layers == ("blocks/1/conv1/conv", "blocks/1/conv2/conv",
                                "blocks/1/shortcut/conv")
-  assert reports[0].bits == (8,) and reports[-1].bits == (8,) and reports[1].bits == (4, 4)
+  assert reports[0].weight_bits == (8,) and reports[-1].weight_bits == (8,)
+  assert reports[1].weight_bits == (4, 4)
   layers = _layers(q)
   assert layers["stem/conv"].act_bits == 8 and layers["stem/conv"].signed_act  # the image
   assert layers["blocks/0/conv2/conv"].act_bits == 4
@@ -179,22 +185,25 @@ def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(d
   assert q(images[:4]).shape == (4, 10)
 
 
+@pytest.mark.integration
 def test_reconstruction_lowers_each_units_error(digits_resnet):
   fp, images = digits_resnet
   _, reports = adaround.reconstruct_model(
-      fp, images, bits=2, act_bits=4, iters=150, lr=1e-2, drop_prob=0.5, granularity="block",
-      blocks=["blocks/1"], key=jax.random.key(1), progress=False, return_info=True)
+      fp, images, weight_bits=2, act_bits=4, granularity="block",
+      blocks=["blocks/1"], config=adaround.AdaRoundConfig(iters=150, lr=1e-2, drop_prob=0.5),
+      key=jax.random.key(1), progress=False)
   names = [r.name for r in reports]
   assert names == ["stem/conv", "blocks/0/conv1/conv", "blocks/0/conv2/conv", "blocks/1", "head"]
   for report in reports:
     assert report.reconstructed_error <= report.nearest_error * 1.02, report
 
 
+@pytest.mark.integration
 def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
   fp, images = digits_resnet
   # A huge rounding-loss weight and 3 iterations at a large LR leave units worse than nearest.
-  kwargs = dict(bits=4, act_bits=4, iters=3, lr=1.0, lam=100.0, granularity="block",
-                key=jax.random.key(0), progress=False, return_info=True)
+  kwargs = dict(weight_bits=4, act_bits=4, granularity="block", key=jax.random.key(0),
+                config=adaround.AdaRoundConfig(iters=3, lr=1.0, lam=100.0), progress=False)
   plain, plain_reports = adaround.reconstruct_model(fp, images, fallback_to_nearest=False, **kwargs)
   safe, safe_reports = adaround.reconstruct_model(fp, images, **kwargs)
   assert any(r.reconstructed_error > r.nearest_error for r in plain_reports)
@@ -206,7 +215,7 @@ def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
   assert any(r.kept_nearest for r in safe_reports)
   named = lambda model: {"/".join(map(str, path)): layer
                          for path, layer in trquant.nnx.quant_layers(model)}
-  nearest = named(adaround.round_to_nearest(fp, bits=4, example_input=images[:2]))
+  nearest = named(adaround.round_to_nearest(fp, weight_bits=4, example_input=images[:2]).model)
   safe_layers, plain_layers = named(safe), named(plain)
   first_kept = next(i for i, r in enumerate(safe_reports) if r.kept_nearest)
   for index, report in enumerate(safe_reports):
@@ -220,15 +229,17 @@ def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
                                       plain_layers[name].weight_codes())
 
 
+@pytest.mark.integration
 def test_layer_granularity_reconstructs_each_layer(digits_resnet):
   fp, images = digits_resnet
-  _, reports = adaround.reconstruct_model(fp, images, bits=4, granularity="layer", iters=5,
-                                          key=jax.random.key(0), progress=False,
-                                          return_info=True)
+  _, reports = adaround.reconstruct_model(fp, images, weight_bits=4, granularity="layer",
+                                          config=adaround.AdaRoundConfig(iters=5),
+                                          key=jax.random.key(0), progress=False)
   assert len(reports) == len(trquant.nnx.quant_layers(fp))
   assert all(len(r.layers) == 1 for r in reports)
 
 
+@pytest.mark.integration
 def test_reconstruct_model_on_a_quantized_transformer_block():
   class Block(nnx.Module):
     def __init__(self, rngs):
@@ -252,11 +263,11 @@ def test_reconstruct_model_on_a_quantized_transformer_block():
         x = block(x)
       return self.head(x.mean(axis=1))
 
-  fp = trquant.nnx.quantize(Net(nnx.Rngs(0)), trquant.nnx.QuantRule())
+  fp = trquant.nnx.quantize_model(Net(nnx.Rngs(0)), trquant.nnx.QuantRule())
   x = jax.random.normal(jax.random.key(0), (64, 5, 4))
-  q, reports = adaround.reconstruct_model(fp, x, bits=4, act_bits=8, iters=20,
-                                          key=jax.random.key(1), progress=False,
-                                          return_info=True)
+  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8,
+                                          config=adaround.AdaRoundConfig(iters=20),
+                                          key=jax.random.key(1), progress=False)
   assert [r.name for r in reports] == ["embed", "blocks/0", "blocks/1", "head"]
   assert set(reports[1].layers) == {"blocks/0/attn/query", "blocks/0/attn/key",
                                     "blocks/0/attn/value", "blocks/0/attn/out", "blocks/0/fc"}
@@ -265,10 +276,12 @@ def test_reconstruct_model_on_a_quantized_transformer_block():
   assert np.isfinite(np.asarray(q(x))).all()
 
 
+@pytest.mark.integration
 def test_reconstruct_model_export_round_trip(digits_resnet, tmp_path):
   fp, images = digits_resnet
-  q = adaround.reconstruct_model(fp, images, bits=4, act_bits=4, iters=5, key=jax.random.key(0),
-                                 progress=False)
+  q = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4,
+                                 config=adaround.AdaRoundConfig(iters=5), key=jax.random.key(0),
+                                 progress=False).model
   path = tmp_path / "q.npz"
   trquant.export.save_integer(path, trquant.export.to_integer(q))
   fresh = nnx.clone(q)
@@ -286,15 +299,15 @@ def test_reconstruct_model_export_round_trip(digits_resnet, tmp_path):
     (dict(blocks=["blocks"]), "nnx.List"),
     (dict(blocks=["blocks/0", "blocks/0/conv1"]), "overlap"),
     (dict(blocks=["blocks/0/conv1/bn"]), "no trquant layer"),
-    (dict(drop_prob=0.5), "act_bits"),
-    (dict(drop_prob=1.5, act_bits=4), r"\[0, 1\)"),
+    (dict(config=adaround.AdaRoundConfig(iters=2, drop_prob=0.5)), "act_bits"),
     (dict(act_bits=0), "act_bits"),
-    (dict(bits=1), "binary"),
-    (dict(iters=0), "iters"),
+    (dict(weight_bits=1), "binary"),
+    (dict(config=None), "AdaRoundConfig"),
 ])
 def test_reconstruct_model_bad_inputs(digits_resnet, kwargs, match):
   fp, images = digits_resnet
-  args = dict(bits=4, iters=2, key=jax.random.key(0), progress=False)
+  args = dict(weight_bits=4, config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0),
+              progress=False)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     adaround.reconstruct_model(fp, images, **args)
@@ -302,7 +315,8 @@ def test_reconstruct_model_bad_inputs(digits_resnet, kwargs, match):
 
 def test_reconstruct_model_calibration_errors(digits_resnet):
   fp, images = digits_resnet
-  common = dict(bits=4, iters=2, key=jax.random.key(0), progress=False)
+  common = dict(weight_bits=4, config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0),
+                progress=False)
   with pytest.raises(ValueError, match="empty"):
     adaround.reconstruct_model(fp, [], **common)
   with pytest.raises(ValueError, match="one shape"):
@@ -326,7 +340,8 @@ def test_a_unit_with_two_inputs_is_named():
       return self.head(self.pair(x, x))
 
   with pytest.raises(ValueError, match="must take one input"):
-    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), bits=4, iters=2,
+    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), weight_bits=4,
+                               config=adaround.AdaRoundConfig(iters=2),
                                key=jax.random.key(0), progress=False)
 
 
@@ -347,25 +362,27 @@ def test_input_quant_hook_decides_what_the_layer_uses():
   assert not np.allclose(quantized, plain(x))
 
 
+@pytest.mark.integration
 def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_resnet):
   fp, images = digits_resnet
-  nearest = adaround.round_to_nearest(fp, bits=4, act_bits=4, first_last_bits=8,
-                                      example_input=images)
+  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=4, first_last_bits=8,
+                                      example_input=images).model
   layers = _layers(nearest)
   assert layers["stem/conv"].act_bits == 8 and layers["blocks/0/conv1/conv"].act_bits == 4
   x = layers["blocks/0/conv1/conv"]
   assert float(x.act_scale.get_value()) > 0 and not x.signed_act
   # One step with tiny learning rates stays at the start: V from the fractional parts rounds
   # to nearest, and the step sizes barely move. So reconstruct_model starts from this model.
-  barely = adaround.reconstruct_model(fp, images, bits=4, act_bits=4, first_last_bits=8,
-                                      iters=1, lr=1e-12, act_lr=1e-12, key=jax.random.key(0),
-                                      progress=False)
+  barely = adaround.reconstruct_model(
+      fp, images, weight_bits=4, act_bits=4, first_last_bits=8,
+      config=adaround.AdaRoundConfig(iters=1, lr=1e-12, act_lr=1e-12), key=jax.random.key(0),
+      progress=False).model
   for name, layer in _layers(barely).items():
     np.testing.assert_array_equal(layer.weight_codes(), layers[name].weight_codes())
     np.testing.assert_allclose(layer.act_scale.get_value(), layers[name].act_scale.get_value(),
                                rtol=1e-6)
   with pytest.raises(ValueError, match="example_input"):
-    adaround.round_to_nearest(fp, bits=4, act_bits=4)
+    adaround.round_to_nearest(fp, weight_bits=4, act_bits=4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,15 +390,16 @@ def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_re
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_layer_granularity_reconstructs_multi_head_attention_projections():
   # nnx.MultiHeadAttention calls its projections with out_sharding=: the keyword is
   # recorded and passed again when each projection is reconstructed on its own.
   attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
-  fp = trquant.nnx.quantize(attn, trquant.nnx.QuantRule())
+  fp = trquant.nnx.quantize_model(attn, trquant.nnx.QuantRule())
   x = jax.random.normal(jax.random.key(0), (16, 3, 8))
-  q, reports = adaround.reconstruct_model(fp, x, bits=4, act_bits=8, granularity="layer",
-                                          iters=2, key=jax.random.key(1), progress=False,
-                                          return_info=True)
+  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8, granularity="layer",
+                                          config=adaround.AdaRoundConfig(iters=2),
+                                          key=jax.random.key(1), progress=False)
   assert [r.name for r in reports] == ["query", "key", "value", "out"]
   assert all(layer.weight_bits == 4 and layer.act_bits == 8 for layer in _layers(q).values())
   assert np.isfinite(np.asarray(q(x))).all()
@@ -418,30 +436,32 @@ def _evaluate(model, x):
 
 @pytest.fixture(scope="module")
 def keyword_net():
-  fp = trquant.nnx.quantize(_KeywordNet(nnx.Rngs(0)), trquant.nnx.QuantRule())
+  fp = trquant.nnx.quantize_model(_KeywordNet(nnx.Rngs(0)), trquant.nnx.QuantRule())
   return fp, jax.random.normal(jax.random.key(0), (32, 4))
 
 
+@pytest.mark.integration
 def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
   fp, x = keyword_net
   with pytest.raises(TypeError, match="deterministic"):  # model(x) is not how it is called
     fp(x)
-  nearest = adaround.round_to_nearest(fp, bits=4, act_bits=8, first_last_bits=8,
-                                      example_input=x, apply_fn=_evaluate)
+  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=8, first_last_bits=8,
+                                      example_input=x, apply_fn=_evaluate).model
   layers = _layers(nearest)
   assert layers["embed"].weight_bits == layers["head"].weight_bits == 8
   assert layers["blocks/0/fc"].weight_bits == 4 and layers["blocks/0/fc"].act_bits == 8
   # The block is called with deterministic=True, rngs=None: recorded and replayed. One
   # step with tiny learning rates stays at round-to-nearest's start.
-  q, reports = adaround.reconstruct_model(fp, x, bits=4, act_bits=8, first_last_bits=8,
-                                          iters=1, lr=1e-12, act_lr=1e-12,
+  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8, first_last_bits=8,
+                                          config=adaround.AdaRoundConfig(iters=1, lr=1e-12,
+                                                                         act_lr=1e-12),
                                           key=jax.random.key(0), progress=False,
-                                          return_info=True, apply_fn=_evaluate)
+                                          apply_fn=_evaluate)
   assert [r.name for r in reports] == ["embed", "blocks/0", "head"]
   np.testing.assert_allclose(_evaluate(q, x), _evaluate(nearest, x), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="apply_fn"):
-    adaround.reconstruct_model(fp, x, bits=4, iters=1, key=jax.random.key(0), progress=False,
-                               apply_fn="model(x)")
+    adaround.reconstruct_model(fp, x, weight_bits=4, key=jax.random.key(0), progress=False,
+                               apply_fn="model(x)", config=adaround.AdaRoundConfig(iters=1))
 
 
 def test_a_wrapper_around_the_model_is_opened_into_the_models_units(keyword_net):
@@ -454,9 +474,9 @@ def test_a_wrapper_around_the_model_is_opened_into_the_models_units(keyword_net)
     def __call__(self, x):
       return self.model(x, deterministic=True)
 
-  _, reports = adaround.reconstruct_model(Wrapper(fp), x, bits=4, iters=1,
-                                          key=jax.random.key(0), progress=False,
-                                          return_info=True)
+  _, reports = adaround.reconstruct_model(Wrapper(fp), x, weight_bits=4,
+                                          config=adaround.AdaRoundConfig(iters=1),
+                                          key=jax.random.key(0), progress=False)
   assert [r.name for r in reports] == ["model/embed", "model/blocks/0", "model/head"]
 
 
@@ -477,5 +497,6 @@ def test_a_unit_called_with_an_array_keyword_is_named():
       return self.head(self.masked(x, mask=jnp.ones(4)))
 
   with pytest.raises(ValueError, match="array keyword argument mask"):
-    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), bits=4, iters=2,
+    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), weight_bits=4,
+                               config=adaround.AdaRoundConfig(iters=2),
                                key=jax.random.key(0), progress=False)

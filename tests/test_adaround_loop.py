@@ -45,10 +45,13 @@ def test_resolve_loop():
 def test_steps_and_scan_give_the_same_reconstruction_of_a_conv_layer():
   w, x, y = _conv_problem()
   scale = trquant.init_scale(w, bits=3, method="mse")
-  kwargs = dict(bits=3, iters=40, lr=1e-2, batch_size=8, warmup=0.1, key=jax.random.key(3))
-  scan = adaround.reconstruct_layer(_conv, w, scale, x, y, loop="scan", **kwargs)
-  steps = adaround.reconstruct_layer(_conv, w, scale, x, y, loop="steps", **kwargs)
-  auto = adaround.reconstruct_layer(_conv, w, scale, x, y, **kwargs)
+  config = adaround.AdaRoundConfig(iters=40, lr=1e-2, batch_size=8, warmup_steps=4)
+  kwargs = dict(weight_bits=3, key=jax.random.key(3))
+  scan = adaround.reconstruct_layer(_conv, w, scale, x, y, config=config.replace(loop="scan"),
+                                    **kwargs)
+  steps = adaround.reconstruct_layer(_conv, w, scale, x, y, config=config.replace(loop="steps"),
+                                     **kwargs)
+  auto = adaround.reconstruct_layer(_conv, w, scale, x, y, config=config, **kwargs)
   assert steps.reconstruction_loss.shape == (40,) and steps.regularization_loss.shape == (40,)
   # Same batches and updates; the compiled programs differ in float summation order only.
   np.testing.assert_allclose(steps.reconstruction_loss, scan.reconstruction_loss, rtol=1e-2)
@@ -63,9 +66,12 @@ def test_steps_and_scan_give_the_same_block_reconstruction():
   block = lambda ws, a, x, key: _conv(ws[1], jax.nn.relu(_conv(ws[0], x)))
   target = block((w, w2), None, x, None)
   scales = [trquant.init_scale(v, bits=3, method="mse") for v in (w, w2)]
-  kwargs = dict(bits=3, iters=30, lr=1e-2, batch_size=8, key=jax.random.key(4))
-  scan = adaround.reconstruct_block(block, [w, w2], scales, x, target, loop="scan", **kwargs)
-  steps = adaround.reconstruct_block(block, [w, w2], scales, x, target, loop="steps", **kwargs)
+  config = adaround.AdaRoundConfig(iters=30, lr=1e-2, batch_size=8)
+  kwargs = dict(weight_bits=3, key=jax.random.key(4))
+  scan = adaround.reconstruct_block(block, [w, w2], scales, x, target,
+                                    config=config.replace(loop="scan"), **kwargs)
+  steps = adaround.reconstruct_block(block, [w, w2], scales, x, target,
+                                     config=config.replace(loop="steps"), **kwargs)
   np.testing.assert_allclose(steps.reconstruction_loss, scan.reconstruction_loss, rtol=1e-2)
   for a, b in zip(steps.codes, scan.codes):
     assert a.shape == b.shape and float(jnp.mean(a == b)) > 0.97
@@ -75,8 +81,6 @@ def test_bad_loop_is_named():
   w, x, y = _conv_problem(n=8)
   scale = trquant.init_scale(w, bits=3, method="mse")
   with pytest.raises(ValueError, match="`loop` must be one of"):
-    adaround.reconstruct_layer(_conv, w, scale, x, y, bits=3, iters=2, key=jax.random.key(0),
-                               loop="python")
+    adaround.AdaRoundConfig(iters=2, loop="python")
   with pytest.raises(ValueError, match="`loop` must be one of"):
-    adaround.reconstruct_block(lambda ws, a, x, k: _conv(ws[0], x), [w], [scale], x, y, bits=3,
-                               iters=2, key=jax.random.key(0), loop="eager")
+    adaround.AdaRoundConfig(iters=2, loop="eager")

@@ -173,10 +173,11 @@ def _nnx_optimizer(model, codes_fn, scales_fn):
       {"quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(5e-2, codes_fn=codes_fn)),
        "float": optax.adam(1e-2)},
       trquant.nnx.param_labels(model))
-  freeze = trquant.freeze_oscillations(codes_fn, scales_fn, total_steps=100, threshold=0.5)
+  freeze = trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=100, threshold=0.5)
   return nnx.Optimizer(model, optax.chain(tx, freeze), wrt=nnx.Param)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("order", ["optimizer_first", "restore_first", "traced_before_restore"])
 def test_codes_fn_and_scales_fn_follow_a_restore(tmp_path, order):
   # The checkpoint's scales differ clearly from those a fresh model starts with.

@@ -35,7 +35,7 @@ def _lagging_model():
   run whose statistics lag its weights leaves (eval output no longer the trained one)."""
   fp = _ConvBN(nnx.Rngs(0))
   trquant.nnx.reestimate_batchnorm(fp, _batches())  # settled statistics of the FP weights
-  q = trquant.nnx.quantize(fp, [QuantRule("conv.*", weight_bits=2, scale_method="absmax")])
+  q = trquant.nnx.quantize_model(fp, [QuantRule("conv.*", weight_bits=2, scale_method="absmax")])
   return fp, q
 
 

@@ -27,7 +27,7 @@ def test_capture_records_inputs_and_outputs_in_call_order():
   model = _Unordered()
   x = jax.random.normal(jax.random.key(0), (5, 6))
   classes = {name: type(getattr(model, name)) for name in "abc"}
-  with trquant.nnx.capture(model) as captured:
+  with trquant.nnx.capture_layers(model) as captured:
     y = model(x)
   assert captured.order == ["c", "a", "b"] and captured.missed == []
   np.testing.assert_array_equal(captured.inputs(model.c)[0], x)
@@ -41,25 +41,25 @@ def test_capture_records_inputs_and_outputs_in_call_order():
 def test_capture_stop_ends_the_forward_pass_after_the_layer():
   model = _Unordered()
   x = jnp.ones((2, 6))
-  with trquant.nnx.capture(model, [model.a], stop=True) as captured:
+  with trquant.nnx.capture_layers(model, [model.a], stop=True) as captured:
     model(x)
     raise AssertionError("not reached: the pass stops after layer a")
   assert [call.path for call in captured.calls] == ["a"]
   with pytest.raises(ValueError, match="no trquant layer at 'd'"):
-    with trquant.nnx.capture(model, ["d"]):
+    with trquant.nnx.capture_layers(model, ["d"]):
       pass
   with pytest.raises(ValueError, match="not a trquant layer"):
-    with trquant.nnx.capture(model, [nnx.Linear(2, 2, rngs=nnx.Rngs(0))]):
+    with trquant.nnx.capture_layers(model, [nnx.Linear(2, 2, rngs=nnx.Rngs(0))]):
       pass
 
 
 def test_capture_reports_traced_and_copied_calls_as_missed():
   model = _Unordered()
   x = jnp.ones((2, 6))
-  with trquant.nnx.capture(model) as captured:
+  with trquant.nnx.capture_layers(model) as captured:
     jax.jit(lambda x: model(x))(x)  # the same layers, on tracers
   assert captured.calls == [] and len(captured.missed) == 3 and "traced" in captured.missed[0]
-  with trquant.nnx.capture(model) as captured:
+  with trquant.nnx.capture_layers(model) as captured:
     nnx.jit(lambda m, x: m(x))(model, x)  # nnx.jit runs a copy of the model
   assert captured.calls == [] and "copy" in captured.missed[0]
   assert model.a.capture_hook is None

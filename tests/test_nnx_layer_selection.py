@@ -27,7 +27,7 @@ class _Net(nnx.Module):
 def _w2_with_8bit_edges():
   model = _Net(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (32, 6))
-  q = trquant.nnx.quantize(model, [
+  q = trquant.nnx.quantize_model(model, [
       trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, act_bits=8),
       QuantRule(weight_bits=2, act_bits=4, signed_act=True)])
   return q, x
@@ -42,7 +42,7 @@ def test_joined_names_are_the_names_rules_match():
   assert [layer for _, layer in names] == [layer for _, layer in tuples]
   plain = _Net(nnx.Rngs(0))
   for name, _ in names:  # each name, as a rule path, matches exactly that layer
-    one = trquant.nnx.quantize(plain, [QuantRule(re.escape(name))])
+    one = trquant.nnx.quantize_model(plain, [QuantRule(re.escape(name))])
     assert [n for n, layer in trquant.nnx.quant_layers(one, joined=True)] == [name]
   with pytest.raises(ValueError, match="joined"):
     trquant.nnx.quant_layers(q, joined="yes")

@@ -201,5 +201,35 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_sharded_model_matches_unsharded(run_on_cpu_mesh):
   assert "SHARDED OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)
+
+
+def test_stats_keyed_by_layer_name():
+  model = small_mlp()
+  names = trquant.nnx.layer_names(model)
+  codes = trquant.nnx.codes_fn(model)(trquant.nnx.values(nnx.state(model, nnx.Param)))
+  assert len(names) == sum(leaf is not None for leaf in jax.tree.leaves(
+      codes, is_leaf=lambda x: x is None))
+  assert names == ["layers/0", "layers/2"]
+  chain = optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(model)),
+                      trquant.track_oscillations(codes_fn=trquant.nnx.codes_fn(model)))
+  optimizer = nnx.Optimizer(model, chain, wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    optimizer.update(model, nnx.grad(lambda m: jnp.sum(m(jnp.ones((4, 16))) ** 2))(model))
+
+  step(model, optimizer)
+  plain = trquant.nnx.transition_stats(optimizer)
+  keyed = trquant.nnx.transition_stats(optimizer, model=model)
+  assert list(keyed["talr_multiplier"]) == names
+  for i, name in enumerate(names):
+    assert keyed["talr_multiplier"][name] == plain["talr_multiplier"][i]
+  assert keyed["tr_step"] == plain["tr_step"]  # scalars stay as they are
+  oscillations = trquant.nnx.oscillation_stats(optimizer, model=model)
+  assert list(oscillations["oscillating_fraction"]) == names
+  with pytest.raises(ValueError, match="max_bits"):
+    trquant.nnx.transition_stats(optimizer, model=nnx.Sequential(
+        QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0))))

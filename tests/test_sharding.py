@@ -13,6 +13,11 @@ flipped differently under the sharded reductions.
 
 import textwrap
 
+import pytest
+
+# Each test trains in a fresh 8-device interpreter: integration tests.
+pytestmark = pytest.mark.integration
+
 _SETUP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -121,8 +126,8 @@ _FULLY_SHARDED_OSCILLATIONS = _COMMON + textwrap.dedent("""
     scales_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
     osc_tx = optax.chain(optax.adam(3e-3), trquant.tr_schedule(
         optax.cosine_decay_schedule(2e-2, 40), codes_fn=codes_fn),
-        trquant.freeze_oscillations(codes_fn, scales_fn, total_steps=20, momentum=0.3,
-                                    start_fraction=0.25, threshold=0.05))
+        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=20, decay=0.7,
+                                    warmup_steps=5, threshold=0.05))
     osc_reference = train(init_params(), tx=osc_tx)
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     put = lambda params: jax.tree.map(
@@ -187,8 +192,8 @@ _EXPLICIT_SHARDING = _SETUP + textwrap.dedent("""
     scales_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
     osc_tx = optax.chain(optax.adam(3e-3), trquant.tr_schedule(
         optax.cosine_decay_schedule(2e-2, 40), codes_fn=codes_fn),
-        trquant.freeze_oscillations(codes_fn, scales_fn, total_steps=20, momentum=0.3,
-                                    start_fraction=0.25, threshold=0.05))
+        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=20, decay=0.7,
+                                    warmup_steps=5, threshold=0.05))
     reference = train(init_params(), tx=osc_tx)
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
     specs = {"dense": P("fsdp"), "proj": P(None, "fsdp"), "head": P("fsdp")}

@@ -1,4 +1,4 @@
-"""trquant.nnx.quantize: rules-based surgery of plain NNX models, and everything downstream of it."""
+"""trquant.nnx.quantize_model: rules-based surgery of plain NNX models, and everything downstream of it."""
 
 import textwrap
 
@@ -98,7 +98,7 @@ def test_full_precision_rules_keep_the_model_and_its_outputs(name):
        "vit": _images()}[name]
   model.eval()
   before = _values(model)
-  q = trquant.nnx.quantize(model, QuantRule())
+  q = trquant.nnx.quantize_model(model, QuantRule())
   kinds = set(_types(q).values())
   assert not kinds & {"Linear", "LinearGeneral", "Conv"}, kinds
   if name == "vit":
@@ -124,7 +124,7 @@ def test_quantized_surgery_model_equals_the_hand_built_model():
               per_channel=True)
   trquant.nnx.load_float_weights(hand, plain)
   trquant.nnx.init_weight_scales(hand)
-  q = trquant.nnx.quantize(plain, QuantRule(weight_bits=4, act_bits=4, per_channel=True))
+  q = trquant.nnx.quantize_model(plain, QuantRule(weight_bits=4, act_bits=4, per_channel=True))
   for model in (hand, q):
     model.eval()
     trquant.nnx.calibrate_activations(model, x)
@@ -137,7 +137,7 @@ def test_quantized_surgery_model_equals_the_hand_built_model():
 
 def test_quantized_attention_is_attention_with_fake_quantized_projections():
   model = _ViT(nnx.Rngs(0))
-  q = trquant.nnx.quantize(model, [QuantRule("blocks/.*/attn/.*", weight_bits=3, per_channel=True),
+  q = trquant.nnx.quantize_model(model, [QuantRule("blocks/.*/attn/.*", weight_bits=3, per_channel=True),
                                    QuantRule(weight_bits=4)])
   x = _images()
   reference = nnx.clone(model)
@@ -153,7 +153,7 @@ def test_quantized_attention_is_attention_with_fake_quantized_projections():
 
 def test_first_matching_rule_wins_and_unmatched_layers_stay_as_they_are():
   model = _ViT(nnx.Rngs(0))
-  q = trquant.nnx.quantize(model, [
+  q = trquant.nnx.quantize_model(model, [
       QuantRule("blocks/0/.*", weight_bits=2, act_bits=2, signed_act=True),
       QuantRule("blocks/.*", layer_types=nnx.LinearGeneral, weight_bits=4),
       QuantRule("blocks/.*", weight_bits=3, weight_quantizer="lsq"),
@@ -163,7 +163,7 @@ def test_first_matching_rule_wins_and_unmatched_layers_stay_as_they_are():
   assert q.blocks[1].attn.key.weight_bits == 4 and isinstance(q.blocks[1].attn.key, QuantLinearGeneral)
   assert q.blocks[1].fc1.weight_bits == 3 and q.blocks[1].fc1.weight_quantizer == "lsq"
   assert q.head.weight_bits == 8
-  skipped = trquant.nnx.quantize(model, [QuantRule("blocks/1/fc1", skip=True),
+  skipped = trquant.nnx.quantize_model(model, [QuantRule("blocks/1/fc1", skip=True),
                                          QuantRule(weight_bits=4)])
   assert type(skipped.blocks[1].fc1) is nnx.Linear and skipped.blocks[0].fc1.weight_bits == 4
 
@@ -172,16 +172,16 @@ def test_a_rule_that_matches_nothing_raises():
   model = _ViT(nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"rule 1, QuantRule\('blocks/.*/mlp/.*'.*matches no layer"
                                        r".*blocks/0/attn/key \(LinearGeneral\)"):
-    trquant.nnx.quantize(model, [QuantRule("head"), QuantRule("blocks/.*/mlp/.*", weight_bits=4)])
+    trquant.nnx.quantize_model(model, [QuantRule("head"), QuantRule("blocks/.*/mlp/.*", weight_bits=4)])
   with pytest.raises(ValueError, match="blocks/0/attn is a MultiHeadAttention.*blocks/0/attn/"):
-    trquant.nnx.quantize(model, QuantRule("blocks/0/attn", weight_bits=4))
+    trquant.nnx.quantize_model(model, QuantRule("blocks/0/attn", weight_bits=4))
   with pytest.raises(ValueError, match=r"rule 1.*first matching rule wins.*head \(rule 0\)"):
-    trquant.nnx.quantize(model, [QuantRule(weight_bits=4), QuantRule("head", weight_bits=8)])
-  q = trquant.nnx.quantize(model, [QuantRule("blocks/.*/mlp/.*", allow_unmatched=True),
+    trquant.nnx.quantize_model(model, [QuantRule(weight_bits=4), QuantRule("head", weight_bits=8)])
+  q = trquant.nnx.quantize_model(model, [QuantRule("blocks/.*/mlp/.*", allow_unmatched=True),
                                    QuantRule("head", weight_bits=8)])
   assert q.head.weight_bits == 8
   with pytest.raises(ValueError, match="empty"):
-    trquant.nnx.quantize(model, [])
+    trquant.nnx.quantize_model(model, [])
 
 
 class _WithEmbedding(nnx.Module):
@@ -198,12 +198,12 @@ def test_layers_that_cannot_be_quantized_raise_naming_them():
   model = _WithEmbedding(nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"matches embed \(nnx.Embed\).*table lookup.*"
                                        r"QuantRule\('embed', skip=True\)"):
-    trquant.nnx.quantize(model, QuantRule("embed", weight_bits=4))
+    trquant.nnx.quantize_model(model, QuantRule("embed", weight_bits=4))
   with pytest.raises(ValueError, match=r"up \(nnx.ConvTranspose\).*no transposed"):
-    trquant.nnx.quantize(model, QuantRule("up|out", weight_bits=4))
+    trquant.nnx.quantize_model(model, QuantRule("up|out", weight_bits=4))
   with pytest.raises(ValueError, match="nnx.Embed layers cannot be quantized"):
     QuantRule(layer_types=nnx.Embed)
-  q = trquant.nnx.quantize(model, [QuantRule("embed|up", skip=True), QuantRule(weight_bits=4)])
+  q = trquant.nnx.quantize_model(model, [QuantRule("embed|up", skip=True), QuantRule(weight_bits=4)])
   assert type(q.out) is QuantLinear and type(q.embed) is nnx.Embed
   tokens = jnp.arange(6).reshape(2, 3)
   assert q(tokens).shape == (2, 3, 4)
@@ -215,7 +215,7 @@ def test_layers_that_cannot_be_quantized_raise_naming_them():
                        (nnx.Linear(4, 4, dot_general=lambda *a, **k: jax.lax.dot_general(*a, **k),
                                    rngs=nnx.Rngs(0)), "custom `dot_general`")]:
     with pytest.raises(ValueError, match=match):
-      trquant.nnx.quantize(nnx.Sequential(layer), QuantRule("layers/0", weight_bits=4))
+      trquant.nnx.quantize_model(nnx.Sequential(layer), QuantRule("layers/0", weight_bits=4))
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -245,12 +245,12 @@ def test_first_last_rule_follows_the_forward_pass():
   x = jnp.ones((1, 6))
   rule = trquant.nnx.first_last_rule(model, x)
   assert rule.path == "c|b" and rule.weight_bits is None
-  q = trquant.nnx.quantize(model, [rule, QuantRule(weight_bits=2, act_bits=2)])
+  q = trquant.nnx.quantize_model(model, [rule, QuantRule(weight_bits=2, act_bits=2)])
   assert (q.c.weight_bits, q.a.weight_bits, q.b.weight_bits) == (None, 2, None)
-  eight = trquant.nnx.quantize(model, [trquant.nnx.first_last_rule(model, x, weight_bits=8, act_bits=8),
+  eight = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule(model, x, weight_bits=8, act_bits=8),
                                        QuantRule(weight_bits=2)])
   assert (eight.c.weight_bits, eight.c.act_bits, eight.c.signed_act) == (8, 8, True)
-  kept = trquant.nnx.quantize(model, [trquant.nnx.first_last_rule(model, x, skip=True),
+  kept = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule(model, x, skip=True),
                                       QuantRule(weight_bits=2)])
   assert type(kept.c) is nnx.Linear and type(kept.b) is nnx.Linear
   vit = _ViT(nnx.Rngs(0))
@@ -274,13 +274,13 @@ class _Containers(nnx.Module):
 def test_layers_in_lists_tuples_dicts_and_shared_layers_are_replaced_everywhere():
   model = _Containers(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (3, 4))
-  q = trquant.nnx.quantize(model, QuantRule(weight_bits=4))
+  q = trquant.nnx.quantize_model(model, QuantRule(weight_bits=4))
   assert all(type(layer) is QuantLinear for layer in (*q.items, *q.pair, q.table["x"], q.again))
   assert q.again is q.items[0]  # still one layer
   assert isinstance(q.pair, tuple)
-  fp = trquant.nnx.quantize(model, QuantRule())
+  fp = trquant.nnx.quantize_model(model, QuantRule())
   np.testing.assert_array_equal(fp(x), model(x))
-  single = trquant.nnx.quantize(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), QuantRule(weight_bits=4))
+  single = trquant.nnx.quantize_model(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), QuantRule(weight_bits=4))
   assert type(single) is QuantLinear and single.weight_bits == 4
 
 
@@ -291,12 +291,13 @@ def test_layers_in_lists_tuples_dicts_and_shared_layers_are_replaced_everywhere(
 
 def _quantized_vit(seed=0, bits=2):
   model = _ViT(nnx.Rngs(seed), depth=1)
-  q = trquant.nnx.quantize(model, [trquant.nnx.first_last_rule(model, _images(n=1)),
+  q = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule(model, _images(n=1)),
                                    QuantRule(weight_bits=bits, act_bits=bits, signed_act=True)])
   trquant.nnx.calibrate_activations(q, _images(seed=7, n=32))
   return q
 
 
+@pytest.mark.integration
 def test_tr_schedule_training_on_a_quantized_vit():
   q = _quantized_vit()
   labels = trquant.nnx.param_labels(q)
@@ -330,14 +331,15 @@ def test_tr_schedule_training_on_a_quantized_vit():
   assert losses[-1] < float(loss0)
 
 
+@pytest.mark.integration
 def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
-  q = trquant.nnx.quantize(_CNN(nnx.Rngs(0)), QuantRule(weight_bits=3, act_bits=4))
+  q = trquant.nnx.quantize_model(_CNN(nnx.Rngs(0)), QuantRule(weight_bits=3, act_bits=4))
   x = jax.random.normal(jax.random.key(1), (32, 8, 8, 1))
   y = jax.random.randint(jax.random.key(2), (32,), 0, 10)
   trquant.nnx.calibrate_activations(q, x)
   tx = optax.chain(optax.sgd(0.05, momentum=0.9), trquant.freeze_oscillations(
-      trquant.nnx.codes_fn(q), trquant.nnx.scales_fn(q), total_steps=8, momentum=0.3,
-      start_fraction=0.25, threshold=0.05))
+      codes_fn=trquant.nnx.codes_fn(q), scale_fn=trquant.nnx.scales_fn(q), total_steps=8, decay=0.7,
+      warmup_steps=2, threshold=0.05))
   optimizer = nnx.Optimizer(q, tx, wrt=nnx.Param)
 
   @nnx.jit
@@ -355,6 +357,7 @@ def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
   assert trquant.nnx.reestimate_batchnorm(q, [x[:16], x[16:]]) == 2
 
 
+@pytest.mark.integration
 def test_integer_export_round_trip_of_a_quantized_vit(tmp_path):
   q = _quantized_vit(bits=4)
   q.eval()
@@ -369,6 +372,7 @@ def test_integer_export_round_trip_of_a_quantized_vit(tmp_path):
   np.testing.assert_array_equal(fresh(x), q(x))
 
 
+@pytest.mark.integration
 def test_orbax_round_trip_of_a_quantized_model_and_its_optimizer(tmp_path):
   q = _quantized_vit()
   tx = optax.chain(optax.adam(1e-3), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(q)))
@@ -404,14 +408,16 @@ class _EinsumNet(nnx.Module):
     return self.out(h.reshape(*h.shape[:2], -1))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["vit", "einsum"])
 def test_adaround_on_a_surgery_made_model(name):
   model = _ViT(nnx.Rngs(0), depth=1) if name == "vit" else _EinsumNet(nnx.Rngs(0))
   x = _images(seed=2, n=128) if name == "vit" else jax.random.normal(jax.random.key(2), (128, 5, 8))
-  fp = trquant.nnx.quantize(model, QuantRule())  # trquant layers in full precision
-  q, reports = trquant.adaround.adaround_model(fp, x, bits=3, per_channel=True, iters=120, lr=1e-2,
-                                               key=jax.random.key(0), progress=False,
-                                               return_info=True)
+  fp = trquant.nnx.quantize_model(model, QuantRule())  # trquant layers in full precision
+  config = trquant.adaround.AdaRoundConfig(iters=120, lr=1e-2)
+  q, reports = trquant.adaround.adaround_model(fp, x, weight_bits=3, per_channel=True,
+                                               config=config, key=jax.random.key(0),
+                                               progress=False)
   expected = 2 + 6 if name == "vit" else 2
   assert len(reports) == expected
   if name == "vit":
@@ -420,7 +426,7 @@ def test_adaround_on_a_surgery_made_model(name):
   for report in reports:
     assert report.adaround_error <= report.nearest_error * 1.001, report
   assert sum(r.adaround_error for r in reports) < sum(r.nearest_error for r in reports)
-  nearest = trquant.adaround.round_to_nearest(fp, bits=3, per_channel=True)
+  nearest = trquant.adaround.round_to_nearest(fp, weight_bits=3, per_channel=True).model
   held_out = _images(seed=9, n=64) if name == "vit" else jax.random.normal(jax.random.key(9), (64, 5, 8))
   target = model(held_out)
   error = lambda m: float(jnp.mean((m(held_out) - target) ** 2))
@@ -459,7 +465,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     def run(model):
       # Weights only: with quantized inputs, the sharded run's other summation order moves
       # some inputs across rounding boundaries, and the runs part ways within a few steps.
-      q = trquant.nnx.quantize(model, QuantRule(weight_bits=2))
+      q = trquant.nnx.quantize_model(model, QuantRule(weight_bits=2))
       x = jax.random.normal(jax.random.key(1), (16, 3, 16))
       y = jax.random.normal(jax.random.key(2), (16, 3, 8))
       tx = optax.partition({
@@ -482,7 +488,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     with jax.set_mesh(mesh):
       sharded = Model(nnx.Rngs(0), True)
     # The surgery runs outside the mesh context: the placed arrays and annotations carry over.
-    probe = trquant.nnx.quantize(sharded, QuantRule(weight_bits=2))
+    probe = trquant.nnx.quantize_model(sharded, QuantRule(weight_bits=2))
     assert probe.attn.query.kernel.get_metadata()["out_sharding"] == (None, "model", None)
     assert tuple(probe.attn.out.kernel.get_value().sharding.spec) == ("model", None, None)
     specs = nnx.get_partition_spec(nnx.state(probe, nnx.Param))
@@ -506,5 +512,6 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_surgery_keeps_sharding_and_trains_as_unsharded(run_on_cpu_mesh):
   assert "SHARDED SURGERY OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)

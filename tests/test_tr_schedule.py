@@ -66,16 +66,16 @@ def test_state_holds_no_copy_of_weights():
   state = _tx().init(_params())
   tr_state = state[1]
   # Scalars: step, target, R_0, warm-up end, previous window rate; the (sum, count) of the
-  # warm-up window; 9 vectors of one entry per quantized layer (2 here): rates, multiplier
-  # and the windup guard's ceiling, stalled fraction, window references and event count.
-  # Nothing weight-sized.
-  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 9 * 2
+  # warm-up window; 10 vectors of one entry per quantized layer (2 here): rates, multiplier
+  # and the windup guard's ceiling, stalled and beyond-grid fractions, window references and
+  # event count. Nothing weight-sized.
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 10 * 2
 
 
 def test_first_step_scales_quantized_leaves_and_passes_others():
   params = _params()
   grads = _grads(params)
-  tx = optax.chain(optax.sgd(0.1), trquant.tr_schedule(1e-2, codes_fn=_codes_fn, init_scale=0.5))
+  tx = optax.chain(optax.sgd(0.1), trquant.tr_schedule(1e-2, codes_fn=_codes_fn, init_multiplier=0.5))
   updates, _ = tx.update(grads, tx.init(params), params)
   for name in params:
     np.testing.assert_allclose(updates[name]["kernel"], -0.05 * grads[name]["kernel"], rtol=1e-6)
@@ -133,7 +133,7 @@ def test_controllers_move_towards_target(controller):
   # Running rate above the target lowers u; below it raises u.
   params = _params()
   for target, direction in [(1e-6, -1), (0.9, 1)]:
-    tx = _tx(lr=0.3, target_tr=target, controller=controller, momentum=0.0)
+    tx = _tx(lr=0.3, target_tr=target, controller=controller, decay=0.0)
     state = tx.init(params)
     for seed in range(3):
       _, state = tx.update(_grads(params, seed), state, params)
@@ -145,7 +145,7 @@ def test_log_feed_forward_follows_target_ratio():
   # With K equal to the target the feedback term is zero: u moves with R_t / R_{t-1}.
   params = _params()
   schedule = optax.piecewise_constant_schedule(1e-2, {1: 0.5})
-  tx = trquant.tr_schedule(schedule, codes_fn=_codes_fn, momentum=0.0)
+  tx = trquant.tr_schedule(schedule, codes_fn=_codes_fn, decay=0.0)
   state = tx.init(params)
   zeros = jax.tree.map(jnp.zeros_like, params)
   _, state = tx.update(zeros, state, params)
@@ -163,9 +163,9 @@ def test_zero_target_freezes():
   assert np.all(np.asarray(optax.tree.get(state, "talr_multiplier")) < 0.5)
 
 
-def test_max_scale_bounds_multiplier():
+def test_max_multiplier_bounds_multiplier():
   params = _params()
-  tx = _tx(lr=1e-6, target_tr=0.5, controller="momentum", max_scale=3.0)
+  tx = _tx(lr=1e-6, target_tr=0.5, controller="momentum", max_multiplier=3.0)
   state = tx.init(params)
   for seed in range(50):
     _, state = tx.update(_grads(params, seed), state, params)
@@ -176,7 +176,7 @@ def test_max_scale_bounds_multiplier():
 def test_prefix_codes_tree():
   params = _params()
   codes_fn = lambda p: {"dense": {"kernel": trquant.quantize(p["dense"]["kernel"], 0.5, bits=BITS), "bias": None}, "head": None}
-  tx = optax.chain(optax.sgd(0.1), trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_scale=2.0))
+  tx = optax.chain(optax.sgd(0.1), trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_multiplier=2.0))
   grads = _grads(params)
   updates, state = tx.update(grads, tx.init(params), params)
   assert optax.tree.get(state, "talr_multiplier").shape == (1,)
@@ -302,7 +302,7 @@ def test_inject_hyperparams():
   step = jax.jit(tx.update)
   _, state = step(_grads(params), state, params)
   inject_state = state[1]
-  assert set(inject_state.hyperparams) >= {"target_tr", "eta", "momentum"}
+  assert set(inject_state.hyperparams) >= {"target_tr", "eta", "decay"}
   # A larger injected gain moves u further for the same error.
   small = inject_state
   large = inject_state._replace(hyperparams={**inject_state.hyperparams, "eta": jnp.asarray(0.5)})
@@ -341,7 +341,7 @@ def test_partition_with_float_group():
   codes_fn = lambda p: {n: {"kernel": trquant.quantize(l["kernel"], SCALES[n], bits=BITS), "bias": None} for n, l in p.items()}
   tx = optax.partition(
       {
-          "quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_scale=2.0)),
+          "quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_multiplier=2.0)),
           "float": optax.adam(optax.cosine_decay_schedule(1e-2, 100)),
       },
       labels,
@@ -362,7 +362,7 @@ def test_masked():
   params = _params()
   mask = {name: {"kernel": True, "bias": False} for name in params}
   codes_fn = lambda p: {n: {"kernel": trquant.quantize(l["kernel"], SCALES[n], bits=BITS), "bias": None} for n, l in p.items()}
-  tx = optax.chain(optax.sgd(0.1), optax.masked(trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_scale=3.0), mask))
+  tx = optax.chain(optax.sgd(0.1), optax.masked(trquant.tr_schedule(1e-2, codes_fn=codes_fn, init_multiplier=3.0), mask))
   grads = _grads(params)
   updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
   for name in params:
@@ -434,13 +434,13 @@ def test_params_required():
         ({"controller": 3}, "controller"),
         ({"eta": 0.0}, "eta"),
         ({"eta": -1.0}, "eta"),
-        ({"momentum": 1.0}, "momentum"),
-        ({"momentum": -0.1}, "momentum"),
+        ({"decay": 1.0}, "decay"),
+        ({"decay": -0.1}, "decay"),
         ({"target_tr": -1e-3}, "target_tr"),
         ({"target_tr": 2.0}, "target_tr"),
         ({"target_tr": float("nan")}, "target_tr"),
-        ({"init_scale": -1.0}, "init_scale"),
-        ({"max_scale": 0.0}, "max_scale"),
+        ({"init_multiplier": -1.0}, "init_multiplier"),
+        ({"max_multiplier": 0.0}, "max_multiplier"),
         ({"per_layer": "yes"}, "per_layer"),
         ({"codes_fn": "kernel"}, "codes_fn"),
         ({"controller": lambda u, r, k, e, p: u}, "eta"),
@@ -574,11 +574,11 @@ def test_measured_target_starts_unknown_and_keeps_multiplier_in_warmup():
   assert float(optax.tree.get(states[4], "target_transition_rate")) == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("decay, factor", [("cosine", 0.5), ("linear", 0.5), ("constant", 1.0),
-                                           (lambda p: (1.0 - p) ** 2, 0.25)])
-def test_measured_target_decay_shapes(decay, factor):
+@pytest.mark.parametrize("schedule, factor", [("cosine", 0.5), ("linear", 0.5), ("constant", 1.0),
+                                              (lambda p: (1.0 - p) ** 2, 0.25)])
+def test_measured_target_schedule_shapes(schedule, factor):
   params = _params()
-  states = _run(_measured_tx(warmup=4, total=14, decay=decay, fraction=0.5), params, 10)
+  states = _run(_measured_tx(warmup=4, total=14, schedule=schedule, fraction=0.5), params, 10)
   r0 = float(optax.tree.get(states[-1], "initial_target_rate"))
   # Step 9 is halfway through the 10 steps after the warm-up.
   assert float(optax.tree.get(states[9], "target_transition_rate")) == pytest.approx(
@@ -638,7 +638,7 @@ def test_measured_target_under_inject_hyperparams():
     (dict(total_steps=10, warmup_steps=10), "must exceed"),
     (dict(total_steps=10, warmup_steps=1), ">= 2"),
     (dict(total_steps=10.0), "must be an int"),
-    (dict(total_steps=100, decay="exp"), "decay"),
+    (dict(total_steps=100, schedule="exp"), "schedule"),
     (dict(total_steps=100, fraction=0.0), "fraction"),
 ])
 def test_measured_target_invalid_arguments(kwargs, match):
@@ -754,7 +754,7 @@ def _runaway_problem(target, *, guard, steps=2000):
   scale = trquant.init_scale(params["w"], bits=1)
   codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=1)}
   tx = optax.chain(optax.adam(1e-2), trquant.tr_schedule(
-      target, codes_fn=codes_fn, momentum=0.9, windup_guard=guard, guard_window=50))
+      target, codes_fn=codes_fn, decay=0.9, windup_guard=guard, guard_window=50))
 
   def loss(p, idx):
     return jnp.mean((x[idx] @ trquant.fake_quant(p["w"], scale, bits=1) - y[idx]) ** 2)
@@ -774,7 +774,7 @@ def _runaway_problem(target, *, guard, steps=2000):
 def test_without_the_guard_the_talr_runs_away():
   (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=False)
   last = slice(1500, None)
-  np.testing.assert_array_equal(multiplier[last], 1e3)  # max_scale
+  np.testing.assert_array_equal(multiplier[last], 1e3)  # max_multiplier
   np.testing.assert_array_equal(rate[last], 0.0)  # no transition for good
   assert beyond[-1] == 1.0  # every latent weight beyond the grid
   assert int(state.windup_events[0]) == 0
@@ -804,3 +804,55 @@ def test_guard_window_is_validated():
     _tx(guard_window=1)
   with pytest.raises(ValueError, match="windup_guard"):
     _tx(windup_guard="yes")
+
+
+def _beyond_grid_run(saturation_fn, steps=600):
+  """Binary weights, 94% beyond the +-s window (no straight-through gradient there) and a
+  coupled weight decay that keeps them moving, so they never count as stalled: only the
+  few weights inside the window can meet the target."""
+  scale = 0.1
+  w0 = jax.random.normal(jax.random.key(0), (2000,))
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=1)}
+  tx = optax.chain(optax.add_decayed_weights(1e-2), optax.sgd(1e-3), trquant.tr_schedule(
+      3e-3, codes_fn=codes_fn, decay=0.9, guard_window=100, saturation_fn=saturation_fn))
+  params = {"w": w0}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, key):
+    inside = jnp.abs(params["w"]) <= scale
+    grads = {"w": jnp.where(inside, jax.random.normal(key, w0.shape), 0.0)}
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  multipliers = []
+  for t in range(steps):
+    params, state = step(params, state, jax.random.key(t + 1))
+    multipliers.append(float(optax.tree.get(state, "talr_multiplier")[0]))
+  return np.array(multipliers), state
+
+
+def test_guard_reads_beyond_grid_weights_from_saturation_fn():
+  saturation_fn = lambda p: {"w": jnp.abs(p["w"]) > 0.1}
+  blind, blind_state = _beyond_grid_run(None)
+  seeing, seeing_state = _beyond_grid_run(saturation_fn)
+  assert float(optax.tree.get(blind_state, "stalled_fraction")[0]) < 0.5  # decay moves them
+  assert float(optax.tree.get(blind_state, "beyond_grid_fraction")[0]) == 0.0
+  assert float(optax.tree.get(seeing_state, "beyond_grid_fraction")[0]) > 0.9
+  # Without the mask u climbs until the rate stops answering; with it, the first window
+  # that raised u while most weights were beyond the grid sets the ceiling.
+  assert blind.max() > 3.0
+  assert seeing.max() < 2.0
+  assert int(optax.tree.get(seeing_state, "windup_events")[0]) >= 1
+
+
+def test_nnx_codes_fn_carries_its_saturation_fn():
+  model = nnx.Sequential(trquant.nnx.QuantLinear(8, 4, weight_bits=1, rngs=nnx.Rngs(0)))
+  model.layers[0].weight_scale.set_value(jnp.float32(1e-3))  # every weight beyond the grid
+  codes_fn = trquant.nnx.codes_fn(model)
+  assert callable(codes_fn.saturation_fn)
+  tx = optax.chain(optax.sgd(1e-2), trquant.tr_schedule(1e-2, codes_fn=codes_fn, decay=0.0))
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  np.testing.assert_allclose(optax.tree.get(state, "beyond_grid_fraction"), [1.0])

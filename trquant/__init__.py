@@ -4,15 +4,11 @@ Quantizers with straight-through gradients, transition-rate (TR) scheduling of
 quantized weights as an optax transform, tools against weight oscillations
 (tracking, iterative freezing, the dampening loss), AdaRound post-training
 quantization (:mod:`trquant.adaround`), Flax NNX layers and model surgery
-(:mod:`trquant.nnx`), integer export (:mod:`trquant.export`), and the reference
-models and offline dataset loaders that the examples and benchmarks use
-(:mod:`trquant.models`, :mod:`trquant.datasets`).
+(:mod:`trquant.nnx`) and integer export (:mod:`trquant.export`).
 """
 
 from trquant import adaround
-from trquant import datasets
 from trquant import export
-from trquant import models
 from trquant import nnx
 from trquant.oscillations import FreezeOscillationsState
 from trquant.oscillations import OscillationState
@@ -31,10 +27,10 @@ from trquant.quantizers import quant_range
 from trquant.quantizers import quantize
 from trquant.quantizers import round_ste
 from trquant.quantizers import transition_rate
-from trquant.tr_schedule import MeasuredTarget
-from trquant.tr_schedule import TransitionRateState
-from trquant.tr_schedule import measured_target
-from trquant.tr_schedule import tr_schedule
+from trquant.tr_scheduling import MeasuredTarget
+from trquant.tr_scheduling import TransitionRateState
+from trquant.tr_scheduling import measured_target
+from trquant.tr_scheduling import tr_schedule
 
 __version__ = "0.1.0"
 
@@ -47,7 +43,6 @@ __all__ = [
     "binarize",
     "dampening_loss",
     "dampening_weight_schedule",
-    "datasets",
     "dequantize",
     "export",
     "fake_quant",
@@ -57,7 +52,6 @@ __all__ = [
     "init_scale",
     "lsq",
     "measured_target",
-    "models",
     "nnx",
     "quant_range",
     "quantize",

@@ -1,4 +1,4 @@
-"""Argument checks shared by trquant's modules: bit widths and quantization scales.
+"""Argument checks shared by trquant's modules: bit widths, scales, step counts, EMA decays.
 
 Each raises a ``ValueError`` that names the argument, what it got and what it must be.
 Values are checked only when they are concrete (numbers, numpy arrays, jax arrays that
@@ -8,6 +8,7 @@ computed.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional
 
@@ -16,7 +17,100 @@ import numpy as np
 
 MAX_BITS = 16
 
-__all__ = ["MAX_BITS", "check_bits", "check_scale", "check_scale_values", "concrete_values"]
+__all__ = [
+    "MAX_BITS",
+    "check_bits",
+    "check_bool",
+    "check_callable",
+    "check_decay",
+    "check_fraction",
+    "check_int",
+    "check_positive",
+    "check_scale",
+    "check_scale_values",
+    "check_warmup_steps",
+    "concrete_values",
+    "is_number",
+]
+
+
+def is_number(value) -> bool:
+  """Whether `value` is a real Python/numpy number (bools are not)."""
+  return isinstance(value, numbers.Number) and not isinstance(value, (bool, np.bool_))
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False):
+  """``value`` as a finite positive (or, with ``allow_zero``, non-negative) float, or a
+  ValueError naming ``name``.
+
+  A jax array (e.g. a hyper-parameter injected by ``optax.inject_hyperparams``) is
+  returned unchecked: it may be traced."""
+  if isinstance(value, jax.Array):
+    return value
+  if not is_number(value) or not math.isfinite(float(value)):
+    raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+  if float(value) < 0 or (float(value) == 0 and not allow_zero):
+    kind = "non-negative" if allow_zero else "positive"
+    raise ValueError(f"`{name}` must be {kind}, got {value!r}.")
+  return float(value)
+
+
+
+def check_fraction(name: str, value) -> None:
+  """Raises a ValueError unless a number `value` is in (0, 1]; a jax array may be traced
+  (e.g. under ``optax.inject_hyperparams``) and is not checked."""
+  if isinstance(value, jax.Array):
+    return
+  if not is_number(value):
+    raise ValueError(f"`{name}` must be a number, got {value!r}.")
+  if not 0.0 < float(value) <= 1.0:
+    raise ValueError(f"`{name}` must be in (0, 1], got {value!r}.")
+
+
+def check_decay(value, name: str = "decay") -> None:
+  """Raises a ValueError unless `value` is an EMA decay in [0, 1): the weight of the old
+  value, as in ``optax.ema`` (``new = decay * old + (1 - decay) * x``). A jax array may be
+  traced and is not checked."""
+  if isinstance(value, jax.Array):
+    return
+  if not is_number(value) or not 0.0 <= float(value) < 1.0:
+    raise ValueError(
+        f"`{name}` must be a number in [0, 1), the weight of the old value in the EMA"
+        f" (as in optax.ema; e.g. 0.999 averages over about 1000 steps), got {value!r}.")
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+  """`value` as an int, or a ValueError unless it is an int >= `minimum`."""
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def check_warmup_steps(warmup_steps, total_steps: int, *, default_fraction: float,
+                       total_name: str = "total_steps") -> int:
+  """The warm-up in steps: `warmup_steps` checked to be an int in [0, total_steps), or,
+  when None, ``ceil(default_fraction * total_steps)``."""
+  if warmup_steps is None:
+    return math.ceil(default_fraction * total_steps)
+  warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+  if warmup_steps >= total_steps:
+    raise ValueError(f"`warmup_steps` ({warmup_steps}) must be below `{total_name}`"
+                     f" ({total_steps}): the schedule starts after the warm-up.")
+  return warmup_steps
+
+
+def check_callable(name: str, value, what: str = "a callable params -> tree") -> None:
+  """Raises a ValueError unless `value` is callable."""
+  if not callable(value):
+    raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
+def check_bool(name: str, value) -> None:
+  """Raises a ValueError unless `value` is a bool."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{name}` must be a bool, got {value!r}.")
 
 
 def check_bits(bits, name: str = "bits") -> int:

@@ -2,16 +2,21 @@
 
 Shared by :func:`trquant.tr_schedule` and the oscillation transforms, which all take a
 ``codes_fn: params -> tree`` of integer codes with the structure of params (or a prefix
-of it) and None for leaves that are not quantized, and count over weight-sized arrays.
+of it) and None for leaves that are not quantized, and count over weight-sized arrays:
+the layout of the quantized leaves (:class:`QuantizedLayout`), per-weight state trees laid
+out like the codes, the matching of a ``scale_fn``'s scales, and fused counts.
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from trquant import checks
 
 
 def is_none(x) -> bool:
@@ -90,29 +95,136 @@ def concrete_codes(codes_fn, params):
   return jax.eval_shape(codes_fn, params), False
 
 
-def check_integer_codes(codes_def, codes, quantized) -> None:
-  """Raises a ValueError naming the first quantized leaf of `codes` with a finite,
-  non-integer value (concrete leaves only: traced ones cannot be checked here)."""
+def first_bad_code(codes_def, codes, quantized, is_bad):
+  """``(path, value)`` of the first entry of a concrete quantized leaf of `codes` where
+  ``is_bad(leaf)`` (a mask) holds, or None; traced leaves cannot be checked here."""
   paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
       codes_def.unflatten(list(range(len(quantized)))))[0]]
   for path, leaf, is_quantized in zip(paths, codes_def.flatten_up_to(codes), quantized):
     if not is_quantized or isinstance(leaf, jax.core.Tracer):
       continue
     leaf = jnp.asarray(leaf)
-    if jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_):
-      continue
-    fractional = jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
-    if bool(jnp.any(fractional)):
+    bad = is_bad(leaf)
+    if bad is not None and bool(jnp.any(bad)):
       # On the host: a sharded array cannot be flattened on its devices without a layout.
-      example = float(np.asarray(leaf)[np.asarray(fractional)][0])
-      raise ValueError(
-          f"codes_fn(params) returned non-integer values at {path_str(path)} (e.g."
-          f" {example!r}): it must return the integer codes of each quantized weight, e.g."
-          " trquant.quantize(w, scale, bits=...), not the weights or their fake-quantized"
-          " values (those change with every update, so every weight would count as a"
-          " transition)."
-      )
+      return path_str(path), float(np.asarray(leaf)[np.asarray(bad)][0])
+  return None
 
+
+def _fractional(leaf):
+  if jnp.issubdtype(leaf.dtype, jnp.integer) or jnp.issubdtype(leaf.dtype, jnp.bool_):
+    return None
+  return jnp.isfinite(leaf) & (leaf != jnp.round(leaf))
+
+
+def check_integer_codes(codes_def, codes, quantized) -> None:
+  """Raises a ValueError naming the first quantized leaf of `codes` with a finite,
+  non-integer value (concrete leaves only: traced ones cannot be checked here)."""
+  found = first_bad_code(codes_def, codes, quantized, _fractional)
+  if found is not None:
+    path, example = found
+    raise ValueError(
+        f"codes_fn(params) returned non-integer values at {path} (e.g."
+        f" {example!r}): it must return the integer codes of each quantized weight, e.g."
+        " trquant.quantize(w, scale, bits=...), not the weights or their fake-quantized"
+        " values (those change with every update, so every weight would count as a"
+        " transition)."
+    )
+
+
+
+def quantized_paths(codes_def, quantized) -> list:
+  """The tree paths (``jax.tree_util.keystr`` form) of the quantized leaves, in order."""
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      codes_def.unflatten(list(range(len(quantized)))))[0]]
+  return [path_str(path) for path, q in zip(paths, quantized) if q]
+
+
+class QuantizedLayout(NamedTuple):
+  """How ``codes_fn(params)`` sees params: the codes treedef, which of its leaves are
+  quantized, and the shape of each quantized leaf (None elsewhere)."""
+
+  codes_def: Any
+  quantized: list
+  shapes: list
+
+
+def quantized_layout(codes, params, name: str) -> QuantizedLayout:
+  """The :class:`QuantizedLayout` of `codes` (from ``codes_fn(params)``); a ValueError
+  naming transform `name` when no leaf is quantized."""
+  codes_def, quantized = match_codes(codes, params)
+  if not any(quantized):
+    raise ValueError(
+        f"codes_fn(params) marks no leaf as quantized (all None): {name} has nothing to"
+        " track. Return codes for the quantized weights."
+    )
+  shapes = [tuple(leaf.shape) if q else None
+            for leaf, q in zip(codes_def.flatten_up_to(codes), quantized)]
+  return QuantizedLayout(codes_def, quantized, shapes)
+
+
+def per_weight_tree(layout: QuantizedLayout, arrays) -> Any:
+  """The codes tree with `arrays` (one per quantized leaf, in order) and None elsewhere."""
+  arrays = iter(arrays)
+  return layout.codes_def.unflatten([next(arrays) if q else None for q in layout.quantized])
+
+
+def quantized_only(layout: QuantizedLayout, slots) -> list:
+  """The entries of `slots` (one per leaf of the codes tree) at the quantized leaves."""
+  return [value for value, q in zip(slots, layout.quantized) if q]
+
+
+def quantized_state_slots(layout: QuantizedLayout, tree, name: str) -> list:
+  """The quantized entries of a per-weight state tree, checked against the layout."""
+  slots = flatten_like(layout.codes_def, tree, name)
+  out = []
+  for slot, (value, q) in enumerate(zip(slots, layout.quantized)):
+    if not q:
+      continue
+    if value is None or tuple(np.shape(value)) != layout.shapes[slot]:
+      raise ValueError(
+          f"the {name} state does not match codes_fn(params) (a quantized leaf has shape"
+          f" {layout.shapes[slot]}, the state {None if value is None else np.shape(value)}):"
+          " the quantized leaves changed since init."
+      )
+    out.append(value)
+  return out
+
+
+def match_scales(scales, layout: QuantizedLayout) -> list:
+  """The scale of each quantized leaf from ``scale_fn(params)``; a ValueError naming the
+  path on a structure or shape mismatch, or on a concrete scale that is not positive."""
+  try:
+    slots = layout.codes_def.flatten_up_to(scales)
+  except (ValueError, TypeError) as error:
+    raise ValueError(
+        "scale_fn(params) must return a tree with the structure of codes_fn(params): a"
+        f" scale for each quantized leaf, None elsewhere: {error}"
+    ) from error
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      layout.codes_def.unflatten(list(range(len(layout.quantized)))))[0]]
+  out = []
+  for path, scale, q, shape in zip(paths, slots, layout.quantized, layout.shapes):
+    if not q:
+      continue
+    if scale is None:
+      raise ValueError(f"scale_fn(params) returned None at {path_str(path)}, which codes_fn"
+                       " marks as quantized.")
+    scale_shape = tuple(np.shape(scale))
+    try:
+      ok = np.broadcast_shapes(shape, scale_shape) == shape
+    except ValueError:
+      ok = False
+    if not ok:
+      raise ValueError(f"scale_fn(params) returned a scale of shape {scale_shape} at"
+                       f" {path_str(path)}, which does not broadcast to the parameter's"
+                       f" shape {shape}.")
+    try:  # values can be checked where they are concrete
+      checks.check_scale_values(scale, "scale")
+    except ValueError as error:
+      raise ValueError(f"scale_fn(params) at {path_str(path)}: {error}") from None
+    out.append(scale)
+  return out
 
 
 
@@ -182,3 +294,8 @@ def count_transitions(before, after, update) -> jax.Array:
   """``sum(before != after)`` as float32, or NaN where ``update`` has a non-finite entry."""
   changed, finite = count_finite(before != after, update)
   return jnp.where(finite, changed.astype(jnp.float32), jnp.nan)
+
+
+def fraction_true(mask) -> jax.Array:
+  """``jnp.mean(mask, dtype=jnp.float32)`` of a boolean array, with :func:`count_true`."""
+  return count_true(mask).astype(jnp.float32) / np.float32(mask.size)

@@ -23,28 +23,43 @@ residual block, a transformer block) jointly against the block's output, with th
 step sizes of its quantized activations; QDrop also feeds full-precision values in
 place of quantized ones at random while it learns.
 
-The package has four modules: :mod:`trquant.adaround.rounding` (AdaRound on arrays),
-:mod:`trquant.adaround.block` (block reconstruction on arrays),
-:mod:`trquant.adaround.loop` (how the loops run: a fused ``lax.scan``, or on CPU, for
-convolutions, one jitted step per iteration) and :mod:`trquant.adaround.model` (the NNX
-model driver); every name below is also here.
+The package's modules (their public names are all importable from here):
 
-* :func:`rectified_sigmoid`, :func:`init_alpha`, :func:`rounding_regularizer`,
-  :func:`beta_schedule`, :func:`soft_weight`, :func:`hard_codes`: the pieces.
-* :func:`reconstruct_layer`: AdaRound of one layer, given a function
-  ``apply_fn(w, x)`` and calibration inputs / targets. The whole optimisation
-  runs inside one jitted ``lax.scan`` (on CPU, a convolution's loop steps a jitted
-  iteration instead: ``loop``).
-* :func:`adaround_model` and :func:`round_to_nearest`: post-training weight
-  quantization of an NNX model of trquant layers (:class:`trquant.nnx.QuantLinear`,
-  ``QuantConv``, ``QuantLinearGeneral``, ``QuantEinsum``), e.g. a full-precision
-  model with ``weight_bits=None``, built so or made from a plain NNX model by
-  ``trquant.nnx.quantize(model, trquant.nnx.QuantRule())`` (transformers
-  included), returning a new quantized model.
-* :func:`reconstruct_block`: several weights (and activation step sizes) against one
-  output, ``apply_fn(weights, act_scales, x, key)``, one jitted ``lax.scan``;
-  :func:`reconstruct_model`: block-wise (or layer-wise) reconstruction of an NNX model
-  with optional activation quantization (``act_bits``) and QDrop (``drop_prob``).
+* :mod:`trquant.adaround.config`: :class:`AdaRoundConfig`, the optimisation
+  hyper-parameters (iterations, batch, ``lam``, learning rates, warm-up, ``beta``
+  annealing, the stretch ``zeta`` / ``gamma``, QDrop's ``drop_prob``, ``loop``) with the
+  paper's defaults, validated once; every function takes it as ``config=``.
+* :mod:`trquant.adaround.rounding`: the pieces, :func:`rectified_sigmoid`,
+  :func:`init_alpha`, :func:`rounding_regularizer`, :func:`beta_schedule`,
+  :func:`soft_weight`, :func:`hard_codes`, :func:`weight_grid`.
+* :mod:`trquant.adaround.reconstruction`: one reconstruction problem,
+  :class:`Reconstruction` (made by :func:`reconstruction_problem`): the rounding of N
+  weights (and activation step sizes) of ``apply_fn(weights, act_scales, x, key)``
+  against full-precision targets. :func:`reconstruct_block` solves it;
+  :func:`reconstruct_layer` is the one-weight case for a layer ``apply_fn(w, x)``.
+* :mod:`trquant.adaround.loop`: how the loops run (a fused ``lax.scan``, or on CPU, for
+  convolutions, one jitted step per iteration).
+* :mod:`trquant.adaround.data`: calibration data of a layer (:func:`layer_data`) or a
+  sub-module (:func:`unit_data`) of an NNX model.
+* :mod:`trquant.adaround.units`: the units of reconstruction and their pure functions
+  (:func:`layer_apply_fn`, :func:`float_copy`).
+* :mod:`trquant.adaround.drivers`: the NNX model drivers :func:`round_to_nearest`,
+  :func:`adaround_model` (layer by layer) and :func:`reconstruct_model` (BRECQ blocks or
+  layers, activation quantization with ``act_bits``, QDrop), each returning a
+  :class:`ModelResult` ``(model, reports)``.
+
+Example:
+  >>> import jax, trquant
+  >>> from flax import nnx
+  >>> fp = nnx.Sequential(trquant.nnx.QuantLinear(8, 16, weight_bits=None, rngs=nnx.Rngs(0)),
+  ...                     nnx.relu,
+  ...                     trquant.nnx.QuantLinear(16, 4, weight_bits=None, rngs=nnx.Rngs(1)))
+  >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+  >>> config = trquant.adaround.AdaRoundConfig(iters=50, lr=1e-2)
+  >>> q, reports = trquant.adaround.adaround_model(fp, x, weight_bits=3, config=config,
+  ...                                              key=jax.random.key(1), progress=False)
+  >>> q.layers[0].weight_bits, len(reports)
+  (3, 2)
 
 References:
   Nagel, Amjad, van Baalen, Louizos, Blankevoort, `Up or Down? Adaptive Rounding
@@ -55,56 +70,64 @@ References:
   Post-Training Quantization <https://arxiv.org/abs/2203.05740>`_, ICLR 2022.
 """
 
-from trquant.adaround.block import BlockResult
-from trquant.adaround.block import block_error
-from trquant.adaround.block import block_errors
-from trquant.adaround.block import reconstruct_block
+from trquant.adaround.config import AdaRoundConfig
+from trquant.adaround.config import BETA_MODES
+from trquant.adaround.config import GAMMA
+from trquant.adaround.config import ZETA
+from trquant.adaround.data import UnitData
+from trquant.adaround.data import layer_data
+from trquant.adaround.data import unit_data
+from trquant.adaround.drivers import BlockReport
+from trquant.adaround.drivers import LayerReport
+from trquant.adaround.drivers import ModelResult
+from trquant.adaround.drivers import adaround_model
+from trquant.adaround.drivers import reconstruct_model
+from trquant.adaround.drivers import round_to_nearest
 from trquant.adaround.loop import LOOPS
 from trquant.adaround.loop import has_convolution
-from trquant.adaround.model import GRANULARITIES
-from trquant.adaround.model import BlockReport
-from trquant.adaround.model import LayerReport
-from trquant.adaround.model import adaround_model
-from trquant.adaround.model import float_copy
-from trquant.adaround.model import layer_apply_fn
-from trquant.adaround.model import layer_data
-from trquant.adaround.model import reconstruct_model
-from trquant.adaround.model import round_to_nearest
-from trquant.adaround.model import unit_data
-from trquant.adaround.rounding import BETA_MODES
-from trquant.adaround.rounding import GAMMA
-from trquant.adaround.rounding import ZETA
-from trquant.adaround.rounding import AdaRoundResult
-from trquant.adaround.rounding import Reconstruction
+from trquant.adaround.reconstruction import AdaRoundResult
+from trquant.adaround.reconstruction import BlockResult
+from trquant.adaround.reconstruction import LayerAsBlock
+from trquant.adaround.reconstruction import Reconstruction
+from trquant.adaround.reconstruction import ReconstructionArrays
+from trquant.adaround.reconstruction import block_error
+from trquant.adaround.reconstruction import block_errors
+from trquant.adaround.reconstruction import reconstruct_block
+from trquant.adaround.reconstruction import reconstruct_layer
+from trquant.adaround.reconstruction import reconstruction_error
+from trquant.adaround.reconstruction import reconstruction_errors
+from trquant.adaround.reconstruction import reconstruction_problem
 from trquant.adaround.rounding import beta_schedule
-from trquant.adaround.rounding import check_loop_args
 from trquant.adaround.rounding import hard_codes
 from trquant.adaround.rounding import init_alpha
-from trquant.adaround.rounding import reconstruct_layer
-from trquant.adaround.rounding import reconstruction_error
-from trquant.adaround.rounding import reconstruction_errors
-from trquant.adaround.rounding import reconstruction_problem
 from trquant.adaround.rounding import rectified_sigmoid
 from trquant.adaround.rounding import rounding_regularizer
 from trquant.adaround.rounding import soft_weight
 from trquant.adaround.rounding import weight_grid
+from trquant.adaround.units import GRANULARITIES
+from trquant.adaround.units import float_copy
+from trquant.adaround.units import layer_apply_fn
 
 __all__ = [
+    "AdaRoundConfig",
     "AdaRoundResult",
     "BETA_MODES",
     "BlockReport",
     "BlockResult",
-    "GRANULARITIES",
     "GAMMA",
+    "GRANULARITIES",
     "LOOPS",
+    "LayerAsBlock",
     "LayerReport",
+    "ModelResult",
     "Reconstruction",
+    "ReconstructionArrays",
+    "UnitData",
     "ZETA",
     "adaround_model",
     "beta_schedule",
     "block_error",
     "block_errors",
-    "check_loop_args",
     "float_copy",
     "hard_codes",
     "has_convolution",

@@ -80,16 +80,16 @@ def resolve_loop(loop: str, fn: Callable, *example_args) -> str:
   return "scan"
 
 
-def run_steps(problem, init_args: tuple, arrays):
+def run_steps(problem, arrays):
   """The ``"steps"`` loop of a reconstruction problem; returns ``(carry, records)``.
 
-  ``problem`` (hashable: it is a static argument) has ``iters``, ``init(*init_args)`` and
-  a pure ``step(carry, t, arrays) -> (carry, record)``. Each iteration calls one jitted,
+  ``problem`` (hashable: it is a static argument) has ``iters``, ``init(arrays)`` and a
+  pure ``step(carry, t, arrays) -> (carry, record)``. Each iteration calls one jitted,
   state-donating step, compiled once per problem, which writes its record into row ``t``
   of ``(iters, ...)`` device buffers (nothing leaves the device per iteration); the
   records come back as ``lax.scan`` stacks them.
   """
-  state = _init_steps(problem, init_args, arrays)
+  state = _init_steps(problem, arrays)
   for t in range(problem.iters):
     state = _step(problem, state, jnp.int32(t), arrays)
   return state
@@ -102,8 +102,8 @@ def finish(problem, *args):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _init_steps(problem, init_args, arrays):
-  carry = problem.init(*init_args)
+def _init_steps(problem, arrays):
+  carry = problem.init(arrays)
   record = jax.eval_shape(problem.step, carry, jnp.int32(0), arrays)[1]
   buffers = jax.tree.map(lambda r: jnp.zeros((problem.iters,) + r.shape, r.dtype), record)
   return carry, buffers

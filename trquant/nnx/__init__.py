@@ -2,7 +2,7 @@
 
 Two ways to a quantized model:
 
-* **Quantize the model you have** (the main road): :func:`quantize` replaces the
+* **Quantize the model you have** (the main road): :func:`quantize_model` replaces the
   layers of a plain NNX model that :class:`QuantRule` objects match
   (``nnx.Linear``, ``nnx.LinearGeneral`` and so ``nnx.MultiHeadAttention``'s
   projections, ``nnx.Conv``, ``nnx.Einsum``) by trquant layers, keeping weights,
@@ -28,13 +28,14 @@ activation scales are :class:`ActScale` params. Then:
   and BatchNorm statistics; :func:`batchnorm_divergence` measures how far running
   BatchNorm statistics are from those of the current weights, and
   :func:`check_batchnorm` re-estimates them or warns after QAT;
-* :func:`capture` records the inputs and outputs of the quantized layers during a
+* :func:`capture_layers` records the inputs and outputs of the quantized layers during a
   forward pass (AdaRound uses it).
 
 Modules: ``layers`` (the quantized layers and their Variables), ``surgery``
-(:func:`quantize`, :class:`QuantRule`), ``calibration`` (weights, scales, BatchNorm
+(:func:`quantize_model`, :class:`QuantRule`), ``calibration`` (weights, scales, BatchNorm
 statistics from data), ``transforms`` (the glue to trquant's optax transforms),
-``capturing`` (:func:`capture`), ``traversal`` (listing a model's trquant layers).
+``capturing`` (:func:`capture_layers`), ``traversal`` (listing a model's trquant layers),
+``graph`` (reading and editing the model graph by key, shared by surgery and AdaRound).
 Every public name is also here.
 
 Example:
@@ -54,7 +55,7 @@ Example:
 
 from trquant.nnx.capturing import Call
 from trquant.nnx.capturing import Capture
-from trquant.nnx.capturing import capture
+from trquant.nnx.capturing import capture_layers
 from trquant.nnx.transforms import FREEZE_FIELDS
 from trquant.nnx.transforms import OSCILLATION_FIELDS
 from trquant.nnx.transforms import TRANSITION_FIELDS
@@ -69,8 +70,10 @@ from trquant.nnx.calibration import load_float_weights
 from trquant.nnx.transforms import oscillation_stats
 from trquant.nnx.transforms import param_labels
 from trquant.nnx.transforms import partition
+from trquant.nnx.transforms import layer_names
 from trquant.nnx.traversal import quant_layers
 from trquant.nnx.calibration import reestimate_batchnorm
+from trquant.nnx.transforms import saturation_fn
 from trquant.nnx.transforms import scales_fn
 from trquant.nnx.transforms import transition_stats
 from trquant.nnx.traversal import values
@@ -89,7 +92,7 @@ from trquant.nnx.surgery import SUPPORTED_LAYERS
 from trquant.nnx.surgery import UNSUPPORTED_LAYERS
 from trquant.nnx.surgery import QuantRule
 from trquant.nnx.surgery import first_last_rule
-from trquant.nnx.surgery import quantize
+from trquant.nnx.surgery import quantize_model
 
 __all__ = [
     "DEPTHWISE_IMPLS",
@@ -114,19 +117,21 @@ __all__ = [
     "WeightScale",
     "batchnorm_divergence",
     "calibrate_activations",
-    "capture",
+    "capture_layers",
     "check_batchnorm",
     "codes_fn",
     "dampening_loss",
     "first_last_rule",
     "init_weight_scales",
+    "layer_names",
     "load_float_weights",
     "oscillation_stats",
     "param_labels",
     "partition",
     "quant_layers",
-    "quantize",
+    "quantize_model",
     "reestimate_batchnorm",
+    "saturation_fn",
     "scales_fn",
     "transition_stats",
     "values",

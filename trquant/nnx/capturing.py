@@ -1,7 +1,7 @@
 """Recording the inputs and outputs of a model's quantized layers during forward passes.
 
 Every trquant layer calls its ``capture_hook`` attribute (when set) after computing
-its output. :func:`capture` sets that attribute on the layers it records, for the
+its output. :func:`capture_layers` sets that attribute on the layers it records, for the
 duration of a ``with`` block, and restores it afterwards: nothing else about the
 model changes (no class swapping, no wrapped methods), and the model's own
 ``__call__`` runs as written.
@@ -11,7 +11,7 @@ model changes (no class swapping, no wrapped methods), and the model's own
     >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 8, weight_bits=None, rngs=nnx.Rngs(0)),
     ...                        nnx.relu,
     ...                        trquant.nnx.QuantLinear(8, 2, weight_bits=None, rngs=nnx.Rngs(1)))
-    >>> with trquant.nnx.capture(model) as captured:
+    >>> with trquant.nnx.capture_layers(model) as captured:
     ...   y = model(jnp.ones((3, 4)))
     >>> [(call.path, call.input.shape, call.output.shape) for call in captured.calls]
     [('layers/0', (3, 4), (3, 8)), ('layers/2', (3, 8), (3, 2))]
@@ -45,11 +45,11 @@ class Call(NamedTuple):
 
 
 class StopForward(Exception):
-  """Raised by the capture hook to end a forward pass early (``capture(..., stop=True)``)."""
+  """Raised by the capture hook to end a forward pass early (``capture_layers(..., stop=True)``)."""
 
 
 class Capture:
-  """What :func:`capture` recorded: concrete calls in call order, and the calls it missed."""
+  """What :func:`capture_layers` recorded: concrete calls in call order, and the calls it missed."""
 
   def __init__(self, layers: dict, stop: bool):
     self._layers = layers  # id(layer) -> (path string, layer)
@@ -99,7 +99,7 @@ _ACTIVE: dict[int, tuple[Capture, str, Any]] = {}
 
 
 def record_call(layer, inputs, output, kwargs) -> None:
-  """The ``capture_hook`` that :func:`capture` installs: routes a call to its capture."""
+  """The ``capture_hook`` that :func:`capture_layers` installs: routes a call to its capture."""
   entry = _ACTIVE.get(id(layer))
   if entry is None or entry[2] is not layer:
     # A copy of a captured layer (made by nnx.jit, nnx.vmap, nnx.clone ...): it has the hook
@@ -113,7 +113,7 @@ def record_call(layer, inputs, output, kwargs) -> None:
 
 
 @contextlib.contextmanager
-def capture(model, layers: Optional[Iterable] = None, *, stop: bool = False):
+def capture_layers(model, layers: Optional[Iterable] = None, *, stop: bool = False):
   """Records the inputs and outputs of a model's quantized layers in a ``with`` block.
 
   Within the block, each recorded layer calls :func:`record_call` after its
@@ -121,7 +121,7 @@ def capture(model, layers: Optional[Iterable] = None, *, stop: bool = False):
 
   Args:
     model: an NNX model with trquant layers (built from them, or made by
-      :func:`trquant.nnx.quantize`).
+      :func:`trquant.nnx.quantize_model`).
     layers: the layers to record: None for every trquant layer of the model, or
       an iterable of layer objects of the model and/or their ``"/"``-joined paths.
     stop: end the forward pass (quietly, at the end of the ``with`` block) as soon
@@ -141,8 +141,8 @@ def capture(model, layers: Optional[Iterable] = None, *, stop: bool = False):
   """
   available = quant_layers(model)
   if not available:
-    raise ValueError("capture: the model has no trquant.nnx layer to record (build it from"
-                     " trquant.nnx layers, or make it with trquant.nnx.quantize).")
+    raise ValueError("capture_layers: the model has no trquant.nnx layer to record (build it from"
+                     " trquant.nnx layers, or make it with trquant.nnx.quantize_model).")
   by_id = {id(layer): (path_name(path), layer) for path, layer in available}
   by_path = {name: layer for name, layer in by_id.values()}
   if layers is None:
@@ -152,17 +152,17 @@ def capture(model, layers: Optional[Iterable] = None, *, stop: bool = False):
     for item in layers:
       if isinstance(item, str):
         if item not in by_path:
-          raise ValueError(f"capture: the model has no trquant layer at {item!r}; its trquant"
+          raise ValueError(f"capture_layers: the model has no trquant layer at {item!r}; its trquant"
                            f" layers are {sorted(by_path)[:10]}.")
         item = by_path[item]
       if id(item) not in by_id:
         kind = ("not a trquant layer" if not isinstance(item, QUANT_LAYERS)
                 else "a trquant layer of another model")
-        raise ValueError(f"capture: {type(item).__name__} is {kind}; pass layers of `model`.")
+        raise ValueError(f"capture_layers: {type(item).__name__} is {kind}; pass layers of `model`.")
       selected[id(item)] = by_id[id(item)]
   busy = [name for key, (name, _) in selected.items() if key in _ACTIVE]
   if busy:
-    raise ValueError(f"capture: {busy} are already being captured (nested captures of one"
+    raise ValueError(f"capture_layers: {busy} are already being captured (nested captures of one"
                      " layer are not supported).")
   recording = Capture(selected, stop)
   previous = {}
@@ -182,4 +182,4 @@ def capture(model, layers: Optional[Iterable] = None, *, stop: bool = False):
       layer.capture_hook = hook
 
 
-__all__ = ["Call", "Capture", "StopForward", "capture", "record_call"]
+__all__ = ["Call", "Capture", "StopForward", "capture_layers", "record_call"]

@@ -10,7 +10,7 @@ Every layer has a ``capture_hook`` attribute (None by default): a callable
 ``hook(layer, inputs, output, kwargs)`` called after each forward pass of the layer with
 its input as given (before the layer's own input quantization), its output and the
 call's extra arguments that change the result (``{"einsum_str": ...}`` for a
-:class:`QuantEinsum` called with an equation). :func:`trquant.nnx.capture` sets and
+:class:`QuantEinsum` called with an equation). :func:`trquant.nnx.capture_layers` sets and
 clears it; it is a static attribute, so a transform of the model (``nnx.jit``) copies
 it and calls it with traced values.
 
@@ -422,7 +422,7 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
 
   The projections of ``nnx.MultiHeadAttention`` are ``nnx.LinearGeneral`` layers
   (query/key/value: ``features -> (heads, head_dim)``; out: ``(heads, head_dim) ->
-  features``), so :func:`trquant.nnx.quantize` turns them into this layer.
+  features``), so :func:`trquant.nnx.quantize_model` turns them into this layer.
 
   Args:
     in_features, out_features, axis, batch_axis, use_bias, dtype, param_dtype,

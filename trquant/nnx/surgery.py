@@ -1,6 +1,6 @@
 """Model surgery: quantize an existing Flax NNX model by rules matched against its layers.
 
-:func:`quantize` returns a copy of a plain NNX model in which the layers that a
+:func:`quantize_model` returns a copy of a plain NNX model in which the layers that a
 :class:`QuantRule` matches are replaced by their trquant counterparts, with the same
 weights, biases, dtypes and Variable metadata (sharding annotations included):
 
@@ -20,7 +20,7 @@ NNX layer            replaced by
     >>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu,
     ...                        nnx.Linear(16, 16, rngs=nnx.Rngs(1)), nnx.relu,
     ...                        nnx.Linear(16, 4, rngs=nnx.Rngs(2)))
-    >>> q = trquant.nnx.quantize(model, [
+    >>> q = trquant.nnx.quantize_model(model, [
     ...     trquant.nnx.first_last_rule(model, jnp.ones((1, 8))),  # first and last layer in FP
     ...     trquant.nnx.QuantRule(weight_bits=2, act_bits=4)])     # the rest at W2A4
     >>> [(type(q.layers[i]).__name__, q.layers[i].weight_bits) for i in (0, 2, 4)]
@@ -41,7 +41,8 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from trquant import quantizers
-from trquant.nnx.capturing import capture
+from trquant.nnx import graph
+from trquant.nnx.capturing import capture_layers
 from trquant.nnx.traversal import path_name
 from trquant.nnx.layers import QUANT_LAYERS
 from trquant.nnx.layers import WEIGHT_QUANTIZERS
@@ -97,7 +98,7 @@ def _type_name(layer_type) -> str:
 
 @dataclasses.dataclass(frozen=True, repr=False)
 class QuantRule:
-  """Which layers :func:`quantize` replaces, and how they quantize.
+  """Which layers :func:`quantize_model` replaces, and how they quantize.
 
   A rule matches a layer when ``path`` matches the layer's whole ``"/"``-joined path
   in the model (``re.fullmatch``, e.g. ``"blocks/0/attn/query"``; the path of its
@@ -204,7 +205,7 @@ def _check_layer_type(layer_type) -> None:
   for unsupported, reason in UNSUPPORTED_LAYERS.items():
     if issubclass(layer_type, unsupported):
       raise ValueError(f"QuantRule: {_type_name(layer_type)} layers cannot be quantized: {reason}."
-                       f" trquant.nnx.quantize replaces {supported}.")
+                       f" trquant.nnx.quantize_model replaces {supported}.")
   if not issubclass(layer_type, tuple(SUPPORTED_LAYERS)):
     raise ValueError(f"QuantRule: {_type_name(layer_type)} is not a layer trquant quantizes;"
                      f" `layer_types` may name {supported}.")
@@ -213,20 +214,6 @@ def _check_layer_type(layer_type) -> None:
 # ---------------------------------------------------------------------------------------
 # Walking and editing the model graph
 # ---------------------------------------------------------------------------------------
-
-
-def _children(node):
-  if isinstance(node, nnx.List):
-    return list(enumerate(node))
-  if isinstance(node, nnx.Dict):
-    return list(node.items())
-  if isinstance(node, nnx.Pytree):
-    return [(key, value) for key, value in vars(node).items() if not key.startswith("_pytree__")]
-  if isinstance(node, (list, tuple)):
-    return list(enumerate(node))
-  if isinstance(node, dict):
-    return list(node.items())
-  return []
 
 
 def _references(root):
@@ -248,33 +235,11 @@ def _references(root):
       expanded.add(id(node))
     elif not isinstance(node, (list, tuple, dict)):
       return
-    for key, child in _children(node):
+    for key, child in graph.children(node):
       walk(child, path + (key,))
 
   walk(root, ())
   return modules, variables
-
-
-def _child(node, key):
-  if isinstance(node, (list, tuple, dict, nnx.List, nnx.Dict)):
-    return node[key]
-  return getattr(node, key)
-
-
-def _set(root, path, value) -> None:
-  parent = root
-  for key in path[:-1]:
-    parent = _child(parent, key)
-  key = path[-1]
-  if isinstance(parent, tuple):
-    items = list(parent)
-    items[key] = value
-    rebuilt = type(parent)(*items) if hasattr(parent, "_fields") else tuple(items)
-    _set(root, path[:-1], rebuilt)
-  elif isinstance(parent, (list, dict, nnx.List, nnx.Dict)):
-    parent[key] = value
-  else:
-    setattr(parent, key, value)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,11 +344,11 @@ def _rule_list(rules) -> list[QuantRule]:
     rules = [rules]
   rules = list(rules)
   if not rules:
-    raise ValueError("quantize: `rules` is empty, so nothing would be quantized; pass e.g."
+    raise ValueError("quantize_model: `rules` is empty, so nothing would be quantized; pass e.g."
                      " [trquant.nnx.QuantRule(weight_bits=4, act_bits=4)].")
   for rule in rules:
     if not isinstance(rule, QuantRule):
-      raise ValueError(f"quantize: `rules` must hold trquant.nnx.QuantRule objects, got {rule!r}.")
+      raise ValueError(f"quantize_model: `rules` must hold trquant.nnx.QuantRule objects, got {rule!r}.")
   return rules
 
 
@@ -393,7 +358,7 @@ def _layer_list(model) -> list[tuple[str, Any]]:
 
 
 def _unmatched_message(index, rule, model, layers, taken) -> str:
-  head = f"quantize: rule {index}, {rule!r}, matches no layer"
+  head = f"quantize_model: rule {index}, {rule!r}, matches no layer"
   if taken:
     names = ", ".join(f"{name} (rule {winner})" for name, winner in taken[:6])
     return (f"{head} that an earlier rule has not taken already: the first matching rule wins,"
@@ -420,7 +385,7 @@ def _unmatched_message(index, rule, model, layers, taken) -> str:
           " allow_unmatched=True to a rule that may match nothing in some models.")
 
 
-def quantize(model, rules):
+def quantize_model(model, rules):
   """A copy of an NNX model with the layers that ``rules`` match replaced by trquant layers.
 
   Every layer with weights (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
@@ -469,7 +434,7 @@ def quantize(model, rules):
   """
   rules = _rule_list(rules)
   if not isinstance(model, nnx.Module):
-    raise ValueError(f"quantize: `model` must be an nnx.Module, got {type(model).__name__}.")
+    raise ValueError(f"quantize_model: `model` must be an nnx.Module, got {type(model).__name__}.")
   work = nnx.clone(model)
   layers = _layer_list(work)
   claimed: dict[int, list[str]] = {index: [] for index in range(len(rules))}
@@ -498,18 +463,18 @@ def quantize(model, rules):
     label = name or "<root>"
     if problem is not None:
       raise ValueError(
-          f"quantize: {rule!r} matches {label} ({_type_name(type(module))}), which trquant cannot"
+          f"quantize_model: {rule!r} matches {label} ({_type_name(type(module))}), which trquant cannot"
           f" quantize: {problem}. To {_KEEP_FP}, put QuantRule({re.escape(name)!r}, skip=True)"
           " before this rule (or narrow the rule's path).")
     if variables.get(id(module.kernel), 0) > 1:
-      raise ValueError(f"quantize: the kernel of {label} is shared with another module (weight"
+      raise ValueError(f"quantize_model: the kernel of {label} is shared with another module (weight"
                        " tying); quantizing this layer would untie them.")
     replacements.append((module, _build(module, rule)))
   root = work
   for module, layer in replacements:
     for path in modules[id(module)]:
       if path:
-        _set(work, path, layer)
+        graph.set_at(work, path, layer)
       else:
         root = layer
   return root
@@ -525,10 +490,10 @@ def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
   bits. Which layers those are depends on the forward pass, not on the attribute
   order, so this runs ``model`` once (a copy, in evaluation mode, eagerly) on
   ``example_input`` and returns a :class:`QuantRule` matching exactly the first
-  and the last layer called among those :func:`quantize` can replace. Put it
+  and the last layer called among those :func:`quantize_model` can replace. Put it
   first in the rule list::
 
-    q = trquant.nnx.quantize(model, [
+    q = trquant.nnx.quantize_model(model, [
         trquant.nnx.first_last_rule(model, x[:1]),                          # FP
         trquant.nnx.QuantRule(weight_bits=2, act_bits=2, signed_act=True)])  # the rest
     # or 8-bit weights and inputs:
@@ -566,14 +531,14 @@ def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
     new_layers.append(layer)
     for path in modules[id(module)]:
       if path:
-        _set(probe, path, layer)
+        graph.set_at(probe, path, layer)
       else:
         root = layer
   if not new_layers:
-    raise ValueError("first_last_rule: the model has no layer that trquant.nnx.quantize can"
+    raise ValueError("first_last_rule: the model has no layer that trquant.nnx.quantize_model can"
                      " replace.")
   root.eval()
-  with capture(root, new_layers) as captured:
+  with capture_layers(root, new_layers) as captured:
     (apply_fn or (lambda m, x: m(x)))(root, example_input)
   order = captured.order
   if not order:
@@ -587,4 +552,4 @@ def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
                    per_channel=per_channel, skip=skip)
 
 
-__all__ = ["QuantRule", "SUPPORTED_LAYERS", "UNSUPPORTED_LAYERS", "first_last_rule", "quantize"]
+__all__ = ["QuantRule", "SUPPORTED_LAYERS", "UNSUPPORTED_LAYERS", "first_last_rule", "quantize_model"]

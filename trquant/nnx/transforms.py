@@ -123,7 +123,7 @@ def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
 
   Raises:
     ValueError: if the model has no trquant layer with quantized weights (build it
-      from trquant layers, or make it with :func:`trquant.nnx.quantize`), ``max_bits``
+      from trquant layers, or make it with :func:`trquant.nnx.quantize_model`), ``max_bits``
       is not a positive int or leaves every layer out, or a
       quantized layer learns its weight scale (``weight_quantizer="lsq"``): TR scheduling needs frozen weight
       scales, since a moving scale changes codes without any weight update. Use
@@ -151,7 +151,46 @@ def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
 
     return jax.tree_util.tree_map_with_path(leaf_codes, params)
 
+  # tr_schedule's windup guard reads which weights are beyond the grid from it.
+  model_codes_fn.saturation_fn = saturation_fn(model, max_bits=max_bits)
   return model_codes_fn
+
+
+def saturation_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
+  """Returns ``saturation_fn`` for :func:`trquant.tr_schedule` from an NNX model.
+
+  The companion of :func:`codes_fn` (which carries it as ``codes_fn.saturation_fn``,
+  so ``tr_schedule`` finds it by itself): the same tree with, for every quantized
+  kernel, a boolean mask that is True where the latent weight lies beyond the grid
+  (``w / s`` outside ``[lo, hi]``, the straight-through window, where the weight's
+  gradient is 0), and None elsewhere.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(2, 1, weight_bits=1, rngs=nnx.Rngs(0)))
+    >>> model.layers[0].weight_scale.set_value(jnp.float32(0.5))
+    >>> model.layers[0].kernel.set_value(jnp.array([[0.3], [-0.9]]))
+    >>> params = trquant.nnx.values(nnx.state(model, nnx.Param))
+    >>> trquant.nnx.saturation_fn(model)(params)["layers"][0]["kernel"][:, 0]
+    Array([False,  True], dtype=bool)
+  """
+  scales = _ModelScales(model, "TR scheduling", max_bits)
+
+  def model_saturation_fn(params):
+    def leaf_mask(path, leaf):
+      layer = scales.layer(path)
+      if layer is None:
+        return None
+      kernel = layer.kernel
+      lo, hi = quantizers.quant_range(kernel.bits, signed=kernel.signed, narrow=kernel.narrow)
+      scale = scales.scale(traversal.state_path(path), layer)
+      ratio = leaf.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
+      return (ratio < lo) | (ratio > hi)
+
+    return jax.tree_util.tree_map_with_path(leaf_mask, params)
+
+  return model_saturation_fn
 
 
 def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
@@ -184,16 +223,70 @@ def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   return model_scales_fn
 
 
+def layer_names(model, *, wrt=nnx.Param, max_bits: Optional[int] = None) -> list:
+  """The ``"/"``-joined paths of the layers whose kernels :func:`codes_fn` quantizes.
+
+  In the order of the per-layer vectors of :func:`trquant.tr_schedule`,
+  :func:`trquant.track_oscillations` and :func:`trquant.freeze_oscillations` (the
+  tree order of the quantized kernels), with the same ``max_bits`` as the
+  ``codes_fn`` they were given.
+
+  Example:
+    >>> import trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)),
+    ...                        trquant.nnx.QuantLinear(2, 2, weight_bits=None, rngs=nnx.Rngs(1)))
+    >>> trquant.nnx.layer_names(model)
+    ['layers/0']
+  """
+  params = traversal.values(nnx.state(model, wrt))
+  codes = jax.eval_shape(codes_fn(model, max_bits=max_bits), params)
+  names = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(codes, is_leaf=lambda x: x is None)[0]:
+    if leaf is not None:
+      names.append(traversal.path_name(traversal.state_path(path)[:-1]))
+  return names
+
+
+def _by_layer(stats: dict, per_layer_fields, names) -> dict:
+  """`stats` with each per-layer vector turned into ``{layer name: value}``."""
+  keyed = dict(stats)
+  for field in per_layer_fields:
+    value = stats.get(field)
+    if value is None:
+      continue
+    if value.shape[0] == 1 and len(names) != 1:
+      keyed[field] = {"all layers": value[0]}  # one group over every layer (per_layer=False)
+      continue
+    if value.shape[0] != len(names):
+      raise ValueError(
+          f"`{field}` has {value.shape[0]} entries but the model has {len(names)} quantized"
+          " layers: pass the `max_bits` the transform's codes_fn was made with.")
+    keyed[field] = dict(zip(names, value))
+  return keyed
+
+
 TRANSITION_FIELDS = ("tr_step", "target_transition_rate", "measured_transition_rate",
                      "running_transition_rate", "talr_multiplier")
+_PER_LAYER_TRANSITION_FIELDS = ("measured_transition_rate", "running_transition_rate",
+                                "talr_multiplier")
 
 
-def transition_stats(optimizer) -> dict:
+def transition_stats(optimizer, *, model=None, max_bits: Optional[int] = None) -> dict:
   """Arrays of the :func:`trquant.tr_schedule` state held by an ``nnx.Optimizer``.
+
+  Args:
+    optimizer: an ``nnx.Optimizer`` whose transform holds one ``tr_schedule``.
+    model: the optimizer's model, to key the per-layer values by layer name
+      (:func:`layer_names`); None leaves them as vectors in tree order.
+    max_bits: the ``max_bits`` of the ``codes_fn`` given to ``tr_schedule``.
 
   Returns:
     ``{field: array}`` for the fields of :class:`trquant.TransitionRateState`
-    (snapshots, safe to return from ``nnx.jit`` and to keep per step).
+    (snapshots, safe to return from ``nnx.jit`` and to keep per step). With
+    ``model``, ``measured_transition_rate``, ``running_transition_rate`` and
+    ``talr_multiplier`` are ``{layer name: value}`` (``{"all layers": value}`` with
+    ``per_layer=False``).
 
   Raises:
     ValueError: if the optimizer has no (or several) ``tr_schedule`` in its chain.
@@ -209,6 +302,8 @@ def transition_stats(optimizer) -> dict:
     if value is None:
       raise ValueError("the optimizer's transform has no trquant.tr_schedule.")
     stats[field] = value
+  if model is not None:
+    stats = _by_layer(stats, _PER_LAYER_TRANSITION_FIELDS, layer_names(model, max_bits=max_bits))
   return stats
 
 
@@ -216,15 +311,21 @@ OSCILLATION_FIELDS = ("osc_step", "oscillation_count", "oscillating_fraction")
 FREEZE_FIELDS = ("freeze_threshold", "frozen_fraction")
 
 
-def oscillation_stats(optimizer) -> dict:
+def oscillation_stats(optimizer, *, model=None, max_bits: Optional[int] = None) -> dict:
   """Per-layer arrays of the oscillation tracker (or freezer) held by an ``nnx.Optimizer``.
+
+  Args:
+    optimizer: an ``nnx.Optimizer`` whose transform holds one oscillation transform.
+    model: the optimizer's model, to key the per-layer values by layer name
+      (:func:`layer_names`); None leaves them as vectors in tree order.
+    max_bits: the ``max_bits`` of the transform's ``codes_fn``.
 
   Returns:
     ``{field: array}`` (snapshots) for ``osc_step``, ``oscillation_count`` and
     ``oscillating_fraction`` of :func:`trquant.track_oscillations` or
     :func:`trquant.freeze_oscillations`, plus ``freeze_threshold`` and
     ``frozen_fraction`` for the latter. Per-layer vectors follow the tree order of
-    the quantized kernels.
+    the quantized kernels, or, with ``model``, are ``{layer name: value}``.
 
   Raises:
     ValueError: if the optimizer has no (or several) oscillation transforms in its chain.
@@ -243,6 +344,9 @@ def oscillation_stats(optimizer) -> dict:
       raise ValueError("the optimizer's transform has no trquant.track_oscillations or"
                        " trquant.freeze_oscillations.")
     stats[field] = value
+  if model is not None:
+    stats = _by_layer(stats, ("oscillation_count", "oscillating_fraction", "frozen_fraction"),
+                      layer_names(model, max_bits=max_bits))
   return stats
 
 

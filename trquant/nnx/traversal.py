@@ -70,7 +70,7 @@ def state_path(path) -> tuple:
 _BUILD_WITH_TRQUANT_LAYERS = (
     "Build the model from trquant.nnx layers: trquant.nnx.QuantLinear in place of nnx.Linear"
     " and trquant.nnx.QuantConv in place of nnx.Conv (same constructor plus weight_bits and"
-    " act_bits), or quantize an existing NNX model with trquant.nnx.quantize(model, rules)."
+    " act_bits), or quantize an existing NNX model with trquant.nnx.quantize_model(model, rules)."
 )
 
 

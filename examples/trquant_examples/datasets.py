@@ -14,7 +14,7 @@ holding the files or at its parent (``$TRQUANT_DATA_DIR/fashion-mnist`` is found
 
 :func:`batches` yields shuffled (optionally augmented) mini-batches of numpy arrays.
 
-    from trquant import datasets
+    from trquant_examples import datasets
     dataset = datasets.normalize(datasets.load_dataset("fashion-mnist", data_dir="path/to/dir"))
     rng = np.random.default_rng(0)
     for images, labels in datasets.batches(dataset.train_images, dataset.train_labels, 128, rng=rng):

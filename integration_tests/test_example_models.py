@@ -1,4 +1,5 @@
-"""trquant.models: shapes, parameter trees, FP-checkpoint loading, quantization layout, training."""
+"""The examples' reference models (trquant_examples.models): shapes, parameter trees,
+FP-checkpoint loading, quantization layout, training."""
 
 import functools
 
@@ -10,8 +11,10 @@ import pytest
 from flax import nnx
 
 import trquant
-from trquant import models
+from trquant_examples import models
 from trquant.nnx import ActScale, LearnedWeightScale, QuantConv, QuantLinear
+
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
 
 
 BIT_SETTINGS = [(None, None), (2, 2), (1, 1)]

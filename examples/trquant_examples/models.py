@@ -16,11 +16,11 @@ ReLU / ReLU6 use the unsigned grid; the normalized input image, MobileNetV2's
 linear-bottleneck outputs and residual sums that are not followed by a ReLU use
 the signed grid.
 
-    >>> from flax import nnx
-    >>> model = build_model("resnet20", num_classes=10, in_channels=3, weight_bits=2,
-    ...                     act_bits=2, rngs=nnx.Rngs(0))
-    >>> model(jnp.zeros((1, 32, 32, 3))).shape
-    (1, 10)
+    from flax import nnx
+    from trquant_examples import models
+    model = models.build_model("resnet20", num_classes=10, in_channels=3, weight_bits=2,
+                               act_bits=2, rngs=nnx.Rngs(0))
+    logits = model(jnp.zeros((1, 32, 32, 3)))  # shape (1, 10)
 """
 
 from __future__ import annotations

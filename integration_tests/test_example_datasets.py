@@ -1,4 +1,4 @@
-"""trquant.datasets: the in-memory dataset loaders, on small files the tests write themselves."""
+"""trquant_examples.datasets: the in-memory dataset loaders, on small files the tests write themselves."""
 
 import gzip
 import itertools
@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from trquant import datasets as data
+from trquant_examples import datasets as data
+
+pytestmark = pytest.mark.integration  # `python -m pytest -m integration`
 
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
              "t10k-labels-idx1-ubyte")

@@ -1,0 +1,316 @@
+"""The units of reconstruction in an NNX model and how each is set up and run.
+
+* :func:`float_copy` / :func:`quantization_plan`: the full-precision reference and the
+  working copy whose trquant layers get their weight bits and MSE step sizes, in call
+  order (``first_last_bits`` at the edges);
+* :func:`quantize_activations`: LSQ input quantization of the working layers, MSE step
+  sizes from the full-precision inputs;
+* :func:`find_units`: the units (``granularity`` ``"layer"`` or ``"block"``, automatic
+  or named ``blocks``);
+* :func:`layer_apply_fn` and :func:`unit_apply_fn`: a layer as ``(w, x) -> output`` and a
+  unit as ``(weights, act_scales, x, key) -> output`` (QDrop through
+  :func:`qdrop_hook`), the pure functions :mod:`trquant.adaround.reconstruction` learns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from trquant import nnx as tq_nnx
+from trquant import quantizers
+from trquant.adaround import data
+from trquant.adaround import loop as loops
+from trquant.adaround import rounding
+from trquant.nnx import graph
+from trquant.nnx import traversal as nnx_traversal
+
+__all__ = [
+    "GRANULARITIES", "PlannedLayer", "find_units", "float_copy", "layer_apply_fn",
+    "qdrop_hook", "quantization_plan", "quantize_activations", "scan_on_cpu", "unit_apply_fn",
+    "unit_name",
+]
+
+GRANULARITIES = ("block", "layer")
+
+# Containers that their parent iterates (never called themselves): opened up into their items.
+_CONTAINERS = (nnx.List,)
+
+
+class PlannedLayer(NamedTuple):
+  """One trquant layer of :func:`quantization_plan`, in call order."""
+
+  name: str  # its "/"-joined path
+  fp_layer: Any  # the layer in the full-precision copy
+  work_layer: Any  # the layer in the working copy (quantized weights)
+  weight_bits: int
+  scale: jax.Array  # its weight step size (MSE)
+
+
+def unit_name(path) -> str:
+  """A module path ``"/"``-joined, ``"<root>"`` for the model itself."""
+  return "/".join(map(str, path)) or "<root>"
+
+
+def check_model(model) -> list:
+  """The model's trquant layers, or a ValueError saying how to get some."""
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f"`model` must be an nnx.Module, got {type(model).__name__}.")
+  layers = tq_nnx.quant_layers(model)
+  if not layers:
+    raise ValueError("the model has no trquant.nnx layer (QuantLinear, QuantConv,"
+                     " QuantLinearGeneral, QuantEinsum) to quantize. To quantize a plain NNX"
+                     " model, make its layers trquant layers in full precision first:"
+                     " trquant.nnx.quantize_model(model, trquant.nnx.QuantRule()).")
+  return layers
+
+
+def float_copy(model):
+  """A clone of ``model`` in evaluation mode whose trquant layers use their kernels unquantized."""
+  fp = nnx.clone(model)
+  for _, layer in tq_nnx.quant_layers(fp):
+    layer.kernel.set_metadata(bits=None)
+  fp.eval()
+  return fp
+
+
+def _set_quantized(layer, *, weight_bits: int, scale, per_channel: bool, kernel=None) -> None:
+  """Makes `layer` quantize its kernel to `weight_bits` with the frozen step size `scale`."""
+  if kernel is not None:
+    layer.kernel.set_value(jnp.asarray(kernel, layer.kernel.get_value().dtype))
+  layer.kernel.set_metadata(bits=weight_bits, signed=True, narrow=False)
+  layer.weight_quantizer = "fixed"
+  layer.per_channel = bool(per_channel)
+  layer.weight_scale = nnx.data(tq_nnx.WeightScale(jnp.asarray(scale, jnp.float32)))
+
+
+def quantization_plan(model, batches, *, weight_bits, per_channel, first_last_bits, forward):
+  """Validates; returns ``(fp copy, working copy, [PlannedLayer, ...])``.
+
+  The layers come in the order one forward pass on ``batches[0][:1]`` calls them (layers it
+  never calls after, in tree order; tree order when ``batches`` is None). Each working
+  layer gets ``weight_bits`` (``first_last_bits`` for the first and last) and a frozen
+  MSE step size, per tensor or per output channel.
+  """
+  check_model(model)
+  rounding.weight_grid(weight_bits, True)
+  if first_last_bits is not None:
+    rounding.weight_grid(first_last_bits, True, "first_last_bits")
+  if not isinstance(per_channel, (bool, np.bool_)):
+    raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}.")
+  fp, work = float_copy(model), nnx.clone(model)
+  work.eval()
+  fp_layers = tq_nnx.quant_layers(fp)
+  work_layers = dict(tq_nnx.quant_layers(work))
+  names = {id(layer): path for path, layer in fp_layers}
+  if batches is not None:
+    order = data.call_order(fp, [layer for _, layer in fp_layers], batches[0][:1], forward)
+    called = {id(layer) for layer in order}
+    # Layers the forward pass never calls keep their tree order, after the called ones.
+    order += [layer for _, layer in fp_layers if id(layer) not in called]
+  else:
+    order = [layer for _, layer in fp_layers]
+  plan = []
+  for index, fp_layer in enumerate(order):
+    path = names[id(fp_layer)]
+    edge = index == 0 or index == len(order) - 1
+    layer_bits = first_last_bits if (edge and first_last_bits is not None) else weight_bits
+    kernel = fp_layer.kernel.get_value()
+    # Per-channel: one step size per output channel (per output feature of a LinearGeneral
+    # or an Einsum: the layer's channel_axes).
+    scale = quantizers.init_scale(kernel, bits=layer_bits, method="mse",
+                                  axis=fp_layer.channel_axes if per_channel else None)
+    work_layer = work_layers[path]
+    _set_quantized(work_layer, weight_bits=layer_bits, scale=scale, per_channel=per_channel,
+                   kernel=kernel)
+    plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, layer_bits, scale))
+  return fp, work, plan
+
+
+def _set_act_quant(layer, *, bits: int, signed: bool, scale) -> None:
+  """Makes `layer` quantize its inputs to `bits` (LSQ) with step size `scale`."""
+  layer.act_bits = int(bits)
+  layer.signed_act = bool(signed)
+  layer.act_scale = nnx.data(tq_nnx.ActScale(jnp.asarray(scale, jnp.float32)))
+
+
+def quantize_activations(fp, plan, batch, *, act_bits: int, first_last_bits, forward) -> None:
+  """Sets LSQ input quantization on the plan's working layers, from the FP layers' inputs.
+
+  Signed where the full-precision input on ``batch`` has negative values; step size by
+  MSE search on it; ``first_last_bits`` (if given) for the first and last layer called.
+  The FP copy's layers are left with full-precision inputs.
+  """
+  for _, layer in tq_nnx.quant_layers(fp):
+    layer.act_bits = None  # the reference is full precision throughout
+  with tq_nnx.capture_layers(fp) as captured:
+    forward(fp, batch)
+  for index, planned in enumerate(plan):
+    inputs = captured.inputs(planned.fp_layer)
+    if not inputs:
+      continue  # never called: its input stays as it is
+    x = inputs[0]
+    signed = bool(jnp.min(x) < 0)
+    edge = index in (0, len(plan) - 1) and first_last_bits is not None
+    layer_act_bits = first_last_bits if edge else act_bits
+    scale = quantizers.init_scale(x, bits=layer_act_bits, method="mse", signed=signed)
+    _set_act_quant(planned.work_layer, bits=layer_act_bits, signed=signed, scale=scale)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure functions of the layers and units
+# ---------------------------------------------------------------------------------------
+
+
+def _patches(module) -> None:
+  """Convolutions of ``module`` as patches @ kernel: on CPU, XLA runs a conv's kernel
+  gradient inside ``lax.scan`` ~30x slower than outside one (a matmul's it does not)."""
+  for _, layer in tq_nnx.quant_layers(module):
+    if isinstance(layer, tq_nnx.QuantConv):
+      layer.patches_conv = True
+
+
+def scan_on_cpu(loop: str) -> bool:
+  """Whether a reconstruction runs as a ``lax.scan`` on CPU (then convs go as patches)."""
+  return loops.check_loop(loop) == "scan" and jax.default_backend() == "cpu"
+
+
+def layer_apply_fn(fp_layer, *, patches: bool = False):
+  """``(w, x) -> fp_layer(x)`` with the kernel replaced by ``w`` (pure, differentiable).
+
+  With ``patches``, a :class:`trquant.nnx.QuantConv` computes as patches @ kernel (a
+  copy of the layer with ``patches_conv`` set): the same result up to float summation
+  order, and on CPU a fast kernel gradient inside a ``lax.scan`` (the model drivers use
+  it for ``loop="scan"`` on CPU).
+  """
+  if patches and isinstance(fp_layer, tq_nnx.QuantConv):
+    fp_layer = nnx.clone(fp_layer)
+    _patches(fp_layer)
+  graphdef, kernel_state, rest = nnx.split(fp_layer, tq_nnx.QuantWeight, ...)
+
+  def apply_fn(w, x):
+    return nnx.merge(graphdef, jax.tree.map(lambda _: w, kernel_state), rest)(x)
+
+  return apply_fn
+
+
+def qdrop_hook(key, drop_prob):
+  """An ``input_quant_hook``: the full-precision input with probability ``drop_prob``."""
+
+  def hook(layer, x, quantized):
+    del layer
+    return jnp.where(jax.random.bernoulli(key, drop_prob, x.shape), x, quantized)
+
+  return hook
+
+
+def unit_apply_fn(work_unit, drop_prob: float, *, patches: bool, call: Callable):
+  """The unit as ``(kernels, act_scales, x, key) -> output`` and the paths of its leaves.
+
+  A copy of the unit whose kernels are used as given (no weight quantization: the
+  reconstruction passes soft or hard-rounded weights) and whose inputs are quantized
+  with the given activation step sizes; with ``key`` and ``drop_prob > 0`` each
+  quantized input keeps its full-precision value with probability ``drop_prob`` (QDrop).
+  ``call(module, x)`` runs the unit as the model's forward pass does (its keyword
+  arguments).
+
+  Returns:
+    ``(apply_fn, kernel_layers, act_layers)``: the function, and the paths inside the unit
+    of the layers whose kernels / activation step sizes it takes, in its argument order.
+  """
+  unit = nnx.clone(work_unit)
+  for _, layer in tq_nnx.quant_layers(unit):
+    layer.kernel.set_metadata(bits=None)
+  if patches:
+    _patches(unit)
+  unit.eval()
+  graphdef, kernels, acts, rest = nnx.split(unit, tq_nnx.QuantWeight, tq_nnx.ActScale, ...)
+  kernel_paths, kernel_def = jax.tree_util.tree_flatten_with_path(kernels)
+  act_paths, act_def = jax.tree_util.tree_flatten_with_path(acts)
+
+  def apply_fn(weights, act_scales, x, key):
+    module = nnx.merge(graphdef, jax.tree.unflatten(kernel_def, list(weights)),
+                       jax.tree.unflatten(act_def, list(act_scales or ())), rest)
+    if key is not None and drop_prob > 0:
+      for index, (_, layer) in enumerate(tq_nnx.quant_layers(module)):
+        layer.input_quant_hook = qdrop_hook(jax.random.fold_in(key, index), drop_prob)
+    return call(module, x)
+
+  # Leaf paths as the layers' paths inside the unit (without the trailing variable name).
+  kernel_layers = [nnx_traversal.state_path(path)[:-1] for path, _ in kernel_paths]
+  act_layers = [nnx_traversal.state_path(path)[:-1] for path, _ in act_paths]
+  return apply_fn, kernel_layers, act_layers
+
+
+# ---------------------------------------------------------------------------------------
+# Finding the units
+# ---------------------------------------------------------------------------------------
+
+
+def find_units(model, granularity: str, blocks) -> list[tuple]:
+  """The paths of the reconstruction units, in tree order.
+
+  ``granularity="layer"``: every trquant layer. ``"block"`` with ``blocks=None``: the
+  model's children holding trquant layers, ``nnx.List`` containers opened up (and a model
+  that only wraps another opened up into that one's units); with ``blocks``, the modules
+  those ``"/"``-joined paths name, then every layer outside them.
+  """
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"`granularity` must be one of {GRANULARITIES}, got {granularity!r}.")
+  layer_paths = [tuple(path) for path, _ in tq_nnx.quant_layers(model)]
+  if granularity == "layer":
+    return layer_paths
+  if blocks is not None:
+    if isinstance(blocks, str) or not isinstance(blocks, (list, tuple)):
+      raise ValueError(f"`blocks` must be a list of module paths (e.g. ['blocks/0']), got"
+                       f" {blocks!r}.")
+    modules = {unit_name(path): tuple(path) for path, _ in nnx.iter_modules(model)}
+    units = []
+    for block in blocks:
+      if block not in modules:
+        raise ValueError(f"`blocks` names {block!r}, which is not a module of the model; its"
+                         f" sub-modules include {sorted(m for m in modules if m)[:12]}.")
+      if isinstance(graph.module_at(model, modules[block]), _CONTAINERS):
+        raise ValueError(f"`blocks` names {block!r}, an nnx.List that its parent iterates"
+                         " rather than calls: name its items (e.g. f'{block}/0') or a module"
+                         " that calls them.")
+      units.append(modules[block])
+    for i, a in enumerate(units):
+      if not any(path[:len(a)] == a for path in layer_paths):
+        raise ValueError(f"block {unit_name(a)!r} holds no trquant layer to quantize.")
+      for b in units[i + 1:]:
+        if a[:len(b)] == b or b[:len(a)] == a:
+          raise ValueError(f"blocks {unit_name(a)!r} and {unit_name(b)!r} overlap: give"
+                           " disjoint blocks.")
+    # Layers outside every named block are reconstructed on their own.
+    rest = [p for p in layer_paths if not any(p[:len(u)] == u for u in units)]
+    return units + rest
+  # Automatic: the model's children holding trquant layers, nnx.List containers opened
+  # up: ResNet-20's stem, its residual blocks and its head.
+  units = []
+
+  def visit(module, path):
+    for key_path, child in list(nnx.iter_modules(module)):
+      if len(key_path) != 1:
+        continue
+      child_path = path + tuple(key_path)
+      if not any(p[:len(child_path)] == child_path for p in layer_paths):
+        continue
+      if isinstance(child, _CONTAINERS):
+        visit(child, child_path)
+      else:
+        units.append(child_path)
+
+  if isinstance(model, tq_nnx.QUANT_LAYERS):
+    return [()]
+  visit(model, ())
+  # A model that only wraps another one (a module calling the model with its keyword
+  # arguments): its one child would make the whole network one unit, so open it up.
+  while len(units) == 1 and not isinstance(graph.module_at(model, units[0]), tq_nnx.QUANT_LAYERS):
+    only = units.pop()
+    visit(graph.module_at(model, only), only)
+  return units

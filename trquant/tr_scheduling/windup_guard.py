@@ -1,0 +1,98 @@
+"""The windup guard of :func:`tr_schedule`: no run-away of the TALR multiplier.
+
+The control loop is stable only while the transition rate rises with ``u``. Pushed too
+far, a large step carries latent weights beyond the grid, where the straight-through
+gradient is 0; they stop, the rate falls, and an integral controller raises ``u``
+further. The guard compares ``u``, the tracking ratio ``K / R`` and the fraction of
+stalled weights over windows of updates, and lowers a ceiling on ``u`` when raising it
+no longer pays (see :func:`tr_schedule`'s docstring for the rules).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["GuardFields", "default_guard_window", "guard_step", "stalled_count"]
+
+# A weight has stopped when its incoming update is below this fraction of its layer's RMS
+# update.
+STALLED_FRACTION_OF_RMS = 0.01
+# Above this running fraction of stopped weights, the layer's transitions come from the few
+# weights still inside the grid: a larger multiplier only shakes those.
+MOSTLY_STALLED = 0.9
+
+
+def default_guard_window(decay) -> int:
+  """``5 / (1 - decay)`` updates: five time constants of the running rate (500 at 0.99)."""
+  if isinstance(decay, numbers.Number):
+    return max(int(round(5.0 / (1.0 - float(decay)))), 1)
+  return 500  # a traced decay: the default's window
+
+
+def stalled_count(update) -> jax.Array:
+  """How many entries of a layer's `update` are below 1% of its RMS (float32)."""
+  magnitude = jnp.abs(update.astype(jnp.float32))
+  rms = jnp.sqrt(jnp.mean(jnp.square(magnitude)))
+  return jnp.sum(magnitude < STALLED_FRACTION_OF_RMS * rms, dtype=jnp.float32)
+
+
+class GuardFields(NamedTuple):
+  """The guard's part of the transform state (each of shape ``(groups,)``)."""
+
+  multiplier_ceiling: jax.Array
+  guard_start_multiplier: jax.Array
+  guard_start_tracking: jax.Array
+  guard_start_stalled: jax.Array
+  windup_events: jax.Array
+
+
+def guard_step(fields: GuardFields, *, window_done, multiplier, running, target, stalled,
+               finite, floor: float, beyond=None) -> GuardFields:
+  """The guard's ceiling, window references and event count after one step.
+
+  Args:
+    fields: the guard's state before the step.
+    window_done: whether this step ends one of the guard's windows (bool scalar).
+    multiplier: ``u`` applied at this step, per group.
+    running: the running transition rate ``K`` after this step, per group.
+    target: the target rate ``R`` of this step (scalar).
+    stalled: the running fraction of stalled weights after this step, per group.
+    beyond: the running fraction of weights beyond the grid, per group (None: unknown).
+    finite: per group, whether this step's update was finite.
+    floor: the lowest ceiling (the initial multiplier: the optimizer's own step).
+
+  Returns:
+    The new :class:`GuardFields`.
+  """
+  ceiling, start_u = fields.multiplier_ceiling, fields.guard_start_multiplier
+  start_tracking, start_stalled = fields.guard_start_tracking, fields.guard_start_stalled
+  tracking = jnp.where(target > 0, running / jnp.where(target > 0, target, 1.0), 1.0)
+  # Below target and falling, or stalled (almost no transition left at all).
+  fell = (tracking < 1.0) & ((tracking < 0.9 * start_tracking) | (tracking < 0.01))
+  # Weights stop faster than the window before: the larger step is pushing them out.
+  stalling = stalled > start_stalled + 0.05
+  rose = multiplier >= 1.25 * start_u
+  # Weights also stop on their own (dead ReLU units, a fitted loss): only a multiplier
+  # that at least doubled in the window is taken to be the cause.
+  doubled = multiplier >= 2.0 * start_u
+  held = (start_u >= 0.99 * ceiling) & (multiplier >= 0.99 * ceiling)
+  # Most weights beyond the grid: the rate the multiplier buys comes from the rest.
+  stopped = stalled if beyond is None else jnp.maximum(stalled, beyond)
+  mostly_stalled = stopped > MOSTLY_STALLED
+  lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held))
+                                  | (mostly_stalled & (rose | held)))
+  floor = jnp.float32(floor)
+  new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
+  ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
+  refresh = window_done & finite
+  return GuardFields(
+      multiplier_ceiling=ceiling,
+      guard_start_multiplier=jnp.where(refresh, jnp.minimum(multiplier, ceiling), start_u),
+      guard_start_tracking=jnp.where(refresh, tracking, start_tracking),
+      guard_start_stalled=jnp.where(refresh, stalled, start_stalled),
+      windup_events=fields.windup_events + lower.astype(jnp.int32),
+  )
