@@ -478,3 +478,11 @@ def test_adaround_model_runs_a_model_called_with_keyword_arguments_through_apply
                                        apply_fn=apply_fn, config=adaround.AdaRoundConfig(iters=2))
   assert [(r.name, r.weight_bits) for r in reports] == [("fc1", 8), ("fc2", 8)]
   assert q.fc1.weight_bits == 8 and np.isfinite(np.asarray(apply_fn(q, x))).all()
+
+
+def test_a_single_iteration_keeps_the_default_warm_up():
+  """One iteration: the default 20% warm-up rounds up to the whole run (regulariser off)."""
+  config = adaround.AdaRoundConfig(iters=1)
+  assert config.start_step == 1
+  schedule = adaround.beta_schedule(1)
+  assert float(schedule(0)) == 20.0

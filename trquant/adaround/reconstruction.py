@@ -152,7 +152,7 @@ class Reconstruction:
   def beta_fn(self):
     c = self.config
     return rounding.beta_schedule(c.iters, start=c.beta[0], end=c.beta[1],
-                                  warmup_steps=c.start_step, mode=c.beta_mode)
+                                  warmup_steps=c.warmup_steps, mode=c.beta_mode)
 
   def init(self, arrays: ReconstructionArrays):
     c = self.config
