@@ -95,11 +95,16 @@ def concrete_codes(codes_fn, params):
   return jax.eval_shape(codes_fn, params), False
 
 
+def leaf_paths(codes_def, num_leaves: int) -> list:
+  """The jax key path of each leaf of the codes treedef (None leaves included), in order."""
+  return [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      codes_def.unflatten(list(range(num_leaves))))[0]]
+
+
 def first_bad_code(codes_def, codes, quantized, is_bad):
   """``(path, value)`` of the first entry of a concrete quantized leaf of `codes` where
   ``is_bad(leaf)`` (a mask) holds, or None; traced leaves cannot be checked here."""
-  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
-      codes_def.unflatten(list(range(len(quantized)))))[0]]
+  paths = leaf_paths(codes_def, len(quantized))
   for path, leaf, is_quantized in zip(paths, codes_def.flatten_up_to(codes), quantized):
     if not is_quantized or isinstance(leaf, jax.core.Tracer):
       continue
@@ -131,13 +136,6 @@ def check_integer_codes(codes_def, codes, quantized) -> None:
         " transition)."
     )
 
-
-
-def quantized_paths(codes_def, quantized) -> list:
-  """The tree paths (``jax.tree_util.keystr`` form) of the quantized leaves, in order."""
-  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
-      codes_def.unflatten(list(range(len(quantized)))))[0]]
-  return [path_str(path) for path, q in zip(paths, quantized) if q]
 
 
 class QuantizedLayout(NamedTuple):
@@ -201,8 +199,7 @@ def match_scales(scales, layout: QuantizedLayout) -> list:
         "scale_fn(params) must return a tree with the structure of codes_fn(params): a"
         f" scale for each quantized leaf, None elsewhere: {error}"
     ) from error
-  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(
-      layout.codes_def.unflatten(list(range(len(layout.quantized)))))[0]]
+  paths = leaf_paths(layout.codes_def, len(layout.quantized))
   out = []
   for path, scale, q, shape in zip(paths, slots, layout.quantized, layout.shapes):
     if not q:

@@ -68,6 +68,23 @@ def _check_frozen_scale(path, layer, purpose: str) -> None:
     )
 
 
+def _per_kernel_fn(scales, leaf_fn) -> Callable[[Any], Any]:
+  """``params -> tree``: ``leaf_fn(leaf, layer, scale)`` at each kernel `scales` holds,
+  None elsewhere (the walk shared by :func:`codes_fn`, :func:`saturation_fn` and
+  :func:`scales_fn`)."""
+
+  def model_fn(params):
+    def at_leaf(path, leaf):
+      layer = scales.layer(path)
+      if layer is None:
+        return None
+      return leaf_fn(leaf, layer, scales.scale(traversal.state_path(path), layer))
+
+    return jax.tree_util.tree_map_with_path(at_leaf, params)
+
+  return model_fn
+
+
 class _ModelScales:
   """The frozen weight scales of a model's quantized layers, read when they are needed.
 
@@ -140,20 +157,19 @@ def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
     Array(0., dtype=float32)
   """
   scales = _ModelScales(model, "TR scheduling", max_bits)
-
-  def model_codes_fn(params):
-    def leaf_codes(path, leaf):
-      layer = scales.layer(path)
-      if layer is None:
-        return None
-      return quantizers.quantize(leaf, scales.scale(traversal.state_path(path), layer),
-                                 bits=layer.kernel.bits)
-
-    return jax.tree_util.tree_map_with_path(leaf_codes, params)
-
+  model_codes_fn = _per_kernel_fn(
+      scales, lambda leaf, layer, scale: quantizers.quantize(leaf, scale, bits=layer.kernel.bits))
   # tr_schedule's windup guard reads which weights are beyond the grid from it.
-  model_codes_fn.saturation_fn = saturation_fn(model, max_bits=max_bits)
+  model_codes_fn.saturation_fn = _per_kernel_fn(scales, _beyond_grid)
   return model_codes_fn
+
+
+def _beyond_grid(leaf, layer, scale):
+  """True where ``leaf / scale`` lies outside the layer's grid ``[lo, hi]``."""
+  kernel = layer.kernel
+  lo, hi = quantizers.quant_range(kernel.bits, signed=kernel.signed, narrow=kernel.narrow)
+  ratio = leaf.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
+  return (ratio < lo) | (ratio > hi)
 
 
 def saturation_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
@@ -175,22 +191,7 @@ def saturation_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], A
     >>> trquant.nnx.saturation_fn(model)(params)["layers"][0]["kernel"][:, 0]
     Array([False,  True], dtype=bool)
   """
-  scales = _ModelScales(model, "TR scheduling", max_bits)
-
-  def model_saturation_fn(params):
-    def leaf_mask(path, leaf):
-      layer = scales.layer(path)
-      if layer is None:
-        return None
-      kernel = layer.kernel
-      lo, hi = quantizers.quant_range(kernel.bits, signed=kernel.signed, narrow=kernel.narrow)
-      scale = scales.scale(traversal.state_path(path), layer)
-      ratio = leaf.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
-      return (ratio < lo) | (ratio > hi)
-
-    return jax.tree_util.tree_map_with_path(leaf_mask, params)
-
-  return model_saturation_fn
+  return _per_kernel_fn(_ModelScales(model, "TR scheduling", max_bits), _beyond_grid)
 
 
 def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
@@ -211,16 +212,8 @@ def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
       (``weight_quantizer="lsq"``): a moving scale would move frozen weights off their
       grid points.
   """
-  scales = _ModelScales(model, "freezing", max_bits)
-
-  def model_scales_fn(params):
-    def leaf_scale(path, _):
-      layer = scales.layer(path)
-      return None if layer is None else scales.scale(traversal.state_path(path), layer)
-
-    return jax.tree_util.tree_map_with_path(leaf_scale, params)
-
-  return model_scales_fn
+  return _per_kernel_fn(_ModelScales(model, "freezing", max_bits),
+                        lambda leaf, layer, scale: scale)
 
 
 def layer_names(model, *, wrt=nnx.Param, max_bits: Optional[int] = None) -> list:
