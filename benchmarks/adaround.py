@@ -35,6 +35,7 @@ from trquant import adaround
 from trquant_examples import datasets
 from trquant_examples import models
 from trquant_examples.checkpoints import load_checkpoint
+from trquant_examples.config import parse_first_last
 from trquant_examples.training import evaluate
 
 GRANULARITIES = ("tensor", "channel")
@@ -51,8 +52,9 @@ def parse_args(argv=None):
   parser.add_argument("--batch-size", type=int, default=128, help="FP training batch size")
   parser.add_argument("--bits", default="4,3,2")
   parser.add_argument("--granularity", default="tensor,channel")
-  parser.add_argument("--first-last-bits", type=int, default=8,
-                      help="bits of the first conv and the last linear layer (0: same as --bits)")
+  parser.add_argument("--first-last", type=parse_first_last, default=8,
+                      help='first conv and last linear layer: a bit width, "same" (as --bits)'
+                      ' or "fp"')
   parser.add_argument("--calibration", type=int, default=1024, help="calibration images")
   parser.add_argument("--iters", default="1000,500", help="AdaRound iterations per layer, per model")
   parser.add_argument("--seeds", default="3,1", help="calibration draws / keys, per model")
@@ -173,14 +175,14 @@ def run_model(args, name, dataset, *, fp_epochs, iters, seeds):
   print(f"{name}: FP test accuracy {fp_accuracy:.4f}", flush=True)
   bits_list = [int(b) for b in args.bits.split(",")]
   granularities = args.granularity.split(",")
-  first_last = args.first_last_bits or None
+  first_last = args.first_last
   example = dataset.train_images[:1]
   rows, layer_times = {}, {}
   for granularity in granularities:
     per_channel = granularity == "channel"
     for bits in bits_list:
       nearest = adaround.round_to_nearest(model, weight_bits=bits, per_channel=per_channel,
-                                          first_last_bits=first_last,
+                                          first_last=first_last,
                                           example_input=example).model
       nearest_accuracy = accuracy(nearest, dataset)
       accuracies, errors = [], []
@@ -188,7 +190,7 @@ def run_model(args, name, dataset, *, fp_epochs, iters, seeds):
         start = time.perf_counter()
         quantized, reports = adaround.adaround_model(
             model, calibration_batches(dataset, args.calibration, seed), weight_bits=bits,
-            per_channel=per_channel, first_last_bits=first_last,
+            per_channel=per_channel, first_last=first_last,
             config=adaround.AdaRoundConfig(iters=iters, batch_size=args.ada_batch_size,
                                            lam=args.lam, lr=args.lr),
             key=jax.random.key(seed), progress=not args.quick)
@@ -250,7 +252,8 @@ def plot(out):
 
 
 def _summary(args, results, timings, elapsed, command):
-  first_last = f"{args.first_last_bits}-bit" if args.first_last_bits else "same bits as the body"
+  first_last = {"same": "same bits as the body", "fp": "in full precision"}.get(
+      args.first_last, f"{args.first_last}-bit")
   lines = [
       f"AdaRound vs round-to-nearest, weight-only post-training quantization on `{args.dataset}`"
       f" ({args.calibration} calibration images drawn from the training set per seed, batch"

@@ -20,7 +20,7 @@ def main():
   print("| weights | first conv / last linear | float32 KiB | exported KiB | ratio |")
   print("|---|---|---|---|---|")
   for bits in (8, 4, 2, 1):
-    for first_last in ("fp", "8bit"):
+    for first_last in ("fp", 8):
       model = models.build_model("resnet20", num_classes=10, in_channels=3, weight_bits=bits,
                                  act_bits=None, first_last=first_last, scale_method="lsq",
                                  rngs=nnx.Rngs(0))

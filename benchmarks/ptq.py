@@ -35,6 +35,7 @@ import numpy as np
 import _runs  # benchmarks/_runs.py, next to this script
 import adaround as adaround_bench  # benchmarks/adaround.py: FP checkpoints, calibration
 from trquant import adaround
+from trquant_examples.config import parse_first_last
 from trquant_examples import datasets
 
 METHODS = ("nearest", "adaround", "brecq", "qdrop")
@@ -52,7 +53,8 @@ def parse_args(argv=None):
                       help="weight (and activation) bits, e.g. W4A4 or W2 (weights only)")
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--per-tensor", action="store_true", help="per-tensor weight scales")
-  parser.add_argument("--first-last-bits", type=int, default=8)
+  parser.add_argument("--first-last", type=parse_first_last, default=8,
+                      help='first and last layer: a bit width, "same" or "fp"')
   parser.add_argument("--calibration", type=int, default=1024)
   parser.add_argument("--iters", type=int, default=500, help="iterations per unit")
   parser.add_argument("--seeds", type=int, default=3)
@@ -112,7 +114,7 @@ def run_one(args, model, dataset, name, setting, method, seed):
   tag, bits, act_bits = setting
   batches = adaround_bench.calibration_batches(dataset, args.calibration, seed)
   common = dict(weight_bits=bits, per_channel=not args.per_tensor,
-                first_last_bits=args.first_last_bits or None)
+                first_last=args.first_last)
   start = time.perf_counter()
   reports = []
   if method == "nearest":

@@ -286,7 +286,7 @@ def run_qwix(args, fp, bits, data, curve_windows, final_windows, example):
 
 def run_ptq(args, fp, calibration, final_windows, out):
   fp_layers = trquant.nnx.quantize_model(fp, [QuantRule("embed", skip=True), QuantRule()])
-  common = dict(weight_bits=args.ptq_bits, first_last_bits=8)
+  common = dict(weight_bits=args.ptq_bits, first_last=8)
   config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
   rows = []
   nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[:1],

@@ -75,7 +75,8 @@ def build_parser():
   parser.add_argument("--data-dir", default=d.data_dir, help="dataset folder (default: $TRQUANT_DATA_DIR)")
   parser.add_argument("--weight-bits", type=int, default=d.weight_bits, help="0 = full precision")
   parser.add_argument("--act-bits", type=int, default=d.act_bits, help="0 = full precision")
-  parser.add_argument("--first-last", default=d.first_last, choices=models.FIRST_LAST_MODES)
+  parser.add_argument("--first-last", type=train_config.parse_first_last, default=d.first_last,
+                      help='first conv and last linear layer: "fp", "same" or a bit width (8)')
   parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
   parser.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES)
   parser.add_argument("--lr", type=float, default=d.lr, help="initial LR (U_0); default per optimizer")

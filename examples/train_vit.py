@@ -331,7 +331,7 @@ def run_adaround(args, fp, dataset, out_dir):
   images = dataset.train_images[index]
   calibration = [images[i:i + 256] for i in range(0, len(images), 256)]
   fp_layers = trquant.nnx.quantize_model(fp, QuantRule())  # every layer a trquant layer, in FP
-  common = dict(weight_bits=args.adaround_bits, per_channel=args.per_channel, first_last_bits=8)
+  common = dict(weight_bits=args.adaround_bits, per_channel=args.per_channel, first_last=8)
   start = time.perf_counter()
   nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0],
                                               **common).model

@@ -109,7 +109,7 @@ def test_resnet20_parameter_count():
 
 @pytest.mark.parametrize("name", models.MODEL_NAMES)
 @pytest.mark.parametrize("first_last,weight_quantizer", [
-    ("fp", "fixed"), ("8bit", "fixed"), ("fp", "lsq")])
+    ("fp", "fixed"), (8, "fixed"), ("fp", "lsq")])
 def test_quantized_params_are_fp_params_plus_scales(name, first_last, weight_quantizer):
   fp_paths = _param_paths(_model(name))
   if weight_quantizer == "fixed":
@@ -132,7 +132,7 @@ def test_fp_checkpoint_loads_into_quantized_model(name):
   fp_model = _build(name, seed=1)  # another seed than the quantized model: other kernels
   fp_model.train()
   fp_model(_images())  # move the BatchNorm statistics away from their initial values
-  quant = _model(name, 2, 2, first_last="8bit")
+  quant = _model(name, 2, 2, first_last=8)
   assert not np.array_equal(quant.head.kernel.get_value(), fp_model.head.kernel.get_value())
   bits_before = [layer.weight_bits for _, layer in _quant_layers(quant)]
   trquant.nnx.load_float_weights(quant, fp_model)
@@ -160,7 +160,7 @@ def test_plain_nnx_update_keeps_weight_bits():
 
 def test_scale_method_reaches_every_layer():
   for scale_method in ("mse", "std3"):
-    model = _build("cnn", 2, 2, first_last="8bit", scale_method=scale_method)
+    model = _build("cnn", 2, 2, first_last=8, scale_method=scale_method)
     assert {layer.scale_method for _, layer in _quant_layers(model)} == {scale_method}
 
 
@@ -179,7 +179,7 @@ def _first_and_last(model):
 # "same" is checked on the CNN only: the mode logic is shared, and quantized builds are slow.
 @pytest.mark.parametrize("name,first_last,edge_bits", [
     *((name, "fp", None) for name in models.MODEL_NAMES),
-    *((name, "8bit", 8) for name in models.MODEL_NAMES),
+    *((name, 8, 8) for name in models.MODEL_NAMES),
     ("cnn", "same", 2),
 ])
 def test_first_last_modes(name, first_last, edge_bits):

@@ -89,6 +89,12 @@ def test_train_qat_flags_are_the_train_config_fields():
   assert run_name(dataclasses.replace(config, tag="mine")) == "mine"
   with pytest.raises(SystemExit):  # TrainConfig's own checks reach the command line
     train_qat.parse_args(["--weight-bits", "0", "--schedule", "tr"])
+  # The first/last-layer policy, as the AdaRound drivers take it: "fp", "same" or bits.
+  assert train_qat.parse_args(["--first-last", "8"]).first_last == 8
+  assert train_qat.parse_args(["--first-last", "same"]).first_last == "same"
+  for bad in ("8bit", "0", "half"):
+    with pytest.raises(SystemExit):
+      train_qat.parse_args(["--first-last", bad])
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -100,6 +106,7 @@ def test_train_qat_flags_are_the_train_config_fields():
     (dict(target_tr=0.0), "target_tr must be a positive number"),
     (dict(osc_start=1.0), "osc_start must be a number in"),
     (dict(per_channel=1), "per_channel must be True or False"),
+    (dict(first_last="8bit"), 'first_last must be "fp", "same" or a bit width'),
     (dict(weight_bits=0, schedule="tr"), "set weight_bits > 0"),
     (dict(weight_bits=0, freeze=True), "freeze acts on quantized weights"),
 ])

@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import numbers
 import os
 from typing import Optional, Union
 
+from trquant import checks
 from trquant_examples import datasets
 from trquant_examples import models
 from trquant_examples.optimizers import DEFAULT_LR, OPTIMIZER_NAMES
@@ -27,7 +29,7 @@ CONTROLLERS = ("log", "additive", "momentum")
 # Fields by kind, for validation and for the numeric types the results JSON stores.
 _CHOICES = {
     "model": models.MODEL_NAMES, "dataset": datasets.DATASET_NAMES,
-    "first_last": models.FIRST_LAST_MODES, "optimizer": OPTIMIZER_NAMES,
+    "optimizer": OPTIMIZER_NAMES,
     "schedule": SCHEDULES, "controller": CONTROLLERS,
 }
 # field -> (smallest allowed value, what the value means), for integer fields.
@@ -72,7 +74,7 @@ class TrainConfig:
   data_dir: Optional[str] = None  # the dataset's folder; None: $TRQUANT_DATA_DIR
   weight_bits: int = 2  # 0 = full precision
   act_bits: int = 2  # 0 = full precision
-  first_last: str = "fp"  # the first and last layers: "fp", "8bit" or "same" as the others
+  first_last: Union[str, int] = "fp"  # the first and last layers: "fp", "same" or bits (8)
   per_channel: bool = False  # per-output-channel weight scales
   optimizer: str = "adam"
   lr: Optional[float] = None  # the initial LR (U_0); None: DEFAULT_LR[optimizer]
@@ -105,6 +107,8 @@ class TrainConfig:
   no_plot: bool = False  # the command line writes no plot
 
   def __post_init__(self):
+    if not _valid_first_last(self.first_last):
+      _fail("first_last", self.first_last, '"fp", "same" or a bit width such as 8')
     for name, choices in _CHOICES.items():
       if getattr(self, name) not in choices:
         _fail(name, getattr(self, name), f"one of {choices}")
@@ -203,6 +207,22 @@ def _is_integer(value) -> bool:
 
 def _is_real(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def parse_first_last(text: str):
+  """A ``--first-last`` flag's value: ``"fp"``, ``"same"`` or a bit width (``"8"`` -> 8)."""
+  value = int(text) if text.strip().isdigit() else text
+  if not _valid_first_last(value):
+    raise argparse.ArgumentTypeError(f'"fp", "same" or a bit width such as 8, got {text!r}')
+  return value
+
+
+def _valid_first_last(value) -> bool:
+  try:
+    checks.check_first_last(value)
+  except ValueError:
+    return False
+  return True
 
 
 def _fail(name, value, requirement):

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from trquant import checks
 from trquant.nnx import QuantConv, QuantLinear
 
 MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2", "mobilenetv2_tiny")
-FIRST_LAST_MODES = ("fp", "8bit", "same")
+# The first/last-layer policy, as everywhere in trquant (trquant.checks.check_first_last):
+# "fp", "same", or an int bit width for their weights and inputs.
+FIRST_LAST_MODES = ("fp", "same", "<bits>")
 
 # PyTorch's BatchNorm defaults (running-average weight 0.1 on each new batch).
 BN_MOMENTUM = 0.9
@@ -76,16 +79,15 @@ class ModelQuant:
   @classmethod
   def create(cls, *, weight_bits, act_bits, first_last="fp", weight_quantizer="fixed",
              per_channel=False, scale_method="mse") -> "ModelQuant":
-    if first_last not in FIRST_LAST_MODES:
-      raise ValueError(f"`first_last` must be one of {FIRST_LAST_MODES}, got {first_last!r}.")
+    first_last = checks.check_first_last(first_last)
     body = LayerQuant(weight_bits, act_bits, weight_quantizer, per_channel, scale_method)
     if first_last == "same":
       edge = body
-    elif first_last == "8bit":
-      # 8 bits only where the body is quantized: the FP model stays FP everywhere.
-      edge = LayerQuant(8 if weight_bits is not None else None,
-                        8 if act_bits is not None else None, weight_quantizer, per_channel,
-                        scale_method)
+    elif isinstance(first_last, int):
+      # Those bits only where the body is quantized: the FP model stays FP everywhere.
+      edge = LayerQuant(first_last if weight_bits is not None else None,
+                        first_last if act_bits is not None else None, weight_quantizer,
+                        per_channel, scale_method)
     else:
       edge = LayerQuant(None, None, weight_quantizer, per_channel, scale_method)
     return cls(first=edge, body=body, last=edge)
@@ -278,7 +280,8 @@ _MODEL_CLASSES = {"cnn": SmallCNN, "resnet20": ResNet20, "mobilenetv2": MobileNe
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: Optional[int],
-                act_bits: Optional[int], first_last: str = "fp", weight_quantizer: str = "fixed",
+                act_bits: Optional[int], first_last: Union[str, int] = "fp",
+                weight_quantizer: str = "fixed",
                 per_channel: bool = False, scale_method: str = "mse", image_size: int = 28,
                 rngs: nnx.Rngs) -> nnx.Module:
   """Builds one of MODEL_NAMES; NHWC float images in, logits out.
@@ -290,8 +293,9 @@ def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: O
     weight_bits: bit width of the weights of the hidden layers; None = full precision.
     act_bits: bit width of the inputs of the hidden layers (LSQ); None = full precision.
     first_last: the first conv and the last linear layer are "fp" (full precision),
-      "8bit" (8-bit weights and inputs, where the body quantizes weights / inputs)
-      or "same" (quantized like the other layers).
+      "same" (quantized like the other layers) or an int bit width (e.g. 8: 8-bit
+      weights and inputs, where the body quantizes weights / inputs), the policy the
+      AdaRound drivers take too.
     weight_quantizer: "fixed" (frozen weight scales, needed by TR scheduling) or "lsq".
     per_channel: one weight scale per output channel.
     scale_method: initialiser of the weight scales (see :func:`trquant.init_scale`):
@@ -301,7 +305,7 @@ def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: O
     rngs: parameter initialisation.
 
   Raises:
-    ValueError: for an unknown `name` or `first_last`.
+    ValueError: for an unknown `name` or a bad `first_last`.
   """
   if name not in _MODEL_CLASSES:
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}.")
