@@ -338,7 +338,7 @@ def test_tr_schedule_training_on_a_quantized_vit():
 @pytest.mark.integration
 def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
   q = trquant.nnx.quantize_model(_CNN(nnx.Rngs(0)), QuantRule(weight_bits=3, act_bits=4))
-  x = jax.random.normal(jax.random.key(1), (32, 8, 8, 1))
+  x = jnp.abs(jax.random.normal(jax.random.key(1), (32, 8, 8, 1)))  # unsigned grids: x >= 0
   y = jax.random.randint(jax.random.key(2), (32,), 0, 10)
   trquant.nnx.calibrate_activations(q, x)
   tx = optax.chain(optax.sgd(0.05, momentum=0.9), trquant.freeze_oscillations(

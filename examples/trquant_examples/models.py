@@ -39,7 +39,7 @@ from trquant.nnx import QuantConv, QuantLinear
 MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2", "mobilenetv2_tiny")
 # The first/last-layer policy, as everywhere in trquant (trquant.checks.check_first_last):
 # "fp", "same", or an int bit width for their weights and inputs.
-FIRST_LAST_MODES = ("fp", "same", "<bits>")
+FIRST_LAST_MODES = ("fp", "same", 8)  # 8: any bit width
 
 # PyTorch's BatchNorm defaults (running-average weight 0.1 on each new batch).
 BN_MOMENTUM = 0.9
