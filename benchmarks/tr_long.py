@@ -236,7 +236,7 @@ def lsq_codes_fn(model):
 
 def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_steps, weight_decay,
                    controller=None, r0=None, auto_warmup=None, adam_weight_decay=0.0,
-                   reference_groups=False, windup_guard=True):
+                   reference_groups=False, windup_guard=True, lower_target=True):
   cosine_lr = optax.cosine_decay_schedule(lr, total_steps)
   decay = weight_decay if optimizer == "sgd" else adam_weight_decay
   float_opt = lambda: base_optimizer(optimizer, cosine_lr, decay)
@@ -250,7 +250,8 @@ def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_st
       target = optax.cosine_decay_schedule(r0, total_steps)
     quant = optax.chain(base_optimizer(optimizer, lr, decay),
                         trquant.tr_schedule(target, codes_fn=trquant.nnx.codes_fn(model),
-                                            controller=controller, windup_guard=windup_guard))
+                                            controller=controller, windup_guard=windup_guard,
+                                            lower_target=lower_target))
   if reference_groups:
     other = base_optimizer(optimizer, cosine_lr, 0.0, momentum=False)
     tx = optax.partition({"quant": quant, "kernel": float_opt(), "other": other},
@@ -324,6 +325,7 @@ def make_chunk_fn(graphdef, *, batch_size, scan=True):
       record["warmup_end_step"] = optax.tree.get(state, "warmup_end_step")
       record["windup_events"] = optax.tree.get(state, "windup_events")
       record["multiplier_ceiling"] = optax.tree.get(state, "multiplier_ceiling")
+      record["target_scale"] = optax.tree.get(state, "target_scale")
     return nnx.state((model, optimizer)), record
 
   # Seeds run side by side (a leading axis on the carry and the indices): one program
@@ -521,9 +523,10 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
                          weight_decay=args.weight_decay, auto_warmup=auto_warmup,
                          adam_weight_decay=recipe["adam_weight_decay"],
                          reference_groups=recipe["reference_groups"],
-                         windup_guard=not args.no_windup_guard, **config)
+                         windup_guard=not args.no_windup_guard,
+                         lower_target=not args.no_lower_target, **config)
   config = dict(config, recipe=args.recipe, **recipe, windup_guard=not args.no_windup_guard,
-                auto_warmup=args.auto_warmup)
+                lower_target=not args.no_lower_target, auto_warmup=args.auto_warmup)
   start = time.time()
   models, records, evals = train(model, tx, data, steps=args.steps, eval_every=args.eval_every,
                                  batch_size=args.batch_size, seeds=seeds,
@@ -555,17 +558,20 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
         "curve_points": CURVE_POINTS,
     }
     if "talr_multiplier" in per_seed:
-      running, target = per_seed["running_transition_rate"], per_seed["target_transition_rate"]
-      safe = np.where(target > 0, target, np.nan)[:, None]
+      running = per_seed["running_transition_rate"]
+      # Each layer's target: the schedule's times the factor the windup guard lowered it by.
+      target = per_seed["target_transition_rate"][:, None] * per_seed["target_scale"]
+      safe = np.where(target > 0, target, np.nan)
       # Tracking error over the first 90% (the target is ~0 at the very end).
       result["tracking_rel_error"] = float(np.nanmean(
-          np.abs(running[head] - target[head, None]) / safe[head]))
+          np.abs(running[head] - target[head]) / safe[head]))
       result["auto_r0"] = float(per_seed["initial_target_rate"][-1]) \
           if config.get("r0") == "auto" else None
       result["warmup_end_step"] = int(per_seed["warmup_end_step"][-1]) \
           if config.get("r0") == "auto" else None
       result["windup_events"] = np.asarray(per_seed["windup_events"][-1]).tolist()
       result["multiplier_ceiling_final"] = np.asarray(per_seed["multiplier_ceiling"][-1]).tolist()
+      result["target_scale_final"] = np.asarray(per_seed["target_scale"][-1]).tolist()
     results.append(result)
   return results
 
@@ -857,6 +863,9 @@ def parse_args(argv=None):
                       help="override the recipe's coupled L2 for Adam")
   parser.add_argument("--no-windup-guard", action="store_true",
                       help="tr_schedule without its windup guard (the earlier behaviour)")
+  parser.add_argument("--no-lower-target", action="store_true",
+                      help="the windup guard without lowering an unreachable target (the"
+                      " behaviour before it)")
   parser.add_argument("--auto-warmup", choices=("settle", "fixed"), default="settle",
                       help="tr-auto's warm-up: settling (default) or the earlier fixed 1%%")
   parser.add_argument("--out", default="benchmarks/results/tr_long_mlp")

@@ -359,18 +359,45 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
 def test_first_last_bits_follow_the_call_order_and_per_channel_scales():
   model = _CallOrderNet(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (64, 8, 8, 1))
-  q = adaround.adaround_model(model, x, weight_bits=3, first_last_bits=8, per_channel=True,
+  q = adaround.adaround_model(model, x, weight_bits=3, first_last=8, per_channel=True,
                               config=adaround.AdaRoundConfig(iters=20), key=jax.random.key(0),
                               progress=False).model
   assert (q.z_first.weight_bits, q.m_mid.weight_bits, q.a_last.weight_bits) == (8, 3, 8)
   assert q.m_mid.weight_scale.get_value().shape == (1, 1, 1, 16)
   assert q.a_last.weight_scale.get_value().shape == (1, 10)
-  nearest = adaround.round_to_nearest(model, weight_bits=3, first_last_bits=8,
+  nearest = adaround.round_to_nearest(model, weight_bits=3, first_last=8,
                                       example_input=x).model
   assert (nearest.z_first.weight_bits, nearest.m_mid.weight_bits, nearest.a_last.weight_bits) == (8, 3, 8)
   with pytest.raises(ValueError, match="example_input"):
-    adaround.round_to_nearest(model, weight_bits=3, first_last_bits=8)
+    adaround.round_to_nearest(model, weight_bits=3, first_last=8)
   assert model.z_first.weight_bits is None and model.m_mid.weight_scale is None
+
+
+def test_first_last_fp_keeps_the_edges_in_full_precision():
+  model = _CallOrderNet(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
+  config = adaround.AdaRoundConfig(iters=3)
+  bits = lambda q: (q.z_first.weight_bits, q.m_mid.weight_bits, q.a_last.weight_bits)
+  nearest = adaround.round_to_nearest(model, weight_bits=3, first_last="fp", example_input=x)
+  assert bits(nearest.model) == (None, 3, None)
+  assert [r.name for r in nearest.reports] == ["m_mid"]
+  q, reports = adaround.adaround_model(model, x, weight_bits=3, first_last="fp", config=config,
+                                       key=jax.random.key(0), progress=False)
+  assert bits(q) == (None, 3, None) and [r.name for r in reports] == ["m_mid"]
+  # The edges compute exactly what the full-precision model computes.
+  np.testing.assert_array_equal(q.z_first.kernel.get_value(), model.z_first.kernel.get_value())
+  q, reports = adaround.reconstruct_model(model, x, weight_bits=3, act_bits=4, first_last="fp",
+                                          granularity="layer", config=config,
+                                          key=jax.random.key(0), progress=False)
+  assert bits(q) == (None, 3, None) and [r.name for r in reports] == ["m_mid"]
+  assert (q.z_first.act_bits, q.m_mid.act_bits, q.a_last.act_bits) == (None, 4, None)
+  # A unit holding an edge and a quantized layer cannot be both: the error says what to do.
+  with pytest.raises(ValueError, match="granularity='layer'"):
+    adaround.reconstruct_model(model, x, weight_bits=3, first_last="fp", blocks=["<root>"],
+                               config=config, key=jax.random.key(0), progress=False)
+  for bad in ("8bit", True, 1, None):
+    with pytest.raises(ValueError, match="first_last"):
+      adaround.round_to_nearest(model, weight_bits=3, first_last=bad, example_input=x)
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3, strides=2, padding=1),
@@ -402,8 +429,8 @@ def test_adaround_model_bad_inputs(digits_cnn):
     adaround.adaround_model(fp, calibration[:0], weight_bits=4, **common)
   with pytest.raises(ValueError, match="bits"):
     adaround.adaround_model(fp, calibration, weight_bits=0, **common)
-  with pytest.raises(ValueError, match="first_last_bits"):
-    adaround.adaround_model(fp, calibration, weight_bits=4, first_last_bits=40, **common)
+  with pytest.raises(ValueError, match="first_last"):
+    adaround.adaround_model(fp, calibration, weight_bits=4, first_last=40, **common)
   with pytest.raises(ValueError, match="AdaRoundConfig: `iters` must be an int >= 1"):
     adaround.adaround_model(fp, calibration, weight_bits=4,
                             **dict(common, config=adaround.AdaRoundConfig(iters=0)))
@@ -473,7 +500,7 @@ def test_adaround_model_runs_a_model_called_with_keyword_arguments_through_apply
   with pytest.raises(TypeError, match="segment_ids"):
     adaround.adaround_model(fp, x, weight_bits=4, config=adaround.AdaRoundConfig(iters=2),
                             key=jax.random.key(0), progress=False)
-  q, reports = adaround.adaround_model(fp, x, weight_bits=4, first_last_bits=8,
+  q, reports = adaround.adaround_model(fp, x, weight_bits=4, first_last=8,
                                        key=jax.random.key(0), progress=False,
                                        apply_fn=apply_fn, config=adaround.AdaRoundConfig(iters=2))
   assert [(r.name, r.weight_bits) for r in reports] == [("fc1", 8), ("fc2", 8)]

@@ -162,7 +162,7 @@ def digits_resnet():
 def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(digits_resnet):
   fp, images = digits_resnet
   before = jax.tree.map(np.asarray, nnx.state(fp))
-  q, reports = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4, first_last_bits=8,
+  q, reports = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4, first_last=8,
                                           config=adaround.AdaRoundConfig(iters=10),
                                           key=jax.random.key(0), progress=False)
   assert [r.name for r in reports] == ["stem", "blocks/0", "blocks/1", "head"]
@@ -365,7 +365,7 @@ def test_input_quant_hook_decides_what_the_layer_uses():
 @pytest.mark.integration
 def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_resnet):
   fp, images = digits_resnet
-  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=4, first_last_bits=8,
+  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=4, first_last=8,
                                       example_input=images).model
   layers = _layers(nearest)
   assert layers["stem/conv"].act_bits == 8 and layers["blocks/0/conv1/conv"].act_bits == 4
@@ -374,7 +374,7 @@ def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_re
   # One step with tiny learning rates stays at the start: V from the fractional parts rounds
   # to nearest, and the step sizes barely move. So reconstruct_model starts from this model.
   barely = adaround.reconstruct_model(
-      fp, images, weight_bits=4, act_bits=4, first_last_bits=8,
+      fp, images, weight_bits=4, act_bits=4, first_last=8,
       config=adaround.AdaRoundConfig(iters=1, lr=1e-12, act_lr=1e-12), key=jax.random.key(0),
       progress=False).model
   for name, layer in _layers(barely).items():
@@ -445,14 +445,14 @@ def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
   fp, x = keyword_net
   with pytest.raises(TypeError, match="deterministic"):  # model(x) is not how it is called
     fp(x)
-  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=8, first_last_bits=8,
+  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=8, first_last=8,
                                       example_input=x, apply_fn=_evaluate).model
   layers = _layers(nearest)
   assert layers["embed"].weight_bits == layers["head"].weight_bits == 8
   assert layers["blocks/0/fc"].weight_bits == 4 and layers["blocks/0/fc"].act_bits == 8
   # The block is called with deterministic=True, rngs=None: recorded and replayed. One
   # step with tiny learning rates stays at round-to-nearest's start.
-  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8, first_last_bits=8,
+  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8, first_last=8,
                                           config=adaround.AdaRoundConfig(iters=1, lr=1e-12,
                                                                          act_lr=1e-12),
                                           key=jax.random.key(0), progress=False,

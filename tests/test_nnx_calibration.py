@@ -46,6 +46,31 @@ def test_calibrate_activations_sets_lsq_init():
   assert not layer.calibrating
 
 
+def test_calibrate_activations_rejects_negative_inputs_on_an_unsigned_grid():
+  signed_input = jax.random.normal(jax.random.key(1), (64, 16))
+  model = nnx.Sequential(QuantLinear(16, 8, weight_bits=2, act_bits=4, rngs=nnx.Rngs(0)),
+                         nnx.relu, QuantLinear(8, 4, weight_bits=2, act_bits=4, rngs=nnx.Rngs(1)))
+  with pytest.raises(ValueError, match=r"1 layer\(s\).*'layers/0' \(min -.*signed_act=True"):
+    trquant.nnx.calibrate_activations(model, signed_input)
+  assert not model.layers[0].calibrating and model.layers[0].capture_hook is None
+  # Post-ReLU inputs (layers/2) and a signed grid pass; so does any grid on non-negative data.
+  model.layers[0].signed_act = True
+  trquant.nnx.calibrate_activations(model, signed_input)
+  trquant.nnx.calibrate_activations(QuantLinear(16, 8, act_bits=4, rngs=nnx.Rngs(0)),
+                                    jnp.abs(signed_input))
+  # Inputs kept in full precision are not checked.
+  trquant.nnx.calibrate_activations(QuantLinear(16, 8, weight_bits=2, rngs=nnx.Rngs(0)),
+                                    signed_input)
+
+
+def test_capture_hooks_survive_calibration():
+  layer = QuantLinear(16, 8, weight_bits=2, act_bits=4, rngs=nnx.Rngs(0))
+  x = jnp.ones((4, 16))
+  with trquant.nnx.capture_layers(layer) as captured:
+    trquant.nnx.calibrate_activations(layer, x)
+  assert len(captured.calls) == 1 and layer.capture_hook is None
+
+
 def test_init_weight_scales_follows_loaded_weights():
   layer = QuantLinear(16, 8, weight_bits=2, rngs=nnx.Rngs(0))
   old = float(layer.weight_scale.get_value())

@@ -118,7 +118,7 @@ def test_full_precision_rules_keep_the_model_and_its_outputs(name):
 
 
 def test_quantized_surgery_model_equals_the_hand_built_model():
-  x = jax.random.normal(jax.random.key(1), (16, 8, 8, 1))
+  x = jnp.abs(jax.random.normal(jax.random.key(1), (16, 8, 8, 1)))  # unsigned grids: x >= 0
   plain = _CNN(nnx.Rngs(0))
   hand = _CNN(nnx.Rngs(5), layer=QuantConv, linear=QuantLinear, weight_bits=4, act_bits=4,
               per_channel=True)
@@ -249,7 +249,11 @@ def test_first_last_rule_follows_the_forward_pass():
   assert (q.c.weight_bits, q.a.weight_bits, q.b.weight_bits) == (None, 2, None)
   eight = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule(model, x, weight_bits=8, act_bits=8),
                                        QuantRule(weight_bits=2)])
-  assert (eight.c.weight_bits, eight.c.act_bits, eight.c.signed_act) == (8, 8, True)
+  # QuantRule's defaults: an unsigned input grid unless asked for.
+  assert (eight.c.weight_bits, eight.c.act_bits, eight.c.signed_act) == (8, 8, False)
+  signed = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule(
+      model, x, weight_bits=8, act_bits=8, signed_act=True), QuantRule(weight_bits=2)])
+  assert signed.c.signed_act and signed.b.signed_act
   kept = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule(model, x, skip=True),
                                       QuantRule(weight_bits=2)])
   assert type(kept.c) is nnx.Linear and type(kept.b) is nnx.Linear

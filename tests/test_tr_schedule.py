@@ -66,10 +66,10 @@ def test_state_holds_no_copy_of_weights():
   state = _tx().init(_params())
   tr_state = state[1]
   # Scalars: step, target, R_0, warm-up end, previous window rate; the (sum, count) of the
-  # warm-up window; 10 vectors of one entry per quantized layer (2 here): rates, multiplier
-  # and the windup guard's ceiling, stalled and beyond-grid fractions, window references and
-  # event count. Nothing weight-sized.
-  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 10 * 2
+  # warm-up window; 11 vectors of one entry per quantized layer (2 here): rates, multiplier
+  # and the windup guard's ceiling, stalled and beyond-grid fractions, window references,
+  # event count and target factor. Nothing weight-sized.
+  assert sum(np.size(leaf) for leaf in jax.tree.leaves(tr_state)) == 5 + 2 + 11 * 2
 
 
 def test_first_step_scales_quantized_leaves_and_passes_others():
@@ -743,7 +743,7 @@ def test_settling_warmup_invalid_arguments(kwargs, match):
 # ---------------------------------------------------------------------------------------
 
 
-def _runaway_problem(target, *, guard, steps=2000):
+def _runaway_problem(target, *, guard, steps=2000, lower_target=True):
   """Binary weights (scale mean|w|: ~40% start outside the straight-through window),
   Adam without weight decay, a target far above the optimizer's own rate. Returns per-step
   (rate, multiplier, fraction beyond the grid) and the final transform state."""
@@ -754,7 +754,8 @@ def _runaway_problem(target, *, guard, steps=2000):
   scale = trquant.init_scale(params["w"], bits=1)
   codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=1)}
   tx = optax.chain(optax.adam(1e-2), trquant.tr_schedule(
-      target, codes_fn=codes_fn, decay=0.9, windup_guard=guard, guard_window=50))
+      target, codes_fn=codes_fn, decay=0.9, windup_guard=guard, guard_window=50,
+      lower_target=lower_target))
 
   def loss(p, idx):
     return jnp.mean((x[idx] @ trquant.fake_quant(p["w"], scale, bits=1) - y[idx]) ** 2)
@@ -781,12 +782,26 @@ def test_without_the_guard_the_talr_runs_away():
 
 
 def test_the_guard_stops_the_run_away():
-  (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=True)
+  (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=True, lower_target=False)
   last = slice(1500, None)
   assert int(state.windup_events[0]) > 0  # reported in the state
   assert multiplier.max() < 2.0 and multiplier[-1] == pytest.approx(1.0)  # never below init
   assert float(state.multiplier_ceiling[0]) == pytest.approx(1.0)
+  assert float(state.target_scale[0]) == 1.0
   assert rate[last].mean() > 1e-3  # weights still transit
+  assert beyond[-1] < 0.95
+
+
+def test_the_guard_lowers_a_target_out_of_reach_of_the_optimizers_own_step():
+  (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=True)
+  last = slice(1500, None)
+  assert int(state.windup_events[0]) > 0
+  assert float(state.multiplier_ceiling[0]) == pytest.approx(1.0)
+  # The target (0.05) is ten times the rate Adam's own step reaches (~5e-3): lowered by
+  # the most one window allows, it is then within reach and the loop tracks it below u = 1.
+  assert float(state.target_scale[0]) == pytest.approx(0.1)
+  assert rate[last].mean() == pytest.approx(0.05 * 0.1, rel=0.3)
+  assert multiplier[last].max() < 1.0
   assert beyond[-1] < 0.95
 
 

@@ -13,14 +13,15 @@ def _fields(start_u=1.0, start_tracking=0.5, start_stalled=0.2, ceiling=1e3):
       guard_start_multiplier=jnp.array([start_u], jnp.float32),
       guard_start_tracking=jnp.array([start_tracking], jnp.float32),
       guard_start_stalled=jnp.array([start_stalled], jnp.float32),
-      windup_events=jnp.zeros([1], jnp.int32))
+      windup_events=jnp.zeros([1], jnp.int32), target_scale=jnp.ones([1], jnp.float32))
 
 
-def _step(fields, *, u, tracking, stalled, window_done=True, finite=True):
+def _step(fields, *, u, tracking, stalled, window_done=True, finite=True, lower_target=False):
   return windup_guard.guard_step(
       fields, window_done=jnp.asarray(window_done), multiplier=jnp.array([u], jnp.float32),
       running=jnp.array([tracking * 1e-3], jnp.float32), target=jnp.float32(1e-3),
-      stalled=jnp.array([stalled], jnp.float32), finite=jnp.array([finite]), floor=1.0)
+      stalled=jnp.array([stalled], jnp.float32), finite=jnp.array([finite]), floor=1.0,
+      lower_target=lower_target)
 
 
 @pytest.mark.parametrize("case, u, tracking, stalled, lowered", [
@@ -54,10 +55,27 @@ def test_a_multiplier_held_at_the_ceiling_halves_it_down_to_the_floor():
   assert ceilings == [4.0, 2.0, 1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("case, ceiling, start_u, u, tracking, factor", [
+    ("held at the floor, below target", 1.0, 1.0, 1.0, 0.4, 0.4),
+    ("held at the floor, far below: at most 10x per window", 1.0, 1.0, 1.0, 0.01, 0.1),
+    ("held at the floor, on target", 1.0, 1.0, 1.0, 1.2, 1.0),
+    ("below the floor's ceiling (u fell)", 1.0, 1.0, 0.6, 0.4, 1.0),
+    ("ceiling above the floor: lower it first", 4.0, 4.0, 4.0, 0.4, 1.0),
+])
+def test_a_target_out_of_reach_at_the_floor_is_lowered_to_the_rate(
+    case, ceiling, start_u, u, tracking, factor):
+  fields = _fields(start_u=start_u, start_tracking=tracking, start_stalled=0.2, ceiling=ceiling)
+  new = _step(fields, u=u, tracking=tracking, stalled=0.2, lower_target=True)
+  np.testing.assert_allclose(new.target_scale, [factor], rtol=1e-6, err_msg=case)
+  # Off, the target is never touched.
+  off = _step(fields, u=u, tracking=tracking, stalled=0.2, lower_target=False)
+  np.testing.assert_array_equal(off.target_scale, [1.0])
+
+
 def test_nothing_changes_between_window_ends_or_on_a_non_finite_step():
   fields = _fields(start_u=1.0)
   for kwargs in (dict(window_done=False), dict(finite=False)):
-    new = _step(fields, u=5.0, tracking=0.1, stalled=0.99, **kwargs)
+    new = _step(fields, u=5.0, tracking=0.1, stalled=0.99, lower_target=True, **kwargs)
     for got, before in zip(new, fields):
       np.testing.assert_array_equal(got, before)
 

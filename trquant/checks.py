@@ -23,6 +23,7 @@ __all__ = [
     "check_bool",
     "check_callable",
     "check_decay",
+    "check_first_last",
     "check_fraction",
     "check_int",
     "check_positive",
@@ -111,6 +112,22 @@ def check_bool(name: str, value) -> None:
   """Raises a ValueError unless `value` is a bool."""
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be a bool, got {value!r}.")
+
+
+FIRST_LAST_POLICIES = ("fp", "same")
+
+
+def check_first_last(value, name: str = "first_last", *, min_bits: int = 1):
+  """The first/last-layer policy, checked: ``"fp"`` (full-precision weights and inputs),
+  ``"same"`` (quantized like every other layer) or an int bit width for their weights and
+  inputs (e.g. 8), at least ``min_bits``; a ValueError naming ``name`` otherwise."""
+  if isinstance(value, str) and value in FIRST_LAST_POLICIES:
+    return value
+  if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+    if min_bits <= int(value) <= MAX_BITS:
+      return int(value)
+  raise ValueError(f"`{name}` must be \"fp\", \"same\" or a bit width in [{min_bits},"
+                   f" {MAX_BITS}] (e.g. 8), got {value!r}.")
 
 
 def check_bits(bits, name: str = "bits") -> int:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from trquant import checks
 from trquant import quantizers
 from trquant.adaround import data
 from trquant.adaround import reconstruction
@@ -78,13 +79,35 @@ def _progress_bar(total: int, desc: str):
   return tqdm(total=total, desc=desc, leave=False)
 
 
+def _without_float_units(units, plan) -> list:
+  """The units minus those holding only layers kept in full precision (``first_last="fp"``);
+  a ValueError for a unit that holds one of those and quantized layers too."""
+  float_names = [p.name for p in plan if p.weight_bits is None]
+  if not float_names:
+    return units
+  kept = []
+  for unit in units:
+    name = unit_lib.unit_name(unit)
+    inside = lambda layer: not unit or layer == name or layer.startswith(name + "/")
+    floats = [layer for layer in float_names if inside(layer)]
+    quantized = [p.name for p in plan if p.weight_bits is not None and inside(p.name)]
+    if floats and quantized:
+      raise ValueError(
+          f"first_last='fp': unit {name!r} holds {floats} (kept in full precision) and the"
+          f" quantized {quantized[:3]}; give `blocks` that put the first and last layer in"
+          " units of their own, or granularity='layer'.")
+    if not floats:
+      kept.append(unit)
+  return kept
+
+
 def _check_act_bits(act_bits) -> None:
   if act_bits is not None:
     rounding.weight_grid(act_bits, False, "act_bits")
 
 
 def round_to_nearest(model, *, weight_bits: int, per_channel: bool = False,
-                     first_last_bits: Optional[int] = None, example_input=None,
+                     first_last: Union[str, int] = "same", example_input=None,
                      act_bits: Optional[int] = None,
                      apply_fn: Optional[Callable] = None) -> ModelResult:
   """Post-training round-to-nearest weight quantization with MSE step sizes (the baseline).
@@ -103,12 +126,13 @@ def round_to_nearest(model, *, weight_bits: int, per_channel: bool = False,
       (``weight_bits=None``); its kernels are taken as the float weights.
     weight_bits: weight bit width in ``[2, 16]``.
     per_channel: one step size per output channel (last kernel axis).
-    first_last_bits: bit width of the first and the last layer called by the
-      forward pass (e.g. 8), or None for ``weight_bits``. Needs ``example_input`` to
-      find them.
+    first_last: the first and the last layer called by the forward pass: ``"same"``
+      (``weight_bits``, the default), an int bit width for their weights and inputs
+      (e.g. 8), or ``"fp"`` (left in full precision). Other than ``"same"`` it needs
+      ``example_input`` to find them.
     example_input: a batch of model inputs, used to find the forward order and,
       with ``act_bits``, the activation step sizes.
-    act_bits: activation bit width (``first_last_bits`` at the edges), or None.
+    act_bits: activation bit width (``first_last`` at the edges), or None.
     apply_fn: ``(model, batch) -> output``, how the forward pass is run on
       ``example_input``; default ``model(batch)``. Give it for a model called with
       keyword arguments, e.g. ``lambda m, x: m(x, rngs=None)``.
@@ -119,7 +143,8 @@ def round_to_nearest(model, *, weight_bits: int, per_channel: bool = False,
 
   Raises:
     ValueError: for bad bits, a model without trquant layer, a non-callable
-      ``apply_fn``, or ``first_last_bits`` or ``act_bits`` without ``example_input``.
+      ``apply_fn``, a bad ``first_last``, or ``first_last`` (other than ``"same"``) or
+      ``act_bits`` without ``example_input``.
 
   Example:
     >>> import jax.numpy as jnp, trquant
@@ -131,9 +156,10 @@ def round_to_nearest(model, *, weight_bits: int, per_channel: bool = False,
   """
   batches = None
   forward = data.forward_fn(apply_fn)
-  if first_last_bits is not None and example_input is None:
-    raise ValueError("`first_last_bits` needs `example_input` to find the first and last layers"
-                     " of the forward pass.")
+  first_last = checks.check_first_last(first_last, min_bits=2)
+  if first_last != "same" and example_input is None:
+    raise ValueError(f"`first_last={first_last!r}` needs `example_input` to find the first and"
+                     " last layers of the forward pass.")
   _check_act_bits(act_bits)
   if act_bits is not None and example_input is None:
     raise ValueError("`act_bits` needs `example_input` to set the activation step sizes.")
@@ -141,17 +167,17 @@ def round_to_nearest(model, *, weight_bits: int, per_channel: bool = False,
     batches = data.calibration_list(example_input)
   fp, work, plan = unit_lib.quantization_plan(
       model, batches, weight_bits=weight_bits, per_channel=per_channel,
-      first_last_bits=first_last_bits, forward=forward)
+      first_last=first_last, forward=forward)
   if act_bits is not None:
     unit_lib.quantize_activations(fp, plan, batches[0], act_bits=act_bits,
-                                  first_last_bits=first_last_bits, forward=forward)
+                                  first_last=first_last, forward=forward)
   return ModelResult(work, [LayerReport(p.name, p.weight_bits, 0.0, 0.0, math.nan, math.nan, 0.0)
-                            for p in plan])
+                            for p in plan if p.weight_bits is not None])
 
 
 def adaround_model(model, calibration_batches, *, weight_bits: int,
                    config: AdaRoundConfig = AdaRoundConfig(), per_channel: bool = False,
-                   first_last_bits: Optional[int] = None,
+                   first_last: Union[str, int] = "same",
                    activation: Optional[Callable] = None, key, progress: bool = True,
                    apply_fn: Optional[Callable] = None) -> ModelResult:
   """AdaRound post-training weight quantization of an NNX model, layer by layer.
@@ -177,7 +203,7 @@ def adaround_model(model, calibration_batches, *, weight_bits: int,
   layer: the model's ``__call__`` must run eagerly (not be wrapped in ``jax.jit`` /
   ``nnx.jit``). A ``QuantEinsum`` is reconstructed with its own equation. Plain NNX
   layers of the model (e.g. left so by :func:`trquant.nnx.quantize_model`) are not
-  quantized, and ``first_last_bits`` applies to the first and last trquant layer.
+  quantized, and ``first_last`` applies to the first and last trquant layer.
 
   Args:
     model: an NNX model of trquant layers, typically the full-precision model
@@ -191,8 +217,9 @@ def adaround_model(model, calibration_batches, *, weight_bits: int,
       :class:`trquant.adaround.AdaRoundConfig`; ``drop_prob`` must be 0 (QDrop needs
       activation quantization: :func:`reconstruct_model`).
     per_channel: one step size per output channel (last kernel axis).
-    first_last_bits: bit width of the first and last layer called (e.g. 8), or
-      None for ``weight_bits``.
+    first_last: the first and last layer called: ``"same"`` (``weight_bits``, the
+      default), an int bit width (e.g. 8), or ``"fp"`` (left in full precision and not
+      reconstructed).
     activation: ``f_a`` in the loss, as :func:`trquant.adaround.reconstruct_layer`.
     key: a jax PRNG key; layer ``i`` uses ``fold_in(key, i)``.
     progress: show a tqdm progress bar over the layers (if tqdm is installed).
@@ -236,11 +263,13 @@ def adaround_model(model, calibration_batches, *, weight_bits: int,
   forward = data.forward_fn(apply_fn)
   fp, work, plan = unit_lib.quantization_plan(
       model, batches, weight_bits=weight_bits, per_channel=per_channel,
-      first_last_bits=first_last_bits, forward=forward)
-  bar = _progress_bar(len(plan), "adaround") if progress else None
+      first_last=first_last, forward=forward)
+  quantized = [(index, planned) for index, planned in enumerate(plan)
+               if planned.weight_bits is not None]  # first_last="fp" leaves the edges out
+  bar = _progress_bar(len(quantized), "adaround") if progress else None
   reports = []
   try:
-    for index, (name, fp_layer, work_layer, layer_bits, scale) in enumerate(plan):
+    for index, (name, fp_layer, work_layer, layer_bits, scale) in quantized:
       if bar is not None:
         bar.set_postfix_str(name)
       start = time.perf_counter()
@@ -275,7 +304,7 @@ def adaround_model(model, calibration_batches, *, weight_bits: int,
 def reconstruct_model(model, calibration_batches, *, weight_bits: int,
                       config: AdaRoundConfig = AdaRoundConfig(),
                       act_bits: Optional[int] = None, granularity: str = "block", blocks=None,
-                      per_channel: bool = False, first_last_bits: Optional[int] = None,
+                      per_channel: bool = False, first_last: Union[str, int] = "same",
                       fallback_to_nearest: bool = True, key, progress: bool = True,
                       apply_fn: Optional[Callable] = None) -> ModelResult:
   """Post-training quantization by block reconstruction (BRECQ), QDrop, with activations.
@@ -284,9 +313,9 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
   precision, but the unit of reconstruction is a block of layers and activations can
   be quantized too:
 
-  1. weights: every trquant layer gets ``weight_bits`` (``first_last_bits`` for the first
-     and last layer called) with MSE step sizes; with ``act_bits``, every layer's input is
-     LSQ-quantized to ``act_bits`` (``first_last_bits`` at the edges), signed where the
+  1. weights: every trquant layer gets ``weight_bits`` (the first and last layer called
+     follow ``first_last``) with MSE step sizes; with ``act_bits``, every layer's input is
+     LSQ-quantized to ``act_bits`` (``first_last`` at the edges), signed where the
      full-precision input has negative values, step size by MSE search on the first
      calibration batch;
   2. units, in the order the forward pass calls them: with ``granularity="block"`` and
@@ -327,7 +356,10 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
     granularity: ``"block"`` or ``"layer"``.
     blocks: None (automatic), or a list of module paths (e.g. ``["blocks/0"]``).
     per_channel: one weight step size per output channel.
-    first_last_bits: weight (and activation) bits of the first and last layer called.
+    first_last: the first and last layer called: ``"same"`` (the default), an int bit
+      width of their weights and inputs (e.g. 8), or ``"fp"``: left in full precision and
+      not reconstructed (a unit that holds one of them and other layers raises: give
+      ``blocks`` that put it in a unit of its own, or ``granularity="layer"``).
     fallback_to_nearest: never leave a unit worse than nearest rounding (step 4).
     key: a jax PRNG key; unit ``i`` uses ``fold_in(key, i)``.
     progress: a tqdm progress bar over the units (if tqdm is installed).
@@ -377,13 +409,13 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
                      " `act_bits`.")
   fp, work, plan = unit_lib.quantization_plan(
       model, batches, weight_bits=weight_bits, per_channel=per_channel,
-      first_last_bits=first_last_bits, forward=forward)
+      first_last=first_last, forward=forward)
   units = unit_lib.find_units(work, granularity, blocks)
   by_name = {p.name: p for p in plan}
   order = [p.name for p in plan]  # layers in call order
   if act_bits is not None:
     unit_lib.quantize_activations(fp, plan, batches[0], act_bits=act_bits,
-                                  first_last_bits=first_last_bits, forward=forward)
+                                  first_last=first_last, forward=forward)
 
   def first_call(unit):
     name = unit_lib.unit_name(unit)
@@ -392,6 +424,7 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
     return min(names) if names else len(order)
 
   units.sort(key=first_call)
+  units = _without_float_units(units, plan)
   bar = _progress_bar(len(units), "reconstruct") if progress else None
   reports = []
   try:

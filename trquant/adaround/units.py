@@ -2,7 +2,7 @@
 
 * :func:`float_copy` / :func:`quantization_plan`: the full-precision reference and the
   working copy whose trquant layers get their weight bits and MSE step sizes, in call
-  order (``first_last_bits`` at the edges);
+  order (the ``first_last`` policy at the edges);
 * :func:`quantize_activations`: LSQ input quantization of the working layers, MSE step
   sizes from the full-precision inputs;
 * :func:`find_units`: the units (``granularity`` ``"layer"`` or ``"block"``, automatic
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trquant import checks
 from trquant import nnx as tq_nnx
 from trquant import quantizers
 from trquant.adaround import data
@@ -47,8 +48,8 @@ class PlannedLayer(NamedTuple):
   name: str  # its "/"-joined path
   fp_layer: Any  # the layer in the full-precision copy
   work_layer: Any  # the layer in the working copy (quantized weights)
-  weight_bits: int
-  scale: jax.Array  # its weight step size (MSE)
+  weight_bits: Any  # int, or None for a layer kept in full precision (first_last="fp")
+  scale: Any  # its weight step size (MSE), a jax.Array; None when kept in full precision
 
 
 def unit_name(path) -> str:
@@ -88,18 +89,18 @@ def _set_quantized(layer, *, weight_bits: int, scale, per_channel: bool, kernel=
   layer.weight_scale = nnx.data(tq_nnx.WeightScale(jnp.asarray(scale, jnp.float32)))
 
 
-def quantization_plan(model, batches, *, weight_bits, per_channel, first_last_bits, forward):
+def quantization_plan(model, batches, *, weight_bits, per_channel, first_last, forward):
   """Validates; returns ``(fp copy, working copy, [PlannedLayer, ...])``.
 
   The layers come in the order one forward pass on ``batches[0][:1]`` calls them (layers it
   never calls after, in tree order; tree order when ``batches`` is None). Each working
-  layer gets ``weight_bits`` (``first_last_bits`` for the first and last) and a frozen
-  MSE step size, per tensor or per output channel.
+  layer gets ``weight_bits`` and a frozen MSE step size, per tensor or per output channel;
+  the first and last layer follow ``first_last`` (``"same"``, an int bit width, or
+  ``"fp"``: kept in full precision, planned with ``weight_bits=None`` and no scale).
   """
   check_model(model)
   rounding.weight_grid(weight_bits, True)
-  if first_last_bits is not None:
-    rounding.weight_grid(first_last_bits, True, "first_last_bits")
+  first_last = checks.check_first_last(first_last, min_bits=2)
   if not isinstance(per_channel, (bool, np.bool_)):
     raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}.")
   fp, work = float_copy(model), nnx.clone(model)
@@ -117,14 +118,18 @@ def quantization_plan(model, batches, *, weight_bits, per_channel, first_last_bi
   plan = []
   for index, fp_layer in enumerate(order):
     path = names[id(fp_layer)]
+    work_layer = work_layers[path]
     edge = index == 0 or index == len(order) - 1
-    layer_bits = first_last_bits if (edge and first_last_bits is not None) else weight_bits
+    layer_bits = weight_bits if (not edge or first_last == "same") else first_last
+    if layer_bits == "fp":
+      work_layer.kernel.set_metadata(bits=None)
+      plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, None, None))
+      continue
     kernel = fp_layer.kernel.get_value()
     # Per-channel: one step size per output channel (per output feature of a LinearGeneral
     # or an Einsum: the layer's channel_axes).
     scale = quantizers.init_scale(kernel, bits=layer_bits, method="mse",
                                   axis=fp_layer.channel_axes if per_channel else None)
-    work_layer = work_layers[path]
     _set_quantized(work_layer, weight_bits=layer_bits, scale=scale, per_channel=per_channel,
                    kernel=kernel)
     plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, layer_bits, scale))
@@ -138,12 +143,13 @@ def _set_act_quant(layer, *, bits: int, signed: bool, scale) -> None:
   layer.act_scale = nnx.data(tq_nnx.ActScale(jnp.asarray(scale, jnp.float32)))
 
 
-def quantize_activations(fp, plan, batch, *, act_bits: int, first_last_bits, forward) -> None:
+def quantize_activations(fp, plan, batch, *, act_bits: int, first_last, forward) -> None:
   """Sets LSQ input quantization on the plan's working layers, from the FP layers' inputs.
 
   Signed where the full-precision input on ``batch`` has negative values; step size by
-  MSE search on it; ``first_last_bits`` (if given) for the first and last layer called.
-  The FP copy's layers are left with full-precision inputs.
+  MSE search on it; ``act_bits``, except at the first and last layer with an int
+  ``first_last`` (that width) or ``"fp"`` (inputs left as they are). The FP copy's layers
+  are left with full-precision inputs.
   """
   for _, layer in tq_nnx.quant_layers(fp):
     layer.act_bits = None  # the reference is full precision throughout
@@ -151,12 +157,12 @@ def quantize_activations(fp, plan, batch, *, act_bits: int, first_last_bits, for
     forward(fp, batch)
   for index, planned in enumerate(plan):
     inputs = captured.inputs(planned.fp_layer)
-    if not inputs:
-      continue  # never called: its input stays as it is
+    if not inputs or planned.weight_bits is None:
+      continue  # never called, or kept in full precision: its input stays as it is
     x = inputs[0]
     signed = bool(jnp.min(x) < 0)
-    edge = index in (0, len(plan) - 1) and first_last_bits is not None
-    layer_act_bits = first_last_bits if edge else act_bits
+    edge = index in (0, len(plan) - 1)
+    layer_act_bits = first_last if edge and isinstance(first_last, int) else act_bits
     scale = quantizers.init_scale(x, bits=layer_act_bits, method="mse", signed=signed)
     _set_act_quant(planned.work_layer, bits=layer_act_bits, signed=signed, scale=scale)
 

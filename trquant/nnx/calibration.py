@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -90,19 +91,46 @@ def calibrate_activations(model, *args, **kwargs):
   """Sets each quantized input's LSQ scale to ``2 * mean(|x|) / sqrt(hi)`` on a batch.
 
   Runs ``model(*args, **kwargs)`` eagerly once with calibration on, and returns its output.
-  Layers with full-precision inputs (``act_bits=None``) are left as they are.
+  Layers with full-precision inputs (``act_bits=None``) are left as they are. It also
+  checks each layer's grid against the data: an unsigned grid (``signed_act=False``, the
+  default) would clip negative inputs to 0, so a layer that sees any raises.
 
   Raises:
-    ValueError: if the model has no trquant layer: there would be no activation scale to set.
+    ValueError: if the model has no trquant layer (there would be no activation scale to
+      set), or if a layer with an unsigned input grid sees negative inputs.
   """
-  layers = [layer for _, layer in traversal.require_quant_layers(model, "calibrate_activations")]
-  for layer in layers:
+  named = traversal.require_quant_layers(model, "calibrate_activations")
+  minima = {}
+
+  def record_minimum(layer, inputs, output, call_kwargs, previous):
+    if not isinstance(inputs, jax.core.Tracer):
+      minimum = float(jnp.min(inputs))
+      minima[id(layer)] = min(minimum, minima.get(id(layer), minimum))
+    if previous is not None:
+      previous(layer, inputs, output, call_kwargs)
+
+  saved_hooks = [layer.capture_hook for _, layer in named]
+  for _, layer in named:
     layer.calibrating = True
+    # Only layers whose inputs quantize on an unsigned grid need their minimum.
+    if layer.act_bits is not None and not layer.signed_act:
+      layer.capture_hook = functools.partial(record_minimum, previous=layer.capture_hook)
   try:
-    return model(*args, **kwargs)
+    output = model(*args, **kwargs)
   finally:
-    for layer in layers:
+    for (_, layer), hook in zip(named, saved_hooks):
       layer.calibrating = False
+      layer.capture_hook = hook
+  clipped = [(traversal.path_name(path), minima[id(layer)]) for path, layer in named
+             if minima.get(id(layer), 0.0) < 0.0]
+  if clipped:
+    listed = ", ".join(f"{name!r} (min {minimum:.3g})" for name, minimum in clipped[:5])
+    raise ValueError(
+        f"calibrate_activations: {len(clipped)} layer(s) quantize their inputs on an unsigned"
+        f" grid (signed_act=False) but see negative inputs, which would clip to 0: {listed}."
+        " Build them with signed_act=True (the layer's argument, or"
+        " QuantRule(..., signed_act=True) for trquant.nnx.quantize_model).")
+  return output
 
 
 def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,

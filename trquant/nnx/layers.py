@@ -164,19 +164,22 @@ class QuantLinear(_QuantMixin, nnx.Module):
   Args:
     in_features, out_features, use_bias, dtype, param_dtype, precision,
       preferred_element_type, kernel_init, bias_init, rngs: as ``nnx.Linear``.
-    weight_bits: weight bit width (1 = binary ``scale * sign(w)``); None keeps
-      full-precision weights (an FP model of the same structure).
+    weight_bits: weight bit width (1 = binary ``scale * sign(w)``); None (the
+      default, as in :class:`trquant.nnx.QuantRule`) keeps full-precision weights: an
+      FP model of the same structure, which the AdaRound drivers quantize.
     act_bits: input bit width, LSQ-quantized; None keeps full-precision inputs.
     per_channel: one weight scale per output channel (last kernel axis).
     weight_quantizer: ``"fixed"`` (frozen scale initialised from the weights, as
       TR scheduling requires) or ``"lsq"`` (learned scale).
     signed_act: signed input grid (e.g. for inputs that are not post-ReLU, or
-      binary ``sign`` activations with ``act_bits=1``).
+      binary ``sign`` activations with ``act_bits=1``). Default False, everywhere in
+      trquant; :func:`trquant.nnx.calibrate_activations` raises if an unsigned grid
+      sees negative inputs.
     scale_method: weight scale initialiser, see :func:`trquant.init_scale`.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
-               weight_bits: Optional[int] = 4, act_bits: Optional[int] = None,
+               weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
@@ -228,7 +231,7 @@ class QuantConv(_QuantMixin, nnx.Module):
   def __init__(self, in_features: int, out_features: int, kernel_size: Union[int, Sequence[int]],
                *, strides: Union[int, Sequence[int]] = 1, padding: Any = "SAME",
                feature_group_count: int = 1, use_bias: bool = True,
-               weight_bits: Optional[int] = 4, act_bits: Optional[int] = None,
+               weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse",
                depthwise_impl: str = "auto", dtype=None,
@@ -437,7 +440,7 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
 
   def __init__(self, in_features, out_features, *, axis=-1,
                batch_axis: Mapping[int, int] = FrozenDict({}), use_bias: bool = True,
-               weight_bits: Optional[int] = 4, act_bits: Optional[int] = None,
+               weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
@@ -528,7 +531,7 @@ class QuantEinsum(_QuantMixin, nnx.Module):
 
   def __init__(self, einsum_str: str, kernel_shape: Sequence[int],
                bias_shape: Optional[Sequence[int]] = None, *,
-               weight_bits: Optional[int] = 4, act_bits: Optional[int] = None,
+               weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,

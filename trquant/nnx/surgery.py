@@ -481,7 +481,7 @@ def quantize_model(model, rules):
 
 
 def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
-                    act_bits: Optional[int] = None, signed_act: bool = True,
+                    act_bits: Optional[int] = None, signed_act: bool = False,
                     per_channel: bool = False, skip: bool = False,
                     apply_fn: Optional[Callable] = None) -> QuantRule:
   """The paper's usual choice in one rule: the first and last layer the forward pass calls.
@@ -496,16 +496,17 @@ def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
     q = trquant.nnx.quantize_model(model, [
         trquant.nnx.first_last_rule(model, x[:1]),                          # FP
         trquant.nnx.QuantRule(weight_bits=2, act_bits=2, signed_act=True)])  # the rest
-    # or 8-bit weights and inputs:
-    #   trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, act_bits=8)
+    # or 8-bit weights and inputs (signed: an image input has negative values):
+    #   trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, act_bits=8, signed_act=True)
 
   Args:
     model: the NNX model (not modified).
     example_input: a batch of inputs for ``model(example_input)`` (one example is enough).
-    weight_bits, act_bits, signed_act, per_channel: the rule's quantization. The
-      default (None, None) makes the two layers trquant layers in full precision;
-      ``signed_act`` defaults to True, safe for an image input and for any hidden
-      input at 8 bits.
+    weight_bits, act_bits, signed_act, per_channel: the rule's quantization, with
+      :class:`QuantRule`'s defaults: (None, None) makes the two layers trquant layers
+      in full precision. With ``act_bits`` pass ``signed_act=True`` for inputs with
+      negative values (a normalised image; :func:`trquant.nnx.calibrate_activations`
+      raises otherwise).
     skip: leave the two layers as plain NNX layers instead.
     apply_fn: ``(model, example_input) -> output`` if the model is not called as
       ``model(example_input)``.

@@ -81,6 +81,9 @@ class TransitionRateState(NamedTuple):
   # shape=(groups,), int32: how often the guard lowered the ceiling. Non-zero means the target
   # was out of reach of this optimizer: the rate stopped responding to a larger multiplier.
   windup_events: jax.Array
+  # shape=(groups,), float32: the factor on the target of each group: 1, or lower once the
+  # guard found the target out of reach even at the optimizer's own step (``lower_target``).
+  target_scale: jax.Array
 
 
 def tr_schedule(
@@ -96,6 +99,7 @@ def tr_schedule(
     windup_guard: bool = True,
     guard_window: Optional[int] = None,
     saturation_fn: Optional[CodesFn] = None,
+    lower_target: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Schedules the transition rate of quantized weights with a transition-adaptive LR.
 
@@ -167,8 +171,14 @@ def tr_schedule(
   below ``init_multiplier`` (the optimizer's own step). Each such event is counted
   in ``windup_events``: a non-zero count says the target was above what this
   optimizer can reach, and a lower R_0 (or :func:`measured_target`) fits it
-  better. Where the rate keeps up with the target and the weights move, the guard
-  does nothing.
+  better. With ``lower_target`` (default), a layer whose ``u`` sat at that floor
+  for a whole window with its rate still below the target gets its target
+  lowered to the rate reached (``target_scale *= K / R``, by at most 10× per
+  window; the controller then sees ``K / target_scale``, so it tracks
+  ``target_scale * R``): the rest of the run follows the target's shape from the rate the
+  optimizer's own step reaches, rather than holding that step until the target
+  decays below it and then dropping it. Where the rate keeps up with the target
+  and the weights move, the guard does nothing.
 
   Non-finite updates: when a quantized leaf's incoming update has a NaN or
   inf, that layer's ``u``, ``K`` and ``k`` keep their previous values for the
@@ -209,6 +219,8 @@ def tr_schedule(
       grid (outside the straight-through window, where its gradient is 0); None
       elsewhere. None uses ``codes_fn.saturation_fn`` when ``codes_fn`` has one
       (:func:`trquant.nnx.codes_fn` does), else the guard goes without.
+    lower_target: with ``windup_guard``, lower a group's target to its rate when even
+      the optimizer's own step cannot reach it (above; ``target_scale`` in the state).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
@@ -268,6 +280,7 @@ def tr_schedule(
     checks.check_positive("max_multiplier", max_multiplier)
   checks.check_bool("per_layer", per_layer)
   checks.check_bool("windup_guard", windup_guard)
+  checks.check_bool("lower_target", lower_target)
   if guard_window is None:
     guard_window = windup_guard_rules.default_guard_window(decay)
   guard_window = checks.check_int("guard_window", guard_window, 2)
@@ -329,6 +342,7 @@ def tr_schedule(
         guard_start_stalled=jnp.ones([groups], jnp.float32),
         beyond_grid_fraction=jnp.zeros([groups], jnp.float32),
         windup_events=jnp.zeros([groups], jnp.int32),
+        target_scale=jnp.ones([groups], jnp.float32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -352,10 +366,17 @@ def tr_schedule(
                                            state.warmup_end_step)
     else:
       target = target_at(state.tr_step)
+    # A group whose target the guard lowered by s (target_scale) tracks s * R: the
+    # controller sees K / s against R, which keeps R a scalar for any controller.
+    running_seen = state.running_transition_rate
+    if windup_guard and lower_target:
+      lowered = state.target_scale < 1.0
+      running_seen = jnp.where(
+          lowered, running_seen / jnp.where(lowered, state.target_scale, 1.0), running_seen)
     multiplier = control(
         state.talr_multiplier,
         target,
-        state.running_transition_rate,
+        running_seen,
         jnp.asarray(eta, jnp.float32),
         state.target_transition_rate,
     )
@@ -421,10 +442,10 @@ def tr_schedule(
     running = ema * state.running_transition_rate + (1.0 - ema) * measured_rate
     running = jnp.where(finite, running, state.running_transition_rate)
     multiplier = jnp.where(finite, multiplier, state.talr_multiplier)
-    ceiling, start_u, start_tracking, start_stalled, events, stalled, beyond = (
+    guard_fields = windup_guard_rules.GuardFields(
         state.multiplier_ceiling, state.guard_start_multiplier, state.guard_start_tracking,
-        state.guard_start_stalled, state.windup_events, state.stalled_fraction,
-        state.beyond_grid_fraction)
+        state.guard_start_stalled, state.windup_events, state.target_scale)
+    stalled, beyond = state.stalled_fraction, state.beyond_grid_fraction
     if windup_guard:
       stalled_now = fraction_per_group(jnp.stack(stalled_count))
       stalled = jnp.where(finite, decay * stalled + (1.0 - decay) * stalled_now, stalled)
@@ -434,10 +455,10 @@ def tr_schedule(
       window_done = (state.tr_step + 1) % guard_window == 0
       if measured:
         window_done &= state.tr_step >= state.warmup_end_step
-      ceiling, start_u, start_tracking, start_stalled, events = windup_guard_rules.guard_step(
-          windup_guard_rules.GuardFields(ceiling, start_u, start_tracking, start_stalled, events),
-          window_done=window_done, multiplier=multiplier, running=running, target=target,
-          stalled=stalled, beyond=beyond, finite=finite, floor=init_multiplier)
+      guard_fields = windup_guard_rules.guard_step(
+          guard_fields, window_done=window_done, multiplier=multiplier, running=running,
+          target=target * state.target_scale, stalled=stalled, beyond=beyond, finite=finite,
+          floor=init_multiplier, lower_target=lower_target)
 
     new_state = TransitionRateState(
         tr_step=optax.safe_increment(state.tr_step),
@@ -449,13 +470,14 @@ def tr_schedule(
         warmup_end_step=warmup_end,
         warmup_window=window,
         warmup_previous_rate=previous,
-        multiplier_ceiling=ceiling,
-        guard_start_multiplier=start_u,
-        guard_start_tracking=start_tracking,
+        multiplier_ceiling=guard_fields.multiplier_ceiling,
+        guard_start_multiplier=guard_fields.guard_start_multiplier,
+        guard_start_tracking=guard_fields.guard_start_tracking,
         stalled_fraction=stalled,
-        guard_start_stalled=start_stalled,
+        guard_start_stalled=guard_fields.guard_start_stalled,
         beyond_grid_fraction=beyond,
-        windup_events=events,
+        windup_events=guard_fields.windup_events,
+        target_scale=guard_fields.target_scale,
     )
     return scaled_updates, new_state
 

@@ -5,7 +5,10 @@ far, a large step carries latent weights beyond the grid, where the straight-thr
 gradient is 0; they stop, the rate falls, and an integral controller raises ``u``
 further. The guard compares ``u``, the tracking ratio ``K / R`` and the fraction of
 stalled weights over windows of updates, and lowers a ceiling on ``u`` when raising it
-no longer pays (see :func:`tr_schedule`'s docstring for the rules).
+no longer pays; when even the optimizer's own step (the ceiling's floor) cannot reach the
+target, it lowers that layer's target to the rate reached, so that the rest of the run
+follows the target's shape from there instead of holding the full step (see
+:func:`tr_schedule`'s docstring for the rules).
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ STALLED_FRACTION_OF_RMS = 0.01
 # Above this running fraction of stopped weights, the layer's transitions come from the few
 # weights still inside the grid: a larger multiplier only shakes those.
 MOSTLY_STALLED = 0.9
+# One window end lowers a target by at most this factor: a layer whose rate collapsed
+# (K near 0) is not frozen by one window's measurement.
+MIN_TARGET_FACTOR = 0.1
 
 
 def default_guard_window(decay) -> int:
@@ -48,10 +54,11 @@ class GuardFields(NamedTuple):
   guard_start_tracking: jax.Array
   guard_start_stalled: jax.Array
   windup_events: jax.Array
+  target_scale: jax.Array
 
 
 def guard_step(fields: GuardFields, *, window_done, multiplier, running, target, stalled,
-               finite, floor: float, beyond=None) -> GuardFields:
+               finite, floor: float, beyond=None, lower_target: bool = False) -> GuardFields:
   """The guard's ceiling, window references and event count after one step.
 
   Args:
@@ -59,11 +66,15 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
     window_done: whether this step ends one of the guard's windows (bool scalar).
     multiplier: ``u`` applied at this step, per group.
     running: the running transition rate ``K`` after this step, per group.
-    target: the target rate ``R`` of this step (scalar).
+    target: the target rate ``R`` of this step, the group's (scaled by
+      ``fields.target_scale``) or a scalar.
     stalled: the running fraction of stalled weights after this step, per group.
     beyond: the running fraction of weights beyond the grid, per group (None: unknown).
     finite: per group, whether this step's update was finite.
     floor: the lowest ceiling (the initial multiplier: the optimizer's own step).
+    lower_target: when the ceiling is at the floor, ``u`` sat at it for the whole window
+      and the rate is still below the target, multiply ``target_scale`` by ``K / R``
+      (at least :data:`MIN_TARGET_FACTOR`): the target follows from the rate reached.
 
   Returns:
     The new :class:`GuardFields`.
@@ -89,10 +100,18 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
   new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
   ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
   refresh = window_done & finite
+  target_scale = fields.target_scale
+  if lower_target:
+    # Out of reach at the optimizer's own step: no ceiling can help, the target must give.
+    at_floor = ceiling <= 1.001 * floor
+    unreachable = window_done & finite & at_floor & held & (tracking < 1.0)
+    factor = jnp.clip(tracking, MIN_TARGET_FACTOR, 1.0)
+    target_scale = jnp.where(unreachable, target_scale * factor, target_scale)
   return GuardFields(
       multiplier_ceiling=ceiling,
       guard_start_multiplier=jnp.where(refresh, jnp.minimum(multiplier, ceiling), start_u),
       guard_start_tracking=jnp.where(refresh, tracking, start_tracking),
       guard_start_stalled=jnp.where(refresh, stalled, start_stalled),
       windup_events=fields.windup_events + lower.astype(jnp.int32),
+      target_scale=target_scale,
   )
