@@ -87,15 +87,14 @@ def _without_float_units(units, plan) -> list:
     return units
   kept = []
   for unit in units:
-    name = unit_lib.unit_name(unit)
-    inside = lambda layer: not unit or layer == name or layer.startswith(name + "/")
-    floats = [layer for layer in float_names if inside(layer)]
-    quantized = [p.name for p in plan if p.weight_bits is not None and inside(p.name)]
+    floats = [layer for layer in float_names if unit_lib.unit_holds(unit, layer)]
+    quantized = [p.name for p in plan
+                 if p.weight_bits is not None and unit_lib.unit_holds(unit, p.name)]
     if floats and quantized:
       raise ValueError(
-          f"first_last='fp': unit {name!r} holds {floats} (kept in full precision) and the"
-          f" quantized {quantized[:3]}; give `blocks` that put the first and last layer in"
-          " units of their own, or granularity='layer'.")
+          f"first_last='fp': unit {unit_lib.unit_name(unit)!r} holds {floats} (kept in full"
+          f" precision) and the quantized {quantized[:3]}; give `blocks` that put the first"
+          " and last layer in units of their own, or granularity='layer'.")
     if not floats:
       kept.append(unit)
   return kept
@@ -418,9 +417,7 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
                                   first_last=first_last, forward=forward)
 
   def first_call(unit):
-    name = unit_lib.unit_name(unit)
-    names = [i for i, layer in enumerate(order)
-             if name == layer or layer.startswith(name + "/") or not unit]
+    names = [i for i, layer in enumerate(order) if unit_lib.unit_holds(unit, layer)]
     return min(names) if names else len(order)
 
   units.sort(key=first_call)

@@ -33,7 +33,7 @@ from trquant.nnx import traversal as nnx_traversal
 __all__ = [
     "GRANULARITIES", "PlannedLayer", "find_units", "float_copy", "layer_apply_fn",
     "qdrop_hook", "quantization_plan", "quantize_activations", "scan_on_cpu", "unit_apply_fn",
-    "unit_name",
+    "unit_holds", "unit_name",
 ]
 
 GRANULARITIES = ("block", "layer")
@@ -55,6 +55,13 @@ class PlannedLayer(NamedTuple):
 def unit_name(path) -> str:
   """A module path ``"/"``-joined, ``"<root>"`` for the model itself."""
   return "/".join(map(str, path)) or "<root>"
+
+
+def unit_holds(unit, layer: str) -> bool:
+  """Whether the unit at module path ``unit`` holds the layer named ``layer`` (a
+  :class:`PlannedLayer` name); the model itself (the empty path) holds every layer."""
+  name = unit_name(unit)
+  return not unit or layer == name or layer.startswith(name + "/")
 
 
 def check_model(model) -> list:
