@@ -23,6 +23,9 @@ Methods (``--methods``, comma-separated):
 * ``tr-additive``, ``tr-momentum``: ``tr`` with the paper's / the public code's controller.
 * ``tr-auto``: ``tr`` with the target measured from the optimizer's own rate
   (:func:`trquant.measured_target`), no R_0.
+* ``tr-auto-sqrt``: ``tr-auto`` decaying as the square root of a cosine,
+  ``R_0 * cos(pi p / 2)``: the rate a cosine LR gives where the rate goes as sqrt(LR), as
+  it does under Adam (a check of why ``tr-auto`` anneals the LR faster than a cosine).
 
 Every step records, per quantized layer: the transition rate k_t (codes before vs
 after the update, with the scales in force), the TALR multiplier u and running TR
@@ -174,6 +177,9 @@ def method_config(method: str, bits: int, target_tr: float) -> dict:
     return dict(schedule="tr", weight_quantizer="fixed", controller=controller, r0=target_tr)
   if method == "tr-auto":
     return dict(schedule="tr", weight_quantizer="fixed", controller="log", r0="auto")
+  if method == "tr-auto-sqrt":
+    return dict(schedule="tr", weight_quantizer="fixed", controller="log", r0="auto",
+                auto_shape="sqrt-cosine")
   if method.startswith("tr-l"):
     lam = float(method[len("tr-l"):])
     return dict(schedule="tr", weight_quantizer="fixed", controller="log", r0=lam * math.sqrt(bits))
@@ -236,7 +242,7 @@ def lsq_codes_fn(model):
 
 def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_steps, weight_decay,
                    controller=None, r0=None, auto_warmup=None, adam_weight_decay=0.0,
-                   reference_groups=False, windup_guard=True):
+                   reference_groups=False, windup_guard=True, auto_shape="cosine"):
   cosine_lr = optax.cosine_decay_schedule(lr, total_steps)
   decay = weight_decay if optimizer == "sgd" else adam_weight_decay
   float_opt = lambda: base_optimizer(optimizer, cosine_lr, decay)
@@ -245,7 +251,8 @@ def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_st
   else:
     if r0 == "auto":
       # auto_warmup None: the settling warm-up (the default of measured_target).
-      target = trquant.measured_target(total_steps, warmup_steps=auto_warmup)
+      shape = (lambda p: jnp.cos(0.5 * jnp.pi * p)) if auto_shape == "sqrt-cosine" else "cosine"
+      target = trquant.measured_target(total_steps, warmup_steps=auto_warmup, schedule=shape)
     else:
       target = optax.cosine_decay_schedule(r0, total_steps)
     quant = optax.chain(base_optimizer(optimizer, lr, decay),
@@ -627,7 +634,8 @@ def summarize(out):
   default_lr = {o: DEFAULT_LR[o] for o in DEFAULT_LR}
   bits_list = sorted({r["bits"] for r in runs})
   optimizers = [o for o in ("sgd", "adam") if any(r["optimizer"] == o for r in runs)]
-  method_order = ["lr", "lr-lsq", "tr", "tr-l2e-3", "tr-l5e-3", "tr-auto", "tr-additive", "tr-momentum"]
+  method_order = ["lr", "lr-lsq", "tr", "tr-l2e-3", "tr-l5e-3", "tr-auto", "tr-auto-sqrt",
+                  "tr-additive", "tr-momentum"]
 
   lines += ["## Accuracy", "",
             "| setting | method | R_0 | seeds | final | BN re-est. | last 10 evals | Δ vs lr | per seed |",
@@ -786,7 +794,8 @@ def plot(runs, out):
             ("near_transition", "within 5% of a step of a transition point"),
             ("beyond_range", "beyond the grid (no STE gradient)"),
             ("oscillating", "fraction oscillating"), ("accuracy", "test accuracy (%)")]
-  colours = {"lr": "C0", "lr-lsq": "C2", "tr": "C3", "tr-auto": "C1", "tr-l2e-3": "C4"}
+  colours = {"lr": "C0", "lr-lsq": "C2", "tr": "C3", "tr-auto": "C1", "tr-l2e-3": "C4",
+             "tr-auto-sqrt": "C5"}
   fig, axes = plt.subplots(len(settings), len(panels), figsize=(4 * len(panels), 3 * len(settings)),
                            squeeze=False)
   for row, (bits, optimizer) in enumerate(settings):
