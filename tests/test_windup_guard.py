@@ -7,26 +7,20 @@ import pytest
 from trquant.tr_scheduling import windup_guard
 
 
-def _fields(start_u=1.0, start_tracking=0.5, start_stalled=0.2, ceiling=1e3, events=0):
+def _fields(start_u=1.0, start_tracking=0.5, start_stalled=0.2, ceiling=1e3):
   return windup_guard.GuardFields(
       multiplier_ceiling=jnp.array([ceiling], jnp.float32),
       guard_start_multiplier=jnp.array([start_u], jnp.float32),
       guard_start_tracking=jnp.array([start_tracking], jnp.float32),
       guard_start_stalled=jnp.array([start_stalled], jnp.float32),
-      windup_events=jnp.array([events], jnp.int32))
+      windup_events=jnp.zeros([1], jnp.int32))
 
 
-def _step(fields, *, u, tracking, stalled, window_done=True, finite=True, shape=1.0):
+def _step(fields, *, u, tracking, stalled, window_done=True, finite=True):
   return windup_guard.guard_step(
       fields, window_done=jnp.asarray(window_done), multiplier=jnp.array([u], jnp.float32),
       running=jnp.array([tracking * 1e-3], jnp.float32), target=jnp.float32(1e-3),
-      stalled=jnp.array([stalled], jnp.float32), finite=jnp.array([finite]), floor=1.0,
-      shape=shape, upper=1e3)
-
-
-def _cap(fields, shape):
-  return float(windup_guard.effective_ceiling(
-      fields.multiplier_ceiling, fields.windup_events, shape, 1e3)[0])
+      stalled=jnp.array([stalled], jnp.float32), finite=jnp.array([finite]), floor=1.0)
 
 
 @pytest.mark.parametrize("case, u, tracking, stalled, lowered", [
@@ -58,33 +52,6 @@ def test_a_multiplier_held_at_the_ceiling_halves_it_down_to_the_floor():
     fields = _step(fields, u=float(fields.multiplier_ceiling[0]), tracking=0.8, stalled=0.95)
     ceilings.append(float(fields.multiplier_ceiling[0]))
   assert ceilings == [4.0, 2.0, 1.0, 1.0, 1.0]
-
-
-def test_a_lowered_ceiling_follows_the_target_down_to_its_shape():
-  # Not lowered yet: the cap is max_multiplier whatever the target's shape.
-  fields = _fields(start_u=1.2, start_tracking=0.5, start_stalled=0.2)
-  assert _cap(fields, 0.5) == pytest.approx(1e3)
-  # Lowered at R_t = R_0 / 2: the cap is u at the window's start there, and it moves with
-  # the target from then on (u * R_0 / R_t <= 2.4).
-  fields = _step(fields, u=3.0, tracking=0.3, stalled=0.2, shape=0.5)
-  np.testing.assert_allclose(fields.multiplier_ceiling, [2.4])
-  assert _cap(fields, 0.5) == pytest.approx(1.2)
-  assert _cap(fields, 0.25) == pytest.approx(0.6)
-  # Held at the moving cap with most weights stopped: it halves down to the floor, the
-  # optimizer's own step times the target's shape (cosine LR at the base LR).
-  caps = []
-  for shape in (0.4, 0.3, 0.2, 0.1):
-    fields = _step(fields, u=_cap(fields, shape), tracking=0.8, stalled=0.95, shape=shape)
-    caps.append(_cap(fields, shape))
-  np.testing.assert_allclose(caps, [0.48, 0.3, 0.2, 0.1], rtol=1e-6)
-  np.testing.assert_allclose(fields.multiplier_ceiling, [1.0])
-
-
-def test_a_zero_target_leaves_the_ceiling_where_it_is():
-  fields = _fields(start_u=2.0, ceiling=2.0, events=1, start_stalled=0.95)
-  new = _step(fields, u=0.0, tracking=0.0, stalled=0.99, shape=0.0)
-  np.testing.assert_allclose(new.multiplier_ceiling, [2.0])
-  assert np.isfinite(np.asarray(new.guard_start_multiplier)).all()
 
 
 def test_nothing_changes_between_window_ends_or_on_a_non_finite_step():

@@ -62,10 +62,8 @@ class TransitionRateState(NamedTuple):
   warmup_window: jax.Array
   # shape=(), float32: mean rate of the previous measuring window (0 before the first).
   warmup_previous_rate: jax.Array
-  # shape=(groups,), float32: the highest multiplier the windup guard allows: max_multiplier
-  # (or inf) until the guard finds the rate no longer responds to a rising multiplier; from
-  # then on (windup_events > 0) a ceiling on u * R_0 / R_t, i.e. relative to the target's
-  # decay: the cap on u at step t is this times R_t / R_0.
+  # shape=(groups,), float32: the highest multiplier the windup guard allows (max_multiplier, or
+  # inf, until the guard finds the rate no longer responds to a rising multiplier).
   multiplier_ceiling: jax.Array
   # shape=(groups,), float32: multiplier at the start of the guard's current window.
   guard_start_multiplier: jax.Array
@@ -166,11 +164,7 @@ def tr_schedule(
   that weight decay still moves). Then the ceiling drops to the
   multiplier at the start of that window. When ``u`` sat at the ceiling for a
   whole window and any of these still held, the ceiling halves. It never drops
-  below ``init_multiplier`` (the optimizer's own step). Once lowered, the ceiling
-  follows the target's decay: it bounds ``u * R_0 / R_t``, so a layer whose target is out of
-  reach falls back to the optimizer's own step times the target's shape
-  ``R_t / R_0``, with a cosine target the cosine LR schedule at the base LR, not
-  to a constant LR that stays high while the target decays. Each such event is counted
+  below ``init_multiplier`` (the optimizer's own step). Each such event is counted
   in ``windup_events``: a non-zero count says the target was above what this
   optimizer can reach, and a lower R_0 (or :func:`measured_target`) fits it
   better. Where the rate keeps up with the target and the weights move, the guard
@@ -315,8 +309,8 @@ def tr_schedule(
       check_initial_target()
     # A measured target starts unknown (0); the running TR then starts from nothing too.
     target = jnp.zeros([], jnp.float32) if measured else target_at(jnp.zeros([], jnp.int32))
-    ceiling = np.inf if max_multiplier is None else float(max_multiplier)
     warmup_end = targets.initial_warmup_end(target_tr) if measured else 0
+    ceiling = np.inf if max_multiplier is None else float(max_multiplier)
     return TransitionRateState(
         tr_step=jnp.zeros([], jnp.int32),
         target_transition_rate=target,
@@ -367,15 +361,9 @@ def tr_schedule(
     )
     upper = jnp.inf if max_multiplier is None else max_multiplier
     multiplier = jnp.clip(multiplier.astype(jnp.float32), 0.0, upper)
-    in_warmup = state.tr_step < state.warmup_end_step  # always False without a MeasuredTarget
-    # R_t / R_0: the guard's ceiling follows the target's decay (1 while R_0 is unknown).
-    reference = state.initial_target_rate
-    known = (reference > 0) & ~in_warmup
-    shape = jnp.where(known, jnp.clip(target / jnp.where(known, reference, 1.0), 0.0, 1.0), 1.0)
     if windup_guard:
-      multiplier = jnp.minimum(
-          multiplier, windup_guard_rules.effective_ceiling(state.multiplier_ceiling, state.windup_events,
-                                              shape, upper))
+      multiplier = jnp.minimum(multiplier, state.multiplier_ceiling)
+    in_warmup = state.tr_step < state.warmup_end_step  # always False without a MeasuredTarget
     if measured:
       # The warm-up measures the optimizer's own rate: the multiplier stays where it started.
       multiplier = jnp.where(in_warmup, state.talr_multiplier, multiplier)
@@ -449,8 +437,7 @@ def tr_schedule(
       ceiling, start_u, start_tracking, start_stalled, events = windup_guard_rules.guard_step(
           windup_guard_rules.GuardFields(ceiling, start_u, start_tracking, start_stalled, events),
           window_done=window_done, multiplier=multiplier, running=running, target=target,
-          stalled=stalled, beyond=beyond, finite=finite, floor=init_multiplier, shape=shape,
-          upper=upper)
+          stalled=stalled, beyond=beyond, finite=finite, floor=init_multiplier)
 
     new_state = TransitionRateState(
         tr_step=optax.safe_increment(state.tr_step),

@@ -6,11 +6,6 @@ gradient is 0; they stop, the rate falls, and an integral controller raises ``u`
 further. The guard compares ``u``, the tracking ratio ``K / R`` and the fraction of
 stalled weights over windows of updates, and lowers a ceiling on ``u`` when raising it
 no longer pays (see :func:`tr_schedule`'s docstring for the rules).
-
-Once lowered, the ceiling is kept relative to the target's decay: it caps
-``u * R_0 / R_t``, so a layer held at the lowest ceiling follows the optimizer's own step
-scaled by the target's shape ``R_t / R_0`` (with a cosine target: cosine LR at the base
-LR), never a constant LR.
 """
 
 from __future__ import annotations
@@ -21,7 +16,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GuardFields", "default_guard_window", "effective_ceiling", "guard_step", "stalled_count"]
+__all__ = ["GuardFields", "default_guard_window", "guard_step", "stalled_count"]
 
 # A weight has stopped when its incoming update is below this fraction of its layer's RMS
 # update.
@@ -45,23 +40,6 @@ def stalled_count(update) -> jax.Array:
   return jnp.sum(magnitude < STALLED_FRACTION_OF_RMS * rms, dtype=jnp.float32)
 
 
-def effective_ceiling(ceiling, events, shape, upper) -> jax.Array:
-  """The cap on ``u`` at this step, per group (float32).
-
-  Args:
-    ceiling: the guard's ceiling, per group: ``upper`` until the guard first lowers it,
-      from then on a ceiling on ``u * R_0 / R_t``.
-    events: how often the guard lowered the ceiling, per group.
-    shape: the target's shape ``R_t / R_0`` in ``[0, 1]`` (scalar).
-    upper: ``max_multiplier`` (inf for none).
-
-  Returns:
-    The ceiling times the target's shape where it was lowered, within ``upper``.
-  """
-  scaled = jnp.where(events > 0, ceiling * jnp.asarray(shape, jnp.float32), ceiling)
-  return jnp.minimum(scaled, jnp.float32(upper))
-
-
 class GuardFields(NamedTuple):
   """The guard's part of the transform state (each of shape ``(groups,)``)."""
 
@@ -73,7 +51,7 @@ class GuardFields(NamedTuple):
 
 
 def guard_step(fields: GuardFields, *, window_done, multiplier, running, target, stalled,
-               finite, floor: float, beyond=None, shape=1.0, upper=jnp.inf) -> GuardFields:
+               finite, floor: float, beyond=None) -> GuardFields:
   """The guard's ceiling, window references and event count after one step.
 
   Args:
@@ -86,14 +64,11 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
     beyond: the running fraction of weights beyond the grid, per group (None: unknown).
     finite: per group, whether this step's update was finite.
     floor: the lowest ceiling (the initial multiplier: the optimizer's own step).
-    shape: the target's shape ``R_t / R_0`` in ``[0, 1]`` (scalar; 1 for a constant target).
-    upper: ``max_multiplier`` (inf for none).
 
   Returns:
     The new :class:`GuardFields`.
   """
   ceiling, start_u = fields.multiplier_ceiling, fields.guard_start_multiplier
-  cap = effective_ceiling(ceiling, fields.windup_events, shape, upper)
   start_tracking, start_stalled = fields.guard_start_tracking, fields.guard_start_stalled
   tracking = jnp.where(target > 0, running / jnp.where(target > 0, target, 1.0), 1.0)
   # Below target and falling, or stalled (almost no transition left at all).
@@ -104,25 +79,19 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
   # Weights also stop on their own (dead ReLU units, a fitted loss): only a multiplier
   # that at least doubled in the window is taken to be the cause.
   doubled = multiplier >= 2.0 * start_u
-  held = (start_u >= 0.99 * cap) & (multiplier >= 0.99 * cap)
+  held = (start_u >= 0.99 * ceiling) & (multiplier >= 0.99 * ceiling)
   # Most weights beyond the grid: the rate the multiplier buys comes from the rest.
   stopped = stalled if beyond is None else jnp.maximum(stalled, beyond)
   mostly_stalled = stopped > MOSTLY_STALLED
   lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held))
                                   | (mostly_stalled & (rose | held)))
   floor = jnp.float32(floor)
-  # In the ceiling's units (u * R_0 / R_t); a zero target leaves it where it is.
-  shape = jnp.asarray(shape, jnp.float32)
-  per_shape = 1.0 / jnp.where(shape > 0, shape, 1.0)
-  new_ceiling = jnp.where(rose, jnp.maximum(start_u * per_shape, floor),
-                          jnp.maximum(0.5 * cap * per_shape, floor))
-  relative = jnp.where(fields.windup_events > 0, ceiling, cap * per_shape)
-  new_ceiling = jnp.where(shape > 0, jnp.minimum(new_ceiling, relative), ceiling)
-  ceiling = jnp.where(lower, new_ceiling, ceiling)
+  new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
+  ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
   refresh = window_done & finite
   return GuardFields(
       multiplier_ceiling=ceiling,
-      guard_start_multiplier=jnp.where(refresh, jnp.minimum(multiplier, cap), start_u),
+      guard_start_multiplier=jnp.where(refresh, jnp.minimum(multiplier, ceiling), start_u),
       guard_start_tracking=jnp.where(refresh, tracking, start_tracking),
       guard_start_stalled=jnp.where(refresh, stalled, start_stalled),
       windup_events=fields.windup_events + lower.astype(jnp.int32),
