@@ -242,7 +242,8 @@ def lsq_codes_fn(model):
 
 def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_steps, weight_decay,
                    controller=None, r0=None, auto_warmup=None, adam_weight_decay=0.0,
-                   reference_groups=False, windup_guard=True, auto_shape="cosine"):
+                   reference_groups=False, windup_guard=True, auto_shape="cosine",
+                   auto_window=None):
   cosine_lr = optax.cosine_decay_schedule(lr, total_steps)
   decay = weight_decay if optimizer == "sgd" else adam_weight_decay
   float_opt = lambda: base_optimizer(optimizer, cosine_lr, decay)
@@ -252,7 +253,8 @@ def make_transform(model, *, optimizer, lr, schedule, weight_quantizer, total_st
     if r0 == "auto":
       # auto_warmup None: the settling warm-up (the default of measured_target).
       shape = (lambda p: jnp.cos(0.5 * jnp.pi * p)) if auto_shape == "sqrt-cosine" else "cosine"
-      target = trquant.measured_target(total_steps, warmup_steps=auto_warmup, schedule=shape)
+      target = trquant.measured_target(total_steps, warmup_steps=auto_warmup, schedule=shape,
+                                       window_steps=auto_window)
     else:
       target = optax.cosine_decay_schedule(r0, total_steps)
     quant = optax.chain(base_optimizer(optimizer, lr, decay),
@@ -528,9 +530,10 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
                          weight_decay=args.weight_decay, auto_warmup=auto_warmup,
                          adam_weight_decay=recipe["adam_weight_decay"],
                          reference_groups=recipe["reference_groups"],
-                         windup_guard=not args.no_windup_guard, **config)
+                         windup_guard=not args.no_windup_guard, auto_window=args.auto_window,
+                         **config)
   config = dict(config, recipe=args.recipe, **recipe, windup_guard=not args.no_windup_guard,
-                auto_warmup=args.auto_warmup)
+                auto_warmup=args.auto_warmup, auto_window=args.auto_window)
   start = time.time()
   models, records, evals = train(model, tx, data, steps=args.steps, eval_every=args.eval_every,
                                  batch_size=args.batch_size, seeds=seeds,
@@ -868,6 +871,9 @@ def parse_args(argv=None):
                       help="tr_schedule without its windup guard (the earlier behaviour)")
   parser.add_argument("--auto-warmup", choices=("settle", "fixed"), default="settle",
                       help="tr-auto's warm-up: settling (default) or the earlier fixed 1%%")
+  parser.add_argument("--auto-window", type=int, default=None,
+                      help="tr-auto's settling window in steps (default: measured_target's, 0.5%% of"
+                           " the run)")
   parser.add_argument("--out", default="benchmarks/results/tr_long_mlp")
   parser.add_argument("--verbose", action="store_true")
   parser.add_argument("--summary-only", action="store_true")
