@@ -51,6 +51,7 @@ import json
 import math
 import os
 import pathlib
+import subprocess
 import time
 
 import jax
@@ -543,6 +544,7 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
   tail = slice(int(0.9 * args.steps), None)
   head = slice(0, int(0.9 * args.steps))
   results = []
+  version = code_version()
   for i, seed in enumerate(seeds):
     curve = [(step, accuracies[i]) for step, accuracies in evals]
     last = [a for _, a in curve[-10:]]
@@ -556,7 +558,7 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
                                                                   args.batch_size),
         "last10_mean": float(np.mean(last)), "last10_std": float(np.std(last)),
         "eval_curve": curve, "seconds_all_seeds": seconds, "seeds_side_by_side": len(seeds),
-        "device": jax.devices()[0].device_kind,
+        "device": jax.devices()[0].device_kind, "code_version": version,
         "oscillating_last10pct": np.mean(per_seed["oscillating"][tail], axis=0).tolist(),
         "transition_rate_last10pct": np.mean(per_seed["transition_rate"][tail], axis=0).tolist(),
         "near_transition_last10pct": np.mean(per_seed["near_transition"][tail], axis=0).tolist(),
@@ -583,6 +585,21 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
 # ---------------------------------------------------------------------------------------
 # Summary: tables and plots from the run JSONs
 # ---------------------------------------------------------------------------------------
+
+
+def code_version():
+  """The checkout's commit, with "+changes" when trquant/ or this script differ from it
+  (None outside a git checkout): a summary must not set runs of different code side by side."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+  try:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                              "trquant", "benchmarks/tr_long.py"], cwd=root, check=True,
+                             capture_output=True, text=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return commit + ("+changes" if changes else "")
 
 
 def load_runs(out):
@@ -633,7 +650,12 @@ def summarize(out):
            "", f"FP checkpoint: {fp * 100:.2f}%. Device: {runs[0]['device']}. Accuracy in %,"
            " mean ± std over seeds (per-seed values in the last column). Δ vs `lr` is the paired"
            " per-seed difference (same data order), mean ± standard error.", ""]
-  summary = {"fp_accuracy": fp, "width": width, "settings": []}
+  versions = sorted({str(r.get("code_version")) for r in runs})
+  if len(versions) > 1:
+    # Copied-in runs carry the code they were made with: a Δ across versions mixes two codes.
+    lines += [f"Code versions in this folder: {', '.join(versions)} (None: not recorded)."
+              " Compare runs of one version only.", ""]
+  summary = {"fp_accuracy": fp, "width": width, "settings": [], "code_versions": versions}
   default_lr = {o: DEFAULT_LR[o] for o in DEFAULT_LR}
   bits_list = sorted({r["bits"] for r in runs})
   optimizers = [o for o in ("sgd", "adam") if any(r["optimizer"] == o for r in runs)]
