@@ -588,14 +588,16 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
 
 
 def code_version():
-  """The checkout's commit, with "+changes" when trquant/ or this script differ from it
-  (None outside a git checkout): a summary must not set runs of different code side by side."""
+  """The checkout's commit, with "+changes" when the code a run executes (trquant/, the
+  examples' models and data, this script) differs from it; None outside a git checkout.
+  A summary must not set runs of different code side by side."""
   root = pathlib.Path(__file__).resolve().parent.parent
   try:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
                             capture_output=True, text=True).stdout.strip()
     changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                              "trquant", "benchmarks/tr_long.py"], cwd=root, check=True,
+                              "trquant", "examples/trquant_examples", "benchmarks/tr_long.py"],
+                             cwd=root, check=True,
                              capture_output=True, text=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return None
