@@ -47,15 +47,20 @@ subsampled into each run's JSON.
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import math
 import os
 import pathlib
+import platform
 import subprocess
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 from flax import nnx
@@ -462,7 +467,8 @@ def fp_checkpoint(args, data, num_classes, log):
   if os.path.exists(path) and os.path.exists(record):
     with open(record) as f:
       accuracy = json.load(f)["final_test_accuracy"]
-    log(f"FP {args.model}-{args.width}: {accuracy:.4f} (reused {path})")
+    log(f"FP {args.model}-{args.width}: {accuracy:.4f} (reused {path}, sha256"
+        f" {checkpoint_hash(path)[:12]})")
     return path, accuracy
   model = MODELS[args.model](data[0].shape[1], args.width, num_classes, bits=None, rngs=nnx.Rngs(1234))
   tx = optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, args.fp_steps)),
@@ -494,9 +500,50 @@ def fp_checkpoint(args, data, num_classes, log):
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))}
   np.savez(path, **flat)
   with open(record, "w") as f:
-    json.dump({"final_test_accuracy": accuracy, "steps": args.fp_steps, "width": args.width}, f)
-  log(f"FP {args.model}-{args.width}: {accuracy:.4f} ({args.fp_steps} Adam steps)")
+    json.dump({"final_test_accuracy": accuracy, "steps": args.fp_steps, "width": args.width,
+               "checkpoint_sha256": checkpoint_hash(path), "provenance": provenance(None)}, f)
+  log(f"FP {args.model}-{args.width}: {accuracy:.4f} ({args.fp_steps} Adam steps, sha256"
+      f" {checkpoint_hash(path)[:12]})")
   return path, accuracy
+
+
+def checkpoint_hash(path) -> str:
+  """sha256 of a checkpoint's arrays (names, dtypes, shapes, bytes; sorted by name). The
+  .npz file itself carries zip timestamps, so its bytes differ between identical saves."""
+  digest = hashlib.sha256()
+  with np.load(path) as arrays:
+    for name in sorted(arrays.files):
+      value = np.ascontiguousarray(arrays[name])
+      digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+      digest.update(value.tobytes())
+  return digest.hexdigest()
+
+
+def cpu_model() -> str:
+  """The processor's model name (/proc/cpuinfo on Linux, else the platform's word)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def provenance(fp_path) -> dict:
+  """What a run's numbers depend on besides its arguments: the code, the library versions,
+  the processor, the XLA flags and the FP checkpoint. Runs are paired only when these agree
+  (`--summary-only` refuses otherwise unless `--allow-mixed-provenance`)."""
+  return {
+      "code_version": code_version(),
+      "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__, "optax": optax.__version__, "numpy": np.__version__,
+      "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+      "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "fp_checkpoint_sha256": checkpoint_hash(fp_path) if fp_path else None,
+  }
 
 
 def recipe_of(args) -> dict:
@@ -544,7 +591,8 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
   tail = slice(int(0.9 * args.steps), None)
   head = slice(0, int(0.9 * args.steps))
   results = []
-  version = code_version()
+  run_provenance = provenance(fp_path)
+  version = run_provenance["code_version"]
   for i, seed in enumerate(seeds):
     curve = [(step, accuracies[i]) for step, accuracies in evals]
     last = [a for _, a in curve[-10:]]
@@ -559,6 +607,7 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
         "last10_mean": float(np.mean(last)), "last10_std": float(np.std(last)),
         "eval_curve": curve, "seconds_all_seeds": seconds, "seeds_side_by_side": len(seeds),
         "device": jax.devices()[0].device_kind, "code_version": version,
+        "provenance": run_provenance,
         "oscillating_last10pct": np.mean(per_seed["oscillating"][tail], axis=0).tolist(),
         "transition_rate_last10pct": np.mean(per_seed["transition_rate"][tail], axis=0).tolist(),
         "near_transition_last10pct": np.mean(per_seed["near_transition"][tail], axis=0).tolist(),
@@ -587,8 +636,10 @@ def run_seeds(args, data, num_classes, fp_path, *, bits, optimizer, method, lr, 
 # ---------------------------------------------------------------------------------------
 
 
+@functools.cache
 def code_version():
-  """The checkout's commit, with "+changes" when the code a run executes (trquant/, the
+  """The checkout's commit (read once, at the first call: the code a process runs is the
+  code it imported), with "+changes" when the code a run executes (trquant/, the
   examples' models and data, this script) differs from it; None outside a git checkout.
   A summary must not set runs of different code side by side."""
   root = pathlib.Path(__file__).resolve().parent.parent
@@ -602,6 +653,22 @@ def code_version():
   except (OSError, subprocess.CalledProcessError):
     return None
   return commit + ("+changes" if changes else "")
+
+
+def provenance_labels(runs):
+  """Groups runs by provenance: ({label: [runs]}, {label: provenance}), labels P1, P2, ...
+  in order of first appearance. A run made before provenance was recorded counts by its
+  code version alone (None when that is missing too)."""
+  labels, provenances, keys = {}, {}, {}
+  for r in runs:
+    p = r.get("provenance") or ({"code_version": r["code_version"]} if "code_version" in r else {})
+    key = json.dumps(p, sort_keys=True)
+    if key not in keys:
+      keys[key] = f"P{len(keys) + 1}"
+      provenances[keys[key]] = p
+      labels[keys[key]] = []
+    labels[keys[key]].append(r)
+  return labels, provenances
 
 
 def load_runs(out):
@@ -635,7 +702,7 @@ def _mean_layers(values):
   return float(np.mean(values))
 
 
-def summarize(out):
+def summarize(out, allow_mixed_provenance=False):
   runs = load_runs(out)
   if not runs:
     raise SystemExit(f"no run JSONs in {out}")
@@ -653,11 +720,33 @@ def summarize(out):
            " mean ± std over seeds (per-seed values in the last column). Δ vs `lr` is the paired"
            " per-seed difference (same data order), mean ± standard error.", ""]
   versions = sorted({str(r.get("code_version")) for r in runs})
-  if len(versions) > 1:
-    # Copied-in runs carry the code they were made with: a Δ across versions mixes two codes.
-    lines += [f"Code versions in this folder: {', '.join(versions)} (None: not recorded)."
-              " Compare runs of one version only.", ""]
-  summary = {"fp_accuracy": fp, "width": width, "settings": [], "code_versions": versions}
+  labels, provenances = provenance_labels(runs)
+  if len(provenances) > 1:
+    # Runs of another code, library, processor, XLA flags or FP checkpoint are not paired
+    # silently: the same configuration moves by more than most effects between them.
+    differing = sorted({key for a in provenances.values() for b in provenances.values()
+                        for key in set(a) | set(b) if a.get(key) != b.get(key)})
+    message = (f"{out}: the runs' provenance differs in {', '.join(differing)}"
+               f" ({len(provenances)} groups: "
+               + "; ".join(f"{label}: {len(labels[label])} runs" for label in provenances)
+               + "). Rerun the pairs together, or pass --allow-mixed-provenance to summarise"
+               " anyway (the tables then name each row's provenance group).")
+    if not allow_mixed_provenance:
+      raise SystemExit(message)
+    lines += ["**Mixed provenance** (summarised with --allow-mixed-provenance): the groups differ in "
+              + ", ".join(differing) + "; the `prov.` column names each row's groups:", ""]
+    lines += [f"- {label}: " + ", ".join(f"{key} {value}" for key, value in sorted(p.items())
+                                        if key in differing)
+              for label, p in provenances.items()] + [""]
+  elif not provenances or next(iter(provenances.values())) == {}:
+    lines += ["Provenance: not recorded in these runs (made before the runs recorded it).", ""]
+  else:
+    only = next(iter(provenances.values()))
+    lines += ["Provenance (every run): " + ", ".join(f"{key} {value}" for key, value in
+                                                   sorted(only.items())), ""]
+  prov_of = {id(r): label for label, group in labels.items() for r in group}
+  summary = {"fp_accuracy": fp, "width": width, "settings": [], "code_versions": versions,
+             "provenance": provenances}
   default_lr = {o: DEFAULT_LR[o] for o in DEFAULT_LR}
   bits_list = sorted({r["bits"] for r in runs})
   optimizers = [o for o in ("sgd", "adam") if any(r["optimizer"] == o for r in runs)]
@@ -665,8 +754,9 @@ def summarize(out):
                   "tr-additive", "tr-momentum"]
 
   lines += ["## Accuracy", "",
-            "| setting | method | R_0 | seeds | final | BN re-est. | last 10 evals | Δ vs lr | per seed |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "| setting | method | R_0 | seeds | final | BN re-est. | last 10 evals | Δ vs lr | per seed |"
+            + (" prov. |" if len(provenances) > 1 else ""),
+            "|---|---|---|---|---|---|---|---|---|" + ("---|" if len(provenances) > 1 else "")]
   for bits in bits_list:
     for optimizer in optimizers:
       lr0 = default_lr[optimizer]
@@ -701,7 +791,9 @@ def summarize(out):
         lines.append(
             f"| W{bits}A{bits} {optimizer} | {method} | {r0_text} | {len(group)} | {_fmt(final)} |"
             f" {_fmt(entry['bn_reestimated'])} | {_fmt(entry['last10'])} | {delta} |"
-            f" {', '.join(f'{a * 100:.2f}' for a in final)} |")
+            f" {', '.join(f'{a * 100:.2f}' for a in final)} |"
+            + (f" {','.join(sorted({prov_of[id(r)] for r in group + base}))} |"
+               if len(provenances) > 1 else ""))
   lines += ["", f"FP − `lr` gap: " + ", ".join(
       f"W{e['bits']}A{e['bits']} {e['optimizer']} {fp * 100 - np.mean(e['final']) * 100:.2f}"
       for e in summary["settings"] if e["method"] == "lr"), ""]
@@ -901,6 +993,9 @@ def parse_args(argv=None):
   parser.add_argument("--out", default="benchmarks/results/tr_long_mlp")
   parser.add_argument("--verbose", action="store_true")
   parser.add_argument("--summary-only", action="store_true")
+  parser.add_argument("--allow-mixed-provenance", action="store_true",
+                      help="summarise runs whose provenance (code, libraries, CPU, XLA flags, FP"
+                           " checkpoint) differs; the tables then name each row's group")
   parser.add_argument("--quick", action="store_true", help="digits, a few hundred steps")
   args = parser.parse_args(argv)
   if args.quick:
@@ -911,10 +1006,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
   args = parse_args(argv)
+  code_version()  # now, before any later edit of the checkout
   os.makedirs(args.out, exist_ok=True)
   log = lambda message: print(message, flush=True)
   if args.summary_only:
-    summarize(args.out)
+    summarize(args.out, allow_mixed_provenance=args.allow_mixed_provenance)
     return
   if True:
     data, num_classes = load_data(args)
