@@ -233,3 +233,65 @@ def test_stats_keyed_by_layer_name():
   with pytest.raises(ValueError, match="max_bits"):
     trquant.nnx.transition_stats(optimizer, model=nnx.Sequential(
         QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0))))
+
+
+def _scaled_step_model():
+  model = nnx.Sequential(QuantLinear(8, 4, weight_bits=2, rngs=nnx.Rngs(0)))
+  codes_fn = trquant.nnx.codes_fn(model)
+  scales_fn = trquant.nnx.scales_fn(model)
+  tx = optax.partition(
+      {"quant": optax.chain(optax.sgd(0.5), trquant.tr_schedule(1e-2, codes_fn=codes_fn),
+                            trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn,
+                                                        total_steps=10)),
+       "float": optax.sgd(1e-2)}, trquant.nnx.param_labels(model))
+  return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def test_weight_scales_argument_counts_on_the_current_grid_without_retracing():
+  # Passed as an argument of the jitted step, the scales are values of the step: a scale
+  # set after the first call is used by the next call, with no new trace.
+  model, optimizer = _scaled_step_model()
+  traces = []
+
+  @nnx.jit
+  def step(model, optimizer, x):
+    traces.append(1)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    optimizer.update(model, grads, weight_scales=trquant.nnx.weight_scales(model))
+
+  x = jnp.ones((2, 8))
+  layer = model.layers[0]
+  scale = layer.weight_scale.get_value()
+  # First traced with a scale so large that every weight rounds to 0 and none transits,
+  # then the model's own scale again (e.g. restored): the next step counts on it.
+  layer.weight_scale.set_value(jnp.full((), 1e6, jnp.float32))
+  step(model, optimizer, x)
+  assert float(trquant.nnx.transition_stats(optimizer)["measured_transition_rate"][0]) == 0.0
+  layer.weight_scale.set_value(scale)
+  step(model, optimizer, x)
+  assert len(traces) == 1
+  rate = trquant.nnx.transition_stats(optimizer)["measured_transition_rate"]
+  assert float(rate[0]) > 0.0, rate
+
+
+def test_weight_scales_entries_and_a_missing_layer():
+  model, _ = _scaled_step_model()
+  scales = trquant.nnx.weight_scales(model)
+  assert list(scales) == ["layers/0"]
+  assert scales["layers/0"] is model.layers[0].weight_scale.get_value()
+  codes_fn = trquant.nnx.codes_fn(model)
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  np.testing.assert_array_equal(codes_fn(params, weight_scales=scales)["layers"][0]["kernel"],
+                                codes_fn(params)["layers"][0]["kernel"])
+  with pytest.raises(ValueError, match="no scale for layer layers/0"):
+    codes_fn(params, weight_scales={"other": jnp.ones(())})
+
+
+def test_unknown_extra_arguments_leave_plain_codes_fns_alone():
+  # A plain codes_fn takes params only: weight_scales is not passed to it.
+  codes_fn = lambda params: {"w": trquant.quantize(params["w"], 0.1, bits=2)}
+  tx = trquant.tr_schedule(1e-2, codes_fn=codes_fn)
+  params = {"w": jnp.linspace(-0.3, 0.3, 8)}
+  state = tx.init(params)
+  updates, _ = tx.update({"w": jnp.ones(8)}, state, params, weight_scales={"w": 1.0}, other=3)
+  assert updates["w"].shape == (8,)

@@ -13,6 +13,7 @@ import numbers
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 MAX_BITS = 16
@@ -155,10 +156,35 @@ def concrete_values(value) -> Optional[np.ndarray]:
   return None
 
 
+def spans_processes(value) -> bool:
+  """Whether `value` is a concrete jax array with shards on other processes' devices (it
+  cannot be read on this host without a gather)."""
+  return (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+          and not value.is_fully_addressable)
+
+
+def _check_positive_across_processes(scale, name: str) -> None:
+  """The positivity check of a scale sharded across processes, reduced on its devices
+  (the results are replicated scalars every process can read)."""
+  values = scale.astype(jnp.float32) if jnp.issubdtype(scale.dtype, jnp.number) else None
+  if values is None:
+    raise ValueError(f"`{name}` must be a positive number or array, got dtype {scale.dtype}.")
+  bad = ~(jnp.isfinite(values) & (values > 0))
+  count = int(jnp.sum(bad))
+  if count:
+    first = float(jnp.min(jnp.where(bad, values, jnp.inf)))
+    where = "" if values.ndim == 0 else f" everywhere ({count} of {values.size} are not)"
+    raise ValueError(f"`{name}` must be positive and finite{where}; got {first!r}.")
+
+
 def check_scale_values(scale, name: str = "scale"):
-  """Raises a ValueError unless a concrete `scale` is positive and finite everywhere."""
+  """Raises a ValueError unless a concrete `scale` is positive and finite everywhere
+  (also where its shards lie on several processes)."""
   if isinstance(scale, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be a positive number or array, got {scale!r}.")
+  if spans_processes(scale):
+    _check_positive_across_processes(scale, name)
+    return
   values = concrete_values(scale)
   if values is not None and values.size:
     try:
@@ -193,3 +219,27 @@ def check_scale(x, scale, name: str = "scale"):
         " scalar for per-tensor or a keep-dims array (e.g. init_scale(..., axis=-1)) for"
         " per-channel quantization."
     )
+
+
+def check_global_batch(batch, name: str = "batch") -> None:
+  """In a run of several processes (``jax.distributed``), a ValueError unless every array
+  of `batch` is a global ``jax.Array`` (one whose shards lie on every process's devices).
+
+  A numpy array, a Python value or a process-local jax array would be a different batch
+  on each process, so each process would calibrate (or reconstruct) its own model and the
+  processes would silently disagree. One process: nothing to check.
+  """
+  if jax.process_count() == 1:
+    return
+  for leaf in jax.tree.leaves(batch):
+    if isinstance(leaf, jax.core.Tracer) or (isinstance(leaf, jax.Array)
+                                             and not leaf.is_fully_addressable):
+      continue
+    kind = ("a process-local jax.Array" if isinstance(leaf, jax.Array)
+            else f"a {type(leaf).__module__}.{type(leaf).__name__}")
+    raise ValueError(
+        f"`{name}` holds {kind}, but this run has {jax.process_count()} processes: each"
+        " process would use its own rows and the processes' models would differ. Pass a"
+        " global array, e.g. jax.make_array_from_process_local_data(NamedSharding(mesh,"
+        " P('data')), local_rows), or the same rows on every process via"
+        " jax.make_array_from_callback(shape, sharding, lambda index: rows[index]).")

@@ -9,6 +9,7 @@ out like the codes, the matching of a ``scale_fn``'s scales, and fused counts.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Any, NamedTuple
 
@@ -21,6 +22,23 @@ from trquant import checks
 
 def is_none(x) -> bool:
   return x is None
+
+
+def with_extra_args(fn, extra_args):
+  """``fn`` with the update's extra arguments it declares it takes, bound.
+
+  The functions of :mod:`trquant.nnx` (``codes_fn``, ``saturation_fn``, ``scales_fn``)
+  take the model's frozen weight scales as ``weight_scales`` (an argument of the jitted
+  step: ``optimizer.update(model, grads, weight_scales=trquant.nnx.weight_scales(model))``)
+  and mark themselves with ``takes_weight_scales``; other functions are returned as they
+  are, and unknown extra arguments are ignored, as optax's transforms ignore them.
+  """
+  if fn is None:
+    return None
+  scales = extra_args.get("weight_scales")
+  if scales is not None and getattr(fn, "takes_weight_scales", False):
+    return functools.partial(fn, weight_scales=scales)
+  return fn
 
 
 def path_str(path) -> str:
@@ -111,8 +129,10 @@ def first_bad_code(codes_def, codes, quantized, is_bad):
     leaf = jnp.asarray(leaf)
     bad = is_bad(leaf)
     if bad is not None and bool(jnp.any(bad)):
-      # On the host: a sharded array cannot be flattened on its devices without a layout.
-      return path_str(path), float(np.asarray(leaf)[np.asarray(bad)][0])
+      # An example, reduced where the leaf lies: an array sharded across processes (or
+      # over explicit mesh axes) cannot be brought to this host or flattened whole.
+      example = jnp.min(jnp.where(bad, leaf.astype(jnp.float32), jnp.inf))
+      return path_str(path), float(example)
   return None
 
 

@@ -90,6 +90,33 @@ class IntegerTensor:
     return (jnp.asarray(self.scale, compute) * self.codes.astype(compute)).astype(dtype)
 
 
+def _host(value) -> np.ndarray:
+  """A concrete value as a numpy array on this host: an array sharded across processes is
+  gathered from every process first (a collective: every process must call)."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+  return np.asarray(value)
+
+
+def _is_distributed(value) -> bool:
+  """Whether a concrete jax array lies on more than one device (sharded or replicated)."""
+  return (isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+          and len(value.sharding.device_set) > 1)
+
+
+def _put_like(value, like):
+  """``value`` as an array of ``like``'s dtype, on ``like``'s sharding when it has one
+  (a model's variable keeps its sharding, across processes too)."""
+  dtype = np.dtype(jnp.result_type(like))
+  if not isinstance(like, jax.Array) or isinstance(like, jax.core.Tracer):
+    return jnp.asarray(value, dtype)
+  if not _is_distributed(like) and not _is_distributed(value):
+    return jax.device_put(jnp.asarray(value, dtype), like.sharding)
+  values = _host(value).astype(dtype)
+  return jax.make_array_from_callback(values.shape, like.sharding, lambda index: values[index])
+
+
 def _size(shape) -> int:
   return int(np.prod(shape, dtype=np.int64))
 
@@ -128,6 +155,12 @@ def quantize_to_integer(x, scale, *, bits: int, signed: bool = True,
   Returns:
     The :class:`IntegerTensor`.
   """
+  # The export is a host artifact: a weight sharded over devices (across processes, or
+  # over explicit mesh axes, which a flat packing cannot reshape) is brought here whole.
+  if _is_distributed(x):
+    x = jnp.asarray(_host(x))
+  if _is_distributed(scale):
+    scale = jnp.asarray(_host(scale))
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"only floating weights can be exported, got dtype {x.dtype}.")
@@ -247,8 +280,10 @@ def from_integer(tree):
 
 
 def nbytes(tree) -> int:
-  """Bytes of the arrays in a (possibly exported) tree: codes, scales and float leaves."""
-  return sum(int(np.asarray(leaf).nbytes) for leaf in jax.tree.leaves(tree))
+  """Bytes of the arrays in a (possibly exported) tree: codes, scales and float leaves
+  (each array's whole size, also where it is sharded across devices or processes)."""
+  return sum(int(leaf.nbytes) if isinstance(leaf, (jax.Array, np.ndarray))
+             else int(np.asarray(leaf).nbytes) for leaf in jax.tree.leaves(tree))
 
 
 
@@ -347,13 +382,14 @@ def load_integer(model, exported) -> list[tuple]:
       raise ValueError(f"{name(path)}: the export holds integer codes here, but the model's"
                        " layer keeps this weight in full precision (weight_bits=None).")
     _check_shape(path, np.shape(value), targets[path].get_value(), name)
+  # Each value goes back onto its variable's sharding (every process's part of it).
   for path, value in plain:
     target = targets[path]
-    target.set_value(jnp.asarray(value, target.get_value().dtype))
+    target.set_value(_put_like(value, target.get_value()))
   for path, (tensor, layer) in carried.items():
-    layer.kernel.set_value(tensor.dequantize().astype(layer.kernel.get_value().dtype))
-    layer.weight_scale.set_value(
-        jnp.asarray(tensor.scale, layer.weight_scale.get_value().dtype))
+    kernel = layer.kernel.get_value()
+    layer.kernel.set_value(_put_like(tensor.dequantize().astype(kernel.dtype), kernel))
+    layer.weight_scale.set_value(_put_like(tensor.scale, layer.weight_scale.get_value()))
   return list(entries)
 
 
@@ -384,7 +420,9 @@ def save_integer(path, exported) -> None:
   Packed codes, scales and float leaves are stored as arrays; the tree's structure
   (nested dicts with string or integer keys, lists, tuples, None) and each
   :class:`IntegerTensor`'s grid, shape and dtype as a JSON header. The file is
-  written at ``path`` as given.
+  written at ``path`` as given. With several processes (``jax.distributed``), call it on
+  every process: arrays sharded across processes are gathered (a collective), process 0
+  writes the file, and every process returns once it is written.
 
   Args:
     path: the file to write (str or path-like).
@@ -405,7 +443,7 @@ def save_integer(path, exported) -> None:
   arrays = {}
 
   def store(value) -> dict:
-    value = np.asarray(value)
+    value = _host(value)
     key = f"a{len(arrays)}"
     if np.dtype(value.dtype.str) != value.dtype:
       # e.g. bfloat16 (ml_dtypes): stored as its bits, with the dtype name in the header.
@@ -441,8 +479,12 @@ def save_integer(path, exported) -> None:
 
   header = {"format": _FILE_FORMAT, "version": _FILE_VERSION, "tree": encode(exported, "")}
   arrays[_HEADER] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
-  with open(path, "wb") as f:
-    np.savez(f, **arrays)
+  if jax.process_index() == 0:  # one writer; every process took part in the gathers above
+    with open(path, "wb") as f:
+      np.savez(f, **arrays)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"trquant.export.save_integer {os.fspath(path)}")
 
 
 def read_integer(path):

@@ -514,5 +514,7 @@ def init_scale(
 
     errors = jax.lax.map(error, fractions)  # (num_candidates, *scale_shape)
     best = jnp.argmin(errors, axis=0)
-    scale = fractions[best] * absmax / hi
+    # fractions[best], computed instead of gathered: a gather with indices sharded over
+    # explicit mesh axes needs an output sharding; this is the same float32 arithmetic.
+    scale = (best + 1).astype(jnp.float32) / num_candidates * absmax / hi
   return jnp.maximum(scale, tiny).astype(jnp.float32)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trquant import checks
 from trquant import nnx as tq_nnx
 from trquant.nnx import graph
 from trquant.nnx import traversal as nnx_traversal
@@ -63,6 +64,7 @@ def calibration_list(calibration_batches) -> list:
   batches = []
   for batch in calibration_batches:
     batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+    checks.check_global_batch(batch, "calibration_batches")
     batch = jnp.asarray(batch)
     if batch.ndim == 0:
       raise ValueError("`calibration_batches` must yield arrays (N, ...) of model inputs.")

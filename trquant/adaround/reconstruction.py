@@ -48,6 +48,7 @@ import numpy as np
 import optax
 
 from trquant import checks
+from trquant import codes_tree
 from trquant.adaround import loop as loops
 from trquant.adaround import rounding
 from trquant.adaround.config import AdaRoundConfig
@@ -248,13 +249,22 @@ def _as_tuple(name, value) -> tuple:
 
 def _check_scale(w, scale, name: str):
   """A concrete, positive, finite step size broadcasting to ``w``, as a float32 array."""
-  checks.check_scale(w, scale, name)
   if isinstance(scale, jax.core.Tracer):
     raise ValueError(f"`{name}` must be a concrete array, not a traced value.")
-  scale = np.asarray(scale, np.float32)
-  if scale.size == 0 or not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
-    raise ValueError(f"`{name}` must be positive and finite everywhere; got {scale!r}.")
-  return jnp.asarray(scale)
+  if np.size(scale) == 0:
+    raise ValueError(f"`{name}` is empty; give a positive step size.")
+  # Positive and finite everywhere, also where the scale is sharded across processes.
+  checks.check_scale(w, scale, name)
+  return jnp.asarray(scale, jnp.float32)
+
+
+def _replicated(x):
+  """`x` replicated when it is sharded over explicit mesh axes: the loop draws example
+  rows and reduces over channels, which explicit axes would each ask an output sharding
+  for; a layer's calibration data and weights are small enough to be held whole."""
+  if isinstance(x, jax.Array) and codes_tree.explicit_sharding(x) is not None:
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return x
 
 
 def _check_key(key) -> None:
@@ -304,7 +314,9 @@ def reconstruction_problem(apply_fn: Callable, weights, scales, x_q, y_fp, *, we
     for leaf in jax.tree.leaves(act_scales):
       checks.check_scale_values(leaf, "act_scales")
     act_scales = jax.tree.map(lambda s: jnp.asarray(s, jnp.float32), act_scales)
-  x_q, y_fp = jnp.asarray(x_q), jnp.asarray(y_fp)
+  x_q, y_fp = _replicated(jnp.asarray(x_q)), _replicated(jnp.asarray(y_fp))
+  weights = tuple(_replicated(w) for w in weights)
+  scales = tuple(_replicated(s) for s in scales)
   if x_q.ndim < 1 or y_fp.ndim < 2:
     raise ValueError(f"`x_q` must be (N, ...) and `y_fp` (N, ..., channels); got shapes"
                      f" {x_q.shape} and {y_fp.shape}.")
@@ -319,7 +331,7 @@ def reconstruction_problem(apply_fn: Callable, weights, scales, x_q, y_fp, *, we
                        " inputs: give the full-precision model's inputs as `x_fp`.")
     x_fp = jnp.zeros((1,) + x_q.shape[1:], x_q.dtype)  # unused
   else:
-    x_fp = jnp.asarray(x_fp)
+    x_fp = _replicated(jnp.asarray(x_fp))
     if x_fp.shape != x_q.shape:
       raise ValueError(f"`x_fp` must have the shape of `x_q` {x_q.shape}, got {x_fp.shape}.")
   if activation is not None and not callable(activation):
@@ -484,7 +496,8 @@ def block_errors(apply_fn: Callable, candidates: Sequence, x, y, *,
                  activation: Optional[Callable] = None, batch_size: int = 256) -> list[float]:
   """:func:`block_error` of each ``(weights, act_scales)`` candidate, compiled once."""
   batch_size = checks.check_int("batch_size", batch_size, 1)
-  x, y = jnp.asarray(x), jnp.asarray(y)
+  x, y = _replicated(jnp.asarray(x)), _replicated(jnp.asarray(y))
+  candidates = [jax.tree.map(_replicated, candidate) for candidate in candidates]
   if x.ndim < 1 or y.ndim < 2 or x.shape[0] == 0 or x.shape[0] != y.shape[0]:
     raise ValueError(f"`x` and `y` must hold the same positive number of examples; got shapes"
                      f" {x.shape} and {y.shape}.")

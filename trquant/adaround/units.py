@@ -89,7 +89,11 @@ def float_copy(model):
 def _set_quantized(layer, *, weight_bits: int, scale, per_channel: bool, kernel=None) -> None:
   """Makes `layer` quantize its kernel to `weight_bits` with the frozen step size `scale`."""
   if kernel is not None:
-    layer.kernel.set_value(jnp.asarray(kernel, layer.kernel.get_value().dtype))
+    current = layer.kernel.get_value()
+    kernel = jnp.asarray(kernel, current.dtype)
+    # Back on the kernel's own sharding (reconstruction may return it replicated).
+    layer.kernel.set_value(jax.device_put(kernel, current.sharding)
+                           if isinstance(current, jax.Array) else kernel)
   layer.kernel.set_metadata(bits=weight_bits, signed=True, narrow=False)
   layer.weight_quantizer = "fixed"
   layer.per_channel = bool(per_channel)
@@ -99,7 +103,7 @@ def _set_quantized(layer, *, weight_bits: int, scale, per_channel: bool, kernel=
 def quantization_plan(model, batches, *, weight_bits, per_channel, first_last, forward):
   """Validates; returns ``(fp copy, working copy, [PlannedLayer, ...])``.
 
-  The layers come in the order one forward pass on ``batches[0][:1]`` calls them (layers it
+  The layers come in the order one forward pass on ``batches[0]`` calls them (layers it
   never calls after, in tree order; tree order when ``batches`` is None). Each working
   layer gets ``weight_bits`` and a frozen MSE step size, per tensor or per output channel;
   the first and last layer follow ``first_last`` (``"same"``, an int bit width, or
@@ -116,7 +120,9 @@ def quantization_plan(model, batches, *, weight_bits, per_channel, first_last, f
   work_layers = dict(tq_nnx.quant_layers(work))
   names = {id(layer): path for path, layer in fp_layers}
   if batches is not None:
-    order = data.call_order(fp, [layer for _, layer in fp_layers], batches[0][:1], forward)
+    # The whole first batch, not one row of it: a batch sharded over a mesh axis cannot be
+    # cut to one row, and a model may shard (or reshape) its batch inside.
+    order = data.call_order(fp, [layer for _, layer in fp_layers], batches[0], forward)
     called = {id(layer) for layer in order}
     # Layers the forward pass never calls keep their tree order, after the called ones.
     order += [layer for _, layer in fp_layers if id(layer) not in called]

@@ -75,6 +75,7 @@ from trquant.nnx.traversal import quant_layers
 from trquant.nnx.calibration import reestimate_batchnorm
 from trquant.nnx.transforms import saturation_fn
 from trquant.nnx.transforms import scales_fn
+from trquant.nnx.transforms import weight_scales
 from trquant.nnx.transforms import transition_stats
 from trquant.nnx.traversal import values
 from trquant.nnx.layers import DEPTHWISE_IMPLS
@@ -95,25 +96,25 @@ from trquant.nnx.surgery import first_last_rule
 from trquant.nnx.surgery import quantize_model
 
 __all__ = [
-    "DEPTHWISE_IMPLS",
-    "FREEZE_FIELDS",
-    "OSCILLATION_FIELDS",
-    "QUANT_LAYERS",
-    "SUPPORTED_LAYERS",
-    "TRANSITION_FIELDS",
-    "UNSUPPORTED_LAYERS",
-    "WEIGHT_QUANTIZERS",
     "ActScale",
     "BatchNormDivergenceWarning",
     "Call",
     "Capture",
+    "DEPTHWISE_IMPLS",
+    "FREEZE_FIELDS",
     "LearnedWeightScale",
+    "OSCILLATION_FIELDS",
+    "QUANT_LAYERS",
     "QuantConv",
     "QuantEinsum",
     "QuantLinear",
     "QuantLinearGeneral",
     "QuantRule",
     "QuantWeight",
+    "SUPPORTED_LAYERS",
+    "TRANSITION_FIELDS",
+    "UNSUPPORTED_LAYERS",
+    "WEIGHT_QUANTIZERS",
     "WeightScale",
     "batchnorm_divergence",
     "calibrate_activations",
@@ -135,4 +136,5 @@ __all__ = [
     "scales_fn",
     "transition_stats",
     "values",
+    "weight_scales",
 ]

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from trquant import checks
 from trquant.nnx import traversal
 
 
@@ -100,6 +101,7 @@ def calibrate_activations(model, *args, **kwargs):
       set), or if a layer with an unsigned input grid sees negative inputs.
   """
   named = traversal.require_quant_layers(model, "calibrate_activations")
+  checks.check_global_batch((args, kwargs), "calibrate_activations' inputs")
   minima = {}
 
   def record_minimum(layer, inputs, output, call_kwargs, previous):
@@ -175,6 +177,7 @@ def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
       if used >= num_batches:
         break
       inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+      checks.check_global_batch(inputs, "batches")
       stats = batch_statistics(model, jnp.asarray(inputs))
       sums = stats if sums is None else jax.tree.map(jnp.add, sums, stats)
       used += 1

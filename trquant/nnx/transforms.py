@@ -68,20 +68,25 @@ def _check_frozen_scale(path, layer, purpose: str) -> None:
     )
 
 
-def _per_kernel_fn(scales, leaf_fn) -> Callable[[Any], Any]:
-  """``params -> tree``: ``leaf_fn(leaf, layer, scale)`` at each kernel `scales` holds,
-  None elsewhere (the walk shared by :func:`codes_fn`, :func:`saturation_fn` and
-  :func:`scales_fn`)."""
+def _per_kernel_fn(scales, leaf_fn) -> Callable[..., Any]:
+  """``(params, weight_scales=None) -> tree``: ``leaf_fn(leaf, layer, scale)`` at each
+  kernel `scales` holds, None elsewhere (the walk shared by :func:`codes_fn`,
+  :func:`saturation_fn` and :func:`scales_fn`). ``weight_scales`` (from
+  :func:`weight_scales`, passed by the transforms from the update's extra arguments)
+  gives the scales as arguments; without it they are read from the model."""
 
-  def model_fn(params):
+  def model_fn(params, weight_scales=None):
     def at_leaf(path, leaf):
       layer = scales.layer(path)
       if layer is None:
         return None
-      return leaf_fn(leaf, layer, scales.scale(traversal.state_path(path), layer))
+      scale = scales.scale(traversal.state_path(path), layer, weight_scales,
+                           traced=isinstance(leaf, jax.core.Tracer))
+      return leaf_fn(leaf, layer, scale)
 
     return jax.tree_util.tree_map_with_path(at_leaf, params)
 
+  model_fn.takes_weight_scales = True  # see trquant.codes_tree.with_extra_args
   return model_fn
 
 
@@ -100,9 +105,63 @@ class _ModelScales:
   def layer(self, params_path):
     return self.layers.get(traversal.state_path(params_path))
 
-  def scale(self, kernel_path, layer):
+  def scale(self, kernel_path, layer, weight_scales=None, traced=False):
     _check_frozen_scale(kernel_path[:-1], layer, self.purpose)
-    return layer.weight_scale.get_value()
+    name = traversal.path_name(kernel_path[:-1])
+    if weight_scales is not None:
+      if not isinstance(weight_scales, Mapping) or name not in weight_scales:
+        raise ValueError(f"`weight_scales` has no scale for layer {name}: pass"
+                         " trquant.nnx.weight_scales(model) of the optimizer's own model.")
+      return weight_scales[name]
+    value = layer.weight_scale.get_value()
+    if traced and isinstance(value, jax.Array) and not value.is_fully_addressable:
+      # A jitted function cannot hold such an array as a constant (XLA would need its
+      # shards on every process); it must be an argument of the step.
+      raise ValueError(
+          f"{self.purpose}: layer {name}'s weight scale is sharded across processes, so it"
+          " cannot be read from the model inside a jitted step. Pass the scales as an"
+          " argument of the step: optimizer.update(model, grads,"
+          " weight_scales=trquant.nnx.weight_scales(model)).")
+    return value
+
+
+def weight_scales(model) -> dict:
+  """The frozen weight scales of a model's quantized layers: ``{layer name: scale}``.
+
+  Pass them to the update inside the jitted train step, where ``model`` is the step's
+  argument, so that :func:`codes_fn`, :func:`saturation_fn` and :func:`scales_fn` count
+  and freeze on the model's current grid as values of the step rather than as constants
+  captured when it was traced::
+
+    optimizer.update(model, grads, weight_scales=trquant.nnx.weight_scales(model))
+
+  ``optax.chain``, ``optax.partition``, ``optax.inject_hyperparams`` and
+  ``optax.MultiSteps`` forward the keyword to trquant's transforms; other transforms
+  ignore it. Without it the functions read the scales from the model they were made
+  from, which a jitted step captures when it is traced: fine in one process until the
+  scales change (then trace again), and impossible when the scales are sharded across
+  processes (they raise and name this fix).
+
+  Args:
+    model: an NNX model of trquant layers (inside a jitted step: the step's model).
+
+  Returns:
+    ``{"/"-joined layer path: weight scale}`` for every quantized layer with a frozen
+    scale (``weight_quantizer="fixed"``).
+
+  Example:
+    >>> import trquant
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(trquant.nnx.QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)))
+    >>> sorted(trquant.nnx.weight_scales(model))
+    ['layers/0']
+  """
+  scales = {}
+  for path, layer in traversal.require_quant_layers(model, "weight_scales",
+                                                     quantized_weights=True):
+    if layer.weight_quantizer == "fixed":
+      scales[traversal.path_name(path)] = layer.weight_scale.get_value()
+  return scales
 
 
 def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:

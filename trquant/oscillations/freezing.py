@@ -230,13 +230,14 @@ def freeze_oscillations(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
     if params is None:
       raise ValueError(tracking.no_params_message(name))
-    codes_now = codes_fn(params)
+    step_codes_fn = codes_tree.with_extra_args(codes_fn, extra_args)
+    codes_now = step_codes_fn(params)
     layout = codes_tree.quantized_layout(codes_now, params, name)
     _check_code_range(layout, codes_now)  # concrete codes only (an update outside jit)
-    scales = codes_tree.match_scales(scale_fn(params), layout)
+    scales = codes_tree.match_scales(
+        codes_tree.with_extra_args(scale_fn, extra_args)(params), layout)
     step = state.tracker.osc_step
     threshold_now = threshold_at(step)
     limit = threshold_now * tracking.FREQUENCY_ONE
@@ -273,7 +274,7 @@ def freeze_oscillations(
     new_updates = layout.codes_def.unflatten(new_slots)
 
     codes_after = codes_tree.quantized_only(layout, codes_tree.flatten_like(
-        layout.codes_def, codes_fn(optax.apply_updates(params, new_updates)),
+        layout.codes_def, step_codes_fn(optax.apply_updates(params, new_updates)),
         "codes_fn(new params)"))
     codes_before = codes_tree.quantized_only(layout, code_slots)
     tracker, finite = tracking.update_tracker(state.tracker, layout, codes_before, codes_after,

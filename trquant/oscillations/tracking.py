@@ -226,14 +226,14 @@ def track_oscillations(
     return init_tracker(layout, params)
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
     if params is None:
       raise ValueError(no_params_message(name))
-    codes_before = codes_fn(params)
+    step_codes_fn = codes_tree.with_extra_args(codes_fn, extra_args)
+    codes_before = step_codes_fn(params)
     layout = codes_tree.quantized_layout(codes_before, params, name)
     update_slots = codes_tree.quantized_only(
         layout, codes_tree.flatten_like(layout.codes_def, updates, "updates"))
-    codes_after = codes_fn(optax.apply_updates(params, updates))
+    codes_after = step_codes_fn(optax.apply_updates(params, updates))
     new_state, _ = update_tracker(
         state, layout,
         codes_tree.quantized_only(layout, layout.codes_def.flatten_up_to(codes_before)),

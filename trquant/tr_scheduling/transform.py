@@ -332,10 +332,11 @@ def tr_schedule(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
     if params is None:
       raise ValueError(NO_PARAMS_MESSAGE)
-    codes_before = codes_fn(params)
+    step_codes_fn = codes_tree.with_extra_args(codes_fn, extra_args)
+    step_saturation_fn = codes_tree.with_extra_args(saturation_fn, extra_args)
+    codes_before = step_codes_fn(params)
     codes_def, quantized = codes_tree.match_codes(codes_before, params)
     groups = num_groups(quantized)
     if state.talr_multiplier.shape != (groups,):
@@ -379,10 +380,11 @@ def tr_schedule(
 
     # 3. Count the transitions this update causes, with the arithmetic of apply_updates.
     new_params = optax.apply_updates(params, scaled_updates)
-    codes_after = codes_def.flatten_up_to(codes_fn(new_params))
+    codes_after = codes_def.flatten_up_to(step_codes_fn(new_params))
     changed, total, stalled_count, beyond_count = [], [], [], []
     use_saturation = windup_guard and saturation_fn is not None
-    masks = (codes_tree.flatten_like(codes_def, saturation_fn(params), "saturation_fn(params)")
+    masks = (codes_tree.flatten_like(codes_def, step_saturation_fn(params),
+                                     "saturation_fn(params)")
              if use_saturation else [None] * len(quantized))
     for before, after, update, mask, is_quantized in zip(
         codes_def.flatten_up_to(codes_before), codes_after, update_slots, masks, quantized
