@@ -690,12 +690,29 @@ def _group(runs, **match):
 
 
 def _paired(runs_a, runs_b, key="final_test_accuracy"):
-  """Mean and standard error of the per-seed difference a - b (same seeds, same data order)."""
+  """Mean and standard error of the per-seed difference a - b (same seeds, same data order),
+  the number of pairs and the two-sided paired t-test's p-value."""
   b_by_seed = {r["seed"]: r[key] for r in runs_b}
   diffs = np.array([r[key] - b_by_seed[r["seed"]] for r in runs_a if r["seed"] in b_by_seed]) * 100
   if len(diffs) < 2:
     return None
-  return float(diffs.mean()), float(diffs.std(ddof=1) / np.sqrt(len(diffs))), len(diffs)
+  se = float(diffs.std(ddof=1) / np.sqrt(len(diffs)))
+  return float(diffs.mean()), se, len(diffs), _t_test_p(float(diffs.mean()), se, len(diffs) - 1)
+
+
+def _t_test_p(mean, se, dof):
+  """Two-sided p-value of a t statistic mean / se with `dof` degrees of freedom."""
+  if se == 0.0:
+    return 0.0 if mean != 0.0 else 1.0
+  from scipy import stats
+  return float(2 * stats.t.sf(abs(mean / se), dof))
+
+
+def _delta_text(paired):
+  if paired is None:
+    return ""
+  mean, se, _, p = paired
+  return f"{mean:+.2f} ± {se:.2f} (p {p:.2g})"
 
 
 def _mean_layers(values):
@@ -718,7 +735,8 @@ def summarize(out, allow_mixed_provenance=False):
   lines = [f"# TR vs LR scheduling at {steps // 1000}K steps: {model_text}, Fashion-MNIST",
            "", f"FP checkpoint: {fp * 100:.2f}%. Device: {runs[0]['device']}. Accuracy in %,"
            " mean ± std over seeds (per-seed values in the last column). Δ vs `lr` is the paired"
-           " per-seed difference (same data order), mean ± standard error.", ""]
+           " per-seed difference (same data order), mean ± standard error, with the two-sided"
+           " paired t-test's p-value.", ""]
   versions = sorted({str(r.get("code_version")) for r in runs})
   labels, provenances = provenance_labels(runs)
   if len(provenances) > 1:
@@ -787,7 +805,7 @@ def summarize(out, allow_mixed_provenance=False):
                  "tracking_rel_error": [r.get("tracking_rel_error") for r in group],
                  "auto_r0": [r.get("auto_r0") for r in group]}
         summary["settings"].append(entry)
-        delta = "" if paired is None else f"{paired[0]:+.2f} ± {paired[1]:.2f}"
+        delta = _delta_text(paired)
         lines.append(
             f"| W{bits}A{bits} {optimizer} | {method} | {r0_text} | {len(group)} | {_fmt(final)} |"
             f" {_fmt(entry['bn_reestimated'])} | {_fmt(entry['last10'])} | {delta} |"
@@ -862,6 +880,7 @@ def summarize(out, allow_mixed_provenance=False):
                                       "lr_multiplier": mult, "seeds": [r["seed"] for r in match],
                                       "final": finals})
       lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
+    lines += _robustness_lines(summary["lr_sweep"], summary)
 
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -871,6 +890,34 @@ def summarize(out, allow_mixed_provenance=False):
   if summary.get("lr_sweep"):
     plot_lr_sweep(summary["lr_sweep"], out)
   print("\n".join(lines))
+
+
+def _robustness_lines(sweep, summary):
+  """Per setting and method: the best multiplier and its accuracy, and the drop from that
+  best at each multiplier every method of the setting was run at (the shared ones)."""
+  lines = ["", "## Robustness to the base LR (multipliers every method of a setting ran at)", "",
+           "| setting | method | best ×LR | at its best | drop from its own best at each shared ×LR"
+           " | mean drop |", "|---|---|---|---|---|---|"]
+  summary["lr_robustness"] = []
+  for bits, optimizer in sorted({(e["bits"], e["optimizer"]) for e in sweep}):
+    rows = [e for e in sweep if (e["bits"], e["optimizer"]) == (bits, optimizer)]
+    methods = sorted({e["method"] for e in rows})
+    shared = sorted(set.intersection(*({e["lr_multiplier"] for e in rows if e["method"] == m}
+                                       for m in methods)))
+    for method in methods:
+      mean = {e["lr_multiplier"]: float(np.mean(e["final"])) * 100 for e in rows
+              if e["method"] == method and e["lr_multiplier"] in shared}
+      if not mean:
+        continue
+      best = max(mean, key=mean.get)
+      drops = {m: mean[best] - mean[m] for m in shared}
+      summary["lr_robustness"].append({"bits": bits, "optimizer": optimizer, "method": method,
+                                       "best_multiplier": best, "best": mean[best],
+                                       "drops": drops})
+      lines.append(f"| W{bits}A{bits} {optimizer} | {method} | ×{best:g} | {mean[best]:.2f} | "
+                   + ", ".join(f"×{m:g} {drops[m]:.2f}" for m in shared)
+                   + f" | {np.mean(list(drops.values())):.2f} |")
+  return lines
 
 
 def plot_lr_sweep(sweep, out):
@@ -891,7 +938,10 @@ def plot_lr_sweep(sweep, out):
       mean = np.array([np.mean(e["final"]) for e in rows]) * 100
       std = np.array([np.std(e["final"], ddof=1) if len(e["final"]) > 1 else 0.0
                       for e in rows]) * 100
-      ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, label=method)
+      low = np.array([np.min(e["final"]) for e in rows]) * 100
+      high = np.array([np.max(e["final"]) for e in rows]) * 100
+      line, = ax.plot(x, mean, marker="o", label=f"{method} (mean, seed range shaded)")
+      ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log")
     ax.set_xlabel(f"base LR / {DEFAULT_LR[optimizer]:g}")
     ax.set_ylabel("test accuracy (%)")
