@@ -513,3 +513,9 @@ def test_a_single_iteration_keeps_the_default_warm_up():
   assert config.start_step == 1
   schedule = adaround.beta_schedule(1)
   assert float(schedule(0)) == 20.0
+
+
+def test_binary_weight_grid_error_names_the_argument():
+  with pytest.raises(ValueError, match="use weight_bits >= 2"):
+    trquant.adaround.round_to_nearest(nnx.Sequential(QuantLinear(4, 4, rngs=nnx.Rngs(0))),
+                                      weight_bits=1)

@@ -126,3 +126,13 @@ def test_reestimate_batchnorm_bad_input():
     trquant.nnx.reestimate_batchnorm(ConvNet(nnx.Rngs(0)), [], num_batches=0)
   with pytest.raises(ValueError, match="no batch"):
     trquant.nnx.reestimate_batchnorm(ConvNet(nnx.Rngs(0)), [])
+
+
+def test_batch_counts_are_checked_alike():
+  # True is not a count: reestimate_batchnorm rejects it as check_batchnorm does.
+  model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+  batches = [jnp.ones((8, 4))]
+  with pytest.raises(ValueError, match="num_batches"):
+    trquant.nnx.reestimate_batchnorm(model, batches, num_batches=True)
+  with pytest.raises(ValueError, match="num_batches"):
+    trquant.nnx.check_batchnorm(model, batches, num_batches=True)

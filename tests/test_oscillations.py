@@ -814,3 +814,27 @@ def test_state_identical_to_the_reference_helpers(make, monkeypatch):
   assert seen > 0  # the draws and counts were exercised
   if make == "freeze":
     assert float(np.max(optax.tree.get(fast[1], "frozen_fraction"))) > 0
+
+
+def test_freeze_oscillations_under_inject_hyperparams_matches_the_plain_transform():
+  # Every numeric hyper-parameter injected (step counts included) and the update jitted:
+  # the same updates and state as the plain transform.
+  params = _params()
+  kwargs = dict(total_steps=12, decay=0.7, warmup_steps=3, threshold=0.05)
+  make = optax.inject_hyperparams(trquant.freeze_oscillations,
+                                  static_args=("codes_fn", "scale_fn"))
+  injected = make(codes_fn=_codes_fn, scale_fn=_scale_fn, **kwargs)
+  plain = trquant.freeze_oscillations(codes_fn=_codes_fn, scale_fn=_scale_fn, **kwargs)
+  assert set(injected.init(params).hyperparams) >= {"total_steps", "warmup_steps", "decay"}
+  states = [jax.jit(injected.init)(params), plain.init(params)]
+  steps = [jax.jit(injected.update), jax.jit(plain.update)]
+  current = [params, params]
+  for seed in range(12):
+    for i in range(2):
+      updates, states[i] = steps[i](_grads(current[i], seed), states[i], current[i])
+      current[i] = optax.apply_updates(current[i], updates)
+  for a, b in zip(jax.tree.leaves(current[0]), jax.tree.leaves(current[1])):
+    np.testing.assert_array_equal(a, b)
+  for field in ("frozen_fraction", "oscillation_count", "freeze_threshold"):
+    np.testing.assert_array_equal(optax.tree.get(states[0], field),
+                                  optax.tree.get(states[1], field), err_msg=field)

@@ -856,3 +856,38 @@ def test_nnx_codes_fn_carries_its_saturation_fn():
   state = tx.init(params)
   _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   np.testing.assert_allclose(optax.tree.get(state, "beyond_grid_fraction"), [1.0])
+
+
+def test_inject_hyperparams_init_under_jit_and_eval_shape():
+  # The README's inject_hyperparams example: init traced (jit, eval_shape) must work with
+  # every numeric hyper-parameter, max_multiplier included, injected.
+  params = _params()
+  make = optax.inject_hyperparams(trquant.tr_schedule, static_args=("codes_fn",))
+  tx = make(target_tr=3e-3, codes_fn=_codes_fn, eta=0.005, max_multiplier=50.0)
+  abstract = jax.eval_shape(tx.init, params)
+  state = jax.jit(tx.init)(params)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+  for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(state)):
+    assert a.shape == b.shape and a.dtype == b.dtype
+  plain = trquant.tr_schedule(3e-3, codes_fn=_codes_fn, eta=0.005, max_multiplier=50.0)
+  np.testing.assert_array_equal(optax.tree.get(state.inner_state, "multiplier_ceiling"),
+                                optax.tree.get(plain.init(params), "multiplier_ceiling"))
+
+
+def test_injected_decay_sets_the_guard_window_as_the_plain_transform_does():
+  # decay 0.8: the guard's window is 5 / (1 - 0.8) = 25 updates, injected or not.
+  params = _params()
+  make = optax.inject_hyperparams(trquant.tr_schedule, static_args=("codes_fn",))
+  injected = optax.chain(optax.sgd(0.3), make(target_tr=1e-2, codes_fn=_codes_fn, decay=0.8))
+  plain = optax.chain(optax.sgd(0.3), trquant.tr_schedule(1e-2, codes_fn=_codes_fn, decay=0.8))
+  states = [injected.init(params), plain.init(params)]
+  steps = [jax.jit(injected.update), jax.jit(plain.update)]
+  for seed in range(30):
+    for i in range(2):
+      _, states[i] = steps[i](_grads(params, seed), states[i], params)
+  for field in ("guard_start_multiplier", "guard_start_tracking", "guard_start_stalled",
+                "talr_multiplier", "running_transition_rate"):
+    np.testing.assert_allclose(optax.tree.get(states[0], field), optax.tree.get(states[1], field),
+                               rtol=1e-6, err_msg=field)
+  # Not vacuous: the window closed at step 25, so the references left their initial values.
+  assert float(optax.tree.get(states[1], "guard_start_stalled")[0]) != 1.0

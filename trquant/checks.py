@@ -90,13 +90,33 @@ def check_int(name: str, value, minimum: int = 1) -> int:
   return int(value)
 
 
+def check_count(name: str, value, minimum: int = 1):
+  """A step count: a Python int checked as :func:`check_int` does, or a jax integer scalar
+  (a hyper-parameter injected by ``optax.inject_hyperparams``), checked where it is
+  concrete and returned as an int, returned as it is where it is traced."""
+  if isinstance(value, jax.core.Tracer):
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+      raise ValueError(f"`{name}` must be an int >= {minimum}, got a traced {value.dtype}"
+                       f"{list(value.shape)}.")
+    return value
+  if isinstance(value, (jax.Array, np.ndarray)) and value.shape == () and (
+      jnp.issubdtype(value.dtype, jnp.integer)):
+    value = int(value)
+  return check_int(name, value, minimum)
+
+
 def check_warmup_steps(warmup_steps, total_steps: int, *, default_fraction: float,
                        total_name: str = "total_steps") -> int:
   """The warm-up in steps: `warmup_steps` checked to be an int in [0, total_steps), or,
-  when None, ``ceil(default_fraction * total_steps)``."""
+  when None, ``ceil(default_fraction * total_steps)``. Traced counts (injected by
+  ``optax.inject_hyperparams`` and traced by ``jax.jit``) give a traced int32."""
   if warmup_steps is None:
+    if isinstance(total_steps, jax.core.Tracer):
+      return jnp.ceil(default_fraction * total_steps.astype(jnp.float32)).astype(jnp.int32)
     return math.ceil(default_fraction * total_steps)
-  warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+  warmup_steps = check_count("warmup_steps", warmup_steps, 0)
+  if isinstance(warmup_steps, jax.core.Tracer) or isinstance(total_steps, jax.core.Tracer):
+    return warmup_steps  # checked where the values are concrete (init outside jit)
   if warmup_steps >= total_steps:
     raise ValueError(f"`warmup_steps` ({warmup_steps}) must be below `{total_name}`"
                      f" ({total_steps}): the schedule starts after the warm-up.")

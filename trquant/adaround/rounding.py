@@ -57,7 +57,7 @@ def weight_grid(bits, signed: bool, name: str = "weight_bits") -> tuple[int, int
   checks.check_bits(bits, name)
   if signed and bits == 1:
     raise ValueError(f"`{name}`=1 (signed) is binary quantization, sign(w): it has no rounding"
-                     " choice for AdaRound to learn; use {name} >= 2.")
+                     f" choice for AdaRound to learn; use {name} >= 2.")
   return quantizers.quant_range(bits, signed=bool(signed))
 
 

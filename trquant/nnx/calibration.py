@@ -154,8 +154,7 @@ def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
   Returns:
     The number of batches used.
   """
-  if not isinstance(num_batches, int) or num_batches < 1:
-    raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}.")
+  num_batches = checks.check_int("num_batches", num_batches)  # True is not a count
   norms = _batchnorms(model)
   if not norms:
     raise ValueError("the model has no nnx.BatchNorm layer to re-estimate.")

@@ -193,7 +193,7 @@ def freeze_oscillations(
   """
   checks.check_callable("codes_fn", codes_fn)
   checks.check_callable("scale_fn", scale_fn)
-  total_steps = checks.check_int("total_steps", total_steps)
+  total_steps = checks.check_count("total_steps", total_steps)
   checks.check_decay(decay)
   start_step = checks.check_warmup_steps(warmup_steps, total_steps,
                                          default_fraction=schedules.DEFAULT_WARMUP_FRACTION)

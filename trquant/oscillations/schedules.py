@@ -18,7 +18,9 @@ DEFAULT_WARMUP_FRACTION = 0.25
 
 
 def cosine_from(step, start_step: int, total_steps: int, init_value: float, end_value: float):
-  span = max(total_steps - start_step, 1)
+  # jnp.maximum where a count is traced (injected by optax.inject_hyperparams).
+  span = (max(total_steps - start_step, 1) if isinstance(total_steps - start_step, int)
+          else jnp.maximum(total_steps - start_step, 1))
   progress = jnp.clip((jnp.asarray(step, jnp.float32) - start_step) / span, 0.0, 1.0)
   return end_value + 0.5 * (init_value - end_value) * (1.0 + jnp.cos(jnp.pi * progress))
 
@@ -51,7 +53,7 @@ def freeze_threshold_schedule(
     >>> [round(float(schedule(s)), 4) for s in (0, 250, 625, 1000)]
     [inf, 0.1, 0.055, 0.01]
   """
-  total_steps = checks.check_int("total_steps", total_steps)
+  total_steps = checks.check_count("total_steps", total_steps)
   checks.check_fraction("init_value", init_value)
   checks.check_fraction("end_value", end_value)
   start_step = checks.check_warmup_steps(warmup_steps, total_steps,

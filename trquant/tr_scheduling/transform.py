@@ -270,7 +270,8 @@ def tr_schedule(
   checks.check_bool("windup_guard", windup_guard)
   if guard_window is None:
     guard_window = windup_guard_rules.default_guard_window(decay)
-  guard_window = checks.check_int("guard_window", guard_window, 2)
+  else:
+    guard_window = checks.check_count("guard_window", guard_window, 2)
 
   def target_at(step):
     value = target_tr(step) if callable(target_tr) else target_tr
@@ -310,7 +311,8 @@ def tr_schedule(
     # A measured target starts unknown (0); the running TR then starts from nothing too.
     target = jnp.zeros([], jnp.float32) if measured else target_at(jnp.zeros([], jnp.int32))
     warmup_end = targets.initial_warmup_end(target_tr) if measured else 0
-    ceiling = np.inf if max_multiplier is None else float(max_multiplier)
+    # An array: max_multiplier may be injected (inject_hyperparams) and init traced.
+    ceiling = np.inf if max_multiplier is None else jnp.asarray(max_multiplier, jnp.float32)
     return TransitionRateState(
         tr_step=jnp.zeros([], jnp.int32),
         target_transition_rate=target,

@@ -10,7 +10,6 @@ no longer pays (see :func:`tr_schedule`'s docstring for the rules).
 
 from __future__ import annotations
 
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -26,11 +25,16 @@ STALLED_FRACTION_OF_RMS = 0.01
 MOSTLY_STALLED = 0.9
 
 
-def default_guard_window(decay) -> int:
-  """``5 / (1 - decay)`` updates: five time constants of the running rate (500 at 0.99)."""
-  if isinstance(decay, numbers.Number):
-    return max(int(round(5.0 / (1.0 - float(decay)))), 1)
-  return 500  # a traced decay: the default's window
+def default_guard_window(decay):
+  """``5 / (1 - decay)`` updates: five time constants of the running rate (500 at 0.99).
+
+  An int for a number or a concrete array; an int32 scalar for a traced decay (e.g.
+  injected by ``optax.inject_hyperparams`` and traced by ``jax.jit``), so that an
+  injected decay gives the window the plain transform has."""
+  if isinstance(decay, jax.core.Tracer):
+    window = jnp.round(5.0 / (1.0 - jnp.asarray(decay, jnp.float32)))
+    return jnp.maximum(window, 1.0).astype(jnp.int32)
+  return max(int(round(5.0 / (1.0 - float(decay)))), 1)
 
 
 def stalled_count(update) -> jax.Array:
