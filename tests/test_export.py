@@ -287,3 +287,27 @@ def test_to_integer_needs_quantized_trquant_layers():
     to_integer(nnx.Sequential(nnx.Linear(4, 2, rngs=nnx.Rngs(0))))
   with pytest.raises(ValueError, match="no quantized weights.*weight_bits"):
     to_integer(nnx.Sequential(QuantLinear(4, 2, weight_bits=None, rngs=nnx.Rngs(0))))
+
+
+def test_group_scales_export_and_reload_bit_identically(tmp_path):
+  def make(seed):
+    return nnx.Sequential(
+        trquant.nnx.QuantLinear(32, 8, weight_bits=4, group_size=8, rngs=nnx.Rngs(seed)),
+        trquant.nnx.QuantEinsum("bd,dk->bk", (8, 6), weight_bits=2, group_size=4,
+                                rngs=nnx.Rngs(seed + 1)))
+  model, x = make(0), jax.random.normal(jax.random.key(3), (5, 32))
+  exported = trquant.export.to_integer(model)
+  tensor = exported["layers"][0]["kernel"]
+  assert (tensor.group_size, tensor.scale.shape, tensor.data.size) == (8, (4, 8), 32 * 8 // 2)
+  np.testing.assert_array_equal(trquant.export.from_integer(exported)["layers"][0]["kernel"],
+                                model.layers[0].quantized_kernel())
+  path = tmp_path / "grouped.npz"
+  trquant.export.save_integer(path, exported)
+  fresh = make(7)
+  trquant.export.load_integer(fresh, path)
+  np.testing.assert_array_equal(fresh(x), model(x))
+  per_channel = nnx.Sequential(
+      trquant.nnx.QuantLinear(32, 8, weight_bits=4, per_channel=True, rngs=nnx.Rngs(0)),
+      trquant.nnx.QuantEinsum("bd,dk->bk", (8, 6), weight_bits=2, group_size=4, rngs=nnx.Rngs(1)))
+  with pytest.raises(ValueError, match="group_size=8"):
+    trquant.export.load_integer(per_channel, path)

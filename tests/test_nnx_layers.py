@@ -231,3 +231,32 @@ def test_quant_linear_and_conv_full_precision_are_the_nnx_layers():
   qconv = QuantConv(4, 6, 3, strides=2, padding=1, weight_bits=None, rngs=nnx.Rngs(0))
   np.testing.assert_array_equal(qconv(images), conv(images))
   np.testing.assert_array_equal(qconv(images[0, 0]), conv(images[0, 0]))  # no batch axis
+
+
+@pytest.mark.parametrize("make, group_axis", [
+    (lambda g: QuantLinear(32, 6, weight_bits=4, group_size=g, rngs=nnx.Rngs(0)), 0),
+    (lambda g: trquant.nnx.QuantConv(16, 6, (3, 3), weight_bits=4, group_size=g,
+                                     rngs=nnx.Rngs(0)), 2),
+    (lambda g: trquant.nnx.QuantEinsum("btd,dhk->bthk", (32, 2, 3), weight_bits=4,
+                                       group_size=g, rngs=nnx.Rngs(0)), 0),
+])
+def test_group_size_layers_quantize_per_group(make, group_axis):
+  layer = make(8)
+  kernel, scale = layer.kernel.get_value(), layer.weight_scale.get_value()
+  assert layer.weight_group == {"group_size": 8, "group_axis": group_axis}
+  assert scale.shape[group_axis] == kernel.shape[group_axis] // 8
+  expected = trquant.fake_quant(kernel, trquant.expand_group_scale(scale, 8, group_axis=group_axis),
+                                bits=4)
+  np.testing.assert_array_equal(layer.quantized_kernel(), expected)
+  # One group per axis: the per-channel layer.
+  whole = make(kernel.shape[group_axis])
+  np.testing.assert_array_equal(whole.weight_scale.get_value(),
+                                trquant.init_scale(kernel, bits=4, method="mse",
+                                                   axis=whole.channel_axes))
+
+
+def test_group_size_that_does_not_divide_the_inputs_is_named():
+  with pytest.raises(ValueError, match="does not divide axis 0 of length 30"):
+    QuantLinear(30, 4, weight_bits=4, group_size=8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="positive int"):
+    QuantLinear(32, 4, weight_bits=4, group_size=0, rngs=nnx.Rngs(0))

@@ -295,3 +295,25 @@ def test_unknown_extra_arguments_leave_plain_codes_fns_alone():
   state = tx.init(params)
   updates, _ = tx.update({"w": jnp.ones(8)}, state, params, weight_scales={"w": 1.0}, other=3)
   assert updates["w"].shape == (8,)
+
+
+def test_group_scales_with_tr_schedule_and_freezing():
+  model = nnx.Sequential(QuantLinear(16, 4, weight_bits=2, group_size=4, rngs=nnx.Rngs(0)))
+  layer = model.layers[0]
+  params = trquant.nnx.values(nnx.state(model, nnx.Param))
+  codes = trquant.nnx.codes_fn(model)(params)["layers"][0]["kernel"]
+  np.testing.assert_array_equal(codes, layer.weight_codes())
+  # The freezing scale broadcasts to the kernel: code * scale is the bin centre.
+  scale = trquant.nnx.scales_fn(model)(params)["layers"][0]["kernel"]
+  assert scale.shape == (16, 4)
+  np.testing.assert_array_equal(codes * scale, layer.quantized_kernel())
+  codes_fn, scales_fn = trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+  tx = optax.chain(optax.sgd(0.5), trquant.tr_schedule(1e-2, codes_fn=codes_fn),
+                   trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn,
+                                               total_steps=4, warmup_steps=1))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((2, 16))
+  for _ in range(3):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2) + trquant.nnx.dampening_loss(m))(model)
+    optimizer.update(model, grads)
+  assert float(trquant.nnx.transition_stats(optimizer)["tr_step"]) == 3

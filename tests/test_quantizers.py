@@ -1054,3 +1054,84 @@ def test_lsq_rejects_non_positive_grad_scale(grad_scale):
 def test_fake_quant_rejects_integer_x():
   with pytest.raises(ValueError, match="`x`"):
     trquant.fake_quant(jnp.arange(3), 0.5, bits=4)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-group (sub-channel) scales
+# ---------------------------------------------------------------------------------------
+
+_group_shapes = st.sampled_from([(8, 3), (16, 4), (32, 2), (2, 2, 16, 3)])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=_group_shapes, seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]),
+       method=st.sampled_from(list(trquant.quantizers.INIT_METHODS)))
+def test_group_size_equal_to_the_axis_is_per_channel(shape, seed, bits, method):
+  x = jax.random.normal(jax.random.key(seed), shape)
+  n = shape[-2]
+  per_channel = trquant.init_scale(x, bits=bits, method=method, axis=-1)
+  grouped = trquant.init_scale(x, bits=bits, method=method, group_size=n)
+  np.testing.assert_array_equal(grouped, per_channel)
+  np.testing.assert_array_equal(trquant.quantize(x, grouped, bits=bits, group_size=n),
+                                trquant.quantize(x, per_channel, bits=bits))
+  np.testing.assert_array_equal(trquant.fake_quant(x, grouped, bits=bits, group_size=n),
+                                trquant.fake_quant(x, per_channel, bits=bits))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(shape=_group_shapes, seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]),
+       group=st.sampled_from([2, 4, 8]), outliers=st.booleans())
+def test_group_mse_error_is_at_most_per_channel(shape, seed, bits, group, outliers):
+  x = jax.random.normal(jax.random.key(seed), shape)
+  if outliers:  # rows of very different magnitude: where groups pay most
+    x = x * jnp.exp(2 * jax.random.normal(jax.random.key(seed + 1), shape[:-1] + (1,)))
+  channel = trquant.init_scale(x, bits=bits, method="mse", axis=-1)
+  grouped = trquant.init_scale(x, bits=bits, method="mse", group_size=group)
+  assert grouped.shape == trquant.group_scale_shape(shape, group)
+  error = lambda q: float(jnp.sum(jnp.square(q - x)))
+  grouped_error = error(trquant.fake_quant(x, grouped, bits=bits, group_size=group))
+  channel_error = error(trquant.fake_quant(x, channel, bits=bits))
+  assert grouped_error <= channel_error * (1 + 1e-6) + 1e-12
+
+
+def test_group_quantizers_match_the_expanded_scale():
+  x = jax.random.normal(jax.random.key(0), (3, 3, 16, 4))
+  scale = trquant.init_scale(x, bits=4, method="mse", group_size=8)
+  assert scale.shape == (1, 1, 2, 4)
+  expanded = trquant.expand_group_scale(scale, 8)
+  assert expanded.shape == (1, 1, 16, 4)
+  np.testing.assert_array_equal(trquant.fake_quant(x, scale, bits=4, group_size=8),
+                                trquant.fake_quant(x, expanded, bits=4))
+  codes = trquant.quantize(x, scale, bits=4, group_size=8)
+  np.testing.assert_array_equal(codes, trquant.quantize(x, expanded, bits=4))
+  np.testing.assert_array_equal(trquant.dequantize(codes, scale, group_size=8),
+                                trquant.dequantize(codes, expanded))
+
+
+def test_group_lsq_gives_each_group_its_summed_gradient():
+  # With the same gradient scaling, a group's step size gets the sum of its members'
+  # gradients: the gradient of the expanded scale summed over each group.
+  x = jax.random.normal(jax.random.key(1), (16, 3))
+  scale = trquant.init_scale(x, bits=3, method="lsq", group_size=4)
+  grouped = jax.grad(lambda s: jnp.sum(
+      trquant.lsq(x, s, bits=3, group_size=4, grad_scale=1.0) * x))(scale)
+  expanded = jax.grad(lambda s: jnp.sum(trquant.lsq(x, s, bits=3, grad_scale=1.0) * x))(
+      trquant.expand_group_scale(scale, 4))
+  np.testing.assert_allclose(grouped, expanded.reshape(4, 4, 3).sum(axis=1), rtol=1e-5, atol=1e-6)
+  assert float(jnp.sum(jnp.abs(grouped))) > 0  # the scales really get a gradient
+
+
+@pytest.mark.parametrize("group_size, message", [
+    (5, "does not divide"), (0, "positive int"), (-4, "positive int"), (4.0, "positive int"),
+    (True, "positive int")])
+def test_bad_group_sizes_are_named(group_size, message):
+  x = jnp.ones((16, 4))
+  with pytest.raises(ValueError, match=message):
+    trquant.init_scale(x, bits=4, group_size=group_size)
+  with pytest.raises(ValueError, match=message):
+    trquant.quantize(x, jnp.ones((4, 4)), bits=4, group_size=group_size)
+
+
+def test_group_scale_of_the_wrong_shape_is_named():
+  with pytest.raises(ValueError, match="group_scale_shape"):
+    trquant.fake_quant(jnp.ones((16, 4)), jnp.ones((1, 4)), bits=4, group_size=4)

@@ -519,3 +519,13 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 @pytest.mark.integration
 def test_surgery_keeps_sharding_and_trains_as_unsharded(run_on_cpu_mesh):
   assert "SHARDED SURGERY OK" in run_on_cpu_mesh(_SHARDED_SCRIPT)
+
+
+def test_rule_group_size_reaches_the_layers_and_names_a_bad_layer():
+  model = nnx.Sequential(nnx.Linear(32, 16, rngs=nnx.Rngs(0)), nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  quantized = trquant.nnx.quantize_model(model, trquant.nnx.QuantRule(weight_bits=4, group_size=8))
+  assert [layer.weight_group["group_size"] for _, layer in trquant.nnx.quant_layers(quantized)] == [8, 8]
+  with pytest.raises(ValueError, match=r"layers/1 .*does not divide axis 0 of length 16"):
+    trquant.nnx.quantize_model(model, trquant.nnx.QuantRule(weight_bits=4, group_size=32))
+  with pytest.raises(ValueError, match="QuantRule: `group_size` must be a positive int"):
+    trquant.nnx.QuantRule(weight_bits=4, group_size=3.5)

@@ -20,7 +20,9 @@ from trquant.oscillations import track_oscillations
 from trquant.quantizers import binarize
 from trquant.quantizers import dequantize
 from trquant.quantizers import fake_quant
+from trquant.quantizers import expand_group_scale
 from trquant.quantizers import fake_quant_unscaled
+from trquant.quantizers import group_scale_shape
 from trquant.quantizers import init_scale
 from trquant.quantizers import lsq
 from trquant.quantizers import quant_range
@@ -44,11 +46,13 @@ __all__ = [
     "dampening_loss",
     "dampening_weight_schedule",
     "dequantize",
+    "expand_group_scale",
     "export",
     "fake_quant",
     "fake_quant_unscaled",
     "freeze_oscillations",
     "freeze_threshold_schedule",
+    "group_scale_shape",
     "init_scale",
     "lsq",
     "measured_target",

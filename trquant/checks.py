@@ -263,3 +263,12 @@ def check_global_batch(batch, name: str = "batch") -> None:
         " global array, e.g. jax.make_array_from_process_local_data(NamedSharding(mesh,"
         " P('data')), local_rows), or the same rows on every process via"
         " jax.make_array_from_callback(shape, sharding, lambda index: rows[index]).")
+
+
+def check_group_size(group_size, name: str = "group_size") -> int:
+  """A group size: a positive Python int (e.g. 32, 64, 128); a ValueError otherwise."""
+  if isinstance(group_size, (bool, np.bool_)) or not isinstance(group_size, numbers.Integral) \
+      or group_size < 1:
+    raise ValueError(f"`{name}` must be a positive int (e.g. 32, 64 or 128 weights per scale),"
+                     f" got {group_size!r}.")
+  return int(group_size)

@@ -27,6 +27,7 @@ import json
 import numbers
 import os
 from collections.abc import Mapping
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +58,8 @@ class IntegerTensor:
     shape: the tensor's shape.
     dtype: name of the floating dtype :func:`from_integer` returns.
     zero_point: integer added to each code before packing (0 when unpacked).
+    group_size, group_axis: per-group scales (one per ``group_size`` entries along
+      ``group_axis``, see :func:`trquant.quantize`); None for per-tensor / per-channel.
   """
 
   data: jax.Array
@@ -67,6 +70,8 @@ class IntegerTensor:
   shape: tuple = dataclasses.field(metadata=dict(static=True))
   dtype: str = dataclasses.field(metadata=dict(static=True))
   zero_point: int = dataclasses.field(metadata=dict(static=True))
+  group_size: Optional[int] = dataclasses.field(default=None, metadata=dict(static=True))
+  group_axis: int = dataclasses.field(default=-2, metadata=dict(static=True))
 
   @property
   def codes(self) -> jax.Array:
@@ -87,6 +92,10 @@ class IntegerTensor:
     """``scale * codes`` in :attr:`dtype`, computed as ``fake_quant`` computes it."""
     dtype = jnp.dtype(self.dtype)
     compute = jnp.promote_types(dtype, jnp.result_type(self.scale))
+    if self.group_size is not None:
+      return quantizers.dequantize(self.codes.astype(compute), jnp.asarray(self.scale, compute),
+                                   group_size=self.group_size,
+                                   group_axis=self.group_axis).astype(dtype)
     return (jnp.asarray(self.scale, compute) * self.codes.astype(compute)).astype(dtype)
 
 
@@ -143,7 +152,8 @@ def _pack(codes, bits: int, lo: int, binary: bool):
 
 
 def quantize_to_integer(x, scale, *, bits: int, signed: bool = True,
-                        narrow: bool = False) -> IntegerTensor:
+                        narrow: bool = False, group_size: Optional[int] = None,
+                        group_axis: int = -2) -> IntegerTensor:
   """One tensor's :class:`IntegerTensor`, with the codes of :func:`trquant.quantize`.
 
   Args:
@@ -151,6 +161,7 @@ def quantize_to_integer(x, scale, *, bits: int, signed: bool = True,
     scale: its positive step size (scalar or keep-dims per-channel array).
     bits: bit width in ``[1, 16]``.
     signed, narrow: the grid, as in :func:`trquant.quantize`.
+    group_size, group_axis: per-group scales, as in :func:`trquant.quantize`.
 
   Returns:
     The :class:`IntegerTensor`.
@@ -165,21 +176,28 @@ def quantize_to_integer(x, scale, *, bits: int, signed: bool = True,
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"only floating weights can be exported, got dtype {x.dtype}.")
   lo, _ = quantizers.quant_range(bits, signed=signed, narrow=narrow)
+  group = {} if group_size is None else {"group_size": checks.check_group_size(group_size),
+                                         "group_axis": int(group_axis)}
   if not isinstance(scale, jax.core.Tracer):  # a concrete scale can be checked here, once
-    checks.check_scale(x, np.asarray(scale))
+    if group:
+      checks.check_scale_values(np.asarray(scale))
+      quantizers.group_scale_shape(x.shape, group_size, group_axis=group_axis, channel_axis=None)
+    else:
+      checks.check_scale(x, np.asarray(scale))
   scale = jnp.asarray(scale)
   if not jnp.issubdtype(scale.dtype, jnp.floating):
     scale = scale.astype(x.dtype)
   # Codes in float32 at least: bfloat16 holds integers exactly only up to 256.
   codes = quantizers.quantize(x.astype(jnp.promote_types(x.dtype, jnp.float32)), scale,
-                              bits=bits, signed=signed, narrow=narrow).astype(jnp.int32)
+                              bits=bits, signed=signed, narrow=narrow, **group).astype(jnp.int32)
   binary = signed and bits == 1
   if bits in _PACKED_BITS:
     data, zero_point = _pack(codes, bits, lo, binary), (0 if binary else -lo)
   else:
     data, zero_point = codes.astype(_storage_dtype(bits, signed)), 0
   return IntegerTensor(data=data, scale=scale, bits=bits, signed=signed, narrow=narrow,
-                       shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, zero_point=zero_point)
+                       shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, zero_point=zero_point,
+                       group_size=group.get("group_size"), group_axis=group.get("group_axis", -2))
 
 
 def _is_exported(x) -> bool:
@@ -255,7 +273,7 @@ def _model_to_integer(model):
       node = node[key]
     node["kernel"] = quantize_to_integer(
         layer.kernel.get_value(), layer.weight_scale.get_value(), bits=layer.kernel.bits,
-        signed=layer.kernel.signed, narrow=layer.kernel.narrow)
+        signed=layer.kernel.signed, narrow=layer.kernel.narrow, **layer.weight_group)
     node.pop("weight_scale", None)  # carried by the IntegerTensor
   return state
 
@@ -363,6 +381,12 @@ def load_integer(model, exported) -> list[tuple]:
                        f" signed={tensor.signed}, narrow={tensor.narrow}; the model's layer has"
                        f" bits={grid[0]}, signed={grid[1]}, narrow={grid[2]}. Build the model"
                        " with the bit widths it was exported with.")
+    group = layer.weight_group
+    if (tensor.group_size, tensor.group_axis if tensor.group_size else None) != (
+        group.get("group_size"), group.get("group_axis")):
+      raise ValueError(f"{name(kernel_path)}: exported with group_size={tensor.group_size}; the"
+                       f" model's layer has group_size={group.get('group_size')}. Build the model"
+                       " with the group size it was exported with.")
     _check_shape(kernel_path, tensor.shape, kernel.get_value(), name)
     _check_shape(path + ("weight_scale",), np.shape(tensor.scale),
                  layer.weight_scale.get_value(), name, hint=" (per-channel vs per-tensor?)")
@@ -457,7 +481,8 @@ def save_integer(path, exported) -> None:
       return {"integer": {"data": store(node.data), "scale": store(node.scale),
                           "bits": node.bits, "signed": node.signed, "narrow": node.narrow,
                           "shape": list(node.shape), "dtype": node.dtype,
-                          "zero_point": node.zero_point}}
+                          "zero_point": node.zero_point, "group_size": node.group_size,
+                          "group_axis": node.group_axis}}
     if node is None:
       return {"none": True}
     if isinstance(node, Mapping):
@@ -522,7 +547,8 @@ def read_integer(path):
       return IntegerTensor(data=load(spec["data"]), scale=load(spec["scale"]), bits=spec["bits"],
                            signed=spec["signed"], narrow=spec["narrow"],
                            shape=tuple(spec["shape"]), dtype=spec["dtype"],
-                           zero_point=spec["zero_point"])
+                           zero_point=spec["zero_point"], group_size=spec.get("group_size"),
+                           group_axis=spec.get("group_axis", -2))
     if "none" in node:
       return None
     if "dict" in node:

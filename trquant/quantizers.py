@@ -107,12 +107,86 @@ def _compute_dtype(x, scale):
   return jnp.promote_types(jnp.result_type(x), jnp.result_type(scale))
 
 
+def _group_layout(shape, group_size, group_axis) -> tuple[int, int]:
+  """``(axis, groups)``: `group_axis` normalised and the number of groups along it; a
+  ValueError naming the problem when `group_size` does not split that axis."""
+  group_size = checks.check_group_size(group_size)
+  ndim = len(shape)
+  if ndim == 0:
+    raise ValueError("`group_size` needs an array with an axis to group; got a scalar.")
+  if isinstance(group_axis, (bool, np.bool_)) or not isinstance(group_axis, numbers.Integral) \
+      or not -ndim <= group_axis < ndim:
+    raise ValueError(f"`group_axis` must be an int axis of an array of rank {ndim}, got"
+                     f" {group_axis!r}.")
+  axis = int(group_axis) % ndim
+  if shape[axis] % group_size:
+    raise ValueError(f"`group_size`={group_size} does not divide axis {group_axis} of length"
+                     f" {shape[axis]}: use a group size that divides it (e.g. 32, 64, 128 for"
+                     " a kernel whose input features are a multiple of it).")
+  return axis, shape[axis] // group_size
+
+
+def group_scale_shape(shape, group_size: int, *, group_axis: int = -2,
+                      channel_axis: Optional[int] = -1) -> tuple[int, ...]:
+  """The shape of per-group step sizes for an array of `shape`.
+
+  One step size per group of ``group_size`` consecutive entries along ``group_axis`` (the
+  contraction axis: the input features of a Flax ``(in, out)`` kernel, ``-2`` of a conv's
+  ``(kh, kw, in, out)``) and per entry of ``channel_axis`` (the output channels); every
+  other axis is shared (size 1).
+
+  Example:
+    >>> import trquant
+    >>> trquant.group_scale_shape((256, 64), 32)
+    (8, 64)
+    >>> trquant.group_scale_shape((3, 3, 64, 128), 32)
+    (1, 1, 2, 128)
+  """
+  axis, groups = _group_layout(tuple(shape), group_size, group_axis)
+  channel = None if channel_axis is None else int(channel_axis) % len(shape)
+  if channel == axis:
+    raise ValueError("`channel_axis` and `group_axis` must differ: groups split the"
+                     " contraction axis of each output channel.")
+  return tuple(groups if i == axis else (n if i == channel else 1) for i, n in enumerate(shape))
+
+
+def expand_group_scale(scale, group_size: int, *, group_axis: int = -2):
+  """Per-group step sizes repeated over their groups: an array that broadcasts to the
+  quantized tensor as a per-channel scale does (``jnp.repeat`` along ``group_axis``).
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> trquant.expand_group_scale(jnp.array([[0.1], [1.0]]), 2)[:, 0]
+    Array([0.1, 0.1, 1. , 1. ], dtype=float32)
+  """
+  checks.check_group_size(group_size)
+  return jnp.repeat(jnp.asarray(scale), int(group_size), axis=group_axis)
+
+
+def _grouped(x, scale, group_size, group_axis):
+  """``(x', scale', restore)``: `x` with its group axis split into ``(groups, group_size)``
+  and `scale` (one entry per group on that axis) given a size-1 axis there, so that they
+  broadcast; ``restore`` turns an ``x'``-shaped result back into `x`'s shape."""
+  x = jnp.asarray(x)
+  axis, groups = _group_layout(x.shape, group_size, group_axis)
+  scale = jnp.asarray(scale)
+  if scale.ndim != x.ndim or scale.shape[axis] != groups:
+    raise ValueError(
+        f"per-group `scale` of shape {scale.shape} does not match x of shape {x.shape} with"
+        f" group_size={group_size} along axis {group_axis}: it needs rank {x.ndim} and"
+        f" {groups} entries on that axis (see trquant.group_scale_shape).")
+  grouped_shape = x.shape[:axis] + (groups, int(group_size)) + x.shape[axis + 1:]
+  return (x.reshape(grouped_shape), jnp.expand_dims(scale, axis + 1),
+          lambda y: y.reshape(x.shape))
+
+
 # --------------------------------------------------------------------------------------
 # Integer codes
 # --------------------------------------------------------------------------------------
 
 
-def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
+def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False,
+             group_size: Optional[int] = None, group_axis: int = -2):
   """Integer codes ``clip(round(x / scale), lo, hi)`` of ``x``.
 
   The codes are integer-valued but keep ``x``'s floating dtype, so they can be
@@ -126,6 +200,11 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
     bits: bit width in ``[1, 16]``; ``bits=1, signed=True`` gives binary codes.
     signed: signed or unsigned grid (see :func:`quant_range`).
     narrow: symmetric signed grid without the most negative code.
+    group_size: per-group (sub-channel) scales: ``scale`` holds one step size per group
+      of ``group_size`` consecutive entries along ``group_axis`` (shape from
+      :func:`group_scale_shape`). None: ``scale`` broadcasts to ``x``.
+    group_axis: the axis split into groups (default ``-2``: the input features of a
+      Flax ``(in, out)`` kernel or a conv's ``(kh, kw, in, out)``).
 
   Returns:
     Codes with ``x``'s shape and floating dtype. bfloat16 holds integers exactly
@@ -135,7 +214,13 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
     >>> import jax.numpy as jnp, trquant
     >>> trquant.quantize(jnp.array([-1.0, 0.26, 0.9, 5.0]), 0.5, bits=2)
     Array([-2.,  1.,  1.,  1.], dtype=float32)
+    >>> w = jnp.array([[0.1], [0.2], [1.0], [2.0]])          # (in=4, out=1), groups of 2
+    >>> trquant.quantize(w, jnp.array([[0.1], [1.0]]), bits=4, group_size=2)[:, 0]
+    Array([1., 2., 1., 2.], dtype=float32)
   """
+  if group_size is not None:
+    xg, sg, restore = _grouped(x, scale, group_size, group_axis)
+    return restore(quantize(xg, sg, bits=bits, signed=signed, narrow=narrow))
   grid = _grid(bits, signed, narrow)
   checks.check_scale(x, scale)
   x = jnp.asarray(x)
@@ -144,14 +229,20 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
   return _codes(v, grid).astype(x.dtype)
 
 
-def dequantize(codes, scale):
+def dequantize(codes, scale, *, group_size: Optional[int] = None, group_axis: int = -2):
   """Dequantized values ``scale * codes`` (in the floating dtype of ``codes``/``scale``).
+
+  With ``group_size``, ``scale`` holds one step size per group along ``group_axis``, as
+  in :func:`quantize`.
 
   Example:
     >>> import jax.numpy as jnp, trquant
     >>> trquant.dequantize(jnp.array([-2.0, 1.0]), 0.5)
     Array([-1. ,  0.5], dtype=float32)
   """
+  if group_size is not None:
+    codes_g, scale_g, restore = _grouped(codes, scale, group_size, group_axis)
+    return restore(dequantize(codes_g, scale_g))
   checks.check_scale(codes, scale)
   codes = jnp.asarray(codes)
   if not jnp.issubdtype(codes.dtype, jnp.floating):
@@ -250,7 +341,8 @@ def _fake_quant_bwd(grid, residuals, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False):
+def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False,
+               group_size: Optional[int] = None, group_axis: int = -2):
   """Quantize-dequantize with straight-through gradients.
 
   Forward: ``scale * clip(round(x / scale), lo, hi)``. Backward: the gradient
@@ -267,6 +359,8 @@ def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False
       ``scale * sign(x)`` with gradient mask ``|x| <= scale``.
     signed: signed or unsigned grid.
     narrow: symmetric signed grid.
+    group_size, group_axis: per-group scales, as in :func:`quantize`; each group's step
+      size gets the gradient summed over its group.
 
   Returns:
     The fake-quantized array, same shape and dtype as ``x``.
@@ -279,6 +373,9 @@ def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False
     >>> jax.grad(lambda x: trquant.fake_quant(x, 0.5, bits=2).sum())(x)
     Array([1., 1., 0.], dtype=float32)
   """
+  if group_size is not None:
+    xg, sg, restore = _grouped(x, scale, group_size, group_axis)
+    return restore(fake_quant(xg, sg, bits=bits, signed=signed, narrow=narrow))
   grid = _grid(bits, signed, narrow)
   checks.check_scale(x, scale)
   x = jnp.asarray(x)
@@ -295,7 +392,8 @@ def _grad_scaled(scale, grad_scale):
   return scale * grad_scale + jax.lax.stop_gradient(scale - scale * grad_scale)
 
 
-def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_scale=None):
+def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_scale=None,
+        group_size: Optional[int] = None, group_axis: int = -2):
   """Learned step size quantization (LSQ): :func:`fake_quant` with a scaled step-size gradient.
 
   The step size's gradient is multiplied by ``grad_scale`` (default
@@ -312,6 +410,8 @@ def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_
     signed: signed or unsigned grid.
     narrow: symmetric signed grid.
     grad_scale: multiplier of the step size gradient, or None for LSQ's default.
+    group_size, group_axis: per-group scales, as in :func:`quantize` (N is then the
+      number of entries one group's step size covers).
 
   Returns:
     The fake-quantized array, same shape and dtype as ``x``.
@@ -326,6 +426,9 @@ def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_
     >>> jax.grad(lambda s: trquant.lsq(w, s, bits=4).sum())(s).shape
     ()
   """
+  if group_size is not None:
+    xg, sg, restore = _grouped(x, scale, group_size, group_axis)
+    return restore(lsq(xg, sg, bits=bits, signed=signed, narrow=narrow, grad_scale=grad_scale))
   lo, hi = quant_range(bits, signed=signed, narrow=narrow)
   checks.check_scale(x, scale)
   if grad_scale is None:
@@ -440,6 +543,8 @@ def init_scale(
     signed: bool = True,
     narrow: bool = False,
     num_candidates: int = 100,
+    group_size: Optional[int] = None,
+    group_axis: int = -2,
 ):
   """Initial step size for quantizing ``x``.
 
@@ -463,6 +568,14 @@ def init_scale(
     signed: signed or unsigned grid.
     narrow: symmetric signed grid.
     num_candidates: number of clipping ranges tried by ``"mse"``.
+    group_size: per-group (sub-channel) step sizes: one per group of ``group_size``
+      consecutive entries along ``group_axis`` and per entry of the kept ``axis``
+      (default ``-1`` with groups: the output channels), of the shape
+      :func:`group_scale_shape` gives; every method is applied to each group. With
+      ``"mse"`` each group also tries its channel's own MSE step size, so the grouped
+      error is never above the per-channel one. ``group_size`` equal to the axis
+      length gives exactly the per-channel scales.
+    group_axis: the axis split into groups (default ``-2``, the input features).
 
   Returns:
     A float32 positive step size: a scalar, or a keep-dims array when ``axis``
@@ -478,6 +591,10 @@ def init_scale(
   lo, hi = grid.lo, grid.hi
   if method not in INIT_METHODS:
     raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
+  if group_size is not None:
+    return _init_group_scale(x, bits=bits, method=method, axis=-1 if axis is None else axis,
+                             signed=signed, narrow=narrow, num_candidates=num_candidates,
+                             group_size=group_size, group_axis=group_axis)
   if not isinstance(num_candidates, numbers.Integral) or num_candidates < 1:
     raise ValueError(f"`num_candidates` must be a positive int, got {num_candidates!r}.")
   x = jnp.asarray(x, jnp.float32)
@@ -518,3 +635,34 @@ def init_scale(
     # explicit mesh axes needs an output sharding; this is the same float32 arithmetic.
     scale = (best + 1).astype(jnp.float32) / num_candidates * absmax / hi
   return jnp.maximum(scale, tiny).astype(jnp.float32)
+
+
+def _init_group_scale(x, *, bits, method, axis, signed, narrow, num_candidates, group_size,
+                      group_axis):
+  """:func:`init_scale` per group: the method on each group of the grouped array."""
+  x = jnp.asarray(x, jnp.float32)
+  group, groups = _group_layout(x.shape, group_size, group_axis)
+  kept = {int(a) % x.ndim for a in ((axis,) if isinstance(axis, numbers.Integral) else axis)}
+  if group in kept:
+    raise ValueError(f"`axis` {axis!r} keeps the grouped axis {group_axis}: groups split"
+                     " the contraction axis of each kept (output) channel.")
+  common = dict(bits=bits, method=method, signed=signed, narrow=narrow,
+                num_candidates=num_candidates)
+  per_channel = init_scale(x, axis=tuple(sorted(kept)), **common)
+  if groups == 1:
+    return per_channel  # one group: the per-channel scales themselves
+  grouped = x.reshape(x.shape[:group] + (groups, int(group_size)) + x.shape[group + 1:])
+  grouped_kept = tuple(sorted({group} | {a + 1 if a > group else a for a in kept}))
+  scale = init_scale(grouped, axis=grouped_kept, **common)  # (..., groups, 1, ...)
+  if method == "mse" and not (signed and bits == 1):
+    # Each group also tries its channel's step size: never worse than per-channel.
+    lo, hi = quant_range(bits, signed=signed, narrow=narrow)
+    reduce_axes = tuple(i for i in range(grouped.ndim) if i not in grouped_kept)
+
+    def error(step):
+      x_q = step * jnp.clip(jnp.round(grouped / step), lo, hi)
+      return jnp.mean(jnp.square(x_q - grouped), axis=reduce_axes, keepdims=True)
+
+    channel = jnp.expand_dims(per_channel, group + 1)
+    scale = jnp.where(error(channel) < error(scale), channel, scale)
+  return jnp.squeeze(scale, group + 1).astype(jnp.float32)

@@ -67,7 +67,7 @@ class _QuantMixin:
   """Weight and input quantization shared by the quantized layers."""
 
   def _init_quantization(self, kernel, *, weight_bits, act_bits, per_channel, weight_quantizer,
-                         signed_act, scale_method):
+                         signed_act, scale_method, group_size=None):
     if weight_bits is not None:
       quantizers.quant_range(weight_bits, signed=True)  # validates the bit width
     if act_bits is not None:
@@ -82,6 +82,14 @@ class _QuantMixin:
     metadata = {}
     if isinstance(kernel, nnx.VariableMetadata):  # e.g. from nnx.with_partitioning
       metadata, kernel = dict(kernel.metadata), kernel.raw_value
+    self.group_size = None
+    if group_size is not None:
+      # Validates the size against the kernel's contraction axis (a clear error if it does
+      # not divide it); groups imply one scale per output channel as well.
+      quantizers.group_scale_shape(np.shape(kernel), group_size,
+                                   group_axis=self._group_axis(np.ndim(kernel)),
+                                   channel_axis=None)
+      self.group_size = int(group_size)
     self.kernel = QuantWeight(kernel, bits=weight_bits, signed=True, narrow=False, **metadata)
     scale_type = LearnedWeightScale if weight_quantizer == "lsq" else WeightScale
     self.weight_scale = (scale_type(self.initial_weight_scale(kernel, scale_method))
@@ -102,10 +110,46 @@ class _QuantMixin:
     """The kernel axes that keep one weight scale each when ``per_channel`` (output channels)."""
     return (np.ndim(self.kernel.get_value()) - 1,)
 
+  def _group_axis(self, ndim: int) -> int:
+    """The kernel axis that ``group_size`` splits: the last contraction (non-channel) axis
+    (the input features of a Linear or Conv kernel, the last summed axis of an Einsum)."""
+    channels = set(self._channel_axes_of(ndim))
+    contraction = [axis for axis in range(ndim) if axis not in channels]
+    if not contraction:
+      raise ValueError("`group_size` needs a kernel axis that is summed over (an input axis);"
+                       " this layer's kernel has none.")
+    return contraction[-1]
+
+  def _channel_axes_of(self, ndim: int) -> tuple[int, ...]:
+    return (ndim - 1,)
+
+  @property
+  def weight_group(self) -> dict:
+    """The keyword arguments of the quantizers for this layer's weight scales:
+    ``{"group_size": ..., "group_axis": ...}`` with per-group scales, else ``{}``."""
+    if getattr(self, "group_size", None) is None:
+      return {}
+    return {"group_size": self.group_size,
+            "group_axis": self._group_axis(np.ndim(self.kernel.get_value()))}
+
+  def broadcast_weight_scale(self, scale=None):
+    """The weight scale (or `scale`) as an array that broadcasts to the kernel: per-group
+    scales repeated over their groups, other scales as they are."""
+    scale = self.weight_scale.get_value() if scale is None else scale
+    group = self.weight_group
+    if not group:
+      return scale
+    return quantizers.expand_group_scale(scale, group["group_size"],
+                                         group_axis=group["group_axis"])
+
   def initial_weight_scale(self, kernel, method):
     """The weight scale that ``method`` gives for ``kernel`` on this layer's grid."""
     if self.weight_quantizer == "lsq" and method == "mse":
       method = "lsq"  # LSQ's own initialisation when the scale is learned
+    group = self.weight_group
+    if group:
+      return quantizers.init_scale(kernel, bits=self.kernel.bits, method=method,
+                                   axis=self.channel_axes, **group)
     return quantizers.init_scale(kernel, bits=self.kernel.bits, method=method,
                                  axis=self.channel_axes if self.per_channel else None)
 
@@ -117,15 +161,17 @@ class _QuantMixin:
       return kernel
     scale = self.weight_scale.get_value()
     if self.weight_quantizer == "lsq":
-      return quantizers.lsq(kernel, scale, bits=bits)
-    return quantizers.fake_quant(kernel, jax.lax.stop_gradient(scale), bits=bits)
+      return quantizers.lsq(kernel, scale, bits=bits, **self.weight_group)
+    return quantizers.fake_quant(kernel, jax.lax.stop_gradient(scale), bits=bits,
+                                 **self.weight_group)
 
   def weight_codes(self, kernel=None):
     """Integer codes of the kernel (or of `kernel`, e.g. a params leaf)."""
     if self.kernel.bits is None:
       raise ValueError("this layer's weights are not quantized (weight_bits=None).")
     kernel = self.kernel.get_value() if kernel is None else kernel
-    return quantizers.quantize(kernel, self.weight_scale.get_value(), bits=self.kernel.bits)
+    return quantizers.quantize(kernel, self.weight_scale.get_value(), bits=self.kernel.bits,
+                               **self.weight_group)
 
   def quantize_input(self, x):
     if self.act_bits is None:
@@ -169,6 +215,9 @@ class QuantLinear(_QuantMixin, nnx.Module):
       FP model of the same structure, which the AdaRound drivers quantize.
     act_bits: input bit width, LSQ-quantized; None keeps full-precision inputs.
     per_channel: one weight scale per output channel (last kernel axis).
+    group_size: per-group (sub-channel) weight scales: one per group of ``group_size``
+      consecutive input features of each output channel (the LM convention: 32-128);
+      it must divide the input axis. None: per-channel or per-tensor.
     weight_quantizer: ``"fixed"`` (frozen scale initialised from the weights, as
       TR scheduling requires) or ``"lsq"`` (learned scale).
     signed_act: signed input grid (e.g. for inputs that are not post-ReLU, or
@@ -180,7 +229,8 @@ class QuantLinear(_QuantMixin, nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
-               per_channel: bool = False, weight_quantizer: str = "fixed",
+               per_channel: bool = False, group_size: Optional[int] = None,
+               weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
                kernel_init=nnx.initializers.lecun_normal(),
@@ -191,7 +241,8 @@ class QuantLinear(_QuantMixin, nnx.Module):
     kernel = kernel_init(rngs.params(), (in_features, out_features), param_dtype)
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
-                            signed_act=signed_act, scale_method=scale_method)
+                            signed_act=signed_act, scale_method=scale_method,
+                            group_size=group_size)
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
@@ -232,7 +283,8 @@ class QuantConv(_QuantMixin, nnx.Module):
                *, strides: Union[int, Sequence[int]] = 1, padding: Any = "SAME",
                feature_group_count: int = 1, use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
-               per_channel: bool = False, weight_quantizer: str = "fixed",
+               per_channel: bool = False, group_size: Optional[int] = None,
+               weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse",
                depthwise_impl: str = "auto", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
@@ -269,7 +321,8 @@ class QuantConv(_QuantMixin, nnx.Module):
     kernel = kernel_init(rngs.params(), shape, param_dtype)
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
-                            signed_act=signed_act, scale_method=scale_method)
+                            signed_act=signed_act, scale_method=scale_method,
+                            group_size=group_size)
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
@@ -441,7 +494,8 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
   def __init__(self, in_features, out_features, *, axis=-1,
                batch_axis: Mapping[int, int] = FrozenDict({}), use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
-               per_channel: bool = False, weight_quantizer: str = "fixed",
+               per_channel: bool = False, group_size: Optional[int] = None,
+               weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
                kernel_init=nnx.initializers.lecun_normal(),
@@ -469,7 +523,8 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
       kernel = jnp.reshape(kernel, shape)
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
-                            signed_act=signed_act, scale_method=scale_method)
+                            signed_act=signed_act, scale_method=scale_method,
+                            group_size=group_size)
     bias = None
     if use_bias:
       bias_shape = (*batch_shape, *self.out_features)
@@ -486,6 +541,9 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
     n_batch, n_in = len(self.batch_axis), len(self.in_features)
     ndim = n_batch + n_in + len(self.out_features)
     return tuple(range(n_batch)) + tuple(range(n_batch + n_in, ndim))
+
+  def _channel_axes_of(self, ndim: int) -> tuple[int, ...]:
+    return self.channel_axes
 
   def __call__(self, inputs, out_sharding=None):
     x = self.quantize_input(inputs)
@@ -532,7 +590,8 @@ class QuantEinsum(_QuantMixin, nnx.Module):
   def __init__(self, einsum_str: str, kernel_shape: Sequence[int],
                bias_shape: Optional[Sequence[int]] = None, *,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
-               per_channel: bool = False, weight_quantizer: str = "fixed",
+               per_channel: bool = False, group_size: Optional[int] = None,
+               weight_quantizer: str = "fixed",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
                kernel_init=nnx.initializers.lecun_normal(),
@@ -547,7 +606,8 @@ class QuantEinsum(_QuantMixin, nnx.Module):
     kernel = kernel_init(rngs.params(), self.kernel_shape, param_dtype)
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
-                            signed_act=signed_act, scale_method=scale_method)
+                            signed_act=signed_act, scale_method=scale_method,
+                            group_size=group_size)
     self.bias = (nnx.Param(bias_init(rngs.params(), self.bias_shape, param_dtype))
                  if bias_shape is not None else None)
 
@@ -556,6 +616,9 @@ class QuantEinsum(_QuantMixin, nnx.Module):
     inputs, output = self.einsum_str.split("->")
     kernel_letters = inputs.split(",")[1]
     return tuple(i for i, letter in enumerate(kernel_letters) if letter in output)
+
+  def _channel_axes_of(self, ndim: int) -> tuple[int, ...]:
+    return self.channel_axes
 
   def __call__(self, inputs, einsum_str: Optional[str] = None, out_sharding=None):
     given = einsum_str

@@ -37,9 +37,11 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
+from trquant import checks
 from trquant import quantizers
 from trquant.nnx import graph
 from trquant.nnx.capturing import capture_layers
@@ -116,6 +118,9 @@ class QuantRule:
     weight_bits: weight bit width (1 = binary); None keeps full-precision weights.
     act_bits: input bit width (LSQ); None keeps full-precision inputs.
     per_channel: one weight scale per output channel / feature.
+    group_size: per-group (sub-channel) weight scales: one per group of ``group_size``
+      consecutive weights along each matched layer's last input axis, per output channel
+      (LM stacks use 32-128); it must divide that axis of every matched layer.
     weight_quantizer: ``"fixed"`` (frozen scale from the weights, as TR scheduling
       needs) or ``"lsq"`` (learned).
     signed_act: signed input grid (inputs that are not post-ReLU: LayerNorm outputs,
@@ -137,6 +142,7 @@ class QuantRule:
   weight_bits: Optional[int] = None
   act_bits: Optional[int] = None
   per_channel: bool = False
+  group_size: Optional[int] = None
   weight_quantizer: str = "fixed"
   signed_act: bool = False
   scale_method: str = "mse"
@@ -161,6 +167,11 @@ class QuantRule:
       quantizers.quant_range(self.weight_bits, signed=True)  # validates
     if self.act_bits is not None:
       quantizers.quant_range(self.act_bits, signed=bool(self.signed_act))
+    if self.group_size is not None:
+      try:
+        checks.check_group_size(self.group_size)
+      except ValueError as error:
+        raise ValueError(f"QuantRule: {error}") from None
     if self.weight_quantizer not in WEIGHT_QUANTIZERS:
       raise ValueError(f"QuantRule: `weight_quantizer` must be one of {WEIGHT_QUANTIZERS}, got"
                        f" {self.weight_quantizer!r}.")
@@ -191,8 +202,9 @@ class QuantRule:
   def layer_kwargs(self) -> dict:
     """The quantization arguments of the trquant layer constructors."""
     return dict(weight_bits=self.weight_bits, act_bits=self.act_bits,
-                per_channel=self.per_channel, weight_quantizer=self.weight_quantizer,
-                signed_act=self.signed_act, scale_method=self.scale_method)
+                per_channel=self.per_channel, group_size=self.group_size,
+                weight_quantizer=self.weight_quantizer, signed_act=self.signed_act,
+                scale_method=self.scale_method)
 
 
 def _check_layer_type(layer_type) -> None:
@@ -469,7 +481,12 @@ def quantize_model(model, rules):
     if variables.get(id(module.kernel), 0) > 1:
       raise ValueError(f"quantize_model: the kernel of {label} is shared with another module (weight"
                        " tying); quantizing this layer would untie them.")
-    replacements.append((module, _build(module, rule)))
+    try:
+      replacements.append((module, _build(module, rule)))
+    except ValueError as error:  # e.g. a group size that does not divide this layer's inputs
+      raise ValueError(f"quantize_model: {rule!r} at {label} ({type(module).__name__}, kernel"
+                       f" {tuple(np.shape(module.kernel.get_value()))}): {error} A rule with a"
+                       " narrower path before it can give this layer its own settings.") from None
   root = work
   for module, layer in replacements:
     for path in modules[id(module)]:

@@ -217,7 +217,8 @@ def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   """
   scales = _ModelScales(model, "TR scheduling", max_bits)
   model_codes_fn = _per_kernel_fn(
-      scales, lambda leaf, layer, scale: quantizers.quantize(leaf, scale, bits=layer.kernel.bits))
+      scales, lambda leaf, layer, scale: quantizers.quantize(leaf, scale, bits=layer.kernel.bits,
+                                                             **layer.weight_group))
   # tr_schedule's windup guard reads which weights are beyond the grid from it.
   model_codes_fn.saturation_fn = _per_kernel_fn(scales, _beyond_grid)
   return model_codes_fn
@@ -227,6 +228,7 @@ def _beyond_grid(leaf, layer, scale):
   """True where ``leaf / scale`` lies outside the layer's grid ``[lo, hi]``."""
   kernel = layer.kernel
   lo, hi = quantizers.quant_range(kernel.bits, signed=kernel.signed, narrow=kernel.narrow)
+  scale = layer.broadcast_weight_scale(scale)  # per-group scales repeated over their groups
   ratio = leaf.astype(jnp.float32) / jnp.asarray(scale, jnp.float32)
   return (ratio < lo) | (ratio > hi)
 
@@ -271,8 +273,9 @@ def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
       (``weight_quantizer="lsq"``): a moving scale would move frozen weights off their
       grid points.
   """
+  # Per-group scales come repeated over their groups: the bin centre is code * scale.
   return _per_kernel_fn(_ModelScales(model, "freezing", max_bits),
-                        lambda leaf, layer, scale: scale)
+                        lambda leaf, layer, scale: layer.broadcast_weight_scale(scale))
 
 
 def layer_names(model, *, wrt=nnx.Param, max_bits: Optional[int] = None) -> list:
@@ -423,7 +426,7 @@ def dampening_loss(model, *, aggregation: str = "kernel_mean"):
   for _, layer in traversal.require_quant_layers(model, "dampening_loss", quantized_weights=True):
     kernel = layer.kernel
     total = total + oscillations.dampening_loss(
-        kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
+        kernel.get_value(), layer.broadcast_weight_scale(), bits=kernel.bits,
         signed=kernel.signed, narrow=kernel.narrow, aggregation=aggregation)
   return total
 
