@@ -260,3 +260,16 @@ def test_group_size_that_does_not_divide_the_inputs_is_named():
     QuantLinear(30, 4, weight_bits=4, group_size=8, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="positive int"):
     QuantLinear(32, 4, weight_bits=4, group_size=0, rngs=nnx.Rngs(0))
+
+
+def test_dynamic_input_quantizer_has_no_scale_and_quantizes_per_token():
+  layer = QuantLinear(8, 4, weight_bits=4, act_bits=8, act_quantizer="dynamic", signed_act=True,
+                      rngs=nnx.Rngs(0))
+  assert layer.act_scale is None
+  x = jax.random.normal(jax.random.key(1), (2, 5, 8)) * 3.0
+  kernel = layer.quantized_kernel()
+  np.testing.assert_allclose(layer(x), trquant.fake_quant_dynamic(x, bits=8) @ kernel + layer.bias.get_value(),
+                             rtol=1e-5, atol=1e-5)
+  trquant.nnx.calibrate_activations(nnx.Sequential(layer), x)  # nothing to set, no error
+  with pytest.raises(ValueError, match="act_quantizer"):
+    QuantLinear(8, 4, act_bits=8, act_quantizer="minmax", rngs=nnx.Rngs(0))

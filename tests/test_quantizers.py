@@ -1135,3 +1135,22 @@ def test_bad_group_sizes_are_named(group_size, message):
 def test_group_scale_of_the_wrong_shape_is_named():
   with pytest.raises(ValueError, match="group_scale_shape"):
     trquant.fake_quant(jnp.ones((16, 4)), jnp.ones((1, 4)), bits=4, group_size=4)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]), rows=st.integers(1, 6))
+def test_dynamic_quantization_is_per_row_absmax(seed, bits, rows):
+  x = jax.random.normal(jax.random.key(seed), (rows, 12)) * jnp.arange(1, rows + 1)[:, None]
+  q = trquant.fake_quant_dynamic(x, bits=bits)
+  hi = 2 ** (bits - 1) - 1
+  scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / hi
+  np.testing.assert_array_equal(q, trquant.fake_quant(x, jnp.maximum(scale, 1e-38), bits=bits))
+  # Each row's largest entry is kept exactly (it defines the grid), errors within half a step.
+  assert bool(jnp.all(jnp.abs(q - x) <= scale / 2 * (1 + 1e-5)))
+  np.testing.assert_array_equal(jax.grad(lambda v: trquant.fake_quant_dynamic(v, bits=bits).sum())(x),
+                                jnp.ones_like(x))
+
+
+def test_dynamic_quantization_rejects_binary():
+  with pytest.raises(ValueError, match="bits >= 2"):
+    trquant.fake_quant_dynamic(jnp.ones((2, 3)), bits=1)

@@ -21,6 +21,7 @@ from trquant.quantizers import binarize
 from trquant.quantizers import dequantize
 from trquant.quantizers import fake_quant
 from trquant.quantizers import expand_group_scale
+from trquant.quantizers import fake_quant_dynamic
 from trquant.quantizers import fake_quant_unscaled
 from trquant.quantizers import group_scale_shape
 from trquant.quantizers import init_scale
@@ -49,6 +50,7 @@ __all__ = [
     "expand_group_scale",
     "export",
     "fake_quant",
+    "fake_quant_dynamic",
     "fake_quant_unscaled",
     "freeze_oscillations",
     "freeze_threshold_schedule",

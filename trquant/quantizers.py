@@ -440,6 +440,45 @@ def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_
   return fake_quant(x, _grad_scaled(scale, grad_scale), bits=bits, signed=signed, narrow=narrow)
 
 
+def fake_quant_dynamic(x, *, bits: int, signed: bool = True, axis=-1):
+  """Dynamic absmax quantization with straight-through gradients: per token by default.
+
+  The step size is computed from ``x`` itself, ``max(|x|) / hi`` over ``axis`` (the
+  feature axis: one scale per row, i.e. per token of an LM's activations), as the W8A8 /
+  "8da4w" recipes quantize activations; it is not learned and gets no gradient, ``x``
+  gets the straight-through gradient (the whole row is inside the grid by construction).
+
+  Args:
+    x: activations (any floating dtype; the output keeps it).
+    bits: bit width in ``[2, 16]``.
+    signed: signed grid (inputs of either sign) or unsigned (non-negative inputs).
+    axis: the axis (axes) each scale spans; default the last, one scale per row.
+
+  Returns:
+    The fake-quantized array, same shape and dtype as ``x``.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> x = jnp.array([[1.0, -0.5, 0.2], [10.0, 3.0, -1.0]])
+    >>> q = trquant.fake_quant_dynamic(x, bits=8)     # row scales 1/127 and 10/127
+    >>> bool(jnp.all(jnp.abs(q - x) <= jnp.array([[0.5 / 127], [5.0 / 127]]) + 1e-7))
+    True
+  """
+  grid = _grid(bits, signed, False)
+  if grid.binary:
+    raise ValueError("`bits`=1 (signed) is binary: sign(x) needs no dynamic scale; use bits >= 2.")
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"`x` must have a floating dtype to be fake-quantized, got {x.dtype}.")
+  compute = jnp.promote_types(x.dtype, jnp.float32)
+  absmax = jnp.max(jnp.abs(x.astype(compute)), axis=axis, keepdims=True)
+  scale = jax.lax.stop_gradient(jnp.maximum(absmax / grid.hi, jnp.finfo(jnp.float32).tiny))
+  # Every entry lies inside the grid by construction, so the gradient is the identity
+  # everywhere (x / scale can exceed hi by a rounding error at a row's largest entry).
+  quantized = jax.lax.stop_gradient(_fake_quant(x, scale, grid))
+  return (x - jax.lax.stop_gradient(x)) + quantized  # exactly `quantized`, gradient 1
+
+
 def binarize(x, scale=None):
   """Binary quantization ``scale * sign(x)`` (``sign(0) = +1``) with a clipped-identity STE.
 

@@ -36,6 +36,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from trquant import quantizers
 
 WEIGHT_QUANTIZERS = ("fixed", "lsq")
+ACT_QUANTIZERS = ("lsq", "dynamic")
 DEPTHWISE_IMPLS = ("auto", "conv", "shift")
 
 
@@ -67,7 +68,7 @@ class _QuantMixin:
   """Weight and input quantization shared by the quantized layers."""
 
   def _init_quantization(self, kernel, *, weight_bits, act_bits, per_channel, weight_quantizer,
-                         signed_act, scale_method, group_size=None):
+                         signed_act, scale_method, group_size=None, act_quantizer="lsq"):
     if weight_bits is not None:
       quantizers.quant_range(weight_bits, signed=True)  # validates the bit width
     if act_bits is not None:
@@ -96,7 +97,15 @@ class _QuantMixin:
                          if weight_bits is not None else None)
     self.act_bits = act_bits
     self.signed_act = bool(signed_act)
-    self.act_scale = ActScale(jnp.ones((), jnp.float32)) if act_bits is not None else None
+    if act_quantizer not in ACT_QUANTIZERS:
+      raise ValueError(f"`act_quantizer` must be one of {ACT_QUANTIZERS}, got {act_quantizer!r}.")
+    if act_quantizer == "dynamic" and act_bits == 1 and signed_act:
+      raise ValueError("`act_quantizer='dynamic'` needs act_bits >= 2 (binary inputs take no"
+                       " scale).")
+    self.act_quantizer = act_quantizer
+    # A dynamic (per-token absmax) input quantizer has no scale to learn.
+    self.act_scale = (ActScale(jnp.ones((), jnp.float32))
+                      if act_bits is not None and act_quantizer == "lsq" else None)
     self.calibrating = False
     self.capture_hook = None
     self.input_quant_hook = None
@@ -176,6 +185,10 @@ class _QuantMixin:
   def quantize_input(self, x):
     if self.act_bits is None:
       return x
+    if getattr(self, "act_quantizer", "lsq") == "dynamic":
+      quantized = quantizers.fake_quant_dynamic(x, bits=self.act_bits, signed=self.signed_act)
+      hook = getattr(self, "input_quant_hook", None)
+      return quantized if hook is None else hook(self, x, quantized)
     if self.calibrating:
       self.act_scale.set_value(quantizers.init_scale(
           x, bits=self.act_bits, method="lsq", signed=self.signed_act))
@@ -218,6 +231,9 @@ class QuantLinear(_QuantMixin, nnx.Module):
     group_size: per-group (sub-channel) weight scales: one per group of ``group_size``
       consecutive input features of each output channel (the LM convention: 32-128);
       it must divide the input axis. None: per-channel or per-tensor.
+    act_quantizer: ``"lsq"`` (a learned per-tensor input scale, calibrated by
+      :func:`trquant.nnx.calibrate_activations`) or ``"dynamic"`` (per-token absmax,
+      :func:`trquant.fake_quant_dynamic`: the W8A8 / 8da4w recipes; nothing to learn).
     weight_quantizer: ``"fixed"`` (frozen scale initialised from the weights, as
       TR scheduling requires) or ``"lsq"`` (learned scale).
     signed_act: signed input grid (e.g. for inputs that are not post-ReLU, or
@@ -230,7 +246,7 @@ class QuantLinear(_QuantMixin, nnx.Module):
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
-               weight_quantizer: str = "fixed",
+               weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
                kernel_init=nnx.initializers.lecun_normal(),
@@ -242,7 +258,7 @@ class QuantLinear(_QuantMixin, nnx.Module):
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
                             signed_act=signed_act, scale_method=scale_method,
-                            group_size=group_size)
+                            group_size=group_size, act_quantizer=act_quantizer)
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
@@ -284,7 +300,7 @@ class QuantConv(_QuantMixin, nnx.Module):
                feature_group_count: int = 1, use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
-               weight_quantizer: str = "fixed",
+               weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
                signed_act: bool = False, scale_method: str = "mse",
                depthwise_impl: str = "auto", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
@@ -322,7 +338,7 @@ class QuantConv(_QuantMixin, nnx.Module):
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
                             signed_act=signed_act, scale_method=scale_method,
-                            group_size=group_size)
+                            group_size=group_size, act_quantizer=act_quantizer)
     self.bias = (nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
                  if use_bias else None)
 
@@ -495,7 +511,7 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
                batch_axis: Mapping[int, int] = FrozenDict({}), use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
-               weight_quantizer: str = "fixed",
+               weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
                kernel_init=nnx.initializers.lecun_normal(),
@@ -524,7 +540,7 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
                             signed_act=signed_act, scale_method=scale_method,
-                            group_size=group_size)
+                            group_size=group_size, act_quantizer=act_quantizer)
     bias = None
     if use_bias:
       bias_shape = (*batch_shape, *self.out_features)
@@ -591,7 +607,7 @@ class QuantEinsum(_QuantMixin, nnx.Module):
                bias_shape: Optional[Sequence[int]] = None, *,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
-               weight_quantizer: str = "fixed",
+               weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
                signed_act: bool = False, scale_method: str = "mse", dtype=None,
                param_dtype=jnp.float32, precision=None, preferred_element_type=None,
                kernel_init=nnx.initializers.lecun_normal(),
@@ -607,7 +623,7 @@ class QuantEinsum(_QuantMixin, nnx.Module):
     self._init_quantization(kernel, weight_bits=weight_bits, act_bits=act_bits,
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
                             signed_act=signed_act, scale_method=scale_method,
-                            group_size=group_size)
+                            group_size=group_size, act_quantizer=act_quantizer)
     self.bias = (nnx.Param(bias_init(rngs.params(), self.bias_shape, param_dtype))
                  if bias_shape is not None else None)
 

@@ -47,6 +47,7 @@ from trquant.nnx import graph
 from trquant.nnx.capturing import capture_layers
 from trquant.nnx.traversal import path_name
 from trquant.nnx.layers import QUANT_LAYERS
+from trquant.nnx.layers import ACT_QUANTIZERS
 from trquant.nnx.layers import WEIGHT_QUANTIZERS
 from trquant.nnx.layers import QuantConv
 from trquant.nnx.layers import QuantEinsum
@@ -121,6 +122,8 @@ class QuantRule:
     group_size: per-group (sub-channel) weight scales: one per group of ``group_size``
       consecutive weights along each matched layer's last input axis, per output channel
       (LM stacks use 32-128); it must divide that axis of every matched layer.
+    act_quantizer: ``"lsq"`` (learned per-tensor input scale) or ``"dynamic"``
+      (per-token absmax, :func:`trquant.fake_quant_dynamic`).
     weight_quantizer: ``"fixed"`` (frozen scale from the weights, as TR scheduling
       needs) or ``"lsq"`` (learned).
     signed_act: signed input grid (inputs that are not post-ReLU: LayerNorm outputs,
@@ -143,6 +146,7 @@ class QuantRule:
   act_bits: Optional[int] = None
   per_channel: bool = False
   group_size: Optional[int] = None
+  act_quantizer: str = "lsq"
   weight_quantizer: str = "fixed"
   signed_act: bool = False
   scale_method: str = "mse"
@@ -172,6 +176,9 @@ class QuantRule:
         checks.check_group_size(self.group_size)
       except ValueError as error:
         raise ValueError(f"QuantRule: {error}") from None
+    if self.act_quantizer not in ACT_QUANTIZERS:
+      raise ValueError(f"QuantRule: `act_quantizer` must be one of {ACT_QUANTIZERS}, got"
+                       f" {self.act_quantizer!r}.")
     if self.weight_quantizer not in WEIGHT_QUANTIZERS:
       raise ValueError(f"QuantRule: `weight_quantizer` must be one of {WEIGHT_QUANTIZERS}, got"
                        f" {self.weight_quantizer!r}.")
@@ -203,6 +210,7 @@ class QuantRule:
     """The quantization arguments of the trquant layer constructors."""
     return dict(weight_bits=self.weight_bits, act_bits=self.act_bits,
                 per_channel=self.per_channel, group_size=self.group_size,
+                act_quantizer=self.act_quantizer,
                 weight_quantizer=self.weight_quantizer, signed_act=self.signed_act,
                 scale_method=self.scale_method)
 
