@@ -71,8 +71,13 @@ _SETUP = textwrap.dedent("""
 
     def compare(params, opt_state, reference, fields=FIELDS):
       ref_params, ref_state = reference
+      # Params to rtol 1e-5 with an absolute floor of 1e-5: Adam divides by sqrt(v), so a
+      # weight whose gradient is near 0 turns a summation-order difference (a sharded
+      # layout adds the batch in another order) into a larger relative step; one machine's
+      # XLA:CPU moved one of 1024 weights by 6e-6 so under explicit axes. The discrete state
+      # (transition counts, frozen masks) below must still agree.
       for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
       for field in fields:
         np.testing.assert_allclose(optax.tree.get(opt_state, field), optax.tree.get(ref_state, field),
                                    rtol=1e-5, atol=1e-7)
