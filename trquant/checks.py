@@ -252,8 +252,7 @@ def check_global_batch(batch, name: str = "batch") -> None:
   if jax.process_count() == 1:
     return
   for leaf in jax.tree.leaves(batch):
-    if isinstance(leaf, jax.core.Tracer) or (isinstance(leaf, jax.Array)
-                                             and not leaf.is_fully_addressable):
+    if isinstance(leaf, jax.core.Tracer) or spans_processes(leaf):
       continue
     kind = ("a process-local jax.Array" if isinstance(leaf, jax.Array)
             else f"a {type(leaf).__module__}.{type(leaf).__name__}")

@@ -102,7 +102,7 @@ class IntegerTensor:
 def _host(value) -> np.ndarray:
   """A concrete value as a numpy array on this host: an array sharded across processes is
   gathered from every process first (a collective: every process must call)."""
-  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+  if checks.spans_processes(value):
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(value, tiled=True))
   return np.asarray(value)

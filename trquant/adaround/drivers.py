@@ -100,14 +100,6 @@ def _without_float_units(units, plan) -> list:
   return kept
 
 
-def _like(value, reference):
-  """`value` on `reference`'s sharding: the reconstructed kernel goes back where the
-  model keeps its kernel (reconstruction may hold it replicated)."""
-  if isinstance(reference, jax.Array) and isinstance(value, jax.Array):
-    return jax.device_put(value, reference.sharding)
-  return value
-
-
 def _check_act_bits(act_bits) -> None:
   if act_bits is not None:
     rounding.weight_grid(act_bits, False, "act_bits")
@@ -292,7 +284,7 @@ def adaround_model(model, calibration_batches, *, weight_bits: int,
           activation=activation, key=jax.random.fold_in(key, index))
       jax.block_until_ready(result.weight)
       done = time.perf_counter()
-      work_layer.kernel.set_value(_like(result.weight, kernel))
+      work_layer.kernel.set_value(unit_lib.put_like(result.weight, kernel))
       nearest_codes = quantizers.quantize(kernel, scale, bits=layer_bits)
       nearest = quantizers.dequantize(nearest_codes, scale)
       nearest_error, adaround_error = reconstruction.reconstruction_errors(
@@ -477,7 +469,7 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
       final_codes = nearest_codes if keep_nearest else result.codes
       for planned, weight in zip(entries, final_weights):
         planned.work_layer.kernel.set_value(
-            _like(weight, planned.work_layer.kernel.get_value()))
+            unit_lib.put_like(weight, planned.work_layer.kernel.get_value()))
       for layer, scale in zip(act_layers_work, final_acts):
         layer.act_scale.set_value(scale)
       flipped = sum(float(jnp.sum(c != n)) for c, n in zip(final_codes, nearest_codes))

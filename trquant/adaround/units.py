@@ -90,14 +90,19 @@ def _set_quantized(layer, *, weight_bits: int, scale, per_channel: bool, kernel=
   """Makes `layer` quantize its kernel to `weight_bits` with the frozen step size `scale`."""
   if kernel is not None:
     current = layer.kernel.get_value()
-    kernel = jnp.asarray(kernel, current.dtype)
-    # Back on the kernel's own sharding (reconstruction may return it replicated).
-    layer.kernel.set_value(jax.device_put(kernel, current.sharding)
-                           if isinstance(current, jax.Array) else kernel)
+    layer.kernel.set_value(put_like(jnp.asarray(kernel, current.dtype), current))
   layer.kernel.set_metadata(bits=weight_bits, signed=True, narrow=False)
   layer.weight_quantizer = "fixed"
   layer.per_channel = bool(per_channel)
   layer.weight_scale = nnx.data(tq_nnx.WeightScale(jnp.asarray(scale, jnp.float32)))
+
+
+def put_like(value, reference):
+  """`value` on `reference`'s sharding: a reconstructed kernel goes back where the model
+  keeps its kernel (reconstruction may hold it replicated)."""
+  if isinstance(reference, jax.Array) and isinstance(value, jax.Array):
+    return jax.device_put(value, reference.sharding)
+  return value
 
 
 def quantization_plan(model, batches, *, weight_bits, per_channel, first_last, forward):
