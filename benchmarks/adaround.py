@@ -4,7 +4,7 @@ For each model (a small CNN and ResNet-20 by default), trains a full-precision
 checkpoint with trquant_examples.training (or reuses the one in ``--out``), then for
 W4/W3/W2 weight-only quantization with per-tensor and per-channel MSE scales
 reports the test accuracy of the FP model, of round-to-nearest and of AdaRound
-(``trquant.adaround.adaround_model``) from ``--calibration`` training images,
+(``trquant.adaround.reconstruct_model(granularity="layer")``) from ``--calibration`` training images,
 over ``--seeds`` calibration draws / keys, and the wall time per layer. Finally
 times one layer's reconstruction as the fused loop (one jitted ``lax.scan``, as
 ``reconstruct_layer`` runs it) against the same steps run eagerly (a Python
@@ -107,6 +107,21 @@ def accuracy(model, dataset):
   return evaluate(model, dataset.test_images, dataset.test_labels)
 
 
+def ptq_model(model, example, *, weight_bits, act_bits=None, per_channel, first_last):
+  """The FP model quantized by the rules of one setting, as the PTQ drivers take it:
+  ``weight_bits`` (and ``act_bits``) everywhere, the first and last layer called at
+  ``first_last`` bits (``"fp"``: in full precision; ``"same"``: as the rest)."""
+  rules = []
+  if first_last != "same":
+    edge_bits = None if first_last == "fp" else first_last
+    rules.append(trquant.nnx.first_last_rule(
+        model, example, weight_bits=edge_bits, per_channel=per_channel,
+        act_bits=edge_bits if act_bits is not None else None))
+  rules.append(trquant.nnx.QuantRule(weight_bits=weight_bits, act_bits=act_bits,
+                                     per_channel=per_channel))
+  return trquant.nnx.quantize_model(model, rules)
+
+
 def calibration_batches(dataset, size, seed, batch=256):
   index = np.random.default_rng(seed).choice(len(dataset.train_images), size, replace=False)
   images = dataset.train_images[np.sort(index)]
@@ -181,26 +196,26 @@ def run_model(args, name, dataset, *, fp_epochs, iters, seeds):
   for granularity in granularities:
     per_channel = granularity == "channel"
     for bits in bits_list:
-      nearest = adaround.round_to_nearest(model, weight_bits=bits, per_channel=per_channel,
-                                          first_last=first_last,
-                                          example_input=example).model
+      ruled = ptq_model(model, example, weight_bits=bits, per_channel=per_channel,
+                        first_last=first_last)
+      nearest = adaround.round_to_nearest(ruled).model
       nearest_accuracy = accuracy(nearest, dataset)
       accuracies, errors = [], []
       for seed in range(seeds):
         start = time.perf_counter()
-        quantized, reports = adaround.adaround_model(
-            model, calibration_batches(dataset, args.calibration, seed), weight_bits=bits,
-            per_channel=per_channel, first_last=first_last,
+        quantized, reports = adaround.reconstruct_model(
+            ruled, calibration_batches(dataset, args.calibration, seed), granularity="layer",
+            fallback_to_nearest=False,
             config=adaround.AdaRoundConfig(iters=iters, batch_size=args.ada_batch_size,
                                            lam=args.lam, lr=args.lr),
             key=jax.random.key(seed), progress=not args.quick)
         seconds = time.perf_counter() - start
         accuracies.append(accuracy(quantized, dataset))
-        errors.append([r.adaround_error / max(r.nearest_error, 1e-12) for r in reports])
+        errors.append([r.reconstructed_error / max(r.nearest_error, 1e-12) for r in reports])
         for report in reports:
           entry = layer_times.setdefault(report.name, {"bits": [], "seconds": [], "capture": [],
                                                        "flipped": []})
-          entry["bits"].append(report.weight_bits)
+          entry["bits"].append(report.weight_bits[0])
           entry["seconds"].append(report.seconds)
           entry["capture"].append(report.capture_seconds)
           entry["flipped"].append(report.flipped_fraction)

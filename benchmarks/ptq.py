@@ -113,20 +113,19 @@ def planned_runs(args):
 def run_one(args, model, dataset, name, setting, method, seed):
   tag, bits, act_bits = setting
   batches = adaround_bench.calibration_batches(dataset, args.calibration, seed)
-  common = dict(weight_bits=bits, per_channel=not args.per_tensor,
-                first_last=args.first_last)
+  ruled = adaround_bench.ptq_model(model, batches[0][:1], weight_bits=bits, act_bits=act_bits,
+                                   per_channel=not args.per_tensor, first_last=args.first_last)
   start = time.perf_counter()
   reports = []
   if method == "nearest":
-    quantized = adaround.round_to_nearest(model, example_input=batches[0], act_bits=act_bits,
-                                          **common).model
+    quantized = adaround.round_to_nearest(ruled, batches[0]).model
   else:
     quantized, reports = adaround.reconstruct_model(
-        model, batches, act_bits=act_bits, granularity="layer" if method == "adaround" else "block",
+        ruled, batches, granularity="layer" if method == "adaround" else "block",
         config=adaround.AdaRoundConfig(
             iters=args.iters, lam=args.lam, lr=args.lr, act_lr=args.act_lr,
             drop_prob=args.drop_prob if method == "qdrop" else 0.0),
-        key=jax.random.key(seed), progress=not args.quick, **common)
+        key=jax.random.key(seed), progress=not args.quick)
   seconds = time.perf_counter() - start
   accuracy = adaround_bench.accuracy(quantized, dataset)
   return {"model": name, "setting": tag, "bits": bits, "act_bits": act_bits, "method": method,

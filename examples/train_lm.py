@@ -285,20 +285,22 @@ def run_qwix(args, fp, bits, data, curve_windows, final_windows, example):
 
 
 def run_ptq(args, fp, calibration, final_windows, out):
-  fp_layers = trquant.nnx.quantize_model(fp, [QuantRule("embed", skip=True), QuantRule()])
-  common = dict(weight_bits=args.ptq_bits, first_last=8)
+  # The first and last layer called at 8 bits, the rest at --ptq-bits (weights only).
+  ruled = trquant.nnx.quantize_model(fp, [
+      QuantRule("embed", skip=True),
+      trquant.nnx.first_last_rule(fp, calibration[:1], weight_bits=8),
+      QuantRule(weight_bits=args.ptq_bits)])
   config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
   rows = []
-  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[:1],
-                                              **common).model
+  nearest = trquant.adaround.round_to_nearest(ruled).model
   t0 = time.perf_counter()
-  ada, ada_info = trquant.adaround.adaround_model(
-      fp_layers, calibration, config=config, key=jax.random.key(0),
-      progress=not args.no_progress, **common)
+  ada, ada_info = trquant.adaround.reconstruct_model(
+      ruled, calibration, granularity="layer", config=config, key=jax.random.key(0),
+      progress=not args.no_progress)
   t1 = time.perf_counter()
   brecq, brecq_info = trquant.adaround.reconstruct_model(
-      fp_layers, calibration, config=config, key=jax.random.key(0),
-      progress=not args.no_progress, **common)
+      ruled, calibration, config=config, key=jax.random.key(0),
+      progress=not args.no_progress)
   t2 = time.perf_counter()
   for name, model, seconds, info in (("nearest", nearest, 0.0, []),
                                      ("AdaRound", ada, t1 - t0, ada_info),

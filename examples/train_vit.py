@@ -330,14 +330,17 @@ def run_adaround(args, fp, dataset, out_dir):
   index = np.sort(rng.choice(len(dataset.train_images), args.calibration, replace=False))
   images = dataset.train_images[index]
   calibration = [images[i:i + 256] for i in range(0, len(images), 256)]
-  fp_layers = trquant.nnx.quantize_model(fp, QuantRule())  # every layer a trquant layer, in FP
-  common = dict(weight_bits=args.adaround_bits, per_channel=args.per_channel, first_last=8)
+  # The first and last layer called at 8 bits, the rest at --adaround-bits (weights only).
+  ruled = trquant.nnx.quantize_model(fp, [
+      trquant.nnx.first_last_rule(fp, calibration[0][:1], weight_bits=8,
+                                  per_channel=args.per_channel),
+      QuantRule(weight_bits=args.adaround_bits, per_channel=args.per_channel)])
   start = time.perf_counter()
-  nearest = trquant.adaround.round_to_nearest(fp_layers, example_input=calibration[0],
-                                              **common).model
-  ada, reports = trquant.adaround.adaround_model(
-      fp_layers, calibration, config=trquant.adaround.AdaRoundConfig(iters=args.adaround_iters),
-      key=jax.random.key(0), progress=not args.no_progress, **common)
+  nearest = trquant.adaround.round_to_nearest(ruled).model
+  ada, reports = trquant.adaround.reconstruct_model(
+      ruled, calibration, granularity="layer", fallback_to_nearest=False,
+      config=trquant.adaround.AdaRoundConfig(iters=args.adaround_iters),
+      key=jax.random.key(0), progress=not args.no_progress)
   seconds = time.perf_counter() - start
   accuracy = {"fp": evaluate(fp, dataset.test_images, dataset.test_labels),
               "nearest": evaluate(nearest, dataset.test_images, dataset.test_labels),
@@ -418,7 +421,7 @@ def plot(results, path):
     layers = results["adaround"]["layers"]
     index = np.arange(len(layers))
     axes[2].bar(index - 0.2, [r["nearest_error"] for r in layers], 0.4, label="nearest")
-    axes[2].bar(index + 0.2, [r["adaround_error"] for r in layers], 0.4, label="AdaRound")
+    axes[2].bar(index + 0.2, [r["reconstructed_error"] for r in layers], 0.4, label="AdaRound")
     axes[2].set(xlabel="layer (call order)", ylabel="output reconstruction error",
                 title=f"AdaRound W{results['adaround']['bits']}", yscale="log")
     axes[2].legend(fontsize=7)

@@ -14,7 +14,7 @@ processes), global batches, then
 4. integer export: ``to_integer``, ``nbytes``, ``save_integer`` (written by process 0),
    ``read_integer`` and ``load_integer`` into a new model (shardings restored);
 5. post-training quantization of a float copy: ``round_to_nearest`` and
-   ``adaround_model`` on global batches;
+   AdaRound (``reconstruct_model(granularity="layer")``) on global batches;
 6. the errors a multi-process user meets: a process-local batch, a negative sharded
    scale, a ``codes_fn`` that returns weights.
 
@@ -226,11 +226,12 @@ def main(argv=None):
     # 5. PTQ of a float model on global batches
     float_model = create(None, 3)
     calibration = [b[0] for b in batches[:2]]
-    rtn, _ = trquant.adaround.round_to_nearest(float_model, weight_bits=4,
-                                               example_input=calibration[0], per_channel=True)
+    ruled = trquant.nnx.quantize_model(float_model,
+                                       trquant.nnx.QuantRule(weight_bits=4, per_channel=True))
+    rtn, _ = trquant.adaround.round_to_nearest(ruled, calibration[0])
     results["rtn_codes_fc1"] = host(rtn.fc1.weight_codes())
-    ada, _ = trquant.adaround.adaround_model(
-        float_model, calibration, weight_bits=4, per_channel=True, progress=False,
+    ada, _ = trquant.adaround.reconstruct_model(
+        ruled, calibration, granularity="layer", progress=False,
         config=trquant.adaround.AdaRoundConfig(iters=20, batch_size=16), key=jax.random.key(0))
     results["adaround_codes_fc2"] = host(ada.fc2.weight_codes())
 

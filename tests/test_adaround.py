@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import trquant
 from trquant import adaround
-from trquant.nnx import QuantConv, QuantLinear, WeightScale
+from trquant.nnx import QuantConv, QuantLinear, QuantRule, WeightScale
 
 from nnx_fixture_models import SmallCNN
 
@@ -311,15 +311,21 @@ def _kernels(model):
           for path, layer in trquant.nnx.quant_layers(model)}
 
 
+def _ruled(model, *rules):
+  return trquant.nnx.quantize_model(model, list(rules))
+
+
 @pytest.mark.integration
-def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
+def test_layer_reconstruction_returns_a_new_model_and_beats_nearest(digits_cnn):
   fp, calibration, held_out = digits_cnn
   before = _kernels(fp)
+  model = _ruled(fp, QuantRule(weight_bits=2))
   batches = [calibration[:128], calibration[128:]]
-  q, reports = adaround.adaround_model(fp, batches, weight_bits=2,
-                                       config=adaround.AdaRoundConfig(iters=150, lr=1e-2, lam=0.1),
-                                       key=jax.random.key(0), progress=False)
-  nearest = adaround.round_to_nearest(fp, weight_bits=2).model
+  q, reports = adaround.reconstruct_model(
+      model, batches, granularity="layer", fallback_to_nearest=False,
+      config=adaround.AdaRoundConfig(iters=150, lr=1e-2, lam=0.1), key=jax.random.key(0),
+      progress=False)
+  nearest = adaround.round_to_nearest(model).model
   # The FP model is untouched: same kernels, still unquantized, same classes.
   after = _kernels(fp)
   assert before.keys() == after.keys()
@@ -342,8 +348,9 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   for (_, a), (_, b) in zip(trquant.nnx.quant_layers(q), trquant.nnx.quant_layers(nearest)):
     np.testing.assert_array_equal(a.weight_scale.get_value(), b.weight_scale.get_value())
   assert [r.name for r in reports] == ["conv1/conv", "conv2/conv", "conv3/conv", "head"]
+  assert nearest_reports_are_empty(adaround.round_to_nearest(model))
   for report in reports:
-    assert report.adaround_error <= report.nearest_error * 1.001
+    assert report.reconstructed_error <= report.nearest_error * 1.001
     assert 0 <= report.flipped_fraction <= 1 and report.seconds > 0
   # Logit error against the FP model on held-out images.
   q.eval()
@@ -355,49 +362,96 @@ def test_adaround_model_returns_a_new_model_and_beats_nearest(digits_cnn):
   assert agreement(q) >= agreement(nearest)
 
 
+def nearest_reports_are_empty(result) -> bool:
+  return isinstance(result, adaround.ModelResult) and list(result.reports) == []
+
+
 @pytest.mark.integration
-def test_first_last_bits_follow_the_call_order_and_per_channel_scales():
+def test_first_last_rule_bits_follow_the_call_order_and_per_channel_scales():
   model = _CallOrderNet(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (64, 8, 8, 1))
-  q = adaround.adaround_model(model, x, weight_bits=3, first_last=8, per_channel=True,
-                              config=adaround.AdaRoundConfig(iters=20), key=jax.random.key(0),
-                              progress=False).model
+  ruled = _ruled(model, trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, per_channel=True),
+                 QuantRule(weight_bits=3, per_channel=True))
+  q = adaround.reconstruct_model(ruled, x, granularity="layer",
+                                 config=adaround.AdaRoundConfig(iters=20), key=jax.random.key(0),
+                                 progress=False).model
   assert (q.z_first.weight_bits, q.m_mid.weight_bits, q.a_last.weight_bits) == (8, 3, 8)
   assert q.m_mid.weight_scale.get_value().shape == (1, 1, 1, 16)
   assert q.a_last.weight_scale.get_value().shape == (1, 10)
-  nearest = adaround.round_to_nearest(model, weight_bits=3, first_last=8,
-                                      example_input=x).model
+  nearest = adaround.round_to_nearest(ruled).model
   assert (nearest.z_first.weight_bits, nearest.m_mid.weight_bits, nearest.a_last.weight_bits) == (8, 3, 8)
-  with pytest.raises(ValueError, match="example_input"):
-    adaround.round_to_nearest(model, weight_bits=3, first_last=8)
   assert model.z_first.weight_bits is None and model.m_mid.weight_scale is None
 
 
-def test_first_last_fp_keeps_the_edges_in_full_precision():
+def test_layers_the_rules_keep_in_full_precision_are_left_so():
   model = _CallOrderNet(nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
   config = adaround.AdaRoundConfig(iters=3)
   bits = lambda q: (q.z_first.weight_bits, q.m_mid.weight_bits, q.a_last.weight_bits)
-  nearest = adaround.round_to_nearest(model, weight_bits=3, first_last="fp", example_input=x)
-  assert bits(nearest.model) == (None, 3, None)
-  assert [r.name for r in nearest.reports] == ["m_mid"]
-  q, reports = adaround.adaround_model(model, x, weight_bits=3, first_last="fp", config=config,
-                                       key=jax.random.key(0), progress=False)
-  assert bits(q) == (None, 3, None) and [r.name for r in reports] == ["m_mid"]
-  # The edges compute exactly what the full-precision model computes.
-  np.testing.assert_array_equal(q.z_first.kernel.get_value(), model.z_first.kernel.get_value())
-  q, reports = adaround.reconstruct_model(model, x, weight_bits=3, act_bits=4, first_last="fp",
+  edges_fp = trquant.nnx.first_last_rule(model, x[:1])
+  nearest = adaround.round_to_nearest(_ruled(model, edges_fp, QuantRule(weight_bits=3)))
+  assert bits(nearest.model) == (None, 3, None) and nearest.reports == []
+  q, reports = adaround.reconstruct_model(_ruled(model, edges_fp, QuantRule(weight_bits=3)), x,
                                           granularity="layer", config=config,
                                           key=jax.random.key(0), progress=False)
   assert bits(q) == (None, 3, None) and [r.name for r in reports] == ["m_mid"]
+  # The edges compute exactly what the full-precision model computes.
+  np.testing.assert_array_equal(q.z_first.kernel.get_value(), model.z_first.kernel.get_value())
+  ruled = _ruled(model, edges_fp, QuantRule(weight_bits=3, act_bits=4))
+  q, reports = adaround.reconstruct_model(ruled, x, granularity="layer", config=config,
+                                          key=jax.random.key(0), progress=False)
+  assert bits(q) == (None, 3, None) and [r.name for r in reports] == ["m_mid"]
   assert (q.z_first.act_bits, q.m_mid.act_bits, q.a_last.act_bits) == (None, 4, None)
-  # A unit holding an edge and a quantized layer cannot be both: the error says what to do.
+  # A unit holding a full-precision and a quantized layer cannot be both: the error says
+  # what to do.
   with pytest.raises(ValueError, match="granularity='layer'"):
-    adaround.reconstruct_model(model, x, weight_bits=3, first_last="fp", blocks=["<root>"],
-                               config=config, key=jax.random.key(0), progress=False)
-  for bad in ("8bit", True, 1, None):
-    with pytest.raises(ValueError, match="first_last"):
-      adaround.round_to_nearest(model, weight_bits=3, first_last=bad, example_input=x)
+    adaround.reconstruct_model(ruled, x, blocks=["<root>"], config=config,
+                               key=jax.random.key(0), progress=False)
+
+
+def test_group_size_rules_give_per_group_grids():
+  """Per-group scales from the rules: round-to-nearest codes per group, and AdaRound on
+  the same per-group grid (its codes within one step of nearest, on the grid)."""
+  model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(32, 8, rngs=nnx.Rngs(1)))
+  x = jax.random.normal(jax.random.key(0), (128, 64))
+  ruled = _ruled(model, QuantRule(weight_bits=3, group_size=16))
+  nearest = adaround.round_to_nearest(ruled).model
+  kernel = model.layers[0].kernel.get_value()
+  scale = trquant.init_scale(kernel, bits=3, method="mse", axis=(1,), group_size=16,
+                             group_axis=0)
+  assert nearest.layers[0].weight_scale.get_value().shape == scale.shape == (4, 32)
+  np.testing.assert_array_equal(nearest.layers[0].weight_scale.get_value(), scale)
+  np.testing.assert_array_equal(nearest.layers[0].weight_codes(),
+                                trquant.quantize(kernel, scale, bits=3, group_size=16, group_axis=0))
+  q, reports = adaround.reconstruct_model(ruled, x, granularity="layer",
+                                          config=adaround.AdaRoundConfig(iters=60),
+                                          key=jax.random.key(0), progress=False)
+  layer = q.layers[0]
+  assert layer.group_size == 16 and layer.weight_scale.get_value().shape == (4, 32)
+  codes = np.asarray(layer.weight_codes())
+  lo, hi = trquant.quant_range(3)
+  assert codes.min() >= lo and codes.max() <= hi
+  np.testing.assert_allclose(layer.quantized_kernel(), layer.kernel.get_value(), atol=1e-6)
+  assert np.abs(codes - np.asarray(nearest.layers[0].weight_codes())).max() <= 1
+  assert all(r.reconstructed_error <= r.nearest_error * 1.001 for r in reports)
+
+
+def test_drivers_name_the_rules_route_for_the_arguments_they_took_before():
+  model = _ruled(nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))), QuantRule(weight_bits=4))
+  x = np.ones((8, 4), np.float32)
+  with pytest.raises(ValueError, match=r"takes no \['first_last', 'weight_bits'\].*quantize_model"):
+    adaround.round_to_nearest(model, weight_bits=4, first_last=8)
+  with pytest.raises(ValueError, match=r"takes no \['act_bits'\].*QuantRule"):
+    adaround.reconstruct_model(model, x, act_bits=4, key=jax.random.key(0), progress=False)
+  with pytest.raises(TypeError, match="unexpected keyword arguments \\['iters'\\]"):
+    adaround.reconstruct_model(model, x, iters=4, key=jax.random.key(0), progress=False)
+  # A model whose rules quantize no weight says how to quantize it.
+  with pytest.raises(ValueError, match="weight_bits is None.*quantize_model"):
+    adaround.round_to_nearest(_ruled(model, QuantRule()))
+  # Learned input scales need calibration data.
+  with pytest.raises(ValueError, match="calibration_batches"):
+    adaround.round_to_nearest(_ruled(model, QuantRule(weight_bits=4, act_bits=8)))
 
 
 @pytest.mark.parametrize("kwargs", [dict(kernel_size=3, strides=2, padding=1),
@@ -417,32 +471,32 @@ def test_conv_apply_fn_matches_the_layer(kwargs):
   assert not layer.patches_conv
 
 
-def test_adaround_model_bad_inputs(digits_cnn):
+def test_reconstruct_model_bad_inputs(digits_cnn):
   fp, calibration, _ = digits_cnn
-  common = dict(config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0), progress=False)
+  model = _ruled(fp, QuantRule(weight_bits=4))
+  common = dict(granularity="layer", config=adaround.AdaRoundConfig(iters=2),
+                key=jax.random.key(0), progress=False)
   with pytest.raises(ValueError, match="no trquant"):
-    adaround.adaround_model(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), np.ones((4, 2)),
-                            weight_bits=4, **common)
+    adaround.reconstruct_model(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))),
+                               np.ones((4, 2)), **common)
   with pytest.raises(ValueError, match="empty"):
-    adaround.adaround_model(fp, [], weight_bits=4, **common)
+    adaround.reconstruct_model(model, [], **common)
   with pytest.raises(ValueError, match="empty"):
-    adaround.adaround_model(fp, calibration[:0], weight_bits=4, **common)
-  with pytest.raises(ValueError, match="bits"):
-    adaround.adaround_model(fp, calibration, weight_bits=0, **common)
-  with pytest.raises(ValueError, match="first_last"):
-    adaround.adaround_model(fp, calibration, weight_bits=4, first_last=40, **common)
+    adaround.reconstruct_model(model, calibration[:0], **common)
   with pytest.raises(ValueError, match="AdaRoundConfig: `iters` must be an int >= 1"):
-    adaround.adaround_model(fp, calibration, weight_bits=4,
-                            **dict(common, config=adaround.AdaRoundConfig(iters=0)))
+    adaround.reconstruct_model(model, calibration,
+                               **dict(common, config=adaround.AdaRoundConfig(iters=0)))
   with pytest.raises(ValueError, match="AdaRoundConfig"):
-    adaround.adaround_model(fp, calibration, weight_bits=4, **dict(common, config=dict(iters=2)))
-  with pytest.raises(ValueError, match="drop_prob"):
-    adaround.adaround_model(fp, calibration, weight_bits=4,
-                            **dict(common, config=adaround.AdaRoundConfig(drop_prob=0.5)))
+    adaround.reconstruct_model(model, calibration, **dict(common, config=dict(iters=2)))
+  with pytest.raises(ValueError, match="drop_prob.*act_bits"):
+    adaround.reconstruct_model(model, calibration,
+                               **dict(common, config=adaround.AdaRoundConfig(drop_prob=0.5)))
+  with pytest.raises(ValueError, match="granularity"):
+    adaround.reconstruct_model(model, calibration, **dict(common, granularity="tensor"))
   with pytest.raises(ValueError, match="model"):
-    adaround.adaround_model(lambda x: x, calibration, weight_bits=4, **common)
+    adaround.reconstruct_model(lambda x: x, calibration, **common)
   with pytest.raises(ValueError, match="no trquant"):
-    adaround.round_to_nearest(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))), weight_bits=4)
+    adaround.round_to_nearest(nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0))))
 
 
 class _JittedMLP(nnx.Module):
@@ -460,13 +514,14 @@ class _JittedMLP(nnx.Module):
 def test_jitted_model_call_says_to_call_the_model_eagerly():
   model, x = _JittedMLP(), jax.random.normal(jax.random.key(0), (16, 8))
   model(x)  # the jitted forward pass itself works
-  common = dict(weight_bits=3, config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0),
-                progress=False)
-  with pytest.raises(ValueError, match="layer first ran inside a transform.*nnx.jit.*eagerly"):
-    adaround.adaround_model(model, x, **common)
-  # Traced once already, the jitted call reuses its trace: the message still names the cause.
-  with pytest.raises(ValueError, match="not called eagerly.*nnx.jit.*eagerly"):
-    adaround.adaround_model(model, x, **common)
+  model = _ruled(model, QuantRule(weight_bits=3))
+  common = dict(granularity="layer", config=adaround.AdaRoundConfig(iters=2),
+                key=jax.random.key(0), progress=False)
+  for _ in range(2):  # the second time the jitted call reuses its trace: the same message
+    with pytest.raises(ValueError, match="ran on traced values.*must run eagerly: remove the nnx.jit"):
+      adaround.reconstruct_model(model, x, **common)
+  with pytest.raises(ValueError, match="called none of.*eagerly.*nnx.jit.*eagerly"):
+    trquant.nnx.first_last_rule(_JittedMLP(), x)
 
 
 def test_calibration_batches_of_different_shapes_are_named():
@@ -479,8 +534,9 @@ def test_calibration_batches_of_different_shapes_are_named():
              np.ones((4, 6, 6, 1), np.float32)]
   with pytest.raises(ValueError, match=r"calibration batches.*batch 0 has examples of shape"
                                        r" \(8, 8, 1\), batch 2 of shape \(6, 6, 1\)"):
-    adaround.adaround_model(fp, batches, weight_bits=3, config=adaround.AdaRoundConfig(iters=2),
-                            key=jax.random.key(0), progress=False)
+    adaround.reconstruct_model(_ruled(fp, QuantRule(weight_bits=3)), batches,
+                               granularity="layer", config=adaround.AdaRoundConfig(iters=2),
+                               key=jax.random.key(0), progress=False)
 
 
 class _KeywordMLP(nnx.Module):
@@ -493,17 +549,16 @@ class _KeywordMLP(nnx.Module):
     return self.fc2(nnx.relu(self.fc1(x))) * segment_ids
 
 
-def test_adaround_model_runs_a_model_called_with_keyword_arguments_through_apply_fn():
-  fp = trquant.nnx.quantize_model(_KeywordMLP(nnx.Rngs(0)), trquant.nnx.QuantRule())
+def test_reconstruct_model_runs_a_model_called_with_keyword_arguments_through_apply_fn():
+  fp = trquant.nnx.quantize_model(_KeywordMLP(nnx.Rngs(0)), trquant.nnx.QuantRule(weight_bits=8))
   x = jax.random.normal(jax.random.key(0), (32, 8))
   apply_fn = lambda model, x: model(x, cache=None, segment_ids=1.0)
+  common = dict(granularity="layer", config=adaround.AdaRoundConfig(iters=2),
+                key=jax.random.key(0), progress=False)
   with pytest.raises(TypeError, match="segment_ids"):
-    adaround.adaround_model(fp, x, weight_bits=4, config=adaround.AdaRoundConfig(iters=2),
-                            key=jax.random.key(0), progress=False)
-  q, reports = adaround.adaround_model(fp, x, weight_bits=4, first_last=8,
-                                       key=jax.random.key(0), progress=False,
-                                       apply_fn=apply_fn, config=adaround.AdaRoundConfig(iters=2))
-  assert [(r.name, r.weight_bits) for r in reports] == [("fc1", 8), ("fc2", 8)]
+    adaround.reconstruct_model(fp, x, **common)
+  q, reports = adaround.reconstruct_model(fp, x, apply_fn=apply_fn, **common)
+  assert [(r.name, r.weight_bits) for r in reports] == [("fc1", (8,)), ("fc2", (8,))]
   assert q.fc1.weight_bits == 8 and np.isfinite(np.asarray(apply_fn(q, x))).all()
 
 
@@ -516,6 +571,6 @@ def test_a_single_iteration_keeps_the_default_warm_up():
 
 
 def test_binary_weight_grid_error_names_the_argument():
-  with pytest.raises(ValueError, match="use weight_bits >= 2"):
-    trquant.adaround.round_to_nearest(nnx.Sequential(QuantLinear(4, 4, rngs=nnx.Rngs(0))),
-                                      weight_bits=1)
+  with pytest.raises(ValueError, match="use weight_bits of layers/0 >= 2"):
+    trquant.adaround.round_to_nearest(
+        nnx.Sequential(QuantLinear(4, 4, weight_bits=1, rngs=nnx.Rngs(0))))

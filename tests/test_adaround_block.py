@@ -12,6 +12,18 @@ from trquant import adaround
 from nnx_fixture_models import BasicBlock, ConvBN
 
 
+def _rule(model, x, weight_bits, act_bits=None, first_last=None, apply_fn=None):
+  """``model`` quantized by rules: ``weight_bits`` / ``act_bits``, and the first and last
+  layer called at ``first_last`` bits (weights, and inputs where ``act_bits``)."""
+  rules = []
+  if first_last is not None:
+    rules.append(trquant.nnx.first_last_rule(
+        model, x[:1], weight_bits=first_last,
+        act_bits=first_last if act_bits is not None else None, apply_fn=apply_fn))
+  rules.append(trquant.nnx.QuantRule(weight_bits=weight_bits, act_bits=act_bits))
+  return trquant.nnx.quantize_model(model, rules)
+
+
 def _mlp_problem(seed=0, n=512):
   keys = jax.random.split(jax.random.key(seed), 4)
   w1 = jax.random.normal(keys[0], (8, 32)) / np.sqrt(8)
@@ -162,7 +174,7 @@ def digits_resnet():
 def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(digits_resnet):
   fp, images = digits_resnet
   before = jax.tree.map(np.asarray, nnx.state(fp))
-  q, reports = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4, first_last=8,
+  q, reports = adaround.reconstruct_model(_rule(fp, images, 4, 4, 8), images,
                                           config=adaround.AdaRoundConfig(iters=10),
                                           key=jax.random.key(0), progress=False)
   assert [r.name for r in reports] == ["stem", "blocks/0", "blocks/1", "head"]
@@ -189,7 +201,7 @@ def test_reconstruct_model_units_are_the_stem_the_residual_blocks_and_the_head(d
 def test_reconstruction_lowers_each_units_error(digits_resnet):
   fp, images = digits_resnet
   _, reports = adaround.reconstruct_model(
-      fp, images, weight_bits=2, act_bits=4, granularity="block",
+      _rule(fp, images, 2, 4), images, granularity="block",
       blocks=["blocks/1"], config=adaround.AdaRoundConfig(iters=150, lr=1e-2, drop_prob=0.5),
       key=jax.random.key(1), progress=False)
   names = [r.name for r in reports]
@@ -202,10 +214,12 @@ def test_reconstruction_lowers_each_units_error(digits_resnet):
 def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
   fp, images = digits_resnet
   # A huge rounding-loss weight and 3 iterations at a large LR leave units worse than nearest.
-  kwargs = dict(weight_bits=4, act_bits=4, granularity="block", key=jax.random.key(0),
+  kwargs = dict(granularity="block", key=jax.random.key(0),
                 config=adaround.AdaRoundConfig(iters=3, lr=1.0, lam=100.0), progress=False)
-  plain, plain_reports = adaround.reconstruct_model(fp, images, fallback_to_nearest=False, **kwargs)
-  safe, safe_reports = adaround.reconstruct_model(fp, images, **kwargs)
+  model = _rule(fp, images, 4, 4)
+  plain, plain_reports = adaround.reconstruct_model(model, images, fallback_to_nearest=False,
+                                                    **kwargs)
+  safe, safe_reports = adaround.reconstruct_model(model, images, **kwargs)
   assert any(r.reconstructed_error > r.nearest_error for r in plain_reports)
   assert not any(r.kept_nearest for r in plain_reports)
   # Each unit keeps nearest exactly when its reconstruction ended worse (later units differ
@@ -215,7 +229,7 @@ def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
   assert any(r.kept_nearest for r in safe_reports)
   named = lambda model: {"/".join(map(str, path)): layer
                          for path, layer in trquant.nnx.quant_layers(model)}
-  nearest = named(adaround.round_to_nearest(fp, weight_bits=4, example_input=images[:2]).model)
+  nearest = named(adaround.round_to_nearest(model, images[:2]).model)
   safe_layers, plain_layers = named(safe), named(plain)
   first_kept = next(i for i, r in enumerate(safe_reports) if r.kept_nearest)
   for index, report in enumerate(safe_reports):
@@ -232,7 +246,7 @@ def test_fallback_keeps_nearest_where_reconstruction_ends_worse(digits_resnet):
 @pytest.mark.integration
 def test_layer_granularity_reconstructs_each_layer(digits_resnet):
   fp, images = digits_resnet
-  _, reports = adaround.reconstruct_model(fp, images, weight_bits=4, granularity="layer",
+  _, reports = adaround.reconstruct_model(_rule(fp, images, 4), images, granularity="layer",
                                           config=adaround.AdaRoundConfig(iters=5),
                                           key=jax.random.key(0), progress=False)
   assert len(reports) == len(trquant.nnx.quant_layers(fp))
@@ -265,7 +279,7 @@ def test_reconstruct_model_on_a_quantized_transformer_block():
 
   fp = trquant.nnx.quantize_model(Net(nnx.Rngs(0)), trquant.nnx.QuantRule())
   x = jax.random.normal(jax.random.key(0), (64, 5, 4))
-  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8,
+  q, reports = adaround.reconstruct_model(_rule(fp, x, 4, 8), x,
                                           config=adaround.AdaRoundConfig(iters=20),
                                           key=jax.random.key(1), progress=False)
   assert [r.name for r in reports] == ["embed", "blocks/0", "blocks/1", "head"]
@@ -279,7 +293,7 @@ def test_reconstruct_model_on_a_quantized_transformer_block():
 @pytest.mark.integration
 def test_reconstruct_model_export_round_trip(digits_resnet, tmp_path):
   fp, images = digits_resnet
-  q = adaround.reconstruct_model(fp, images, weight_bits=4, act_bits=4,
+  q = adaround.reconstruct_model(_rule(fp, images, 4, 4), images,
                                  config=adaround.AdaRoundConfig(iters=5), key=jax.random.key(0),
                                  progress=False).model
   path = tmp_path / "q.npz"
@@ -300,27 +314,24 @@ def test_reconstruct_model_export_round_trip(digits_resnet, tmp_path):
     (dict(blocks=["blocks/0", "blocks/0/conv1"]), "overlap"),
     (dict(blocks=["blocks/0/conv1/bn"]), "no trquant layer"),
     (dict(config=adaround.AdaRoundConfig(iters=2, drop_prob=0.5)), "act_bits"),
-    (dict(act_bits=0), "act_bits"),
-    (dict(weight_bits=1), "binary"),
     (dict(config=None), "AdaRoundConfig"),
 ])
 def test_reconstruct_model_bad_inputs(digits_resnet, kwargs, match):
   fp, images = digits_resnet
-  args = dict(weight_bits=4, config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0),
-              progress=False)
+  args = dict(config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0), progress=False)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
-    adaround.reconstruct_model(fp, images, **args)
+    adaround.reconstruct_model(_rule(fp, images, 4), images, **args)
 
 
 def test_reconstruct_model_calibration_errors(digits_resnet):
   fp, images = digits_resnet
-  common = dict(weight_bits=4, config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0),
-                progress=False)
+  model = _rule(fp, images, 4)
+  common = dict(config=adaround.AdaRoundConfig(iters=2), key=jax.random.key(0), progress=False)
   with pytest.raises(ValueError, match="empty"):
-    adaround.reconstruct_model(fp, [], **common)
+    adaround.reconstruct_model(model, [], **common)
   with pytest.raises(ValueError, match="one shape"):
-    adaround.reconstruct_model(fp, [images[:8], images[:8, :4]], **common)
+    adaround.reconstruct_model(model, [images[:8], images[:8, :4]], **common)
 
 
 def test_a_unit_with_two_inputs_is_named():
@@ -340,7 +351,7 @@ def test_a_unit_with_two_inputs_is_named():
       return self.head(self.pair(x, x))
 
   with pytest.raises(ValueError, match="must take one input"):
-    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), weight_bits=4,
+    adaround.reconstruct_model(_rule(Net(nnx.Rngs(0)), jnp.ones((8, 4)), 4), jnp.ones((8, 4)),
                                config=adaround.AdaRoundConfig(iters=2),
                                key=jax.random.key(0), progress=False)
 
@@ -365,8 +376,8 @@ def test_input_quant_hook_decides_what_the_layer_uses():
 @pytest.mark.integration
 def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_resnet):
   fp, images = digits_resnet
-  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=4, first_last=8,
-                                      example_input=images).model
+  model = _rule(fp, images, 4, 4, 8)
+  nearest = adaround.round_to_nearest(model, images).model
   layers = _layers(nearest)
   assert layers["stem/conv"].act_bits == 8 and layers["blocks/0/conv1/conv"].act_bits == 4
   x = layers["blocks/0/conv1/conv"]
@@ -374,15 +385,15 @@ def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_re
   # One step with tiny learning rates stays at the start: V from the fractional parts rounds
   # to nearest, and the step sizes barely move. So reconstruct_model starts from this model.
   barely = adaround.reconstruct_model(
-      fp, images, weight_bits=4, act_bits=4, first_last=8,
+      model, images,
       config=adaround.AdaRoundConfig(iters=1, lr=1e-12, act_lr=1e-12), key=jax.random.key(0),
       progress=False).model
   for name, layer in _layers(barely).items():
     np.testing.assert_array_equal(layer.weight_codes(), layers[name].weight_codes())
     np.testing.assert_allclose(layer.act_scale.get_value(), layers[name].act_scale.get_value(),
                                rtol=1e-6)
-  with pytest.raises(ValueError, match="example_input"):
-    adaround.round_to_nearest(fp, weight_bits=4, act_bits=4)
+  with pytest.raises(ValueError, match="calibration_batches"):
+    adaround.round_to_nearest(model)
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,7 +408,7 @@ def test_layer_granularity_reconstructs_multi_head_attention_projections():
   attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
   fp = trquant.nnx.quantize_model(attn, trquant.nnx.QuantRule())
   x = jax.random.normal(jax.random.key(0), (16, 3, 8))
-  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8, granularity="layer",
+  q, reports = adaround.reconstruct_model(_rule(fp, x, 4, 8), x, granularity="layer",
                                           config=adaround.AdaRoundConfig(iters=2),
                                           key=jax.random.key(1), progress=False)
   assert [r.name for r in reports] == ["query", "key", "value", "out"]
@@ -445,14 +456,14 @@ def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
   fp, x = keyword_net
   with pytest.raises(TypeError, match="deterministic"):  # model(x) is not how it is called
     fp(x)
-  nearest = adaround.round_to_nearest(fp, weight_bits=4, act_bits=8, first_last=8,
-                                      example_input=x, apply_fn=_evaluate).model
+  model = _rule(fp, x, 4, 8, 8, apply_fn=_evaluate)
+  nearest = adaround.round_to_nearest(model, x, apply_fn=_evaluate).model
   layers = _layers(nearest)
   assert layers["embed"].weight_bits == layers["head"].weight_bits == 8
   assert layers["blocks/0/fc"].weight_bits == 4 and layers["blocks/0/fc"].act_bits == 8
   # The block is called with deterministic=True, rngs=None: recorded and replayed. One
   # step with tiny learning rates stays at round-to-nearest's start.
-  q, reports = adaround.reconstruct_model(fp, x, weight_bits=4, act_bits=8, first_last=8,
+  q, reports = adaround.reconstruct_model(model, x,
                                           config=adaround.AdaRoundConfig(iters=1, lr=1e-12,
                                                                          act_lr=1e-12),
                                           key=jax.random.key(0), progress=False,
@@ -460,7 +471,7 @@ def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
   assert [r.name for r in reports] == ["embed", "blocks/0", "head"]
   np.testing.assert_allclose(_evaluate(q, x), _evaluate(nearest, x), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="apply_fn"):
-    adaround.reconstruct_model(fp, x, weight_bits=4, key=jax.random.key(0), progress=False,
+    adaround.reconstruct_model(model, x, key=jax.random.key(0), progress=False,
                                apply_fn="model(x)", config=adaround.AdaRoundConfig(iters=1))
 
 
@@ -474,7 +485,7 @@ def test_a_wrapper_around_the_model_is_opened_into_the_models_units(keyword_net)
     def __call__(self, x):
       return self.model(x, deterministic=True)
 
-  _, reports = adaround.reconstruct_model(Wrapper(fp), x, weight_bits=4,
+  _, reports = adaround.reconstruct_model(_rule(Wrapper(fp), x, 4), x,
                                           config=adaround.AdaRoundConfig(iters=1),
                                           key=jax.random.key(0), progress=False)
   assert [r.name for r in reports] == ["model/embed", "model/blocks/0", "model/head"]
@@ -497,6 +508,6 @@ def test_a_unit_called_with_an_array_keyword_is_named():
       return self.head(self.masked(x, mask=jnp.ones(4)))
 
   with pytest.raises(ValueError, match="array keyword argument mask"):
-    adaround.reconstruct_model(Net(nnx.Rngs(0)), jnp.ones((8, 4)), weight_bits=4,
+    adaround.reconstruct_model(_rule(Net(nnx.Rngs(0)), jnp.ones((8, 4)), 4), jnp.ones((8, 4)),
                                config=adaround.AdaRoundConfig(iters=2),
                                key=jax.random.key(0), progress=False)

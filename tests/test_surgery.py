@@ -221,8 +221,7 @@ def test_layers_that_cannot_be_quantized_raise_naming_them():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(weight_bits=0), "bits"), (dict(act_bits=17), "bits"), (dict(path="("), "regular"),
     (dict(weight_quantizer="pact"), "weight_quantizer"), (dict(skip=True, weight_bits=4), "skip"),
-    (dict(layer_types=nnx.BatchNorm), "not a layer trquant quantizes"),
-    (dict(layer_types=QuantLinear), "already a trquant layer")])
+    (dict(layer_types=nnx.BatchNorm), "not a layer trquant quantizes")])
 def test_bad_rules(kwargs, match):
   with pytest.raises(ValueError, match=match):
     QuantRule(**kwargs)
@@ -417,20 +416,20 @@ class _EinsumNet(nnx.Module):
 def test_adaround_on_a_surgery_made_model(name):
   model = _ViT(nnx.Rngs(0), depth=1) if name == "vit" else _EinsumNet(nnx.Rngs(0))
   x = _images(seed=2, n=128) if name == "vit" else jax.random.normal(jax.random.key(2), (128, 5, 8))
-  fp = trquant.nnx.quantize_model(model, QuantRule())  # trquant layers in full precision
+  ruled = trquant.nnx.quantize_model(model, QuantRule(weight_bits=3, per_channel=True))
   config = trquant.adaround.AdaRoundConfig(iters=120, lr=1e-2)
-  q, reports = trquant.adaround.adaround_model(fp, x, weight_bits=3, per_channel=True,
-                                               config=config, key=jax.random.key(0),
-                                               progress=False)
+  q, reports = trquant.adaround.reconstruct_model(ruled, x, granularity="layer",
+                                                  fallback_to_nearest=False, config=config,
+                                                  key=jax.random.key(0), progress=False)
   expected = 2 + 6 if name == "vit" else 2
   assert len(reports) == expected
   if name == "vit":
     assert [r.name for r in reports[:3]] == ["patch_embed", "blocks/0/attn/query", "blocks/0/attn/key"]
     assert q.blocks[0].attn.value.weight_scale.get_value().shape == (1, 2, 8)
   for report in reports:
-    assert report.adaround_error <= report.nearest_error * 1.001, report
-  assert sum(r.adaround_error for r in reports) < sum(r.nearest_error for r in reports)
-  nearest = trquant.adaround.round_to_nearest(fp, weight_bits=3, per_channel=True).model
+    assert report.reconstructed_error <= report.nearest_error * 1.001, report
+  assert sum(r.reconstructed_error for r in reports) < sum(r.nearest_error for r in reports)
+  nearest = trquant.adaround.round_to_nearest(ruled).model
   held_out = _images(seed=9, n=64) if name == "vit" else jax.random.normal(jax.random.key(9), (64, 5, 8))
   target = model(held_out)
   error = lambda m: float(jnp.mean((m(held_out) - target) ** 2))
@@ -529,3 +528,35 @@ def test_rule_group_size_reaches_the_layers_and_names_a_bad_layer():
     trquant.nnx.quantize_model(model, trquant.nnx.QuantRule(weight_bits=4, group_size=32))
   with pytest.raises(ValueError, match="QuantRule: `group_size` must be a positive int"):
     trquant.nnx.QuantRule(weight_bits=4, group_size=3.5)
+
+
+def test_rules_reset_the_quantization_of_trquant_layers():
+  """One rule list on a model built from trquant layers: the matched layers get the rule's
+  quantization, scales from their kernels; kernels, biases and the input model unchanged."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+  with jax.set_mesh(mesh):
+    first = QuantLinear(16, 8, weight_bits=None, rngs=nnx.Rngs(0),
+                        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                                          (None, "model")))
+  model = nnx.Sequential(first, nnx.relu, QuantLinear(8, 4, weight_bits=2, act_bits=4,
+                                                      rngs=nnx.Rngs(1)))
+  q = trquant.nnx.quantize_model(model, [
+      QuantRule("layers/0", weight_bits=4, group_size=8),
+      QuantRule("layers/2", layer_types=QuantLinear)])  # back to full precision
+  layer, last = q.layers[0], q.layers[2]
+  assert (layer.weight_bits, layer.group_size, layer.act_bits) == (4, 8, None)
+  np.testing.assert_array_equal(layer.kernel.get_value(), first.kernel.get_value())
+  assert layer.kernel.get_metadata()["out_sharding"] == (None, "model")
+  kernel = first.kernel.get_value()
+  np.testing.assert_array_equal(
+      layer.weight_scale.get_value(),
+      trquant.init_scale(kernel, bits=4, method="mse", axis=(1,), group_size=8, group_axis=0))
+  assert (last.weight_bits, last.act_bits, last.weight_scale, last.act_scale) == (None, None,
+                                                                                  None, None)
+  x = jax.random.normal(jax.random.key(0), (3, 16))
+  np.testing.assert_allclose(last(x[:, :8]), x[:, :8] @ model.layers[2].kernel.get_value()
+                             + model.layers[2].bias.get_value(), rtol=1e-6)
+  assert model.layers[0].weight_bits is None and model.layers[2].weight_bits == 2
+  # first_last_rule sees trquant layers too.
+  rule = trquant.nnx.first_last_rule(model, x)
+  assert rule.path == "layers/0|layers/2"

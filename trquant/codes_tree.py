@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from trquant import checks
+
+# A params tree -> the tree of integer codes (or of saturation indicators) of its quantized
+# leaves, None elsewhere: what every transform of trquant takes as `codes_fn`.
+CodesFn = Callable[[Any], Any]
 
 
 def is_none(x) -> bool:

@@ -43,21 +43,22 @@ The package's modules (their public names are all importable from here):
   sub-module (:func:`unit_data`) of an NNX model.
 * :mod:`trquant.adaround.units`: the units of reconstruction and their pure functions
   (:func:`layer_apply_fn`, :func:`float_copy`).
-* :mod:`trquant.adaround.drivers`: the NNX model drivers :func:`round_to_nearest`,
-  :func:`adaround_model` (layer by layer) and :func:`reconstruct_model` (BRECQ blocks or
-  layers, activation quantization with ``act_bits``, QDrop), each returning a
-  :class:`ModelResult` ``(model, reports)``.
+* :mod:`trquant.adaround.drivers`: the NNX model drivers :func:`round_to_nearest` and
+  :func:`reconstruct_model` (AdaRound layer by layer, BRECQ blocks, QDrop), which read what
+  to quantize from the model (``trquant.nnx.quantize_model(model, rules)``, the rules of
+  QAT), each returning a :class:`ModelResult` ``(model, reports)``.
 
 Example:
   >>> import jax, trquant
   >>> from flax import nnx
-  >>> fp = nnx.Sequential(trquant.nnx.QuantLinear(8, 16, weight_bits=None, rngs=nnx.Rngs(0)),
-  ...                     nnx.relu,
-  ...                     trquant.nnx.QuantLinear(16, 4, weight_bits=None, rngs=nnx.Rngs(1)))
+  >>> fp = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu,
+  ...                     nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
   >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+  >>> model = trquant.nnx.quantize_model(fp, trquant.nnx.QuantRule(weight_bits=3))
   >>> config = trquant.adaround.AdaRoundConfig(iters=50, lr=1e-2)
-  >>> q, reports = trquant.adaround.adaround_model(fp, x, weight_bits=3, config=config,
-  ...                                              key=jax.random.key(1), progress=False)
+  >>> q, reports = trquant.adaround.reconstruct_model(model, x, granularity="layer",
+  ...                                                 config=config, key=jax.random.key(1),
+  ...                                                 progress=False)
   >>> q.layers[0].weight_bits, len(reports)
   (3, 2)
 
@@ -77,10 +78,8 @@ from trquant.adaround.config import ZETA
 from trquant.adaround.data import UnitData
 from trquant.adaround.data import layer_data
 from trquant.adaround.data import unit_data
-from trquant.adaround.drivers import BlockReport
-from trquant.adaround.drivers import LayerReport
 from trquant.adaround.drivers import ModelResult
-from trquant.adaround.drivers import adaround_model
+from trquant.adaround.drivers import UnitReport
 from trquant.adaround.drivers import reconstruct_model
 from trquant.adaround.drivers import round_to_nearest
 from trquant.adaround.loop import LOOPS
@@ -112,19 +111,17 @@ __all__ = [
     "AdaRoundConfig",
     "AdaRoundResult",
     "BETA_MODES",
-    "BlockReport",
     "BlockResult",
     "GAMMA",
     "GRANULARITIES",
     "LOOPS",
     "LayerAsBlock",
-    "LayerReport",
     "ModelResult",
     "Reconstruction",
     "ReconstructionArrays",
     "UnitData",
+    "UnitReport",
     "ZETA",
-    "adaround_model",
     "beta_schedule",
     "block_error",
     "block_errors",

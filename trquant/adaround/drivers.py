@@ -1,52 +1,37 @@
 """Post-training quantization of an NNX model: round to nearest, AdaRound, BRECQ / QDrop.
 
-:func:`round_to_nearest`, :func:`adaround_model` and :func:`reconstruct_model` quantize the
-weights (and, with ``act_bits``, the inputs) of every trquant layer
-(:class:`trquant.nnx.QuantLinear`, ``QuantConv``, ``QuantLinearGeneral``, ``QuantEinsum``)
-of a copy of a model, e.g. a full-precision model with ``weight_bits=None``, built so or
-made from a plain NNX model by ``trquant.nnx.quantize_model(model, trquant.nnx.QuantRule())``
-(transformers included). Each returns a :class:`ModelResult` ``(model, reports)``: the new
-model and one report per layer (:class:`LayerReport`) or per unit (:class:`BlockReport`).
+:func:`round_to_nearest` and :func:`reconstruct_model` quantize a copy of a model as its
+trquant layers say (:class:`trquant.nnx.QuantLinear`, ``QuantConv``,
+``QuantLinearGeneral``, ``QuantEinsum``): the bits, scale granularity and input
+quantization that the rules of ``trquant.nnx.quantize_model(model, rules)`` gave them, the
+same rules QAT uses (transformers included). ``reconstruct_model`` is AdaRound with
+``granularity="layer"``, BRECQ with ``"block"``, QDrop with ``config.drop_prob``. Each
+returns a :class:`ModelResult` ``(model, reports)``: the new model and one
+:class:`UnitReport` per reconstructed unit.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trquant import checks
 from trquant import quantizers
 from trquant.adaround import data
 from trquant.adaround import reconstruction
-from trquant.adaround import rounding
 from trquant.adaround import units as unit_lib
 from trquant.adaround.config import AdaRoundConfig
 from trquant.adaround.config import check_config
 from trquant.nnx import graph
 
-__all__ = ["BlockReport", "LayerReport", "ModelResult", "adaround_model", "reconstruct_model",
-           "round_to_nearest"]
+__all__ = ["ModelResult", "UnitReport", "reconstruct_model", "round_to_nearest"]
 
 
-class LayerReport(NamedTuple):
-  """Per-layer record of :func:`adaround_model` / :func:`round_to_nearest`."""
-
-  name: str  # the layer's path in the model, "/"-joined
-  weight_bits: int  # weight bit width used for this layer
-  capture_seconds: float  # wall time to collect the layer's inputs and FP outputs
-  seconds: float  # wall time of the reconstruction (compilation included); 0 for nearest
-  nearest_error: float  # reconstruction_error of round-to-nearest on the calibration set
-  adaround_error: float  # the same for AdaRound's weights (= nearest_error for nearest)
-  flipped_fraction: float  # fraction of codes that differ from round-to-nearest
-
-
-class BlockReport(NamedTuple):
-  """Per-unit record of :func:`reconstruct_model`."""
+class UnitReport(NamedTuple):
+  """What :func:`reconstruct_model` did to one unit (a layer, or a block of layers)."""
 
   name: str  # the unit's path in the model, "/"-joined ("<root>" for the model itself)
   layers: tuple  # paths of the unit's trquant layers
@@ -60,14 +45,36 @@ class BlockReport(NamedTuple):
 
 
 class ModelResult(NamedTuple):
-  """What the model drivers return: the quantized model and one report per layer or unit.
+  """What the model drivers return: the quantized model and one report per unit.
 
-  A NamedTuple: ``q, reports = trquant.adaround.adaround_model(...)`` unpacks it, or take
-  ``.model`` alone.
+  A NamedTuple: ``q, reports = trquant.adaround.reconstruct_model(...)`` unpacks it, or
+  take ``.model`` alone.
   """
 
   model: object  # the new quantized NNX model (the input model is not modified)
-  reports: list  # LayerReport per layer (round_to_nearest, adaround_model), BlockReport per unit
+  reports: list  # a UnitReport per unit, in call order (empty for round_to_nearest)
+
+
+# The arguments the drivers took before the model's rules said what is quantized.
+_RULE_ARGUMENTS = ("weight_bits", "per_channel", "first_last", "act_bits", "example_input")
+
+
+def _check_no_rule_arguments(driver: str, arguments: dict) -> None:
+  """A ValueError naming the rules route for quantization arguments given to a driver."""
+  if not arguments:
+    return
+  names = sorted(arguments)
+  ruled = [name for name in names if name in _RULE_ARGUMENTS]
+  if not ruled:
+    raise TypeError(f"{driver}() got unexpected keyword arguments {names}.")
+  raise ValueError(
+      f"{driver}() takes no {ruled}: what is quantized, and how, is the model's, as the rules"
+      " of trquant.nnx.quantize_model set it (the same rules as for QAT). Quantize the float"
+      f" model first, e.g. q = trquant.nnx.quantize_model(model, [trquant.nnx.first_last_rule("
+      "model, x[:1], weight_bits=8, act_bits=8, signed_act=True),"
+      " trquant.nnx.QuantRule(weight_bits=4, per_channel=True)]), then"
+      f" trquant.adaround.{driver}(q, ...)"
+      + ("; calibration data is the second argument." if "example_input" in ruled else "."))
 
 
 def _progress_bar(total: int, desc: str):
@@ -80,8 +87,8 @@ def _progress_bar(total: int, desc: str):
 
 
 def _without_float_units(units, plan) -> list:
-  """The units minus those holding only layers kept in full precision (``first_last="fp"``);
-  a ValueError for a unit that holds one of those and quantized layers too."""
+  """The units minus those holding only layers kept in full precision; a ValueError for a
+  unit that holds one of those and quantized layers too."""
   float_names = [p.name for p in plan if p.weight_bits is None]
   if not float_names:
     return units
@@ -92,243 +99,101 @@ def _without_float_units(units, plan) -> list:
                  if p.weight_bits is not None and unit_lib.unit_holds(unit, p.name)]
     if floats and quantized:
       raise ValueError(
-          f"first_last='fp': unit {unit_lib.unit_name(unit)!r} holds {floats} (kept in full"
-          f" precision) and the quantized {quantized[:3]}; give `blocks` that put the first"
-          " and last layer in units of their own, or granularity='layer'.")
+          f"unit {unit_lib.unit_name(unit)!r} holds {floats} (weight_bits=None: kept in full"
+          f" precision) and the quantized {quantized[:3]}; reconstruction would round them"
+          " all. Give `blocks` that put the full-precision layers in units of their own, or"
+          " granularity='layer'.")
     if not floats:
       kept.append(unit)
   return kept
 
 
-def _check_act_bits(act_bits) -> None:
-  if act_bits is not None:
-    rounding.weight_grid(act_bits, False, "act_bits")
+def round_to_nearest(model, calibration_batches=None, *, apply_fn: Optional[Callable] = None,
+                     **retired) -> ModelResult:
+  """Post-training round-to-nearest quantization of a quantized NNX model (the baseline).
 
-
-def round_to_nearest(model, *, weight_bits: int, per_channel: bool = False,
-                     first_last: Union[str, int] = "same", example_input=None,
-                     act_bits: Optional[int] = None,
-                     apply_fn: Optional[Callable] = None) -> ModelResult:
-  """Post-training round-to-nearest weight quantization with MSE step sizes (the baseline).
-
-  Every trquant layer (:class:`trquant.nnx.QuantLinear`, ``QuantConv``,
-  ``QuantLinearGeneral``, ``QuantEinsum``) of a copy of ``model`` gets
-  ``weight_bits``-bit weights with a frozen step size from
-  ``trquant.init_scale(kernel, method="mse")`` (per-tensor, or per output
-  channel), the same scales :func:`adaround_model` uses. With ``act_bits`` every
-  layer's input is LSQ-quantized with an MSE step size from ``example_input``, as
-  :func:`reconstruct_model` initialises them; otherwise activations are left as the
-  model has them. ``model`` itself is not modified.
+  What is quantized is the model's, as :func:`trquant.nnx.quantize_model` set it from the
+  rules (or as its trquant layers were built): every trquant layer with ``weight_bits`` of a
+  copy of ``model`` gets a frozen step size from its float kernel (the layer's
+  ``scale_method``, MSE by default; per tensor, per output channel or per group as the
+  layer says), the same step sizes :func:`reconstruct_model` starts from; layers with
+  ``weight_bits=None`` stay in full precision. Layers that quantize their inputs with a
+  learned (LSQ) step size get one by MSE search on the full-precision inputs of the first
+  calibration batch (signed where those inputs have negative values), as
+  :func:`reconstruct_model` initialises them. ``model`` itself is not modified.
 
   Args:
-    model: an NNX model of trquant layers, e.g. the full-precision model
-      (``weight_bits=None``); its kernels are taken as the float weights.
-    weight_bits: weight bit width in ``[2, 16]``.
-    per_channel: one step size per output channel (last kernel axis).
-    first_last: the first and the last layer called by the forward pass: ``"same"``
-      (``weight_bits``, the default), an int bit width for their weights and inputs
-      (e.g. 8), or ``"fp"`` (left in full precision). Other than ``"same"`` it needs
-      ``example_input`` to find them.
-    example_input: a batch of model inputs, used to find the forward order and,
-      with ``act_bits``, the activation step sizes.
-    act_bits: activation bit width (``first_last`` at the edges), or None.
-    apply_fn: ``(model, batch) -> output``, how the forward pass is run on
-      ``example_input``; default ``model(batch)``. Give it for a model called with
-      keyword arguments, e.g. ``lambda m, x: m(x, rngs=None)``.
+    model: an NNX model of trquant layers whose kernels are the float weights, e.g.
+      ``trquant.nnx.quantize_model(float_model, rules)``.
+    calibration_batches: model inputs ``(N, ...)`` or an iterable of batches; needed when
+      a layer quantizes its inputs with a learned step size (only the first batch is used),
+      otherwise optional.
+    apply_fn: ``(model, batch) -> output``, how the forward pass is run on a calibration
+      batch; default ``model(batch)``. E.g. ``lambda m, x: m(x, rngs=None)``.
 
   Returns:
-    A :class:`ModelResult`: the new quantized model and one :class:`LayerReport` per
-    layer (its bit width; errors are not measured here: NaN).
+    A :class:`ModelResult` ``(model, reports)``: the new quantized model and no reports
+    (nothing is measured).
 
   Raises:
-    ValueError: for bad bits, a model without trquant layer, a non-callable
-      ``apply_fn``, a bad ``first_last``, or ``first_last`` (other than ``"same"``) or
-      ``act_bits`` without ``example_input``.
+    ValueError: for a model without trquant layer or without a layer whose weights are
+      quantized, bad bits, a non-callable ``apply_fn``, input quantization without
+      calibration data, or the quantization arguments drivers took before the rules
+      (``weight_bits``, ``first_last``...: the message says how to write it now).
 
   Example:
     >>> import jax.numpy as jnp, trquant
     >>> from flax import nnx
-    >>> fp = nnx.Sequential(trquant.nnx.QuantLinear(8, 4, weight_bits=None, rngs=nnx.Rngs(0)))
-    >>> q = trquant.adaround.round_to_nearest(fp, weight_bits=4).model
-    >>> q.layers[0].weight_bits, fp.layers[0].weight_bits
-    (4, None)
+    >>> fp = nnx.Sequential(nnx.Linear(8, 4, rngs=nnx.Rngs(0)))
+    >>> ruled = trquant.nnx.quantize_model(fp, trquant.nnx.QuantRule(weight_bits=4))
+    >>> q = trquant.adaround.round_to_nearest(ruled).model
+    >>> q.layers[0].weight_bits, float(jnp.abs(q.layers[0].quantized_kernel()
+    ...                                         - fp.layers[0].kernel[...]).max()) > 0
+    (4, True)
   """
-  batches = None
+  _check_no_rule_arguments("round_to_nearest", retired)
   forward = data.forward_fn(apply_fn)
-  first_last = checks.check_first_last(first_last, min_bits=2)
-  if first_last != "same" and example_input is None:
-    raise ValueError(f"`first_last={first_last!r}` needs `example_input` to find the first and"
-                     " last layers of the forward pass.")
-  _check_act_bits(act_bits)
-  if act_bits is not None and example_input is None:
-    raise ValueError("`act_bits` needs `example_input` to set the activation step sizes.")
-  if example_input is not None:
-    batches = data.calibration_list(example_input)
-  fp, work, plan = unit_lib.quantization_plan(
-      model, batches, weight_bits=weight_bits, per_channel=per_channel,
-      first_last=first_last, forward=forward)
-  if act_bits is not None:
-    unit_lib.quantize_activations(fp, plan, batches[0], act_bits=act_bits,
-                                  first_last=first_last, forward=forward)
-  return ModelResult(work, [LayerReport(p.name, p.weight_bits, 0.0, 0.0, math.nan, math.nan, 0.0)
-                            for p in plan if p.weight_bits is not None])
+  batches = None if calibration_batches is None else data.calibration_list(calibration_batches)
+  if batches is None and unit_lib.needs_act_scales(model):
+    raise ValueError("the model quantizes layer inputs with learned (LSQ) step sizes:"
+                     " round_to_nearest needs `calibration_batches` to set them.")
+  fp, work, plan = unit_lib.quantization_plan(model, batches, forward=forward)
+  if batches is not None and unit_lib.needs_act_scales(work):
+    unit_lib.quantize_activations(fp, plan, batches[0], forward=forward)
+  return ModelResult(work, [])
 
 
-def adaround_model(model, calibration_batches, *, weight_bits: int,
-                   config: AdaRoundConfig = AdaRoundConfig(), per_channel: bool = False,
-                   first_last: Union[str, int] = "same",
-                   activation: Optional[Callable] = None, key, progress: bool = True,
-                   apply_fn: Optional[Callable] = None) -> ModelResult:
-  """AdaRound post-training weight quantization of an NNX model, layer by layer.
-
-  For every trquant layer (:class:`trquant.nnx.QuantLinear`, ``QuantConv``,
-  ``QuantLinearGeneral``, ``QuantEinsum``), in the order the forward pass calls them:
-
-  1. the step size is ``trquant.init_scale(kernel, bits=..., method="mse")``
-     (per-tensor, or per output channel / feature with ``per_channel``: the
-     layer's ``channel_axes``);
-  2. asymmetric reconstruction data: ``x_q`` is the layer's input in the new
-     model, whose earlier layers are already rounded, ``y_fp`` the layer's
-     output in the full-precision model, both over all calibration batches;
-  3. :func:`trquant.adaround.reconstruct_layer` learns the rounding of the kernel, and
-     the new model's layer gets the hard-rounded kernel and its frozen step size.
-
-  The target is the layer's own output: for a conv followed by BatchNorm and
-  ReLU, the pre-BatchNorm conv output, with no activation in the loss unless
-  ``activation`` is given (applied to every layer's output). Layers are run in
-  evaluation mode (BatchNorm running statistics). Activations stay as the model
-  has them (AdaRound here is weight-only). Inputs and outputs are recorded with
-  :func:`trquant.nnx.capture_layers` during eager forward passes stopped right after the
-  layer: the model's ``__call__`` must run eagerly (not be wrapped in ``jax.jit`` /
-  ``nnx.jit``). A ``QuantEinsum`` is reconstructed with its own equation. Plain NNX
-  layers of the model (e.g. left so by :func:`trquant.nnx.quantize_model`) are not
-  quantized, and ``first_last`` applies to the first and last trquant layer.
-
-  Args:
-    model: an NNX model of trquant layers, typically the full-precision model
-      (``weight_bits=None``, activations FP); its kernels are the float weights.
-      It is not modified.
-    calibration_batches: an array of model inputs ``(N, ...)``, or an iterable
-      of such arrays (or of ``(inputs, labels)`` tuples), e.g. 1024 training
-      images in batches of 256.
-    weight_bits: weight bit width in ``[2, 16]``.
-    config: the optimisation hyper-parameters (``iters`` per layer), an
-      :class:`trquant.adaround.AdaRoundConfig`; ``drop_prob`` must be 0 (QDrop needs
-      activation quantization: :func:`reconstruct_model`).
-    per_channel: one step size per output channel (last kernel axis).
-    first_last: the first and last layer called: ``"same"`` (``weight_bits``, the
-      default), an int bit width (e.g. 8), or ``"fp"`` (left in full precision and not
-      reconstructed).
-    activation: ``f_a`` in the loss, as :func:`trquant.adaround.reconstruct_layer`.
-    key: a jax PRNG key; layer ``i`` uses ``fold_in(key, i)``.
-    progress: show a tqdm progress bar over the layers (if tqdm is installed).
-    apply_fn: ``(model, batch) -> output``, how the forward pass is run on a
-      calibration batch; default ``model(batch)``. Give it for a model called with
-      keyword arguments (``lambda m, x: m(x, rngs=None)``, ``lambda m, tokens:
-      m(tokens, cache=None)``); it must call the model eagerly.
-
-  Returns:
-    A :class:`ModelResult` ``(model, reports)``: a new model of the same structure whose
-    quantized layers hold the AdaRound weights (kernel ``= scale * codes``,
-    ``weight_bits`` and a frozen :class:`trquant.nnx.WeightScale` set), so its forward
-    pass uses them, and one :class:`LayerReport` per layer in call order.
-
-  Raises:
-    ValueError: for bad bits, a model without trquant layer, empty calibration
-      data or calibration batches of different example shapes, a model whose
-      layers do not run eagerly (an ``nnx.jit``-decorated ``__call__``), or a
-      ``config`` that is not an :class:`trquant.adaround.AdaRoundConfig` or has
-      ``drop_prob > 0``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, trquant
-    >>> from flax import nnx
-    >>> fp = nnx.Sequential(trquant.nnx.QuantLinear(8, 16, weight_bits=None, rngs=nnx.Rngs(0)),
-    ...                     nnx.relu,
-    ...                     trquant.nnx.QuantLinear(16, 4, weight_bits=None, rngs=nnx.Rngs(1)))
-    >>> x = jax.random.normal(jax.random.key(0), (64, 8))
-    >>> q, reports = trquant.adaround.adaround_model(
-    ...     fp, x, weight_bits=3, config=trquant.adaround.AdaRoundConfig(iters=50),
-    ...     key=jax.random.key(1), progress=False)
-    >>> [layer.weight_bits for layer in (q.layers[0], q.layers[2])], [r.name for r in reports]
-    ([3, 3], ['layers/0', 'layers/2'])
-  """
-  config = check_config(config)
-  if config.drop_prob > 0:
-    raise ValueError("adaround_model is weight-only: `config.drop_prob` > 0 (QDrop) drops"
-                     " activation quantization; use reconstruct_model(..., act_bits=...,"
-                     " granularity='layer') for QDrop.")
-  batches = data.calibration_list(calibration_batches)
-  forward = data.forward_fn(apply_fn)
-  fp, work, plan = unit_lib.quantization_plan(
-      model, batches, weight_bits=weight_bits, per_channel=per_channel,
-      first_last=first_last, forward=forward)
-  quantized = [(index, planned) for index, planned in enumerate(plan)
-               if planned.weight_bits is not None]  # first_last="fp" leaves the edges out
-  bar = _progress_bar(len(quantized), "adaround") if progress else None
-  reports = []
-  try:
-    for index, (name, fp_layer, work_layer, layer_bits, scale) in quantized:
-      if bar is not None:
-        bar.set_postfix_str(name)
-      start = time.perf_counter()
-      x_q = data.layer_data(work, work_layer, batches, output=False, name=f"layer {name}",
-                            apply_fn=forward)
-      y_fp = data.layer_data(fp, fp_layer, batches, output=True, name=f"layer {name}",
-                             apply_fn=forward)
-      captured = time.perf_counter()
-      layer_fn = unit_lib.layer_apply_fn(fp_layer, patches=unit_lib.scan_on_cpu(config.loop))
-      kernel = fp_layer.kernel.get_value()
-      result = reconstruction.reconstruct_layer(
-          layer_fn, kernel, scale, x_q, y_fp, weight_bits=layer_bits, config=config,
-          activation=activation, key=jax.random.fold_in(key, index))
-      jax.block_until_ready(result.weight)
-      done = time.perf_counter()
-      work_layer.kernel.set_value(unit_lib.put_like(result.weight, kernel))
-      nearest_codes = quantizers.quantize(kernel, scale, bits=layer_bits)
-      nearest = quantizers.dequantize(nearest_codes, scale)
-      nearest_error, adaround_error = reconstruction.reconstruction_errors(
-          layer_fn, [nearest, result.weight], x_q, y_fp, activation=activation)
-      reports.append(LayerReport(name, layer_bits, captured - start, done - captured,
-                                 nearest_error, adaround_error,
-                                 float(jnp.mean(result.codes != nearest_codes))))
-      if bar is not None:
-        bar.update()
-  finally:
-    if bar is not None:
-      bar.close()
-  return ModelResult(work, reports)
-
-
-def reconstruct_model(model, calibration_batches, *, weight_bits: int,
-                      config: AdaRoundConfig = AdaRoundConfig(),
-                      act_bits: Optional[int] = None, granularity: str = "block", blocks=None,
-                      per_channel: bool = False, first_last: Union[str, int] = "same",
+def reconstruct_model(model, calibration_batches, *,
+                      config: AdaRoundConfig = AdaRoundConfig(), granularity: str = "block",
+                      blocks=None, activation: Optional[Callable] = None,
                       fallback_to_nearest: bool = True, key, progress: bool = True,
-                      apply_fn: Optional[Callable] = None) -> ModelResult:
-  """Post-training quantization by block reconstruction (BRECQ), QDrop, with activations.
+                      apply_fn: Optional[Callable] = None, **retired) -> ModelResult:
+  """Post-training quantization by reconstruction: AdaRound, BRECQ, QDrop.
 
-  Like :func:`adaround_model`, on a copy of ``model`` whose trquant layers are in full
-  precision, but the unit of reconstruction is a block of layers and activations can
-  be quantized too:
+  What is quantized is the model's, as :func:`trquant.nnx.quantize_model` set it from the
+  rules (the same rules as for QAT; or as its trquant layers were built): each trquant
+  layer's ``weight_bits`` (None: left in full precision, not reconstructed),
+  ``per_channel`` / ``group_size`` (per-tensor, per-channel or per-group step sizes) and
+  input quantization (``act_bits``). On a copy of ``model``:
 
-  1. weights: every trquant layer gets ``weight_bits`` (the first and last layer called
-     follow ``first_last``) with MSE step sizes; with ``act_bits``, every layer's input is
-     LSQ-quantized to ``act_bits`` (``first_last`` at the edges), signed where the
-     full-precision input has negative values, step size by MSE search on the first
-     calibration batch;
-  2. units, in the order the forward pass calls them: with ``granularity="block"`` and
-     ``blocks=None``, the model's children that hold trquant layers, with ``nnx.List``
-     containers opened up (ResNet-20: the stem, each residual block, the
-     head; a ViT: each transformer block and the layers around them); or the
-     sub-modules whose ``"/"``-joined paths ``blocks`` names (layers outside them form
-     units of their own); ``granularity="layer"`` makes every layer a unit;
-  3. for each unit, its input ``x_q`` in the quantized model so far, its input ``x_fp``
-     and output ``y_fp`` in the full-precision model, and
+  1. weights: every layer with ``weight_bits`` gets a frozen step size from its float
+     kernel (the layer's ``scale_method``, MSE by default); every layer that quantizes its
+     inputs with a learned (LSQ) step size gets one by MSE search on its full-precision
+     inputs of the first calibration batch, signed where those have negative values
+     (dynamic per-token input quantizers need none);
+  2. units, in the order the forward pass calls them: ``granularity="layer"`` makes every
+     layer a unit (AdaRound); with ``granularity="block"`` and ``blocks=None``, the
+     model's children that hold trquant layers, with ``nnx.List`` containers opened up
+     (ResNet-20: the stem, each residual block, the head; a ViT: each transformer block
+     and the layers around them), or the sub-modules whose ``"/"``-joined paths ``blocks``
+     names (layers outside them form units of their own) (BRECQ);
+  3. for each unit, its input ``x_q`` in the quantized model so far, its input ``x_fp`` and
+     output ``y_fp`` in the full-precision model, and
      :func:`trquant.adaround.reconstruct_block` learns the rounding of all the unit's
      kernels and its activation step sizes jointly, against the unit's output
-     (BatchNorm in evaluation mode); ``config.drop_prob = 0.5`` is QDrop (on the unit's
-     input and on every quantized input inside it);
+     (BatchNorm in evaluation mode; for a conv followed by BatchNorm, a layer unit's
+     target is the pre-BatchNorm output); ``config.drop_prob = 0.5`` is QDrop (on the
+     unit's input and on every quantized input inside it);
   4. with ``fallback_to_nearest``, a unit whose output error on the calibration data
      ends larger than with nearest rounding and the initial activation step sizes
      keeps those instead (short budgets, 8-bit layers where nearest is already close).
@@ -343,22 +208,16 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
   into that child's units.
 
   Args:
-    model: an NNX model of trquant layers in full precision (built so, or made from a
-      plain NNX model by ``trquant.nnx.quantize_model(model, trquant.nnx.QuantRule())``).
-      It is not modified.
-    calibration_batches: model inputs ``(N, ...)`` or an iterable of batches.
-    weight_bits: weight bit width in ``[2, 16]``.
+    model: an NNX model of trquant layers whose kernels are the float weights, e.g.
+      ``trquant.nnx.quantize_model(float_model, rules)``. It is not modified.
+    calibration_batches: model inputs ``(N, ...)`` or an iterable of batches (or of
+      ``(inputs, labels)`` tuples), e.g. 1024 training images in batches of 256.
     config: the optimisation hyper-parameters (``iters`` per unit; ``drop_prob`` for
-      QDrop, which needs ``act_bits``; ``act_lr`` for the activation step sizes), an
+      QDrop, which needs quantized inputs; ``act_lr`` for the activation step sizes), an
       :class:`trquant.adaround.AdaRoundConfig`.
-    act_bits: activation bit width, or None for full-precision activations.
-    granularity: ``"block"`` or ``"layer"``.
+    granularity: ``"layer"`` (AdaRound) or ``"block"`` (BRECQ).
     blocks: None (automatic), or a list of module paths (e.g. ``["blocks/0"]``).
-    per_channel: one weight step size per output channel.
-    first_last: the first and last layer called: ``"same"`` (the default), an int bit
-      width of their weights and inputs (e.g. 8), or ``"fp"``: left in full precision and
-      not reconstructed (a unit that holds one of them and other layers raises: give
-      ``blocks`` that put it in a unit of its own, or ``granularity="layer"``).
+    activation: ``f_a`` in the loss, applied to a unit's output and its target, or None.
     fallback_to_nearest: never leave a unit worse than nearest rounding (step 4).
     key: a jax PRNG key; unit ``i`` uses ``fold_in(key, i)``.
     progress: a tqdm progress bar over the units (if tqdm is installed).
@@ -368,53 +227,55 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
 
   Returns:
     A :class:`ModelResult` ``(model, reports)``: a new model with the reconstructed
-    weights (kernel ``= scale * codes``, a frozen :class:`trquant.nnx.WeightScale`) and,
-    with ``act_bits``, the learned activation step sizes; one :class:`BlockReport` per
-    unit in call order.
+    weights (kernel ``= scale * codes``, a frozen :class:`trquant.nnx.WeightScale`) and
+    the learned input step sizes; one :class:`UnitReport` per unit in call order.
 
   Raises:
-    ValueError: for bad bits, granularity, blocks (a path that is not a module,
-      holds no trquant layer, or overlaps another), ``drop_prob > 0`` without
-      ``act_bits``, calibration data, a unit not called eagerly, called with several
-      inputs or an array keyword argument, a non-callable ``apply_fn``, or a ``config``
-      that is not an :class:`trquant.adaround.AdaRoundConfig`.
+    ValueError: for a model without a layer whose weights are quantized, bad bits,
+      granularity, blocks (a path that is not a module, holds no trquant layer, overlaps
+      another, or holds full-precision and quantized layers together), ``drop_prob > 0``
+      without quantized inputs, calibration data, a unit not called eagerly, called with
+      several inputs or an array keyword argument, a non-callable ``apply_fn``, a
+      ``config`` that is not an :class:`trquant.adaround.AdaRoundConfig`, or the
+      quantization arguments drivers took before the rules (``weight_bits``,
+      ``first_last``...: the message says how to write it now).
 
   Example:
     >>> import jax, jax.numpy as jnp, trquant
     >>> from flax import nnx
-    >>> Q = lambda i, o, seed: trquant.nnx.QuantLinear(i, o, weight_bits=None, rngs=nnx.Rngs(seed))
     >>> class Net(nnx.Module):
-    ...   def __init__(self):
-    ...     self.body = nnx.Sequential(Q(8, 16, 0), nnx.relu, Q(16, 16, 1), nnx.relu)
-    ...     self.head = Q(16, 4, 2)
+    ...   def __init__(self, rngs):
+    ...     self.body = nnx.Sequential(nnx.Linear(8, 16, rngs=rngs), nnx.relu,
+    ...                                nnx.Linear(16, 16, rngs=rngs), nnx.relu)
+    ...     self.head = nnx.Linear(16, 4, rngs=rngs)
     ...   def __call__(self, x):
     ...     return self.head(self.body(x))
     >>> x = jax.random.normal(jax.random.key(0), (64, 8))
+    >>> model = trquant.nnx.quantize_model(Net(nnx.Rngs(0)), [
+    ...     trquant.nnx.QuantRule("head", weight_bits=8, act_bits=8),
+    ...     trquant.nnx.QuantRule(weight_bits=3, act_bits=4)])
     >>> q, reports = trquant.adaround.reconstruct_model(
-    ...     Net(), x, weight_bits=3, act_bits=4, config=trquant.adaround.AdaRoundConfig(iters=50),
+    ...     model, x, config=trquant.adaround.AdaRoundConfig(iters=50),
     ...     key=jax.random.key(1), progress=False)
-    >>> [r.layers for r in reports], q.head.act_bits
-    ([('body/layers/0', 'body/layers/2'), ('head',)], 4)
+    >>> [(r.layers, r.weight_bits) for r in reports], q.head.act_bits
+    ([(('body/layers/0', 'body/layers/2'), (3, 3)), (('head',), (8,))], 8)
   """
+  _check_no_rule_arguments("reconstruct_model", retired)
   config = check_config(config)
   batches = data.calibration_list(calibration_batches)
   forward = data.forward_fn(apply_fn)
   if granularity not in unit_lib.GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {unit_lib.GRANULARITIES}, got"
                      f" {granularity!r}.")
-  _check_act_bits(act_bits)
-  if config.drop_prob > 0 and act_bits is None:
-    raise ValueError("`config.drop_prob` > 0 (QDrop) drops activation quantization: it needs"
-                     " `act_bits`.")
-  fp, work, plan = unit_lib.quantization_plan(
-      model, batches, weight_bits=weight_bits, per_channel=per_channel,
-      first_last=first_last, forward=forward)
+  if config.drop_prob > 0 and not unit_lib.needs_act_scales(model):
+    raise ValueError("`config.drop_prob` > 0 (QDrop) drops input quantization at random: it"
+                     " needs layers that quantize their inputs (a rule with act_bits).")
+  fp, work, plan = unit_lib.quantization_plan(model, batches, forward=forward)
   units = unit_lib.find_units(work, granularity, blocks)
   by_name = {p.name: p for p in plan}
   order = [p.name for p in plan]  # layers in call order
-  if act_bits is not None:
-    unit_lib.quantize_activations(fp, plan, batches[0], act_bits=act_bits,
-                                  first_last=first_last, forward=forward)
+  if unit_lib.needs_act_scales(work):
+    unit_lib.quantize_activations(fp, plan, batches[0], forward=forward)
 
   def first_call(unit):
     names = [i for i, layer in enumerate(order) if unit_lib.unit_holds(unit, layer)]
@@ -457,12 +318,14 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
       result = reconstruction.reconstruct_block(
           unit_fn, weights, scales, x_q, y_fp, weight_bits=layer_bits, config=config,
           act_scales=act_scales if act_scales else None,
-          x_fp=x_fp if config.drop_prob > 0 else None, key=jax.random.fold_in(key, index))
+          x_fp=x_fp if config.drop_prob > 0 else None, activation=activation,
+          key=jax.random.fold_in(key, index))
       jax.block_until_ready(result.weights)
       done = time.perf_counter()
       learned = list(result.act_scales) if act_scales else []
       nearest_error, reconstructed_error = reconstruction.block_errors(
-          unit_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp)
+          unit_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp,
+          activation=activation)
       keep_nearest = bool(fallback_to_nearest) and reconstructed_error > nearest_error
       final_weights, final_acts = ((nearest, act_scales) if keep_nearest
                                    else (result.weights, learned))
@@ -474,7 +337,7 @@ def reconstruct_model(model, calibration_batches, *, weight_bits: int,
         layer.act_scale.set_value(scale)
       flipped = sum(float(jnp.sum(c != n)) for c, n in zip(final_codes, nearest_codes))
       total = sum(int(np.size(c)) for c in nearest_codes)
-      reports.append(BlockReport(name, tuple(kernel_names), tuple(layer_bits),
+      reports.append(UnitReport(name, tuple(kernel_names), tuple(layer_bits),
                                  captured_at - start, done - captured_at, nearest_error,
                                  reconstructed_error, flipped / max(total, 1), keep_nearest))
       if bar is not None:

@@ -168,9 +168,9 @@ class Reconstruction:
     Vs, act_scales = params
     beta = self.beta_fn(step)
     soft, regularization = [], 0
-    for w, s, V, (lo, hi) in zip(weights, scales, Vs, self.grids):
-      h = jnp.clip(jax.nn.sigmoid(V) * (c.zeta - c.gamma) + c.gamma, 0.0, 1.0)
-      soft.append((s * jnp.clip(jnp.floor(w / s) + h, lo, hi)).astype(w.dtype))
+    for w, s, V, grid in zip(weights, scales, Vs, self.grids):
+      h = rounding.relaxed_rounding(V, c.zeta, c.gamma)
+      soft.append(rounding.soft_weight_from_h(w, s, h, grid).astype(w.dtype))
       regularization = regularization + rounding.regularizer_of_h(h, beta)
     out = self.apply_fn(tuple(soft), act_scales, xb, key)
     if self.activation is not None:
@@ -209,8 +209,8 @@ class Reconstruction:
   def finish(self, arrays: ReconstructionArrays, Vs):
     """``(codes, hard weights)`` per weight from the rounding variables."""
     codes, hard = [], []
-    for w, s, V, (lo, hi) in zip(arrays.weights, arrays.scales, Vs, self.grids):
-      c = jnp.clip(jnp.floor(w / s) + (V >= 0), lo, hi)
+    for w, s, V, grid in zip(arrays.weights, arrays.scales, Vs, self.grids):
+      c = rounding.hard_codes_on_grid(w, s, V, grid)
       codes.append(c.astype(w.dtype))
       hard.append((s * c).astype(w.dtype))
     return tuple(codes), tuple(hard)

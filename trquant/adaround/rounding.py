@@ -34,11 +34,14 @@ from trquant.adaround.config import check_stretch
 __all__ = [
     "beta_schedule",
     "hard_codes",
+    "hard_codes_on_grid",
     "init_alpha",
     "regularizer_of_h",
     "rectified_sigmoid",
+    "relaxed_rounding",
     "rounding_regularizer",
     "soft_weight",
+    "soft_weight_from_h",
     "weight_grid",
 ]
 
@@ -89,7 +92,29 @@ def rectified_sigmoid(V, zeta: float = ZETA, gamma: float = GAMMA):
   V = jnp.asarray(V)
   if not jnp.issubdtype(V.dtype, jnp.floating):
     V = V.astype(jnp.float32)
+  return relaxed_rounding(V, zeta, gamma)
+
+
+# The unchecked forms below are what the reconstruction loss and its final rounding run on
+# traced values; the public functions validate, then call them.
+
+
+def relaxed_rounding(V, zeta: float, gamma: float):
+  """:func:`rectified_sigmoid` unchecked."""
   return jnp.clip(jax.nn.sigmoid(V) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def soft_weight_from_h(w, scale, h, grid: tuple[int, int]):
+  """``scale * clip(floor(w / scale) + h, lo, hi)``: :func:`soft_weight` of a given ``h``,
+  unchecked (``scale`` float32)."""
+  lo, hi = grid
+  return scale * jnp.clip(jnp.floor(jnp.asarray(w, jnp.float32) / scale) + h, lo, hi)
+
+
+def hard_codes_on_grid(w, scale, V, grid: tuple[int, int]):
+  """:func:`hard_codes` unchecked (``scale`` float32)."""
+  lo, hi = grid
+  return jnp.clip(jnp.floor(jnp.asarray(w, jnp.float32) / scale) + (jnp.asarray(V) >= 0), lo, hi)
 
 
 def init_alpha(w, scale, *, zeta: float = ZETA, gamma: float = GAMMA):
@@ -135,11 +160,10 @@ def soft_weight(w, scale, V, *, weight_bits: int, signed: bool = True, zeta: flo
     >>> trquant.adaround.soft_weight(w, 0.5, trquant.adaround.init_alpha(w, 0.5), weight_bits=4)
     Array([ 0.3, -0.7], dtype=float32)
   """
-  lo, hi = weight_grid(weight_bits, signed)
+  grid = weight_grid(weight_bits, signed)
   checks.check_scale(w, scale)
-  scale = jnp.asarray(scale, jnp.float32)
-  floor = jnp.floor(jnp.asarray(w, jnp.float32) / scale)
-  return scale * jnp.clip(floor + rectified_sigmoid(V, zeta, gamma), lo, hi)
+  return soft_weight_from_h(w, jnp.asarray(scale, jnp.float32),
+                            rectified_sigmoid(V, zeta, gamma), grid)
 
 
 def hard_codes(w, scale, V, *, weight_bits: int, signed: bool = True):
@@ -153,10 +177,9 @@ def hard_codes(w, scale, V, *, weight_bits: int, signed: bool = True):
     ...                             weight_bits=2)
     Array([0., 1., 1.], dtype=float32)
   """
-  lo, hi = weight_grid(weight_bits, signed)
+  grid = weight_grid(weight_bits, signed)
   checks.check_scale(w, scale)
-  floor = jnp.floor(jnp.asarray(w, jnp.float32) / jnp.asarray(scale, jnp.float32))
-  return jnp.clip(floor + (jnp.asarray(V) >= 0), lo, hi)
+  return hard_codes_on_grid(w, jnp.asarray(scale, jnp.float32), V, grid)
 
 
 def rounding_regularizer(V, beta, *, zeta: float = ZETA, gamma: float = GAMMA):

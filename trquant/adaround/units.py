@@ -1,10 +1,10 @@
 """The units of reconstruction in an NNX model and how each is set up and run.
 
 * :func:`float_copy` / :func:`quantization_plan`: the full-precision reference and the
-  working copy whose trquant layers get their weight bits and MSE step sizes, in call
-  order (the ``first_last`` policy at the edges);
-* :func:`quantize_activations`: LSQ input quantization of the working layers, MSE step
-  sizes from the full-precision inputs;
+  working copy whose trquant layers get frozen step sizes for the bits the model's rules
+  gave them, in call order;
+* :func:`quantize_activations`: the LSQ input step sizes of the working layers, by MSE
+  search on the full-precision inputs;
 * :func:`find_units`: the units (``granularity`` ``"layer"`` or ``"block"``, automatic
   or named ``blocks``);
 * :func:`layer_apply_fn` and :func:`unit_apply_fn`: a layer as ``(w, x) -> output`` and a
@@ -18,10 +18,8 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from trquant import checks
 from trquant import nnx as tq_nnx
 from trquant import quantizers
 from trquant.adaround import data
@@ -32,7 +30,7 @@ from trquant.nnx import traversal as nnx_traversal
 
 __all__ = [
     "GRANULARITIES", "PlannedLayer", "find_units", "float_copy", "layer_apply_fn",
-    "qdrop_hook", "quantization_plan", "quantize_activations", "scan_on_cpu", "unit_apply_fn",
+    "needs_act_scales", "put_like", "qdrop_hook", "quantization_plan", "quantize_activations", "scan_on_cpu", "unit_apply_fn",
     "unit_holds", "unit_name",
 ]
 
@@ -48,8 +46,8 @@ class PlannedLayer(NamedTuple):
   name: str  # its "/"-joined path
   fp_layer: Any  # the layer in the full-precision copy
   work_layer: Any  # the layer in the working copy (quantized weights)
-  weight_bits: Any  # int, or None for a layer kept in full precision (first_last="fp")
-  scale: Any  # its weight step size (MSE), a jax.Array; None when kept in full precision
+  weight_bits: Any  # int, or None for a layer the model keeps in full precision
+  scale: Any  # its weight step size, broadcastable to the kernel; None in full precision
 
 
 def unit_name(path) -> str:
@@ -78,22 +76,20 @@ def check_model(model) -> list:
 
 
 def float_copy(model):
-  """A clone of ``model`` in evaluation mode whose trquant layers use their kernels unquantized."""
+  """A clone of ``model`` in evaluation mode whose trquant layers compute in full precision
+  (kernels and inputs unquantized)."""
   fp = nnx.clone(model)
   for _, layer in tq_nnx.quant_layers(fp):
     layer.kernel.set_metadata(bits=None)
+    layer.act_bits = None
   fp.eval()
   return fp
 
 
-def _set_quantized(layer, *, weight_bits: int, scale, per_channel: bool, kernel=None) -> None:
-  """Makes `layer` quantize its kernel to `weight_bits` with the frozen step size `scale`."""
-  if kernel is not None:
-    current = layer.kernel.get_value()
-    layer.kernel.set_value(put_like(jnp.asarray(kernel, current.dtype), current))
-  layer.kernel.set_metadata(bits=weight_bits, signed=True, narrow=False)
+def _set_quantized(layer, scale) -> None:
+  """Makes `layer` quantize its kernel (float weights) with the frozen step size `scale`."""
+  layer.kernel.set_metadata(signed=True, narrow=False)
   layer.weight_quantizer = "fixed"
-  layer.per_channel = bool(per_channel)
   layer.weight_scale = nnx.data(tq_nnx.WeightScale(jnp.asarray(scale, jnp.float32)))
 
 
@@ -105,20 +101,30 @@ def put_like(value, reference):
   return value
 
 
-def quantization_plan(model, batches, *, weight_bits, per_channel, first_last, forward):
+def _no_weight_quantization_message(layers) -> str:
+  names = ", ".join(unit_name(path) for path, _ in layers[:6])
+  return ("no trquant layer of the model quantizes its weights (weight_bits is None in"
+          f" {names}{' ...' if len(layers) > 6 else ''}). Post-training quantization reads the"
+          " bits from the model: quantize it first, e.g. trquant.nnx.quantize_model(model,"
+          " [trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, act_bits=8,"
+          " signed_act=True), trquant.nnx.QuantRule(weight_bits=4)]).")
+
+
+def quantization_plan(model, batches, *, forward):
   """Validates; returns ``(fp copy, working copy, [PlannedLayer, ...])``.
 
-  The layers come in the order one forward pass on ``batches[0]`` calls them (layers it
-  never calls after, in tree order; tree order when ``batches`` is None). Each working
-  layer gets ``weight_bits`` and a frozen MSE step size, per tensor or per output channel;
-  the first and last layer follow ``first_last`` (``"same"``, an int bit width, or
-  ``"fp"``: kept in full precision, planned with ``weight_bits=None`` and no scale).
+  Each layer's quantization is the model's: its ``weight_bits`` (None: kept in full
+  precision, planned with ``weight_bits=None`` and no scale), ``per_channel`` and
+  ``group_size``, as :func:`trquant.nnx.quantize_model` set them from the rules. The
+  working layer gets a frozen step size from its kernel (the layer's ``scale_method``,
+  MSE by default); the plan holds that scale broadcastable to the kernel (per-group scales
+  repeated over their groups), as reconstruction uses it. The layers come in the order one
+  forward pass on ``batches[0]`` calls them (layers it never calls after, in tree order;
+  tree order when ``batches`` is None).
   """
-  check_model(model)
-  rounding.weight_grid(weight_bits, True)
-  first_last = checks.check_first_last(first_last, min_bits=2)
-  if not isinstance(per_channel, (bool, np.bool_)):
-    raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}.")
+  layers = check_model(model)
+  if all(layer.weight_bits is None for _, layer in layers):
+    raise ValueError(_no_weight_quantization_message(layers))
   fp, work = float_copy(model), nnx.clone(model)
   work.eval()
   fp_layers = tq_nnx.quant_layers(fp)
@@ -134,55 +140,55 @@ def quantization_plan(model, batches, *, weight_bits, per_channel, first_last, f
   else:
     order = [layer for _, layer in fp_layers]
   plan = []
-  for index, fp_layer in enumerate(order):
+  for fp_layer in order:
     path = names[id(fp_layer)]
     work_layer = work_layers[path]
-    edge = index == 0 or index == len(order) - 1
-    layer_bits = weight_bits if (not edge or first_last == "same") else first_last
-    if layer_bits == "fp":
-      work_layer.kernel.set_metadata(bits=None)
+    layer_bits = work_layer.weight_bits
+    if layer_bits is None:
       plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, None, None))
       continue
+    rounding.weight_grid(layer_bits, True, f"weight_bits of {unit_name(path)}")
     kernel = fp_layer.kernel.get_value()
-    # Per-channel: one step size per output channel (per output feature of a LinearGeneral
-    # or an Einsum: the layer's channel_axes).
-    scale = quantizers.init_scale(kernel, bits=layer_bits, method="mse",
-                                  axis=fp_layer.channel_axes if per_channel else None)
-    _set_quantized(work_layer, weight_bits=layer_bits, scale=scale, per_channel=per_channel,
-                   kernel=kernel)
-    plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, layer_bits, scale))
+    work_layer.weight_quantizer = "fixed"  # PTQ freezes the scale (an LSQ rule's included)
+    scale = work_layer.initial_weight_scale(kernel, work_layer.scale_method)
+    _set_quantized(work_layer, scale)
+    plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, layer_bits,
+                             work_layer.broadcast_weight_scale(scale)))
   return fp, work, plan
 
 
-def _set_act_quant(layer, *, bits: int, signed: bool, scale) -> None:
-  """Makes `layer` quantize its inputs to `bits` (LSQ) with step size `scale`."""
-  layer.act_bits = int(bits)
+def _set_act_scale(layer, *, signed: bool, scale) -> None:
+  """Makes `layer` quantize its inputs (LSQ) with step size `scale`."""
   layer.signed_act = bool(signed)
   layer.act_scale = nnx.data(tq_nnx.ActScale(jnp.asarray(scale, jnp.float32)))
 
 
-def quantize_activations(fp, plan, batch, *, act_bits: int, first_last, forward) -> None:
-  """Sets LSQ input quantization on the plan's working layers, from the FP layers' inputs.
+def needs_act_scales(model) -> bool:
+  """Whether a trquant layer of ``model`` quantizes its input with a learned (LSQ) scale."""
+  return any(layer.act_bits is not None and getattr(layer, "act_quantizer", "lsq") == "lsq"
+             for _, layer in tq_nnx.quant_layers(model))
 
-  Signed where the full-precision input on ``batch`` has negative values; step size by
-  MSE search on it; ``act_bits``, except at the first and last layer with an int
-  ``first_last`` (that width) or ``"fp"`` (inputs left as they are). The FP copy's layers
-  are left with full-precision inputs.
+
+def quantize_activations(fp, plan, batch, *, forward) -> None:
+  """Sets the LSQ input step sizes of the plan's working layers from the FP layers' inputs.
+
+  Every working layer with ``act_bits`` and an LSQ input quantizer gets a step size by MSE
+  search on its full-precision input on ``batch``, signed where that input has negative
+  values; dynamic (per-token) input quantizers take none.
   """
-  for _, layer in tq_nnx.quant_layers(fp):
-    layer.act_bits = None  # the reference is full precision throughout
   with tq_nnx.capture_layers(fp) as captured:
     forward(fp, batch)
-  for index, planned in enumerate(plan):
+  for planned in plan:
+    layer = planned.work_layer
+    if layer.act_bits is None or getattr(layer, "act_quantizer", "lsq") != "lsq":
+      continue
     inputs = captured.inputs(planned.fp_layer)
-    if not inputs or planned.weight_bits is None:
-      continue  # never called, or kept in full precision: its input stays as it is
+    if not inputs:
+      continue  # never called: its step size stays as it is
     x = inputs[0]
-    signed = bool(jnp.min(x) < 0)
-    edge = index in (0, len(plan) - 1)
-    layer_act_bits = first_last if edge and isinstance(first_last, int) else act_bits
-    scale = quantizers.init_scale(x, bits=layer_act_bits, method="mse", signed=signed)
-    _set_act_quant(planned.work_layer, bits=layer_act_bits, signed=signed, scale=scale)
+    signed = bool(layer.signed_act) or bool(jnp.min(x) < 0)
+    scale = quantizers.init_scale(x, bits=layer.act_bits, method="mse", signed=signed)
+    _set_act_scale(layer, signed=signed, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ class _QuantMixin:
       self.group_size = int(group_size)
     self.kernel = QuantWeight(kernel, bits=weight_bits, signed=True, narrow=False, **metadata)
     scale_type = LearnedWeightScale if weight_quantizer == "lsq" else WeightScale
-    self.weight_scale = (scale_type(self.initial_weight_scale(kernel, scale_method))
+    # nnx.data: a layer re-quantized by a rule may have held None (a static attribute) here.
+    self.weight_scale = (nnx.data(scale_type(self.initial_weight_scale(kernel, scale_method)))
                          if weight_bits is not None else None)
     self.act_bits = act_bits
     self.signed_act = bool(signed_act)
@@ -104,7 +105,7 @@ class _QuantMixin:
                        " scale).")
     self.act_quantizer = act_quantizer
     # A dynamic (per-token absmax) input quantizer has no scale to learn.
-    self.act_scale = (ActScale(jnp.ones((), jnp.float32))
+    self.act_scale = (nnx.data(ActScale(jnp.ones((), jnp.float32)))
                       if act_bits is not None and act_quantizer == "lsq" else None)
     self.calibrating = False
     self.capture_hook = None
@@ -278,10 +279,11 @@ class QuantConv(_QuantMixin, nnx.Module):
 
   Args:
     in_features, out_features, kernel_size, strides, padding,
-      feature_group_count (``= in_features`` for depth-wise), use_bias, dtype,
-      param_dtype, precision, preferred_element_type, kernel_init, bias_init,
-      rngs: as ``nnx.Conv`` (``padding``: ``"SAME"``, ``"VALID"``, an int or
-      ``(low, high)`` pairs; no dilation, mask, circular or reflect padding).
+      feature_group_count, use_bias, dtype, param_dtype, precision,
+      preferred_element_type, kernel_init, bias_init, rngs: as ``nnx.Conv``
+      (``feature_group_count = in_features`` for depth-wise; ``padding``: ``"SAME"``,
+      ``"VALID"``, an int or ``(low, high)`` pairs; no dilation, mask, circular or
+      reflect padding).
       Inputs are ``(..., H, W, C)``: several batch axes are flattened and
       restored, an input without batch axis gets one, as ``nnx.Conv`` does.
     weight_bits, act_bits, per_channel, weight_quantizer, signed_act,

@@ -90,7 +90,7 @@ def _unsupported_reason(module) -> Optional[str]:
 
 
 def _is_weight_layer(module) -> bool:
-  return isinstance(module, tuple(SUPPORTED_LAYERS) + tuple(UNSUPPORTED_LAYERS))
+  return isinstance(module, tuple(SUPPORTED_LAYERS) + tuple(UNSUPPORTED_LAYERS) + QUANT_LAYERS)
 
 
 def _type_name(layer_type) -> str:
@@ -108,9 +108,11 @@ class QuantRule:
   parameters in ``nnx.state(model)``) and, if ``layer_types`` is given, the layer is an
   instance of one of them. Only layers with weights are matched (``nnx.Linear``,
   ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Einsum``, and the unsupported
-  ``nnx.ConvTranspose``, ``nnx.Embed``, ``nnx.LoRA``, which raise), never containers
-  such as ``nnx.MultiHeadAttention`` or a block: ``"blocks/.*/attn/.*"`` matches the
-  four projections of the attention modules under ``blocks``.
+  ``nnx.ConvTranspose``, ``nnx.Embed``, ``nnx.LoRA``, which raise) and trquant layers
+  (whose quantization the rule sets anew from their kernels: one rule list works on a
+  model built from trquant layers too), never containers such as
+  ``nnx.MultiHeadAttention`` or a block: ``"blocks/.*/attn/.*"`` matches the four
+  projections of the attention modules under ``blocks``.
 
   Args:
     path: a regular expression for the layer's path (default ``".*"``: every layer).
@@ -135,8 +137,10 @@ class QuantRule:
 
   A rule with ``weight_bits=None`` and ``act_bits=None`` (and ``skip=False``) makes
   the layer a trquant layer in full precision: it computes what the NNX layer
-  computed, and :func:`trquant.adaround.adaround_model` / ``round_to_nearest``
-  treat it as a layer to quantize.
+  computed, and the post-training drivers (:func:`trquant.adaround.reconstruct_model`,
+  ``round_to_nearest``) leave it so. The same rules drive QAT and PTQ: the drivers read
+  each layer's bits, scale granularity and input quantization from the model
+  :func:`quantize_model` returns.
   """
 
   path: str = ".*"
@@ -220,15 +224,14 @@ def _check_layer_type(layer_type) -> None:
     raise ValueError(f"QuantRule: `layer_types` must hold layer classes, got {layer_type!r}.")
   supported = ", ".join(_type_name(t) for t in SUPPORTED_LAYERS)
   if issubclass(layer_type, QUANT_LAYERS):
-    raise ValueError(f"QuantRule: {layer_type.__name__} is already a trquant layer; rules match"
-                     f" the NNX layers to replace ({supported}).")
+    return  # a rule re-sets the quantization of trquant layers too
   for unsupported, reason in UNSUPPORTED_LAYERS.items():
     if issubclass(layer_type, unsupported):
       raise ValueError(f"QuantRule: {_type_name(layer_type)} layers cannot be quantized: {reason}."
                        f" trquant.nnx.quantize_model replaces {supported}.")
   if not issubclass(layer_type, tuple(SUPPORTED_LAYERS)):
     raise ValueError(f"QuantRule: {_type_name(layer_type)} is not a layer trquant quantizes;"
-                     f" `layer_types` may name {supported}.")
+                     f" `layer_types` may name {supported} or a trquant layer class.")
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,6 +279,8 @@ def _default(module, name, expected) -> Optional[str]:
 
 def _conversion_problem(module) -> Optional[str]:
   """Why this layer cannot be replaced (None if it can)."""
+  if isinstance(module, QUANT_LAYERS):
+    return None
   reason = _unsupported_reason(module)
   if reason is not None:
     return reason
@@ -321,8 +326,25 @@ def _conv_padding(padding, n):
   return tuple(pairs)
 
 
+def _kernel_metadata(kernel_variable, rule: QuantRule) -> dict:
+  """The kernel Variable's metadata (sharding annotations) with `rule`'s bit width."""
+  return dict(kernel_variable.get_metadata(), bits=rule.weight_bits, signed=True, narrow=False)
+
+
+def _requantized(module, rule: QuantRule):
+  """A copy of the trquant layer `module` with `rule`'s quantization, from its kernel."""
+  layer = nnx.clone(module)
+  kernel_variable = module.kernel
+  layer._init_quantization(kernel_variable.get_value(), **rule.layer_kwargs())
+  layer.kernel = QuantWeight.from_metadata(kernel_variable.get_raw_value(),
+                                           _kernel_metadata(kernel_variable, rule))
+  return layer
+
+
 def _build(module, rule: QuantRule):
   """The trquant layer replacing `module`: its weights, bias and metadata, `rule`'s quantization."""
+  if isinstance(module, QUANT_LAYERS):
+    return _requantized(module, rule)
   kernel_variable = module.kernel
   kernel = kernel_variable.get_value()
   common = dict(
@@ -347,8 +369,8 @@ def _build(module, rule: QuantRule):
     layer = QuantEinsum(module.einsum_str, module.kernel_shape, module.bias_shape, **common)
   # The original Variables' values and metadata (sharding annotations) carry over; from_metadata
   # keeps the (already placed) value as it is.
-  metadata = dict(kernel_variable.get_metadata(), bits=rule.weight_bits, signed=True, narrow=False)
-  layer.kernel = QuantWeight.from_metadata(kernel_variable.get_raw_value(), metadata)
+  layer.kernel = QuantWeight.from_metadata(kernel_variable.get_raw_value(),
+                                           _kernel_metadata(kernel_variable, rule))
   if use_bias:
     layer.bias = module.bias
   return layer
@@ -389,9 +411,7 @@ def _unmatched_message(index, rule, model, layers, taken) -> str:
     name = path_name(path)
     if re.fullmatch(rule.path, name) is None or (name, module) in layers:
       continue
-    if isinstance(module, QUANT_LAYERS):
-      hints.append(f"{name} is already a trquant layer (left as it is)")
-    elif not _is_weight_layer(module):
+    if not _is_weight_layer(module):
       hints.append(f"{name} is a {type(module).__name__}, not a layer with weights (rules match"
                    f" the layers inside it, e.g. {name + '/.*' if name else '.*'})")
   for name, module in layers:
@@ -410,7 +430,8 @@ def quantize_model(model, rules):
 
   Every layer with weights (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
   ``nnx.Einsum``; see :class:`QuantRule`) is given to the first rule that matches
-  it; layers that no rule matches stay as they are, in full precision. A matched
+  it; layers that no rule matches stay as they are. A trquant layer that a rule matches
+  gets the rule's quantization, its weight scale set anew from its kernel. A matched
   layer is replaced by its trquant counterpart (:class:`~trquant.nnx.QuantLinear`,
   :class:`~trquant.nnx.QuantLinearGeneral`, :class:`~trquant.nnx.QuantConv`,
   :class:`~trquant.nnx.QuantEinsum`) with the rule's quantization, unless the rule

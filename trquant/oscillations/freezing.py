@@ -16,7 +16,6 @@ from trquant.oscillations import tracking
 
 __all__ = ["CODE_EMA_ONE", "CODE_EMA_RANGE", "FreezeOscillationsState", "freeze_oscillations"]
 
-CodesFn = Callable[[Any], Any]
 ScaleFn = Callable[[Any], Any]
 
 # The EMA of a weight's integer code is int16 fixed point in units of 1 / CODE_EMA_ONE,
@@ -78,7 +77,7 @@ def _check_code_range(layout: codes_tree.QuantizedLayout, codes) -> None:
 
 def freeze_oscillations(
     *,
-    codes_fn: CodesFn,
+    codes_fn: codes_tree.CodesFn,
     scale_fn: ScaleFn,
     total_steps: int,
     threshold: Union[None, float, optax.Schedule] = None,

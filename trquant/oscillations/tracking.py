@@ -7,7 +7,7 @@ the change is opposite to that of its last non-zero change. Its frequency is the
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,6 @@ __all__ = [
     "update_tracker",
 ]
 
-CodesFn = Callable[[Any], Any]
 
 # Frequencies are uint16 fixed point: f = q / FREQUENCY_ONE, so f = 1 is representable.
 FREQUENCY_ONE = 65535
@@ -138,7 +137,7 @@ def update_tracker(state: OscillationState, layout: codes_tree.QuantizedLayout, 
 
 def track_oscillations(
     *,
-    codes_fn: CodesFn,
+    codes_fn: codes_tree.CodesFn,
     decay: float = 0.999,
     threshold: float = DEFAULT_OSCILLATING_THRESHOLD,
 ) -> optax.GradientTransformationExtraArgs:

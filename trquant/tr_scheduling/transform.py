@@ -13,7 +13,7 @@ References:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,6 @@ from trquant.tr_scheduling import windup_guard as windup_guard_rules
 
 __all__ = ["TransitionRateState", "tr_schedule"]
 
-CodesFn = Callable[[Any], Any]
 
 NO_PARAMS_MESSAGE = (
     "tr_schedule needs the current parameters to count transitions: call"
@@ -86,7 +85,7 @@ class TransitionRateState(NamedTuple):
 def tr_schedule(
     target_tr: Union[float, optax.Schedule],
     *,
-    codes_fn: CodesFn,
+    codes_fn: codes_tree.CodesFn,
     controller: Union[str, controllers.Controller] = "log",
     eta: Optional[float] = None,
     decay: float = 0.99,
@@ -95,7 +94,7 @@ def tr_schedule(
     max_multiplier: Optional[float] = 1e3,
     windup_guard: bool = True,
     guard_window: Optional[int] = None,
-    saturation_fn: Optional[CodesFn] = None,
+    saturation_fn: Optional[codes_tree.CodesFn] = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Schedules the transition rate of quantized weights with a transition-adaptive LR.
 
