@@ -881,6 +881,7 @@ def summarize(out, allow_mixed_provenance=False):
                                       "final": finals})
       lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
     lines += _robustness_lines(summary["lr_sweep"], summary)
+    lines += _sweep_delta_lines(runs, mults, summary)
 
   with open(os.path.join(out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
@@ -917,6 +918,33 @@ def _robustness_lines(sweep, summary):
       lines.append(f"| W{bits}A{bits} {optimizer} | {method} | ×{best:g} | {mean[best]:.2f} | "
                    + ", ".join(f"×{m:g} {drops[m]:.2f}" for m in shared)
                    + f" | {np.mean(list(drops.values())):.2f} |")
+  return lines
+
+
+def _sweep_delta_lines(runs, mults, summary):
+  """Per setting, method and base-LR multiplier: the paired difference to cosine LR (`lr`)
+  at the same multiplier, over the seeds both ran (mean ± SE, paired t-test p-value)."""
+  lines = ["", "## Δ vs cosine LR at each base LR (paired over seeds: mean ± SE, p)", "",
+           "| setting | method | " + " | ".join(f"LR ×{m:g}" for m in mults) + " |",
+           "|---|---|" + "---|" * len(mults)]
+  summary["lr_sweep_deltas"] = []
+  settings = sorted({(r["bits"], r["optimizer"]) for r in runs})
+  for bits, optimizer in settings:
+    def at(method, mult):
+      lr = DEFAULT_LR[optimizer] * mult
+      return [r for r in runs if (r["bits"], r["optimizer"], r["method"]) == (bits, optimizer, method)
+              and abs(r["lr"] - lr) < 1e-9 * max(lr, 1)]
+    for method in sorted({r["method"] for r in runs} - {"lr"}):
+      cells = []
+      for mult in mults:
+        paired = _paired(at(method, mult), at("lr", mult))
+        cells.append(_delta_text(paired))
+        if paired is not None:
+          summary["lr_sweep_deltas"].append(
+              {"bits": bits, "optimizer": optimizer, "method": method, "lr_multiplier": mult,
+               "delta": paired[0], "se": paired[1], "n": paired[2], "p": paired[3]})
+      if any(cells):
+        lines.append(f"| W{bits}A{bits} {optimizer} | {method} | " + " | ".join(cells) + " |")
   return lines
 
 
