@@ -100,9 +100,11 @@ def test_orbax_resume_is_bit_identical(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def _nnx_model():
-  model = nnx.Sequential(QuantLinear(12, 32, weight_bits=BITS, rngs=nnx.Rngs(0)), nnx.relu,
-                         QuantLinear(32, 4, weight_bits=BITS, rngs=nnx.Rngs(1)))
+def _nnx_model(group_size=None):
+  model = nnx.Sequential(
+      QuantLinear(12, 32, weight_bits=BITS, group_size=group_size, rngs=nnx.Rngs(0)), nnx.relu,
+      QuantLinear(32, 4, weight_bits=BITS, group_size=group_size and 2 * group_size,
+                  rngs=nnx.Rngs(1)))
   tx = optax.partition(
       {"quant": optax.chain(optax.adam(1e-2),
                             trquant.tr_schedule(5e-2, codes_fn=trquant.nnx.codes_fn(model))),
@@ -126,22 +128,25 @@ def _nnx_train(model, optimizer, steps, start=0):
     _nnx_step(model, optimizer, x[batch], y[batch])
 
 
-def test_orbax_resume_nnx_optimizer_is_bit_identical(tmp_path):
-  model, optimizer = _nnx_model()
+@pytest.mark.parametrize("group_size", [None, 4])
+def test_orbax_resume_nnx_optimizer_is_bit_identical(tmp_path, group_size):
+  model, optimizer = _nnx_model(group_size)
   _nnx_train(model, optimizer, STEPS)
   reference = nnx.to_pure_dict(nnx.state((model, optimizer)))
 
-  model, optimizer = _nnx_model()
+  model, optimizer = _nnx_model(group_size)
   _nnx_train(model, optimizer, RESUME_AT)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "nnx", nnx.to_pure_dict(nnx.state((model, optimizer))))
   checkpointer.wait_until_finished()
 
-  model, optimizer = _nnx_model()  # a new process would rebuild the objects like this
+  model, optimizer = _nnx_model(group_size)  # a new process would rebuild the objects so
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                           nnx.to_pure_dict(nnx.state((model, optimizer))))
   nnx.update((model, optimizer), checkpointer.restore(tmp_path / "nnx", abstract))
   assert model.layers[0].kernel.bits == BITS  # restoring values keeps the layers' metadata
+  if group_size:  # per-group scales: one per 4 inputs and output (12 / 4 = 3 groups)
+    assert model.layers[0].weight_scale.get_value().shape == (3, 32)
   _nnx_train(model, optimizer, STEPS - RESUME_AT, start=RESUME_AT)
   _assert_trees_equal(nnx.to_pure_dict(nnx.state((model, optimizer))), reference)
 
