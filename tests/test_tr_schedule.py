@@ -640,6 +640,10 @@ def test_measured_target_under_inject_hyperparams():
     (dict(total_steps=10.0), "must be an int"),
     (dict(total_steps=100, schedule="exp"), "schedule"),
     (dict(total_steps=100, fraction=0.0), "fraction"),
+    (dict(total_steps=True), "`total_steps` must be an int"),
+    (dict(total_steps=100, window_steps=0), "`window_steps` must be an int >= 1"),
+    (dict(total_steps=100, window_steps=2.0), "`window_steps` must be an int"),
+    (dict(total_steps=100, max_warmup_steps="10"), "`max_warmup_steps` must be an int"),
 ])
 def test_measured_target_invalid_arguments(kwargs, match):
   with pytest.raises(ValueError, match=match):

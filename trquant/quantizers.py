@@ -634,8 +634,7 @@ def init_scale(
     return _init_group_scale(x, bits=bits, method=method, axis=-1 if axis is None else axis,
                              signed=signed, narrow=narrow, num_candidates=num_candidates,
                              group_size=group_size, group_axis=group_axis)
-  if not isinstance(num_candidates, numbers.Integral) or num_candidates < 1:
-    raise ValueError(f"`num_candidates` must be a positive int, got {num_candidates!r}.")
+  num_candidates = checks.check_int("num_candidates", num_candidates)
   x = jnp.asarray(x, jnp.float32)
   if x.size == 0:
     raise ValueError("`x` is empty: cannot initialise a scale from no values.")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import warnings
 from typing import Callable, Iterable, Optional
 
@@ -286,13 +285,9 @@ def check_batchnorm(model, batches: Iterable, *, threshold: float = 0.01,
     >>> before["layers/1"] > 0.01, check_batchnorm(model, batches)["layers/1"] < 0.01
     (True, True)
   """
-  if (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-      or not math.isfinite(threshold) or threshold <= 0):
-    raise ValueError(f"`threshold` must be a positive number (a mean KL), got {threshold!r}.")
-  if not isinstance(num_batches, int) or isinstance(num_batches, bool) or num_batches < 1:
-    raise ValueError(f"`num_batches` must be a positive int, got {num_batches!r}.")
-  if not isinstance(reestimate, bool):
-    raise ValueError(f"`reestimate` must be a bool, got {reestimate!r}.")
+  threshold = checks.check_positive("threshold", threshold)  # a mean KL
+  num_batches = checks.check_int("num_batches", num_batches)
+  checks.check_bool("reestimate", reestimate)
   batches = list(itertools.islice(iter(batches), num_batches))  # used twice
   if not batches:
     raise ValueError("`batches` yielded no batch.")

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from trquant import checks
 from trquant import oscillations
 from trquant import quantizers
 from trquant.nnx import traversal
@@ -26,10 +27,8 @@ from trquant.nnx.layers import QuantWeight
 
 
 def _check_max_bits(max_bits) -> None:
-  if max_bits is not None and (isinstance(max_bits, bool) or not isinstance(max_bits, int)
-                               or max_bits < 1):
-    raise ValueError(f"`max_bits` must be None or a positive int (e.g. 4: leave 8-bit layers"
-                     f" out), got {max_bits!r}.")
+  if max_bits is not None:
+    checks.check_int("max_bits", max_bits)  # e.g. 4: leave 8-bit layers out
 
 
 def _within(layer, max_bits) -> bool:

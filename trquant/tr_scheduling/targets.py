@@ -11,7 +11,6 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from trquant import checks
 
@@ -114,13 +113,9 @@ def measured_target(
     >>> bool(optax.tree.get(state, "initial_target_rate") > 0)
     True
   """
-  if isinstance(total_steps, bool) or not isinstance(total_steps, (int, np.integer)):
-    raise ValueError(f"`total_steps` must be an int, got {total_steps!r}.")
-  total_steps = int(total_steps)
+  total_steps = checks.check_int("total_steps", total_steps)
   if warmup_steps is not None:
-    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, (int, np.integer)):
-      raise ValueError(f"`warmup_steps` must be an int or None, got {warmup_steps!r}.")
-    warmup_steps = int(warmup_steps)
+    warmup_steps = checks.check_int("warmup_steps", warmup_steps, 0)
     if warmup_steps < 2:
       raise ValueError(f"`warmup_steps` must be >= 2 (the rate is measured over its second"
                        f" half), got {warmup_steps}.")
@@ -130,15 +125,10 @@ def measured_target(
   if window_steps is None:
     # 0.5% of the run, at least 10 steps, but short runs keep room for two windows.
     window_steps = max(total_steps // 200, min(10, total_steps // 8), 1)
-  if isinstance(window_steps, bool) or not isinstance(window_steps, (int, np.integer)) \
-      or window_steps < 1:
-    raise ValueError(f"`window_steps` must be a positive int, got {window_steps!r}.")
-  window_steps = int(window_steps)
+  window_steps = checks.check_int("window_steps", window_steps)
   if max_warmup_steps is None:
     max_warmup_steps = max(total_steps // 10, 2 * window_steps)
-  if isinstance(max_warmup_steps, bool) or not isinstance(max_warmup_steps, (int, np.integer)):
-    raise ValueError(f"`max_warmup_steps` must be an int, got {max_warmup_steps!r}.")
-  max_warmup_steps = int(max_warmup_steps)
+  max_warmup_steps = checks.check_int("max_warmup_steps", max_warmup_steps, 0)
   if warmup_steps is None:
     if max_warmup_steps < 2 * window_steps:
       raise ValueError(f"`max_warmup_steps` ({max_warmup_steps}) must cover at least two"
