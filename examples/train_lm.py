@@ -288,7 +288,7 @@ def run_ptq(args, fp, calibration, final_windows, out):
   # The first and last layer called at 8 bits, the rest at --ptq-bits (weights only).
   ruled = trquant.nnx.quantize_model(fp, [
       QuantRule("embed", skip=True),
-      trquant.nnx.first_last_rule(fp, calibration[:1], weight_bits=8),
+      trquant.nnx.first_last_rule(fp, calibration[0][:1], weight_bits=8),
       QuantRule(weight_bits=args.ptq_bits)])
   config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
   rows = []

@@ -218,7 +218,8 @@ class Reconstruction:
   def solve(self, arrays: ReconstructionArrays) -> BlockResult:
     """Runs the loop as ``config.loop`` says and rounds: the :class:`BlockResult`."""
     loop = loops.resolve_loop(self.config.loop, self.apply_fn, arrays.weights,
-                              arrays.act_scales, arrays.x_q[:1], arrays.key)
+                              arrays.act_scales, arrays.x_q[:self.config.batch_size],
+                              arrays.key)
     if loop == "scan":
       carry, (reconstruction, regularization) = _run(self, arrays)
     else:
@@ -339,12 +340,15 @@ def reconstruction_problem(apply_fn: Callable, weights, scales, x_q, y_fp, *, we
   _check_key(key)
   dtype = weights[0].dtype
   x_q, x_fp, y_fp = x_q.astype(dtype), x_fp.astype(dtype), y_fp.astype(dtype)
+  # Probed on a mini-batch of the loop's size: a model may shard its batch axis (an
+  # out_sharding over the data axes), which one row cannot satisfy.
+  probe = x_q[:config.batch_size]
   try:
-    out = jax.eval_shape(apply_fn, weights, act_scales, x_q[:1], key)
+    out = jax.eval_shape(apply_fn, weights, act_scales, probe, key)
   except Exception as error:  # the shapes do not fit apply_fn
     raise ValueError(f"`apply_fn` fails for weights of shapes {[w.shape for w in weights]} and"
                      f" x_q of shape {x_q.shape}: {error}") from error
-  if tuple(out.shape) != (1,) + tuple(y_fp.shape[1:]):
+  if tuple(out.shape) != (probe.shape[0],) + tuple(y_fp.shape[1:]):
     raise ValueError(f"`apply_fn` gives outputs of shape {tuple(out.shape)[1:]} per example but"
                      f" `y_fp` has {tuple(y_fp.shape[1:])}.")
   problem = Reconstruction(apply_fn, grids, config, activation)
