@@ -475,6 +475,7 @@ def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
                                apply_fn="model(x)", config=adaround.AdaRoundConfig(iters=1))
 
 
+@pytest.mark.integration
 def test_a_wrapper_around_the_model_is_opened_into_the_models_units(keyword_net):
   fp, x = keyword_net
 

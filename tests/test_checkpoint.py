@@ -128,7 +128,7 @@ def _nnx_train(model, optimizer, steps, start=0):
     _nnx_step(model, optimizer, x[batch], y[batch])
 
 
-@pytest.mark.parametrize("group_size", [None, 4])
+@pytest.mark.parametrize("group_size", [None, pytest.param(4, marks=pytest.mark.integration)])
 def test_orbax_resume_nnx_optimizer_is_bit_identical(tmp_path, group_size):
   model, optimizer = _nnx_model(group_size)
   _nnx_train(model, optimizer, STEPS)

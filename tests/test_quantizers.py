@@ -1078,7 +1078,7 @@ def test_group_size_equal_to_the_axis_is_per_channel(shape, seed, bits, method):
                                 trquant.fake_quant(x, per_channel, bits=bits))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=_group_shapes, seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]),
        group=st.sampled_from([2, 4, 8]), outliers=st.booleans())
 def test_group_mse_error_is_at_most_per_channel(shape, seed, bits, group, outliers):

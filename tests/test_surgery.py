@@ -91,7 +91,7 @@ def _values(model):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "vit"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", pytest.param("vit", marks=pytest.mark.integration)])
 def test_full_precision_rules_keep_the_model_and_its_outputs(name):
   model = {"mlp": lambda: _mlp(), "cnn": lambda: _CNN(nnx.Rngs(0)), "vit": lambda: _ViT(nnx.Rngs(0))}[name]()
   x = {"mlp": jnp.ones((4, 16)), "cnn": jax.random.normal(jax.random.key(1), (4, 8, 8, 1)),

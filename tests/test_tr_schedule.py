@@ -217,6 +217,7 @@ def test_apply_if_finite_skips_whole_step():
   assert int(optax.tree.get(new_state, "tr_step")) == 0
 
 
+@pytest.mark.integration
 def test_long_run_multiplier_stays_finite_and_non_negative():
   # 50k steps: the cosine target reaches 0 at 20k and stays there, where the log rule
   # drives u down and the additive one sits on its max(0, .) floor.
