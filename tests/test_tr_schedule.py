@@ -62,6 +62,22 @@ def test_state_fields_and_shapes():
   assert optax.tree.get(global_state, "talr_multiplier").shape == (1,)
 
 
+def test_state_nests_the_warmup_and_guard_fields():
+  state = _tx(target_tr=trquant.measured_target(100, warmup_steps=10)).init(_params())
+  tr_state = state[1]
+  assert isinstance(tr_state, trquant.TransitionRateState)
+  assert tr_state.warmup._fields == ("warmup_end_step", "warmup_window", "warmup_previous_rate")
+  assert "windup_events" in tr_state.guard._fields
+  assert "stalled_fraction" in tr_state.guard._fields
+  for nested in (tr_state.warmup, tr_state.guard):
+    assert isinstance(nested, tuple) and hasattr(nested, "_fields")  # NamedTuples
+  # optax.tree.get finds nested fields by name, through the chain's state too.
+  assert int(optax.tree.get(state, "warmup_end_step")) == 10
+  np.testing.assert_array_equal(optax.tree.get(state, "windup_events"),
+                                tr_state.guard.windup_events)
+  np.testing.assert_array_equal(optax.tree.get(state, "windup_events"), [0, 0])
+
+
 def test_state_holds_no_copy_of_weights():
   state = _tx().init(_params())
   tr_state = state[1]
@@ -782,15 +798,15 @@ def test_without_the_guard_the_talr_runs_away():
   np.testing.assert_array_equal(multiplier[last], 1e3)  # max_multiplier
   np.testing.assert_array_equal(rate[last], 0.0)  # no transition for good
   assert beyond[-1] == 1.0  # every latent weight beyond the grid
-  assert int(state.windup_events[0]) == 0
+  assert int(state.guard.windup_events[0]) == 0
 
 
 def test_the_guard_stops_the_run_away():
   (rate, multiplier, beyond), state = _runaway_problem(0.05, guard=True)
   last = slice(1500, None)
-  assert int(state.windup_events[0]) > 0  # reported in the state
+  assert int(state.guard.windup_events[0]) > 0  # reported in the state
   assert multiplier.max() < 2.0 and multiplier[-1] == pytest.approx(1.0)  # never below init
-  assert float(state.multiplier_ceiling[0]) == pytest.approx(1.0)
+  assert float(state.guard.multiplier_ceiling[0]) == pytest.approx(1.0)
   assert rate[last].mean() > 1e-3  # weights still transit
   assert beyond[-1] < 0.95
 
@@ -799,7 +815,7 @@ def test_the_guard_stops_the_run_away():
 def test_the_guard_leaves_a_reachable_target_alone(target):
   guarded, state = _runaway_problem(target, guard=True)
   unguarded, _ = _runaway_problem(target, guard=False)
-  assert int(state.windup_events[0]) == 0
+  assert int(state.guard.windup_events[0]) == 0
   for a, b in zip(guarded, unguarded):
     np.testing.assert_array_equal(a, b)
 

@@ -8,11 +8,13 @@ from trquant.tr_scheduling import windup_guard
 
 
 def _fields(start_u=1.0, start_tracking=0.5, start_stalled=0.2, ceiling=1e3):
-  return windup_guard.GuardFields(
+  return windup_guard.GuardState(
       multiplier_ceiling=jnp.array([ceiling], jnp.float32),
       guard_start_multiplier=jnp.array([start_u], jnp.float32),
       guard_start_tracking=jnp.array([start_tracking], jnp.float32),
+      stalled_fraction=jnp.array([start_stalled], jnp.float32),
       guard_start_stalled=jnp.array([start_stalled], jnp.float32),
+      beyond_grid_fraction=jnp.zeros([1], jnp.float32),
       windup_events=jnp.zeros([1], jnp.int32))
 
 
@@ -58,8 +60,11 @@ def test_nothing_changes_between_window_ends_or_on_a_non_finite_step():
   fields = _fields(start_u=1.0)
   for kwargs in (dict(window_done=False), dict(finite=False)):
     new = _step(fields, u=5.0, tracking=0.1, stalled=0.99, **kwargs)
-    for got, before in zip(new, fields):
-      np.testing.assert_array_equal(got, before)
+    for name in ("multiplier_ceiling", "guard_start_multiplier", "guard_start_tracking",
+                 "guard_start_stalled", "beyond_grid_fraction", "windup_events"):
+      np.testing.assert_array_equal(getattr(new, name), getattr(fields, name), err_msg=name)
+    # The running fraction is the transform's (already finite-gated) input, stored as given.
+    np.testing.assert_array_equal(new.stalled_fraction, np.float32([0.99]))
 
 
 def test_default_window_is_five_time_constants():

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 
 from trquant import checks
 
-__all__ = ["MeasuredTarget", "SCHEDULES", "advance_warmup", "initial_warmup_end", "measured_target",
-           "schedule_factor", "target_after_warmup"]
+__all__ = ["MeasuredTarget", "SCHEDULES", "WarmupState", "advance_warmup", "initial_warmup_end",
+           "measured_target", "schedule_factor", "target_after_warmup"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -45,6 +45,22 @@ class MeasuredTarget(NamedTuple):
   window_steps: int  # measuring window of a settling warm-up
   max_warmup_steps: int  # the latest a settling warm-up ends
   settle_tolerance: float  # settled: two successive windows within this relative change
+
+
+class WarmupState(NamedTuple):
+  """The warm-up's part of the :class:`~trquant.TransitionRateState` (its ``warmup``).
+
+  Used by a :class:`MeasuredTarget`; without one it keeps its initial values.
+  """
+
+  # shape=(), int32: the step at which the warm-up of a MeasuredTarget ends (0 without one).
+  # While the warm-up waits for the rate to settle it holds the latest step it may end at.
+  warmup_end_step: jax.Array
+  # shape=(2,), float32: sum and count of the count-weighted rate in the current measuring
+  # window of a settling warm-up.
+  warmup_window: jax.Array
+  # shape=(), float32: mean rate of the previous measuring window (0 before the first).
+  warmup_previous_rate: jax.Array
 
 
 def measured_target(
@@ -162,14 +178,15 @@ def target_after_warmup(target: MeasuredTarget, step, initial_rate, warmup_end):
   return jnp.where(step < warmup_end, initial_rate, target.fraction * decayed)
 
 
-def advance_warmup(target: MeasuredTarget, step, overall, in_warmup, initial_rate, warmup_end,
-                   window, previous):
+def advance_warmup(target: MeasuredTarget, step, overall, in_warmup, initial_rate,
+                   warmup: WarmupState):
   """One step of the warm-up given this step's count-weighted rate ``overall``.
 
-  Returns ``(initial_rate, warmup_end, window, previous)``: R_0 (during a settling
-  warm-up, the last window's mean), the step the warm-up ends at, the current window's
-  (sum, count) and the previous window's mean.
+  Returns ``(initial_rate, warmup)``: R_0 (during a settling warm-up, the last window's
+  mean) and the new :class:`WarmupState` (the step the warm-up ends at, the current
+  window's (sum, count) and the previous window's mean).
   """
+  warmup_end, window, previous = warmup
   finite = jnp.isfinite(overall)
   if target.warmup_steps is not None:
     # R_0: the running mean of the rate over the second half of the fixed warm-up.
@@ -178,7 +195,7 @@ def advance_warmup(target: MeasuredTarget, step, overall, in_warmup, initial_rat
     collecting = (step >= start) & in_warmup & finite
     initial_rate = jnp.where(collecting, initial_rate + (overall - initial_rate) / (seen + 1.0),
                              initial_rate)
-    return initial_rate, warmup_end, window, previous
+    return initial_rate, warmup
   window = window + jnp.where(in_warmup & finite, jnp.stack([overall, 1.0]), 0.0)
   window_done = in_warmup & ((step + 1) % target.window_steps == 0)
   mean = window[0] / jnp.maximum(window[1], 1.0)
@@ -190,4 +207,4 @@ def advance_warmup(target: MeasuredTarget, step, overall, in_warmup, initial_rat
   warmup_end = jnp.where(ends, step + 1, warmup_end)
   previous = jnp.where(window_done, mean, previous)
   window = jnp.where(window_done, jnp.zeros_like(window), window)
-  return initial_rate, warmup_end, window, previous
+  return initial_rate, WarmupState(warmup_end, window, previous)

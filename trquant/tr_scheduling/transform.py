@@ -42,7 +42,9 @@ class TransitionRateState(NamedTuple):
   Per-group vectors have one entry per quantized leaf of ``codes_fn(params)``
   in tree-flatten order (``per_layer=True``), or a single entry for all
   quantized weights together (``per_layer=False``). No copy of the weights or
-  of their codes is kept.
+  of their codes is kept. The warm-up of a :class:`~trquant.MeasuredTarget` and the
+  windup guard keep their fields in the nested ``warmup`` and ``guard``; every field
+  has a distinct name, so ``optax.tree.get(state, name)`` finds nested ones too.
   """
 
   tr_step: jax.Array  # shape=(), int32: number of updates seen
@@ -53,33 +55,13 @@ class TransitionRateState(NamedTuple):
   # shape=(), float32: R_0 of the target. With a MeasuredTarget: 0 until its measuring window,
   # then the mean transition rate measured so far, fixed from the end of the warm-up.
   initial_target_rate: jax.Array
-  # shape=(), int32: the step at which the warm-up of a MeasuredTarget ends (0 without one).
-  # While the warm-up waits for the rate to settle it holds the latest step it may end at.
-  warmup_end_step: jax.Array
-  # shape=(2,), float32: sum and count of the count-weighted rate in the current measuring
-  # window of a settling warm-up.
-  warmup_window: jax.Array
-  # shape=(), float32: mean rate of the previous measuring window (0 before the first).
-  warmup_previous_rate: jax.Array
-  # shape=(groups,), float32: the highest multiplier the windup guard allows (max_multiplier, or
-  # inf, until the guard finds the rate no longer responds to a rising multiplier).
-  multiplier_ceiling: jax.Array
-  # shape=(groups,), float32: multiplier at the start of the guard's current window.
-  guard_start_multiplier: jax.Array
-  # shape=(groups,), float32: K / R at the start of the guard's current window (0 before it).
-  guard_start_tracking: jax.Array
-  # shape=(groups,), float32: running fraction (EMA, same decay) of quantized weights whose
-  # incoming update is below 1% of the layer's RMS update: weights that have stopped, e.g.
-  # beyond the grid, where the straight-through gradient is 0.
-  stalled_fraction: jax.Array
-  # shape=(groups,), float32: stalled_fraction at the start of the guard's current window.
-  guard_start_stalled: jax.Array
-  # shape=(groups,), float32: running fraction (EMA, same decay) of quantized weights beyond
-  # the grid (outside the straight-through window), from ``saturation_fn``; 0 without one.
-  beyond_grid_fraction: jax.Array
-  # shape=(groups,), int32: how often the guard lowered the ceiling. Non-zero means the target
-  # was out of reach of this optimizer: the rate stopped responding to a larger multiplier.
-  windup_events: jax.Array
+  # The warm-up of a MeasuredTarget: warmup_end_step (shape=(), int32), warmup_window
+  # (shape=(2,), float32), warmup_previous_rate (shape=(), float32).
+  warmup: targets.WarmupState
+  # The windup guard, every field shape=(groups,): multiplier_ceiling, guard_start_multiplier,
+  # guard_start_tracking, stalled_fraction, guard_start_stalled, beyond_grid_fraction
+  # (float32) and windup_events (int32).
+  guard: windup_guard_rules.GuardState
 
 
 def tr_schedule(
@@ -211,7 +193,10 @@ def tr_schedule(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its state is a
-    :class:`TransitionRateState`; read its fields with ``optax.tree.get``.
+    :class:`TransitionRateState`: the step, target, rates and multiplier, with the
+    warm-up's fields in ``state.warmup`` and the windup guard's (ceiling, window
+    references, stalled and beyond-grid fractions, ``windup_events``) in
+    ``state.guard``. Read any field by name with ``optax.tree.get``, nested ones included.
 
   Raises:
     ValueError: on invalid arguments, when ``params`` is not passed to
@@ -319,17 +304,21 @@ def tr_schedule(
         running_transition_rate=jnp.full([groups], target, jnp.float32),
         talr_multiplier=jnp.full([groups], init_multiplier, jnp.float32),
         initial_target_rate=jnp.copy(target),  # own buffer: donated state must not alias
-        warmup_end_step=jnp.full([], warmup_end, jnp.int32),
-        warmup_window=jnp.zeros([2], jnp.float32),
-        warmup_previous_rate=jnp.zeros([], jnp.float32),
-        multiplier_ceiling=jnp.full([groups], ceiling, jnp.float32),
-        guard_start_multiplier=jnp.full([groups], init_multiplier, jnp.float32),
-        guard_start_tracking=jnp.zeros([groups], jnp.float32),
-        stalled_fraction=jnp.zeros([groups], jnp.float32),
-        # 1: the first window only sets the references (weights may start stalled).
-        guard_start_stalled=jnp.ones([groups], jnp.float32),
-        beyond_grid_fraction=jnp.zeros([groups], jnp.float32),
-        windup_events=jnp.zeros([groups], jnp.int32),
+        warmup=targets.WarmupState(
+            warmup_end_step=jnp.full([], warmup_end, jnp.int32),
+            warmup_window=jnp.zeros([2], jnp.float32),
+            warmup_previous_rate=jnp.zeros([], jnp.float32),
+        ),
+        guard=windup_guard_rules.GuardState(
+            multiplier_ceiling=jnp.full([groups], ceiling, jnp.float32),
+            guard_start_multiplier=jnp.full([groups], init_multiplier, jnp.float32),
+            guard_start_tracking=jnp.zeros([groups], jnp.float32),
+            stalled_fraction=jnp.zeros([groups], jnp.float32),
+            # 1: the first window only sets the references (weights may start stalled).
+            guard_start_stalled=jnp.ones([groups], jnp.float32),
+            beyond_grid_fraction=jnp.zeros([groups], jnp.float32),
+            windup_events=jnp.zeros([groups], jnp.int32),
+        ),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -351,7 +340,7 @@ def tr_schedule(
     # 1. Controller: u_t from u_{t-1}, R_t and K_{t-1}.
     if measured:
       target = targets.target_after_warmup(target_tr, state.tr_step, state.initial_target_rate,
-                                           state.warmup_end_step)
+                                           state.warmup.warmup_end_step)
     else:
       target = target_at(state.tr_step)
     multiplier = control(
@@ -364,8 +353,9 @@ def tr_schedule(
     upper = jnp.inf if max_multiplier is None else max_multiplier
     multiplier = jnp.clip(multiplier.astype(jnp.float32), 0.0, upper)
     if windup_guard:
-      multiplier = jnp.minimum(multiplier, state.multiplier_ceiling)
-    in_warmup = state.tr_step < state.warmup_end_step  # always False without a MeasuredTarget
+      multiplier = jnp.minimum(multiplier, state.guard.multiplier_ceiling)
+    # Always False without a MeasuredTarget.
+    in_warmup = state.tr_step < state.warmup.warmup_end_step
     if measured:
       # The warm-up measures the optimizer's own rate: the multiplier stays where it started.
       multiplier = jnp.where(in_warmup, state.talr_multiplier, multiplier)
@@ -410,36 +400,32 @@ def tr_schedule(
     measured_rate = fraction_per_group(changed)
     finite = jnp.isfinite(measured_rate)
     ema = decay
-    initial_rate, warmup_end = state.initial_target_rate, state.warmup_end_step
-    window, previous = state.warmup_window, state.warmup_previous_rate
+    initial_rate, warmup = state.initial_target_rate, state.warmup
     if measured:
       step = state.tr_step.astype(jnp.float32)
       # Started from nothing, the running TR is the plain mean until 1/(1-m) steps have passed.
       ema = jnp.minimum(decay, step / (step + 1.0))
-      initial_rate, warmup_end, window, previous = targets.advance_warmup(
-          target_tr, state.tr_step, fraction_overall(changed), in_warmup, initial_rate,
-          warmup_end, window, previous)
+      initial_rate, warmup = targets.advance_warmup(
+          target_tr, state.tr_step, fraction_overall(changed), in_warmup, initial_rate, warmup)
       # Reported during the warm-up: the rate measured so far.
       target = jnp.where(in_warmup, initial_rate, target)
     running = ema * state.running_transition_rate + (1.0 - ema) * measured_rate
     running = jnp.where(finite, running, state.running_transition_rate)
     multiplier = jnp.where(finite, multiplier, state.talr_multiplier)
-    ceiling, start_u, start_tracking, start_stalled, events, stalled, beyond = (
-        state.multiplier_ceiling, state.guard_start_multiplier, state.guard_start_tracking,
-        state.guard_start_stalled, state.windup_events, state.stalled_fraction,
-        state.beyond_grid_fraction)
+    guard = state.guard
     if windup_guard:
       stalled_now = fraction_per_group(jnp.stack(stalled_count))
+      stalled = guard.stalled_fraction
       stalled = jnp.where(finite, decay * stalled + (1.0 - decay) * stalled_now, stalled)
+      beyond = guard.beyond_grid_fraction
       if use_saturation:
         beyond_now = fraction_per_group(jnp.stack(beyond_count))
         beyond = jnp.where(finite, decay * beyond + (1.0 - decay) * beyond_now, beyond)
       window_done = (state.tr_step + 1) % guard_window == 0
       if measured:
-        window_done &= state.tr_step >= state.warmup_end_step
-      ceiling, start_u, start_tracking, start_stalled, events = windup_guard_rules.guard_step(
-          windup_guard_rules.GuardFields(ceiling, start_u, start_tracking, start_stalled, events),
-          window_done=window_done, multiplier=multiplier, running=running, target=target,
+        window_done &= state.tr_step >= state.warmup.warmup_end_step
+      guard = windup_guard_rules.guard_step(
+          guard, window_done=window_done, multiplier=multiplier, running=running, target=target,
           stalled=stalled, beyond=beyond, finite=finite, floor=init_multiplier)
 
     new_state = TransitionRateState(
@@ -449,16 +435,8 @@ def tr_schedule(
         running_transition_rate=running,
         talr_multiplier=multiplier,
         initial_target_rate=initial_rate,
-        warmup_end_step=warmup_end,
-        warmup_window=window,
-        warmup_previous_rate=previous,
-        multiplier_ceiling=ceiling,
-        guard_start_multiplier=start_u,
-        guard_start_tracking=start_tracking,
-        stalled_fraction=stalled,
-        guard_start_stalled=start_stalled,
-        beyond_grid_fraction=beyond,
-        windup_events=events,
+        warmup=warmup,
+        guard=guard,
     )
     return scaled_updates, new_state
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GuardFields", "default_guard_window", "guard_step", "stalled_count"]
+__all__ = ["GuardState", "default_guard_window", "guard_step", "stalled_count"]
 
 # A weight has stopped when its incoming update is below this fraction of its layer's RMS
 # update.
@@ -44,36 +44,56 @@ def stalled_count(update) -> jax.Array:
   return jnp.sum(magnitude < STALLED_FRACTION_OF_RMS * rms, dtype=jnp.float32)
 
 
-class GuardFields(NamedTuple):
-  """The guard's part of the transform state (each of shape ``(groups,)``)."""
+class GuardState(NamedTuple):
+  """The windup guard's part of the :class:`~trquant.TransitionRateState` (its ``guard``).
 
+  Every field has one entry per group: per quantized leaf (``per_layer=True``) or one for
+  all quantized weights together (``per_layer=False``).
+  """
+
+  # shape=(groups,), float32: the highest multiplier the windup guard allows (max_multiplier, or
+  # inf, until the guard finds the rate no longer responds to a rising multiplier).
   multiplier_ceiling: jax.Array
+  # shape=(groups,), float32: multiplier at the start of the guard's current window.
   guard_start_multiplier: jax.Array
+  # shape=(groups,), float32: K / R at the start of the guard's current window (0 before it).
   guard_start_tracking: jax.Array
+  # shape=(groups,), float32: running fraction (EMA, same decay) of quantized weights whose
+  # incoming update is below 1% of the layer's RMS update: weights that have stopped, e.g.
+  # beyond the grid, where the straight-through gradient is 0.
+  stalled_fraction: jax.Array
+  # shape=(groups,), float32: stalled_fraction at the start of the guard's current window.
   guard_start_stalled: jax.Array
+  # shape=(groups,), float32: running fraction (EMA, same decay) of quantized weights beyond
+  # the grid (outside the straight-through window), from ``saturation_fn``; 0 without one.
+  beyond_grid_fraction: jax.Array
+  # shape=(groups,), int32: how often the guard lowered the ceiling. Non-zero means the target
+  # was out of reach of this optimizer: the rate stopped responding to a larger multiplier.
   windup_events: jax.Array
 
 
-def guard_step(fields: GuardFields, *, window_done, multiplier, running, target, stalled,
-               finite, floor: float, beyond=None) -> GuardFields:
-  """The guard's ceiling, window references and event count after one step.
+def guard_step(state: GuardState, *, window_done, multiplier, running, target, stalled,
+               finite, floor: float, beyond=None) -> GuardState:
+  """The guard's state after one step: ceiling, window references, fractions, event count.
 
   Args:
-    fields: the guard's state before the step.
+    state: the guard's state before the step.
     window_done: whether this step ends one of the guard's windows (bool scalar).
     multiplier: ``u`` applied at this step, per group.
     running: the running transition rate ``K`` after this step, per group.
     target: the target rate ``R`` of this step (scalar).
-    stalled: the running fraction of stalled weights after this step, per group.
-    beyond: the running fraction of weights beyond the grid, per group (None: unknown).
+    stalled: the running fraction of stalled weights after this step, per group (becomes
+      ``stalled_fraction``).
+    beyond: the running fraction of weights beyond the grid after this step, per group
+      (becomes ``beyond_grid_fraction``; None: unknown, the state's value is kept).
     finite: per group, whether this step's update was finite.
     floor: the lowest ceiling (the initial multiplier: the optimizer's own step).
 
   Returns:
-    The new :class:`GuardFields`.
+    The new :class:`GuardState`.
   """
-  ceiling, start_u = fields.multiplier_ceiling, fields.guard_start_multiplier
-  start_tracking, start_stalled = fields.guard_start_tracking, fields.guard_start_stalled
+  ceiling, start_u = state.multiplier_ceiling, state.guard_start_multiplier
+  start_tracking, start_stalled = state.guard_start_tracking, state.guard_start_stalled
   tracking = jnp.where(target > 0, running / jnp.where(target > 0, target, 1.0), 1.0)
   # Below target and falling, or stalled (almost no transition left at all).
   fell = (tracking < 1.0) & ((tracking < 0.9 * start_tracking) | (tracking < 0.01))
@@ -93,10 +113,12 @@ def guard_step(fields: GuardFields, *, window_done, multiplier, running, target,
   new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
   ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
   refresh = window_done & finite
-  return GuardFields(
+  return GuardState(
       multiplier_ceiling=ceiling,
       guard_start_multiplier=jnp.where(refresh, jnp.minimum(multiplier, ceiling), start_u),
       guard_start_tracking=jnp.where(refresh, tracking, start_tracking),
+      stalled_fraction=stalled,
       guard_start_stalled=jnp.where(refresh, stalled, start_stalled),
-      windup_events=fields.windup_events + lower.astype(jnp.int32),
+      beyond_grid_fraction=state.beyond_grid_fraction if beyond is None else beyond,
+      windup_events=state.windup_events + lower.astype(jnp.int32),
   )
