@@ -154,11 +154,12 @@ def round_to_nearest(model, calibration_batches=None, *, apply_fn: Optional[Call
   _check_no_rule_arguments("round_to_nearest", retired)
   forward = data.forward_fn(apply_fn)
   batches = None if calibration_batches is None else data.calibration_list(calibration_batches)
-  if batches is None and unit_lib.needs_act_scales(model):
+  learned_inputs = unit_lib.needs_act_scales(model)
+  if batches is None and learned_inputs:
     raise ValueError("the model quantizes layer inputs with learned (LSQ) step sizes:"
                      " round_to_nearest needs `calibration_batches` to set them.")
   fp, work, plan = unit_lib.quantization_plan(model, batches, forward=forward)
-  if batches is not None and unit_lib.needs_act_scales(work):
+  if learned_inputs:
     unit_lib.quantize_activations(fp, plan, batches[0], forward=forward)
   return ModelResult(work, [])
 
@@ -267,14 +268,15 @@ def reconstruct_model(model, calibration_batches, *,
   if granularity not in unit_lib.GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {unit_lib.GRANULARITIES}, got"
                      f" {granularity!r}.")
-  if config.drop_prob > 0 and not unit_lib.needs_act_scales(model):
+  learned_inputs = unit_lib.needs_act_scales(model)
+  if config.drop_prob > 0 and not learned_inputs:
     raise ValueError("`config.drop_prob` > 0 (QDrop) drops input quantization at random: it"
                      " needs layers that quantize their inputs (a rule with act_bits).")
   fp, work, plan = unit_lib.quantization_plan(model, batches, forward=forward)
   units = unit_lib.find_units(work, granularity, blocks)
   by_name = {p.name: p for p in plan}
   order = [p.name for p in plan]  # layers in call order
-  if unit_lib.needs_act_scales(work):
+  if learned_inputs:
     unit_lib.quantize_activations(fp, plan, batches[0], forward=forward)
 
   def first_call(unit):

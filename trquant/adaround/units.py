@@ -30,8 +30,8 @@ from trquant.nnx import traversal as nnx_traversal
 
 __all__ = [
     "GRANULARITIES", "PlannedLayer", "find_units", "float_copy", "layer_apply_fn",
-    "needs_act_scales", "put_like", "qdrop_hook", "quantization_plan", "quantize_activations", "scan_on_cpu", "unit_apply_fn",
-    "unit_holds", "unit_name",
+    "needs_act_scales", "put_like", "qdrop_hook", "quantization_plan", "quantize_activations",
+    "scan_on_cpu", "unit_apply_fn", "unit_holds", "unit_name",
 ]
 
 GRANULARITIES = ("block", "layer")
@@ -89,7 +89,6 @@ def float_copy(model):
 def _set_quantized(layer, scale) -> None:
   """Makes `layer` quantize its kernel (float weights) with the frozen step size `scale`."""
   layer.kernel.set_metadata(signed=True, narrow=False)
-  layer.weight_quantizer = "fixed"
   layer.weight_scale = nnx.data(tq_nnx.WeightScale(jnp.asarray(scale, jnp.float32)))
 
 
@@ -163,10 +162,15 @@ def _set_act_scale(layer, *, signed: bool, scale) -> None:
   layer.act_scale = nnx.data(tq_nnx.ActScale(jnp.asarray(scale, jnp.float32)))
 
 
+def _learns_input_scale(layer) -> bool:
+  """Whether `layer` quantizes its input with a learned (LSQ) step size (a dynamic
+  per-token quantizer takes none)."""
+  return layer.act_bits is not None and getattr(layer, "act_quantizer", "lsq") == "lsq"
+
+
 def needs_act_scales(model) -> bool:
   """Whether a trquant layer of ``model`` quantizes its input with a learned (LSQ) scale."""
-  return any(layer.act_bits is not None and getattr(layer, "act_quantizer", "lsq") == "lsq"
-             for _, layer in tq_nnx.quant_layers(model))
+  return any(_learns_input_scale(layer) for _, layer in tq_nnx.quant_layers(model))
 
 
 def quantize_activations(fp, plan, batch, *, forward) -> None:
@@ -180,7 +184,7 @@ def quantize_activations(fp, plan, batch, *, forward) -> None:
     forward(fp, batch)
   for planned in plan:
     layer = planned.work_layer
-    if layer.act_bits is None or getattr(layer, "act_quantizer", "lsq") != "lsq":
+    if not _learns_input_scale(layer):
       continue
     inputs = captured.inputs(planned.fp_layer)
     if not inputs:
