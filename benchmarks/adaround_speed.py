@@ -163,9 +163,9 @@ def run(args):
           start = time.perf_counter()
           result = adaround.reconstruct_layer(fn, w, scale, x, y, config=config.replace(loop=loop),
                                               **common)
-          jax.block_until_ready(result.weight)
+          jax.block_until_ready(result.weights)
           row[f"{label}_seconds"] = time.perf_counter() - start
-          row[f"{label}_ratio"] = error_ratio(apply_fn, result.weight, nearest_error, x, y)
+          row[f"{label}_ratio"] = error_ratio(apply_fn, result.weights, nearest_error, x, y)
         codes, seconds = torch_adaround(kind, w, scale, x, y, bits=bits, iters=args.iters,
                                         batch_size=args.batch_size, seed=seed,
                                         threads=args.threads)

@@ -1,4 +1,4 @@
-"""A small decoder-only LM in plain Flax NNX, quantized with trquant.nnx.quantize.
+"""A small decoder-only LM in plain Flax NNX, quantized with trquant.nnx.quantize_model.
 
 The model (``trquant_examples.lm.LM``) is written the way Llama/Qwen-style models
 are written in NNX, with no trquant in it: a byte embedding (``nnx.Embed``,

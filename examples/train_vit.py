@@ -1,4 +1,4 @@
-"""A small ViT in plain Flax NNX, quantized with trquant.nnx.quantize: AdamW vs AdamW + TR scheduling.
+"""A small ViT in plain Flax NNX, quantized with trquant.nnx.quantize_model: AdamW vs AdamW + TR scheduling.
 
 The model is written with NNX layers only (no trquant in it): a linear patch
 embedding of ``p x p`` patches, a class token and learned position embeddings,
@@ -9,7 +9,7 @@ and a linear head. The pipeline:
    weights can be saved to and reloaded from ``--fp-checkpoint`` (an ``.npz``), so
    that later runs share one FP model.
 2. **Surgery**: for each bit width ``b`` in ``--bits`` (weights and activations, WbAb),
-   ``trquant.nnx.quantize`` replaces, in a copy of the FP model,
+   ``trquant.nnx.quantize_model`` replaces, in a copy of the FP model,
 
    * the first and the last layer the forward pass calls (the patch embedding and
      the head) by full-precision trquant layers: ``trquant.nnx.first_last_rule``;
@@ -273,7 +273,7 @@ def make_transform(args, model, method):
   else:
     target = optax.cosine_decay_schedule(args.target_tr, args.steps)
   quant = optax.chain(adamw(args.lr), trquant.tr_schedule(target, codes_fn=trquant.nnx.codes_fn(model)))
-  return trquant.nnx.partition({"quant": quant, "float": adamw(cosine)}, model)
+  return optax.partition({"quant": quant, "float": adamw(cosine)}, trquant.nnx.param_labels(model))
 
 
 def run_qat(args, fp, dataset):

@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 
 import trquant
 from trquant import adaround
+from trquant._src.adaround import config as adaround_config
+from trquant._src.adaround import reconstruction as reconstruction_lib
+from trquant._src.adaround import units
 from trquant.nnx import QuantConv, QuantLinear, QuantRule, WeightScale
 
 from nnx_fixture_models import SmallCNN
@@ -65,7 +68,7 @@ def test_init_alpha_makes_the_soft_weight_equal_w(seed, scale_value, per_channel
 
 def test_init_alpha_is_finite_for_fractional_parts_at_zero_and_one():
   w = jnp.array([-2.0, 0.0, 1.0, 3.0, 0.5])  # multiples of the scale: fractional part 0
-  for zeta, gamma in ((adaround.ZETA, adaround.GAMMA), (1.0, 0.0)):
+  for zeta, gamma in ((adaround_config.ZETA, adaround_config.GAMMA), (1.0, 0.0)):
     V = adaround.init_alpha(w, 1.0, zeta=zeta, gamma=gamma)
     assert bool(jnp.all(jnp.isfinite(V)))
     np.testing.assert_allclose(adaround.soft_weight(w, 1.0, V, weight_bits=4, zeta=zeta, gamma=gamma),
@@ -93,7 +96,7 @@ def test_rounding_regularizer_properties():
     adaround.rounding_regularizer(V, 0.0)
 
 
-@pytest.mark.parametrize("mode", adaround.BETA_MODES)
+@pytest.mark.parametrize("mode", adaround_config.BETA_MODES)
 def test_beta_schedule_endpoints(mode):
   schedule = adaround.beta_schedule(1000, start=20.0, end=2.0, warmup_steps=200, mode=mode)
   values = [float(schedule(step)) for step in (0, 199, 200, 600, 1000, 5000)]
@@ -127,7 +130,7 @@ def test_adaround_beats_round_to_nearest_on_a_linear_layer(bits, per_channel):
                                       key=jax.random.key(0))
   nearest = trquant.fake_quant(w, scale, bits=bits)
   nearest_error = adaround.reconstruction_error(_linear, nearest, x, y)
-  adaround_error = adaround.reconstruction_error(_linear, result.weight, x, y)
+  adaround_error = adaround.reconstruction_error(_linear, result.weights, x, y)
   assert adaround_error < 0.8 * nearest_error
   # It reaches that by rounding some weights the other way: not all codes are nearest.
   assert bool(jnp.any(result.codes != trquant.quantize(w, scale, bits=bits)))
@@ -152,7 +155,7 @@ def test_codes_in_range_and_hard_rounding_follows_the_sign_of_V():
   expected = np.clip(np.floor(np.asarray(w) / 0.5) + (np.asarray(result.V) >= 0), lo, hi)
   np.testing.assert_array_equal(codes, expected)
   np.testing.assert_array_equal(result.codes, adaround.hard_codes(w, scale, result.V, weight_bits=2))
-  np.testing.assert_array_equal(result.weight, 0.5 * codes)
+  np.testing.assert_array_equal(result.weights, 0.5 * codes)
   # Inside the range every weight is rounded down or up, never further.
   inside = (np.asarray(w) / 0.5 > lo) & (np.asarray(w) / 0.5 < hi)
   delta = codes - np.floor(np.asarray(w) / 0.5)
@@ -178,8 +181,8 @@ def test_fused_loop_matches_a_python_loop_of_steps():
   config = adaround.AdaRoundConfig(iters=30, lr=1e-2, batch_size=8, warmup_steps=3)
   result = adaround.reconstruct_layer(_linear, w, scale, x, y, weight_bits=3, config=config,
                                       key=key)
-  problem, arrays = adaround.reconstruction_problem(
-      adaround.LayerAsBlock(_linear), w, scale, x, y, weight_bits=3, config=config, key=key)
+  problem, arrays = reconstruction_lib.reconstruction_problem(
+      reconstruction_lib.LayerAsBlock(_linear), w, scale, x, y, weight_bits=3, config=config, key=key)
   step = jax.jit(problem.step)
   carry = problem.init(arrays)
   losses = []
@@ -231,7 +234,7 @@ def test_config_defaults_are_the_papers_and_replace_validates():
       10_000, 32, 0.01, 1e-3, 2000)
   assert config.warmup_steps is None and config.replace(iters=50).start_step == 10
   assert (config.beta, config.beta_mode, config.zeta, config.gamma) == (
-      (20.0, 2.0), "cosine", adaround.ZETA, adaround.GAMMA)
+      (20.0, 2.0), "cosine", adaround_config.ZETA, adaround_config.GAMMA)
   assert (config.act_lr, config.drop_prob, config.loop) == (4e-5, 0.0, "auto")
   other = config.replace(iters=np.int64(5), beta=[10, 1])
   assert other.iters == 5 and type(other.iters) is int and other.beta == (10.0, 1.0)
@@ -462,13 +465,13 @@ def test_conv_apply_fn_matches_the_layer(kwargs):
   layer = QuantConv(8, 16, weight_bits=None, rngs=nnx.Rngs(0), **kwargs)
   layer.bias is None or layer.bias.set_value(jnp.arange(16.0) / 16)
   x = jax.random.normal(jax.random.key(0), (2, 9, 9, 8))
-  np.testing.assert_allclose(adaround.layer_apply_fn(layer)(layer.kernel.get_value(), x), layer(x),
+  np.testing.assert_allclose(units.layer_apply_fn(layer)(layer.kernel.get_value(), x), layer(x),
                              atol=1e-5)
   patches = nnx.clone(layer)
   patches.patches_conv = True  # what the model drivers use for loop="scan" on CPU
   np.testing.assert_allclose(patches(x), layer(x), atol=1e-5)
   np.testing.assert_allclose(
-      adaround.layer_apply_fn(layer, patches=True)(layer.kernel.get_value(), x), layer(x), atol=1e-5)
+      units.layer_apply_fn(layer, patches=True)(layer.kernel.get_value(), x), layer(x), atol=1e-5)
   assert not layer.patches_conv
 
 

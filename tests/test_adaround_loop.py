@@ -1,4 +1,4 @@
-"""trquant.adaround.loop: how the reconstruction loops run, and that both forms agree."""
+"""trquant._src.adaround.loop: how the reconstruction loops run, and that both forms agree."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import pytest
 
 import trquant
 from trquant import adaround
-from trquant.adaround import loop as loops
+from trquant._src.adaround import loop as loops
 
 
 def _conv(w, x):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from trquant import checks
+from trquant._src import checks
 
 
 @pytest.mark.parametrize("value,expected", [("fp", "fp"), ("same", "same"), (8, 8),

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trquant import codes_tree
+from trquant._src import codes_tree
 
 # Sizes around the packed group of 16 flags, a scalar, an empty leaf and kernel shapes.
 SHAPES = [(), (0,), (1,), (15,), (16,), (17,), (33, 7), (3, 3, 16, 8), (1024, 10)]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trquant.oscillations import fixed_point_ema
+from trquant._src.oscillations import fixed_point_ema
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 4), (1024, 10), (3, 3, 16, 32)])

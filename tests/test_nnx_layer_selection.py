@@ -62,7 +62,7 @@ def test_max_bits_leaves_8_bit_layers_out_of_tr_scheduling():
   assert labels["blocks"][0]["kernel"] == "quant"
   assert trquant.nnx.param_labels(q)["stem"]["kernel"] == "quant"
   # The 8-bit layers take the float partition's schedule; TR state covers the 2-bit layers.
-  tx = trquant.nnx.partition({
+  tx = optax.partition({
       "quant": optax.chain(optax.adam(1e-3), trquant.tr_schedule(
           1e-2, codes_fn=trquant.nnx.codes_fn(q, max_bits=4))),
       "float": optax.adam(1e-3)}, labels)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 import trquant
+from trquant._src.nnx import transforms as nnx_transforms
 from trquant.nnx import QuantLinear
 from nnx_fixture_models import ConvNet, small_mlp
 
@@ -27,7 +28,7 @@ def test_param_labels():
   assert sum(label == "quant" for label in flat.values()) == 2
 
 
-def test_partition_accepts_labels_held_in_variables():
+def test_values_unwraps_labels_held_in_variables_for_optax_partition():
   model = small_mlp()
   # Labels made from the state by jax.tree.map keep an nnx.Variable around each label.
   held = jax.tree.map(lambda _: "sgd", nnx.state(model, nnx.Param))
@@ -39,15 +40,11 @@ def test_partition_accepts_labels_held_in_variables():
 
   reference = nnx.clone(model)
   nnx.Optimizer(reference, optax.sgd(0.1), wrt=nnx.Param).update(reference, grads)
-  optimizer = nnx.Optimizer(model, trquant.nnx.partition({"sgd": optax.sgd(0.1)}, held),
-                            wrt=nnx.Param)
+  optimizer = nnx.Optimizer(
+      model, optax.partition({"sgd": optax.sgd(0.1)}, trquant.nnx.values(held)), wrt=nnx.Param)
   optimizer.update(model, grads)
   np.testing.assert_array_equal(model.layers[2].kernel.get_value(),
                                 reference.layers[2].kernel.get_value())
-  # A model is labelled with param_labels; every label needs a transform.
-  trquant.nnx.partition({"quant": optax.sgd(0.1), "float": optax.adam(1e-3)}, small_mlp())
-  with pytest.raises(ValueError, match=r"\['float'\] have no transform"):
-    trquant.nnx.partition({"quant": optax.sgd(0.1)}, small_mlp())
 
 
 def _train(model, tx, steps=5, seed=0):
@@ -140,7 +137,7 @@ def test_transition_stats_are_snapshots_inside_jit():
   assert targets == pytest.approx([1e-2, 9e-3, 8e-3])
   kernels = [np.asarray(before["layers"][0]["kernel"]) for before, _ in records]
   assert not np.array_equal(kernels[0], kernels[1])
-  assert set(records[0][1]) == set(trquant.nnx.TRANSITION_FIELDS)
+  assert set(records[0][1]) == set(nnx_transforms.TRANSITION_FIELDS)
 
 
 def test_transition_stats_needs_tr_schedule():
@@ -314,6 +311,6 @@ def test_group_scales_with_tr_schedule_and_freezing():
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jnp.ones((2, 16))
   for _ in range(3):
-    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2) + trquant.nnx.dampening_loss(m))(model)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2) + trquant.nnx.model_dampening_loss(m))(model)
     optimizer.update(model, grads)
   assert float(trquant.nnx.transition_stats(optimizer)["tr_step"]) == 3

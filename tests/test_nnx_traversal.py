@@ -17,7 +17,7 @@ def test_helpers_refuse_a_model_without_trquant_layers():
   helpers = {
       "init_weight_scales": lambda: trquant.nnx.init_weight_scales(plain),
       "calibrate_activations": lambda: trquant.nnx.calibrate_activations(plain, x),
-      "dampening_loss": lambda: trquant.nnx.dampening_loss(plain),
+      "model_dampening_loss": lambda: trquant.nnx.model_dampening_loss(plain),
       "TR scheduling": lambda: trquant.nnx.codes_fn(plain),
       "freezing": lambda: trquant.nnx.scales_fn(plain),
   }
@@ -28,7 +28,7 @@ def test_helpers_refuse_a_model_without_trquant_layers():
   # Full-precision trquant layers: no dampening loss to compute (it would be a constant 0).
   fp = nnx.Sequential(QuantLinear(16, 8, weight_bits=None, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="no quantized weights"):
-    trquant.nnx.dampening_loss(fp)
+    trquant.nnx.model_dampening_loss(fp)
   trquant.nnx.init_weight_scales(fp)  # nothing to set, but the model is built right
   trquant.nnx.calibrate_activations(fp, x)
 

@@ -1,4 +1,4 @@
-"""Oscillation tracking, iterative freezing and the dampening loss (trquant.oscillations)."""
+"""Oscillation tracking, iterative freezing and the dampening loss (trquant._src.oscillations)."""
 
 import os
 import subprocess
@@ -13,8 +13,8 @@ import pytest
 from flax import nnx
 
 import trquant
-from trquant import codes_tree
-from trquant.oscillations import fixed_point_ema
+from trquant._src import codes_tree
+from trquant._src.oscillations import fixed_point_ema
 from trquant.nnx import QuantLinear
 
 BITS = 3
@@ -670,7 +670,7 @@ def test_nnx_optimizer_with_freezing_and_dampening():
   layers = (model.layers[0], model.layers[2])
   expected = sum(trquant.dampening_loss(layer.kernel.get_value(), layer.weight_scale.get_value(),
                                         bits=3) for layer in layers)
-  np.testing.assert_allclose(trquant.nnx.dampening_loss(model), expected, rtol=1e-6)
+  np.testing.assert_allclose(trquant.nnx.model_dampening_loss(model), expected, rtol=1e-6)
   steps = 40
   tx = optax.chain(optax.adam(5e-2), trquant.freeze_oscillations(
       codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scales_fn(model), total_steps=steps,
@@ -683,7 +683,7 @@ def test_nnx_optimizer_with_freezing_and_dampening():
   @nnx.jit
   def step(model, optimizer, t):
     def loss_fn(model):
-      return jnp.mean((model(x) - y) ** 2) + lam(t) * trquant.nnx.dampening_loss(model)
+      return jnp.mean((model(x) - y) ** 2) + lam(t) * trquant.nnx.model_dampening_loss(model)
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)

@@ -1,4 +1,4 @@
-"""Tests for trquant.quantizers: grids, codes, STE/LSQ gradients, scale init, validation.
+"""Tests for trquant._src.quantizers: grids, codes, STE/LSQ gradients, scale init, validation.
 
 Property tests draw a bit configuration, a positive step size and an array whose
 values ``x / scale`` straddle the grid (so both the clipped and the unclipped
@@ -33,7 +33,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import trquant
-from trquant import quantizers as q
+from trquant._src import quantizers as q
 
 PROPERTY_SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -1065,7 +1065,7 @@ _group_shapes = st.sampled_from([(8, 3), (16, 4), (32, 2), (2, 2, 16, 3)])
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=_group_shapes, seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]),
-       method=st.sampled_from(list(trquant.quantizers.INIT_METHODS)))
+       method=st.sampled_from(list(q.INIT_METHODS)))
 def test_group_size_equal_to_the_axis_is_per_channel(shape, seed, bits, method):
   x = jax.random.normal(jax.random.key(seed), shape)
   n = shape[-2]

@@ -309,7 +309,7 @@ def test_tr_schedule_training_on_a_quantized_vit():
   assert flat["patch_embed/kernel"] == "float" and flat["pos"] == "float"
   assert flat["blocks/0/attn/query/act_scale"] == "float"
   assert sum(label == "quant" for label in flat.values()) == 6  # 4 projections, 2 MLP layers
-  tx = trquant.nnx.partition({
+  tx = optax.partition({
       "quant": optax.chain(optax.adamw(3e-3), trquant.tr_schedule(
           optax.cosine_decay_schedule(5e-3, 30), codes_fn=trquant.nnx.codes_fn(q))),
       "float": optax.adamw(optax.cosine_decay_schedule(3e-3, 30))}, labels)
@@ -349,7 +349,7 @@ def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
   def step(model, optimizer):
     def loss_fn(m):
       task = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-      return task + 0.1 * trquant.nnx.dampening_loss(m)
+      return task + 0.1 * trquant.nnx.model_dampening_loss(m)
     grads = nnx.grad(loss_fn)(model)
     optimizer.update(model, grads)
 
@@ -379,7 +379,8 @@ def test_integer_export_round_trip_of_a_quantized_vit(tmp_path):
 def test_orbax_round_trip_of_a_quantized_model_and_its_optimizer(tmp_path):
   q = _quantized_vit()
   tx = optax.chain(optax.adam(1e-3), trquant.tr_schedule(1e-2, codes_fn=trquant.nnx.codes_fn(q)))
-  optimizer = nnx.Optimizer(q, trquant.nnx.partition({"quant": tx, "float": optax.adam(1e-3)}, q),
+  optimizer = nnx.Optimizer(q, optax.partition({"quant": tx, "float": optax.adam(1e-3)},
+                                                      trquant.nnx.param_labels(q)),
                             wrt=nnx.Param)
   grads = nnx.grad(lambda m: jnp.sum(m(_images()) ** 2))(q)
   optimizer.update(q, grads)
@@ -387,9 +388,10 @@ def test_orbax_round_trip_of_a_quantized_model_and_its_optimizer(tmp_path):
   checkpointer.save(tmp_path / "ckpt", nnx.to_pure_dict(nnx.state((q, optimizer))))
   checkpointer.wait_until_finished()
   fresh = _quantized_vit(seed=1)
-  fresh_optimizer = nnx.Optimizer(fresh, trquant.nnx.partition(
+  fresh_optimizer = nnx.Optimizer(fresh, optax.partition(
       {"quant": optax.chain(optax.adam(1e-3), trquant.tr_schedule(
-          1e-2, codes_fn=trquant.nnx.codes_fn(fresh))), "float": optax.adam(1e-3)}, fresh),
+          1e-2, codes_fn=trquant.nnx.codes_fn(fresh))), "float": optax.adam(1e-3)},
+      trquant.nnx.param_labels(fresh)),
       wrt=nnx.Param)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                           nnx.to_pure_dict(nnx.state((fresh, fresh_optimizer))))

@@ -1,10 +1,10 @@
-"""The windup guard's rules (trquant.tr_scheduling.windup_guard), one window end at a time."""
+"""The windup guard's rules (trquant._src.tr_scheduling.windup_guard), one window end at a time."""
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trquant.tr_scheduling import windup_guard
+from trquant._src.tr_scheduling import windup_guard
 
 
 def _fields(start_u=1.0, start_tracking=0.5, start_stalled=0.2, ceiling=1e3):

@@ -7,33 +7,33 @@ quantization (:mod:`trquant.adaround`), Flax NNX layers and model surgery
 (:mod:`trquant.nnx`) and integer export (:mod:`trquant.export`).
 """
 
+from trquant._src.oscillations.dampening import dampening_loss
+from trquant._src.oscillations.freezing import FreezeOscillationsState
+from trquant._src.oscillations.freezing import freeze_oscillations
+from trquant._src.oscillations.schedules import dampening_weight_schedule
+from trquant._src.oscillations.schedules import freeze_threshold_schedule
+from trquant._src.oscillations.tracking import OscillationState
+from trquant._src.oscillations.tracking import track_oscillations
+from trquant._src.quantizers import binarize
+from trquant._src.quantizers import dequantize
+from trquant._src.quantizers import expand_group_scale
+from trquant._src.quantizers import fake_quant
+from trquant._src.quantizers import fake_quant_dynamic
+from trquant._src.quantizers import fake_quant_unscaled
+from trquant._src.quantizers import group_scale_shape
+from trquant._src.quantizers import init_scale
+from trquant._src.quantizers import lsq
+from trquant._src.quantizers import quant_range
+from trquant._src.quantizers import quantize
+from trquant._src.quantizers import round_ste
+from trquant._src.quantizers import transition_rate
+from trquant._src.tr_scheduling.targets import MeasuredTarget
+from trquant._src.tr_scheduling.targets import measured_target
+from trquant._src.tr_scheduling.transform import TransitionRateState
+from trquant._src.tr_scheduling.transform import tr_schedule
 from trquant import adaround
 from trquant import export
 from trquant import nnx
-from trquant.oscillations import FreezeOscillationsState
-from trquant.oscillations import OscillationState
-from trquant.oscillations import dampening_loss
-from trquant.oscillations import dampening_weight_schedule
-from trquant.oscillations import freeze_oscillations
-from trquant.oscillations import freeze_threshold_schedule
-from trquant.oscillations import track_oscillations
-from trquant.quantizers import binarize
-from trquant.quantizers import dequantize
-from trquant.quantizers import fake_quant
-from trquant.quantizers import expand_group_scale
-from trquant.quantizers import fake_quant_dynamic
-from trquant.quantizers import fake_quant_unscaled
-from trquant.quantizers import group_scale_shape
-from trquant.quantizers import init_scale
-from trquant.quantizers import lsq
-from trquant.quantizers import quant_range
-from trquant.quantizers import quantize
-from trquant.quantizers import round_ste
-from trquant.quantizers import transition_rate
-from trquant.tr_scheduling import MeasuredTarget
-from trquant.tr_scheduling import TransitionRateState
-from trquant.tr_scheduling import measured_target
-from trquant.tr_scheduling import tr_schedule
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,6 @@ import numbers
 import os
 from typing import Optional, Union
 
-from trquant import checks
 from trquant_examples import datasets
 from trquant_examples import models
 from trquant_examples.optimizers import DEFAULT_LR, OPTIMIZER_NAMES
@@ -219,7 +218,7 @@ def parse_first_last(text: str):
 
 def _valid_first_last(value) -> bool:
   try:
-    checks.check_first_last(value)
+    models.check_first_last(value)
   except ValueError:
     return False
   return True

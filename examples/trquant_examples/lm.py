@@ -1,6 +1,6 @@
 """A decoder-only byte LM in plain Flax NNX (no trquant in it), written the way
 Llama/Qwen-style models are written in NNX: the model that ``examples/train_lm.py``
-quantizes by surgery (``trquant.nnx.quantize``).
+quantizes by surgery (``trquant.nnx.quantize_model``).
 
 A byte embedding (``nnx.Embed``, vocabulary 256), pre-norm blocks of grouped-query
 attention (``nnx.Einsum`` projections, rotary position embeddings, a causal mask) and

@@ -33,13 +33,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trquant import checks
 from trquant.nnx import QuantConv, QuantLinear
 
 MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2", "mobilenetv2_tiny")
-# The first/last-layer policy, as everywhere in trquant (trquant.checks.check_first_last):
-# "fp", "same", or an int bit width for their weights and inputs.
-FIRST_LAST_MODES = ("fp", "same", 8)  # 8: any bit width
+# The first/last-layer policy, as trquant.nnx.first_last_rule spells it: "fp", "same", or an
+# int bit width for their weights and inputs.
+FIRST_LAST_MODES = ("fp", "same", 8)  # 8: any bit width in [1, 16]
 
 # PyTorch's BatchNorm defaults (running-average weight 0.1 on each new batch).
 BN_MOMENTUM = 0.9
@@ -49,6 +48,15 @@ CONV_INIT = nnx.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 __all__ = ["MODEL_NAMES", "SmallCNN", "ResNet20", "MobileNetV2", "MobileNetV2Tiny", "build_model",
            "count_params"]
+
+
+def check_first_last(value):
+  """``value`` if it is a first/last policy ("fp", "same", an int bit width in [1, 16])."""
+  if value in ("fp", "same") or (isinstance(value, int) and not isinstance(value, bool)
+                                 and 1 <= value <= 16):
+    return value
+  raise ValueError(f'`first_last` must be "fp", "same" or a bit width in [1, 16] (e.g. 8),'
+                   f" got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +87,7 @@ class ModelQuant:
   @classmethod
   def create(cls, *, weight_bits, act_bits, first_last="fp", weight_quantizer="fixed",
              per_channel=False, scale_method="mse") -> "ModelQuant":
-    first_last = checks.check_first_last(first_last)
+    first_last = check_first_last(first_last)
     body = LayerQuant(weight_bits, act_bits, weight_quantizer, per_channel, scale_method)
     if first_last == "same":
       edge = body

@@ -242,7 +242,7 @@ def _make_train_step(config, total_steps, *, tracks_tr, tracks_osc):
       logits = model(x)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
       if dampening is not None:
-        loss = loss + dampening(step) * trquant.nnx.dampening_loss(model)
+        loss = loss + dampening(step) * trquant.nnx.model_dampening_loss(model)
       return loss
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)

@@ -1,5 +1,5 @@
 """A vision transformer in plain Flax NNX (no trquant in it), the model that
-``examples/train_vit.py`` quantizes by surgery (``trquant.nnx.quantize``).
+``examples/train_vit.py`` quantizes by surgery (``trquant.nnx.quantize_model``).
 
     from flax import nnx
     from trquant_examples.vit import ViT

@@ -1,0 +1,2 @@
+"""trquant's implementation; the public API is ``trquant``, ``trquant.nnx``,
+``trquant.adaround`` and ``trquant.export``."""

@@ -1,0 +1,1 @@
+"""Post-training quantization by output reconstruction (AdaRound, BRECQ, QDrop)."""
