@@ -229,7 +229,8 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit",
     >>> from flax import nnx
     >>> net = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
     ...                      nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
-    >>> data = trquant.adaround.unit_data(net, ("layers", 2), [jnp.ones((3, 4))])
+    >>> from trquant._src.adaround.data import unit_data
+    >>> data = unit_data(net, ("layers", 2), [jnp.ones((3, 4))])
     >>> data.inputs.shape, data.outputs.shape, data.kwargs
     ((3, 8), (3, 2), {})
   """

@@ -45,7 +45,7 @@ def module_at(root, path):
 
   Example:
     >>> from flax import nnx
-    >>> from trquant.nnx import graph
+    >>> from trquant._src.nnx import graph
     >>> net = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu)
     >>> type(graph.module_at(net, ("layers", 0))).__name__
     'Linear'
