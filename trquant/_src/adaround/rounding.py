@@ -247,13 +247,9 @@ def beta_schedule(iters: int, *, start: float = 20.0, end: float = 2.0,
   if mode not in BETA_MODES:
     raise ValueError(f"`mode` must be one of {BETA_MODES}, got {mode!r}.")
   span = max(iters - start_step, 1)
-
-  def schedule(step):
-    progress = jnp.clip((jnp.asarray(step, jnp.float32) - start_step) / span, 0.0, 1.0)
-    if mode == "cosine":
-      value = end + 0.5 * (start - end) * (1.0 + jnp.cos(jnp.pi * progress))
-    else:
-      value = start + (end - start) * progress
-    return value.astype(jnp.float32)
-
-  return schedule
+  if mode == "cosine":
+    anneal = optax.cosine_decay_schedule(start, span, alpha=end / start)
+  else:
+    anneal = optax.linear_schedule(start, end, span)
+  annealed = optax.join_schedules([optax.constant_schedule(start), anneal], [start_step])
+  return lambda step: jnp.asarray(annealed(step), jnp.float32)

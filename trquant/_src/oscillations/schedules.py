@@ -23,7 +23,9 @@ def cosine_from(step, start_step: int, total_steps: int, init_value: float, end_
   span = (max(total_steps - start_step, 1) if isinstance(total_steps - start_step, int)
           else jnp.maximum(total_steps - start_step, 1))
   progress = jnp.clip((jnp.asarray(step, jnp.float32) - start_step) / span, 0.0, 1.0)
-  return end_value + 0.5 * (init_value - end_value) * (1.0 + jnp.cos(jnp.pi * progress))
+  # optax's cosine over a unit span: the counts may be traced here, which its own
+  # decay_steps check cannot take.
+  return end_value + (init_value - end_value) * optax.cosine_decay_schedule(1.0, 1)(progress)
 
 
 def freeze_threshold_schedule(

@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from trquant._src import checks
 
@@ -25,7 +26,7 @@ def schedule_factor(schedule, progress):
   if callable(schedule):
     return jnp.asarray(schedule(progress), jnp.float32)
   if schedule == "cosine":
-    return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    return optax.cosine_decay_schedule(1.0, 1)(progress)
   if schedule == "linear":
     return 1.0 - progress
   return jnp.ones_like(progress)
