@@ -7,7 +7,7 @@ import json
 import numbers
 import os
 from collections.abc import Mapping
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +15,11 @@ import numpy as np
 
 from trquant._src import checks
 from trquant._src import quantizers
+
+if TYPE_CHECKING:  # the NNX layers are optional for plain pytrees
+  from flax import nnx
+
+PyTree = Any
 
 __all__ = ["IntegerTensor", "from_integer", "load_integer", "nbytes", "read_integer",
            "save_integer", "to_integer"]
@@ -185,7 +190,9 @@ def _is_exported(x) -> bool:
   return isinstance(x, IntegerTensor)
 
 
-def to_integer(params, scales=None, *, bits=None, signed: bool = True, narrow: bool = False):
+def to_integer(params: Union[PyTree, nnx.Module], scales: Optional[PyTree] = None, *,
+               bits: Optional[Union[int, PyTree]] = None, signed: bool = True,
+               narrow: bool = False) -> PyTree:
   """Exports quantized weights as :class:`IntegerTensor` leaves.
 
   Args:
@@ -259,7 +266,7 @@ def _model_to_integer(model):
   return state
 
 
-def from_integer(tree):
+def from_integer(tree: PyTree) -> PyTree:
   """Float weights of an exported tree: every :class:`IntegerTensor` dequantized.
 
   The values equal the quantized model's forward-pass weights (``fake_quant``
@@ -278,7 +285,7 @@ def from_integer(tree):
                       is_leaf=_is_exported)
 
 
-def nbytes(tree) -> int:
+def nbytes(tree: PyTree) -> int:
   """Bytes of the arrays in a (possibly exported) tree: codes, scales and float leaves
   (each array's whole size, also where it is sharded across devices or processes)."""
   return sum(int(leaf.nbytes) if isinstance(leaf, (jax.Array, np.ndarray))
@@ -291,7 +298,7 @@ def nbytes(tree) -> int:
 # ---------------------------------------------------------------------------------------
 
 
-def load_integer(model, exported) -> list[tuple]:
+def load_integer(model: nnx.Module, exported: PyTree) -> list[tuple]:
   """Puts an exported NNX model back into a model of the same architecture, exactly.
 
   For every quantized layer, the kernel becomes the dequantized codes and the
@@ -419,7 +426,7 @@ _FILE_VERSION = 1
 _HEADER = "__trquant_export__"
 
 
-def save_integer(path, exported) -> None:
+def save_integer(path: Union[str, os.PathLike], exported: PyTree) -> None:
   """Writes an exported tree to one ``.npz`` file (no pickle), for :func:`read_integer`.
 
   Packed codes, scales and float leaves are stored as arrays; the tree's structure
@@ -493,7 +500,7 @@ def save_integer(path, exported) -> None:
     multihost_utils.sync_global_devices(f"trquant.export.save_integer {os.fspath(path)}")
 
 
-def read_integer(path):
+def read_integer(path: Union[str, os.PathLike]) -> PyTree:
   """Reads a file written by :func:`save_integer`: the exported tree, as it was saved.
 
   Args:

@@ -26,15 +26,17 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from trquant._src import checks
 
 Axis = Optional[Union[int, Sequence[int]]]
+PyTree = Any
 
 MAX_BITS = checks.MAX_BITS
 
@@ -126,7 +128,7 @@ def _group_layout(shape, group_size, group_axis) -> tuple[int, int]:
   return axis, shape[axis] // group_size
 
 
-def group_scale_shape(shape, group_size: int, *, group_axis: int = -2,
+def group_scale_shape(shape: Sequence[int], group_size: int, *, group_axis: int = -2,
                       channel_axis: Optional[int] = -1) -> tuple[int, ...]:
   """The shape of per-group step sizes for an array of `shape`.
 
@@ -150,7 +152,8 @@ def group_scale_shape(shape, group_size: int, *, group_axis: int = -2,
   return tuple(groups if i == axis else (n if i == channel else 1) for i, n in enumerate(shape))
 
 
-def expand_group_scale(scale, group_size: int, *, group_axis: int = -2):
+def expand_group_scale(scale: ArrayLike, group_size: int, *,
+                       group_axis: int = -2) -> jax.Array:
   """Per-group step sizes repeated over their groups: an array that broadcasts to the
   quantized tensor as a per-channel scale does (``jnp.repeat`` along ``group_axis``).
 
@@ -185,8 +188,9 @@ def _grouped(x, scale, group_size, group_axis):
 # --------------------------------------------------------------------------------------
 
 
-def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False,
-             group_size: Optional[int] = None, group_axis: int = -2):
+def quantize(x: ArrayLike, scale: ArrayLike, *, bits: int, signed: bool = True,
+             narrow: bool = False, group_size: Optional[int] = None,
+             group_axis: int = -2) -> jax.Array:
   """Integer codes ``clip(round(x / scale), lo, hi)`` of ``x``.
 
   The codes are integer-valued but keep ``x``'s floating dtype, so they can be
@@ -229,7 +233,8 @@ def quantize(x, scale, *, bits: int, signed: bool = True, narrow: bool = False,
   return _codes(v, grid).astype(x.dtype)
 
 
-def dequantize(codes, scale, *, group_size: Optional[int] = None, group_axis: int = -2):
+def dequantize(codes: ArrayLike, scale: ArrayLike, *, group_size: Optional[int] = None,
+               group_axis: int = -2) -> jax.Array:
   """Dequantized values ``scale * codes`` (in the floating dtype of ``codes``/``scale``).
 
   With ``group_size``, ``scale`` holds one step size per group along ``group_axis``, as
@@ -250,7 +255,7 @@ def dequantize(codes, scale, *, group_size: Optional[int] = None, group_axis: in
   return (codes * jnp.asarray(scale)).astype(_compute_dtype(codes, scale))
 
 
-def transition_rate(codes_before, codes_after):
+def transition_rate(codes_before: PyTree, codes_after: PyTree) -> PyTree:
   """Fraction of quantized weights whose integer level changed (TR paper Eq. 5).
 
   Args:
@@ -268,7 +273,7 @@ def transition_rate(codes_before, codes_after):
   """
   before_def = jax.tree.structure(codes_before)
   after_def = jax.tree.structure(codes_after)
-  if before_def != after_def:
+  if before_def != after_def:  # type: ignore[operator]  # jaxlib has no stub for PyTreeDef
     raise ValueError(
         "`codes_before` and `codes_after` must have the same tree structure; got"
         f" {before_def} and {after_def}."
@@ -290,7 +295,7 @@ def transition_rate(codes_before, codes_after):
 
 
 @jax.custom_vjp
-def round_ste(x):
+def round_ste(x: ArrayLike) -> jax.Array:
   """``round(x)`` whose gradient is the identity (straight-through estimator).
 
   Example:
@@ -341,8 +346,9 @@ def _fake_quant_bwd(grid, residuals, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
-def fake_quant(x, scale, *, bits: int, signed: bool = True, narrow: bool = False,
-               group_size: Optional[int] = None, group_axis: int = -2):
+def fake_quant(x: ArrayLike, scale: ArrayLike, *, bits: int, signed: bool = True,
+               narrow: bool = False, group_size: Optional[int] = None,
+               group_axis: int = -2) -> jax.Array:
   """Quantize-dequantize with straight-through gradients.
 
   Forward: ``scale * clip(round(x / scale), lo, hi)``. Backward: the gradient
@@ -392,8 +398,9 @@ def _grad_scaled(scale, grad_scale):
   return scale * grad_scale + jax.lax.stop_gradient(scale - scale * grad_scale)
 
 
-def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_scale=None,
-        group_size: Optional[int] = None, group_axis: int = -2):
+def lsq(x: ArrayLike, scale: ArrayLike, *, bits: int, signed: bool = True, narrow: bool = False,
+        grad_scale: Optional[ArrayLike] = None, group_size: Optional[int] = None,
+        group_axis: int = -2) -> jax.Array:
   """Learned step size quantization (LSQ): :func:`fake_quant` with a scaled step-size gradient.
 
   The step size's gradient is multiplied by ``grad_scale`` (default
@@ -440,7 +447,8 @@ def lsq(x, scale, *, bits: int, signed: bool = True, narrow: bool = False, grad_
   return fake_quant(x, _grad_scaled(scale, grad_scale), bits=bits, signed=signed, narrow=narrow)
 
 
-def fake_quant_dynamic(x, *, bits: int, signed: bool = True, axis=-1):
+def fake_quant_dynamic(x: ArrayLike, *, bits: int, signed: bool = True,
+                       axis: Axis = -1) -> jax.Array:
   """Dynamic absmax quantization with straight-through gradients: per token by default.
 
   The step size is computed from ``x`` itself, ``max(|x|) / hi`` over ``axis`` (the
@@ -479,7 +487,7 @@ def fake_quant_dynamic(x, *, bits: int, signed: bool = True, axis=-1):
   return (x - jax.lax.stop_gradient(x)) + quantized  # exactly `quantized`, gradient 1
 
 
-def binarize(x, scale=None):
+def binarize(x: ArrayLike, scale: Optional[ArrayLike] = None) -> jax.Array:
   """Binary quantization ``scale * sign(x)`` (``sign(0) = +1``) with a clipped-identity STE.
 
   The gradient w.r.t. ``x`` is passed through where ``|x| <= scale`` (``|x| <=
@@ -505,7 +513,8 @@ def binarize(x, scale=None):
   return fake_quant(x, scale, bits=1, signed=True)
 
 
-def fake_quant_unscaled(x, scale, *, bits: int, signed: bool = True):
+def fake_quant_unscaled(x: ArrayLike, scale: ArrayLike, *, bits: int,
+                        signed: bool = True) -> jax.Array:
   """The TR paper's quantizer (Eq. 13): normalized codes, no multiplication by the scale.
 
   ``x_q = (1 / gamma) * round(clip(gamma * x / s, alpha, beta))`` with
@@ -574,7 +583,7 @@ def _reduce_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
 
 
 def init_scale(
-    x,
+    x: ArrayLike,
     *,
     bits: int,
     method: str = "lsq",
@@ -584,7 +593,7 @@ def init_scale(
     num_candidates: int = 100,
     group_size: Optional[int] = None,
     group_axis: int = -2,
-):
+) -> jax.Array:
   """Initial step size for quantizing ``x``.
 
   Args:

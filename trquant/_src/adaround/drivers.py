@@ -13,11 +13,13 @@ returns a :class:`ModelResult` ``(model, reports)``: the new model and one
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.typing import ArrayLike
 
 from trquant._src import quantizers
 from trquant._src.adaround import data
@@ -54,6 +56,9 @@ class ModelResult(NamedTuple):
   model: object  # the new quantized NNX model (the input model is not modified)
   reports: list  # a UnitReport per unit, in call order (empty for round_to_nearest)
 
+
+# Model inputs (N, ...), or an iterable of batches or of (inputs, labels) tuples.
+CalibrationBatches = Union[ArrayLike, Iterable[Any]]
 
 # The arguments the drivers took before the model's rules said what is quantized.
 _RULE_ARGUMENTS = ("weight_bits", "per_channel", "first_last", "act_bits", "example_input")
@@ -108,8 +113,9 @@ def _without_float_units(units, plan) -> list:
   return kept
 
 
-def round_to_nearest(model, calibration_batches=None, *, apply_fn: Optional[Callable] = None,
-                     **retired) -> ModelResult:
+def round_to_nearest(model: nnx.Module,
+                     calibration_batches: Optional[CalibrationBatches] = None, *,
+                     apply_fn: Optional[Callable] = None, **retired: Any) -> ModelResult:
   """Post-training round-to-nearest quantization of a quantized NNX model (the baseline).
 
   What is quantized is the model's, as :func:`trquant.nnx.quantize_model` set it from the
@@ -164,11 +170,12 @@ def round_to_nearest(model, calibration_batches=None, *, apply_fn: Optional[Call
   return ModelResult(work, [])
 
 
-def reconstruct_model(model, calibration_batches, *,
+def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches, *,
                       config: AdaRoundConfig = AdaRoundConfig(), granularity: str = "block",
-                      blocks=None, activation: Optional[Callable] = None,
-                      fallback_to_nearest: bool = True, key, progress: bool = True,
-                      apply_fn: Optional[Callable] = None, **retired) -> ModelResult:
+                      blocks: Optional[Sequence[str]] = None,
+                      activation: Optional[Callable] = None,
+                      fallback_to_nearest: bool = True, key: jax.Array, progress: bool = True,
+                      apply_fn: Optional[Callable] = None, **retired: Any) -> ModelResult:
   """Post-training quantization by reconstruction: AdaRound, BRECQ, QDrop.
 
   What is quantized is the model's, as :func:`trquant.nnx.quantize_model` set it from the

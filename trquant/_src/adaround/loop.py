@@ -17,7 +17,7 @@ function contains a convolution calls a jitted step once per iteration instead.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +56,7 @@ def _jaxpr_has_convolution(jaxpr) -> bool:
   return False
 
 
-def has_convolution(fn: Callable, *args) -> bool:
+def has_convolution(fn: Callable[..., Any], *args: Any) -> bool:
   """Whether ``fn(*args)`` computes a convolution (traced abstractly: nothing runs).
 
   Example:

@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from trquant._src import checks
 from trquant._src import codes_tree
@@ -67,6 +68,8 @@ __all__ = [
     "reconstruction_errors",
     "reconstruction_problem",
 ]
+
+PyTree = Any
 
 # Activation step sizes are kept above this after each update (LSQ scales must stay positive).
 _MIN_ACT_SCALE = 1e-8
@@ -354,10 +357,13 @@ def reconstruction_problem(apply_fn: Callable, weights, scales, x_q, y_fp, *, we
 # ---------------------------------------------------------------------------------------
 
 
-def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, weight_bits,
-                      config: AdaRoundConfig = AdaRoundConfig(), act_scales=None, x_fp=None,
+def reconstruct_block(apply_fn: Callable, weights: Union[ArrayLike, Sequence[ArrayLike]],
+                      scales: Union[ArrayLike, Sequence[ArrayLike]], x_q: ArrayLike,
+                      y_fp: ArrayLike, *, weight_bits: Union[int, Sequence[int]],
+                      config: AdaRoundConfig = AdaRoundConfig(),
+                      act_scales: Optional[PyTree] = None, x_fp: Optional[ArrayLike] = None,
                       activation: Optional[Callable] = None, signed: bool = True,
-                      key) -> ReconstructionResult:
+                      key: jax.Array) -> ReconstructionResult:
   """Learns the rounding of several weights (and activation step sizes) against one output.
 
   Minimises ``||f_a(apply_fn(W_soft, a, x, k)) - f_a(y)||^2`` (summed over the last axis,
@@ -423,10 +429,11 @@ def reconstruct_block(apply_fn: Callable, weights, scales, x_q, y_fp, *, weight_
   return problem.solve(arrays)
 
 
-def reconstruct_layer(apply_fn: Callable, w, scale, x_q, y_fp, *, weight_bits: int,
+def reconstruct_layer(apply_fn: Callable, w: ArrayLike, scale: ArrayLike, x_q: ArrayLike,
+                      y_fp: ArrayLike, *, weight_bits: int,
                       config: AdaRoundConfig = AdaRoundConfig(),
-                      activation: Optional[Callable] = None, x_fp=None, signed: bool = True,
-                      key) -> ReconstructionResult:
+                      activation: Optional[Callable] = None, x_fp: Optional[ArrayLike] = None,
+                      signed: bool = True, key: jax.Array) -> ReconstructionResult:
   """AdaRound of one layer: :func:`reconstruct_block` of one weight, ``apply_fn(w, x)``.
 
   Learns to round ``w`` up or down to reconstruct the layer's output: minimises, with Adam
@@ -512,7 +519,8 @@ def block_errors(apply_fn: Callable, candidates: Sequence, x, y, *,
           for weights, act_scales in candidates]
 
 
-def block_error(apply_fn: Callable, weights: Sequence, act_scales, x, y, *,
+def block_error(apply_fn: Callable, weights: Sequence, act_scales: Optional[PyTree],
+                x: ArrayLike, y: ArrayLike, *,
                 activation: Optional[Callable] = None, batch_size: int = 256) -> float:
   """The loss term of :func:`reconstruct_block` over a whole data set (no regulariser).
 
@@ -531,7 +539,8 @@ def reconstruction_errors(apply_fn: Callable, weights: Sequence, x, y, *,
                       activation=activation, batch_size=batch_size)
 
 
-def reconstruction_error(apply_fn: Callable, w, x, y, *, activation: Optional[Callable] = None,
+def reconstruction_error(apply_fn: Callable, w: ArrayLike, x: ArrayLike, y: ArrayLike, *,
+                         activation: Optional[Callable] = None,
                          batch_size: int = 256) -> float:
   """The loss term of :func:`reconstruct_layer` over a whole data set (no regulariser).
 

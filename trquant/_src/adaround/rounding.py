@@ -17,11 +17,12 @@ References:
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 from trquant._src import checks
 from trquant._src import quantizers
@@ -69,7 +70,7 @@ def weight_grid(bits, signed: bool, name: str = "weight_bits") -> tuple[int, int
 # ---------------------------------------------------------------------------------------
 
 
-def rectified_sigmoid(V, zeta: float = ZETA, gamma: float = GAMMA):
+def rectified_sigmoid(V: ArrayLike, zeta: float = ZETA, gamma: float = GAMMA) -> jax.Array:
   """AdaRound's relaxed rounding ``h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)``.
 
   Stretching the sigmoid beyond ``[0, 1]`` and clipping lets ``h`` reach exactly
@@ -117,7 +118,8 @@ def hard_codes_on_grid(w, scale, V, grid: tuple[int, int]):
   return jnp.clip(jnp.floor(jnp.asarray(w, jnp.float32) / scale) + (jnp.asarray(V) >= 0), lo, hi)
 
 
-def init_alpha(w, scale, *, zeta: float = ZETA, gamma: float = GAMMA):
+def init_alpha(w: ArrayLike, scale: ArrayLike, *, zeta: float = ZETA,
+               gamma: float = GAMMA) -> jax.Array:
   """Initial rounding variables: ``V`` with ``h(V) = w / scale - floor(w / scale)``.
 
   The soft weight :func:`soft_weight` then starts at ``w`` (for weights inside
@@ -150,8 +152,8 @@ def init_alpha(w, scale, *, zeta: float = ZETA, gamma: float = GAMMA):
   return jnp.log(probability) - jnp.log1p(-probability)
 
 
-def soft_weight(w, scale, V, *, weight_bits: int, signed: bool = True, zeta: float = ZETA,
-                gamma: float = GAMMA):
+def soft_weight(w: ArrayLike, scale: ArrayLike, V: ArrayLike, *, weight_bits: int,
+                signed: bool = True, zeta: float = ZETA, gamma: float = GAMMA) -> jax.Array:
   """The relaxed quantized weight ``scale * clip(floor(w / scale) + h(V), lo, hi)``.
 
   Example:
@@ -166,7 +168,8 @@ def soft_weight(w, scale, V, *, weight_bits: int, signed: bool = True, zeta: flo
                             rectified_sigmoid(V, zeta, gamma), grid)
 
 
-def hard_codes(w, scale, V, *, weight_bits: int, signed: bool = True):
+def hard_codes(w: ArrayLike, scale: ArrayLike, V: ArrayLike, *, weight_bits: int,
+               signed: bool = True) -> jax.Array:
   """AdaRound's final codes ``clip(floor(w / scale) + [V >= 0], lo, hi)`` (float32).
 
   ``V >= 0`` is ``h(V) >= 0.5`` for the default stretch (``zeta + gamma = 1``).
@@ -182,7 +185,8 @@ def hard_codes(w, scale, V, *, weight_bits: int, signed: bool = True):
   return hard_codes_on_grid(w, jnp.asarray(scale, jnp.float32), V, grid)
 
 
-def rounding_regularizer(V, beta, *, zeta: float = ZETA, gamma: float = GAMMA):
+def rounding_regularizer(V: ArrayLike, beta: Union[float, jax.Array], *, zeta: float = ZETA,
+                         gamma: float = GAMMA) -> jax.Array:
   """AdaRound's regulariser ``sum(1 - |2 h(V) - 1|^beta)``.
 
   It is ``V.size`` at ``h = 0.5`` for every weight and 0 once every ``h`` is 0 or 1;

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,8 @@ from trquant._src import checks
 from trquant._src.nnx import traversal
 
 
-def load_float_weights(model, source) -> list[tuple]:
+def load_float_weights(model: nnx.Module,
+                       source: Union[nnx.Module, nnx.State, Mapping[str, Any]]) -> list[tuple]:
   """Copies parameter and BatchNorm values from ``source`` into ``model``, keeping its metadata.
 
   QAT starts from a full-precision checkpoint. ``nnx.update(quant_model, fp_state)``
@@ -71,7 +72,7 @@ def load_float_weights(model, source) -> list[tuple]:
   return loaded
 
 
-def init_weight_scales(model, *, method: Optional[str] = None) -> None:
+def init_weight_scales(model: nnx.Module, *, method: Optional[str] = None) -> None:
   """Re-initialises every quantized layer's weight scale from its current kernel.
 
   Call after loading full-precision weights into a quantized model (QAT starts
@@ -87,7 +88,7 @@ def init_weight_scales(model, *, method: Optional[str] = None) -> None:
           layer.kernel.get_value(), method or layer.scale_method))
 
 
-def calibrate_activations(model, *args, **kwargs):
+def calibrate_activations(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
   """Sets each quantized input's LSQ scale to ``2 * mean(|x|) / sqrt(hi)`` on a batch.
 
   Runs ``model(*args, **kwargs)`` eagerly once with calibration on, and returns its output.
@@ -101,7 +102,7 @@ def calibrate_activations(model, *args, **kwargs):
   """
   named = traversal.require_quant_layers(model, "calibrate_activations")
   checks.check_global_batch((args, kwargs), "calibrate_activations' inputs")
-  minima = {}
+  minima: dict[int, float] = {}
 
   def record_minimum(layer, inputs, output, call_kwargs, previous):
     if not isinstance(inputs, jax.core.Tracer):
@@ -134,7 +135,7 @@ def calibrate_activations(model, *args, **kwargs):
   return output
 
 
-def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
+def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int = 50,
                          apply_fn: Optional[Callable] = None) -> int:
   """Replaces BatchNorm running statistics by the plain average of per-batch statistics.
 
@@ -192,7 +193,7 @@ def reestimate_batchnorm(model, batches: Iterable, num_batches: int = 50,
   return used
 
 
-def batchnorm_divergence(model, batches: Iterable, num_batches: int = 50,
+def batchnorm_divergence(model: nnx.Module, batches: Iterable, num_batches: int = 50,
                          apply_fn: Optional[Callable] = None) -> dict[str, float]:
   """How far each BatchNorm's running statistics are from those of the current weights.
 
@@ -245,7 +246,7 @@ class BatchNormDivergenceWarning(UserWarning):
   """BatchNorm running statistics far from those of the model's current weights."""
 
 
-def check_batchnorm(model, batches: Iterable, *, threshold: float = 0.01,
+def check_batchnorm(model: nnx.Module, batches: Iterable, *, threshold: float = 0.01,
                     num_batches: int = 20, apply_fn: Optional[Callable] = None,
                     reestimate: bool = False) -> dict[str, float]:
   """After QAT: are the BatchNorm running statistics those of the quantized weights?

@@ -26,9 +26,10 @@ that was traced before does not run Python at all, so its layers report nothing.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, NamedTuple, Optional, Union
+from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 
 import jax
+from flax import nnx
 
 from trquant._src.nnx.traversal import path_name
 from trquant._src.nnx.traversal import quant_layers
@@ -113,7 +114,8 @@ def record_call(layer, inputs, output, kwargs) -> None:
 
 
 @contextlib.contextmanager
-def capture_layers(model, layers: Optional[Iterable] = None, *, stop: bool = False):
+def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
+                   stop: bool = False) -> Iterator[Capture]:
   """Records the inputs and outputs of a model's quantized layers in a ``with`` block.
 
   Within the block, each recorded layer calls :func:`record_call` after its

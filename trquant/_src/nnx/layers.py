@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from flax.core.frozen_dict import FrozenDict
 from flax.nnx.nn import dtypes as nnx_dtypes
+from flax.typing import Dtype, Initializer, PrecisionLike
 
 from trquant._src import quantizers
 
@@ -248,10 +249,11 @@ class QuantLinear(_QuantMixin, nnx.Module):
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse", dtype=None,
-               param_dtype=jnp.float32, precision=None, preferred_element_type=None,
-               kernel_init=nnx.initializers.lecun_normal(),
-               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+               signed_act: bool = False, scale_method: str = "mse",
+               dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+               precision: PrecisionLike = None, preferred_element_type: Optional[Dtype] = None,
+               kernel_init: Initializer = nnx.initializers.lecun_normal(),
+               bias_init: Initializer = nnx.initializers.zeros_init(), rngs: nnx.Rngs) -> None:
     self.in_features, self.out_features = in_features, out_features
     self.dtype, self.param_dtype = dtype, param_dtype
     self.precision, self.preferred_element_type = precision, preferred_element_type
@@ -304,10 +306,11 @@ class QuantConv(_QuantMixin, nnx.Module):
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
                signed_act: bool = False, scale_method: str = "mse",
-               depthwise_impl: str = "auto", dtype=None,
-               param_dtype=jnp.float32, precision=None, preferred_element_type=None,
-               kernel_init=nnx.initializers.lecun_normal(),
-               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+               depthwise_impl: str = "auto", dtype: Optional[Dtype] = None,
+               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
+               preferred_element_type: Optional[Dtype] = None,
+               kernel_init: Initializer = nnx.initializers.lecun_normal(),
+               bias_init: Initializer = nnx.initializers.zeros_init(), rngs: nnx.Rngs) -> None:
     if depthwise_impl not in DEPTHWISE_IMPLS:
       raise ValueError(
           f"`depthwise_impl` must be one of {DEPTHWISE_IMPLS}, got {depthwise_impl!r}.")
@@ -509,15 +512,18 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
       index): keep-dims over the kernel's batch and output axes.
   """
 
-  def __init__(self, in_features, out_features, *, axis=-1,
+  def __init__(self, in_features: Union[int, Sequence[int]],
+               out_features: Union[int, Sequence[int]], *,
+               axis: Union[int, Sequence[int]] = -1,
                batch_axis: Mapping[int, int] = FrozenDict({}), use_bias: bool = True,
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse", dtype=None,
-               param_dtype=jnp.float32, precision=None, preferred_element_type=None,
-               kernel_init=nnx.initializers.lecun_normal(),
-               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+               signed_act: bool = False, scale_method: str = "mse",
+               dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+               precision: PrecisionLike = None, preferred_element_type: Optional[Dtype] = None,
+               kernel_init: Initializer = nnx.initializers.lecun_normal(),
+               bias_init: Initializer = nnx.initializers.zeros_init(), rngs: nnx.Rngs) -> None:
     self.in_features = _canonicalize_tuple(in_features)
     self.out_features = _canonicalize_tuple(out_features)
     self.axis = _canonicalize_tuple(axis)
@@ -610,10 +616,11 @@ class QuantEinsum(_QuantMixin, nnx.Module):
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse", dtype=None,
-               param_dtype=jnp.float32, precision=None, preferred_element_type=None,
-               kernel_init=nnx.initializers.lecun_normal(),
-               bias_init=nnx.initializers.zeros_init(), rngs: nnx.Rngs):
+               signed_act: bool = False, scale_method: str = "mse",
+               dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
+               precision: PrecisionLike = None, preferred_element_type: Optional[Dtype] = None,
+               kernel_init: Initializer = nnx.initializers.lecun_normal(),
+               bias_init: Initializer = nnx.initializers.zeros_init(), rngs: nnx.Rngs) -> None:
     einsum_str = einsum_str.replace(" ", "")
     _einsum_check(einsum_str)
     self.einsum_str = einsum_str
@@ -626,8 +633,10 @@ class QuantEinsum(_QuantMixin, nnx.Module):
                             per_channel=per_channel, weight_quantizer=weight_quantizer,
                             signed_act=signed_act, scale_method=scale_method,
                             group_size=group_size, act_quantizer=act_quantizer)
-    self.bias = (nnx.Param(bias_init(rngs.params(), self.bias_shape, param_dtype))
-                 if bias_shape is not None else None)
+    # self.bias_shape is tuple(bias_shape): not None where it is used.
+    self.bias = (
+        nnx.Param(bias_init(rngs.params(), self.bias_shape, param_dtype))  # type: ignore[arg-type]
+        if bias_shape is not None else None)
 
   @property
   def channel_axes(self) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -426,7 +426,7 @@ def _unmatched_message(index, rule, model, layers, taken) -> str:
           " allow_unmatched=True to a rule that may match nothing in some models.")
 
 
-def quantize_model(model, rules):
+def quantize_model(model: nnx.Module, rules: Union[QuantRule, Sequence[QuantRule]]) -> nnx.Module:
   """A copy of an NNX model with the layers that ``rules`` match replaced by trquant layers.
 
   Every layer with weights (``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``,
@@ -527,7 +527,7 @@ def quantize_model(model, rules):
   return root
 
 
-def first_last_rule(model, example_input, *, weight_bits: Optional[int] = None,
+def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optional[int] = None,
                     act_bits: Optional[int] = None, signed_act: bool = False,
                     per_channel: bool = False, skip: bool = False,
                     apply_fn: Optional[Callable] = None) -> QuantRule:

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from flax.nnx import filterlib
 
 from trquant._src import checks
 from trquant._src.oscillations import dampening
@@ -123,7 +124,7 @@ class _ModelScales:
     return value
 
 
-def weight_scales(model) -> dict:
+def weight_scales(model: nnx.Module) -> dict:
   """The frozen weight scales of a model's quantized layers: ``{layer name: scale}``.
 
   Pass them to the update inside the jitted train step, where ``model`` is the step's
@@ -162,7 +163,7 @@ def weight_scales(model) -> dict:
   return scales
 
 
-def codes_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
+def codes_fn(model: nnx.Module, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   """Returns ``codes_fn`` for :func:`trquant.tr_schedule` from an NNX model of trquant layers.
 
   The function maps the params that ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
@@ -231,7 +232,7 @@ def _beyond_grid(leaf, layer, scale):
   return (ratio < lo) | (ratio > hi)
 
 
-def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
+def scales_fn(model: nnx.Module, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   """Returns ``scale_fn`` for :func:`trquant.freeze_oscillations` from an NNX model.
 
   The companion of :func:`codes_fn`: the same tree (the structure of the params
@@ -254,7 +255,8 @@ def scales_fn(model, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
                         lambda leaf, layer, scale: layer.broadcast_weight_scale(scale))
 
 
-def layer_names(model, *, wrt=nnx.Param, max_bits: Optional[int] = None) -> list:
+def layer_names(model: nnx.Module, *, wrt: filterlib.Filter = nnx.Param,
+                max_bits: Optional[int] = None) -> list:
   """The ``"/"``-joined paths of the layers whose kernels :func:`codes_fn` quantizes.
 
   In the order of the per-layer vectors of :func:`trquant.tr_schedule`,
@@ -303,7 +305,8 @@ _PER_LAYER_TRANSITION_FIELDS = ("measured_transition_rate", "running_transition_
                                 "talr_multiplier")
 
 
-def transition_stats(optimizer, *, model=None, max_bits: Optional[int] = None) -> dict:
+def transition_stats(optimizer: nnx.Optimizer, *, model: Optional[nnx.Module] = None,
+                     max_bits: Optional[int] = None) -> dict:
   """Arrays of the :func:`trquant.tr_schedule` state held by an ``nnx.Optimizer``.
 
   Args:
@@ -342,7 +345,8 @@ OSCILLATION_FIELDS = ("osc_step", "oscillation_count", "oscillating_fraction")
 FREEZE_FIELDS = ("freeze_threshold", "frozen_fraction")
 
 
-def oscillation_stats(optimizer, *, model=None, max_bits: Optional[int] = None) -> dict:
+def oscillation_stats(optimizer: nnx.Optimizer, *, model: Optional[nnx.Module] = None,
+                      max_bits: Optional[int] = None) -> dict:
   """Per-layer arrays of the oscillation tracker (or freezer) held by an ``nnx.Optimizer``.
 
   Args:
@@ -381,7 +385,7 @@ def oscillation_stats(optimizer, *, model=None, max_bits: Optional[int] = None) 
   return stats
 
 
-def model_dampening_loss(model, *, aggregation: str = "kernel_mean"):
+def model_dampening_loss(model: nnx.Module, *, aggregation: str = "kernel_mean") -> jax.Array:
   """The oscillation-dampening loss summed over every quantized layer of an NNX model.
 
   For each trquant layer (:class:`QuantLinear`, :class:`QuantConv`, ...) with ``weight_bits`` set:
@@ -407,8 +411,9 @@ def model_dampening_loss(model, *, aggregation: str = "kernel_mean"):
   return total
 
 
-def param_labels(model, *, wrt=nnx.Param, quant_label: str = "quant",
-                 float_label: str = "float", max_bits: Optional[int] = None):
+def param_labels(model: nnx.Module, *, wrt: filterlib.Filter = nnx.Param,
+                 quant_label: str = "quant", float_label: str = "float",
+                 max_bits: Optional[int] = None) -> nnx.State:
   """Label tree for ``optax.partition``: quantized kernels vs every other parameter.
 
   Args:

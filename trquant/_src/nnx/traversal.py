@@ -16,7 +16,7 @@ from flax import nnx
 from trquant._src.nnx.layers import QUANT_LAYERS
 
 
-def quant_layers(model, *, joined: bool = False) -> list[tuple[Any, Any]]:
+def quant_layers(model: nnx.Module, *, joined: bool = False) -> list[tuple[Any, Any]]:
   """``(path, layer)`` of every trquant layer of an NNX model, in ``nnx.iter_modules`` order.
 
   Args:
@@ -96,7 +96,7 @@ def _is_variable(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def values(tree):
+def values(tree: Any) -> Any:
   """The tree with every ``nnx.Variable`` replaced by its current array.
 
   Inside ``nnx.jit``, ``nnx.state(model)`` and ``optimizer.opt_state`` hold live

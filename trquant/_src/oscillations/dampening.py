@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 from trquant._src import checks
 from trquant._src import quantizers
@@ -13,8 +14,8 @@ __all__ = ["AGGREGATIONS", "dampening_loss"]
 AGGREGATIONS = ("kernel_mean", "sum", "mean")
 
 
-def dampening_loss(w, scale, *, bits: int, signed: bool = True, narrow: bool = False,
-                   aggregation: str = "kernel_mean"):
+def dampening_loss(w: ArrayLike, scale: ArrayLike, *, bits: int, signed: bool = True,
+                   narrow: bool = False, aggregation: str = "kernel_mean") -> jax.Array:
   r"""Oscillation dampening: ``(stop_gradient(w_q) - clip(w, s * lo, s * hi))^2``, aggregated.
 
   Pulls each latent weight towards the centre of its current bin, which stops
