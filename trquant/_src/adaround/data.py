@@ -16,11 +16,9 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from trquant._src import checks
 from trquant._src.nnx import capturing
-from trquant._src.nnx import graph
 from trquant._src.nnx import traversal as nnx_traversal
 
 __all__ = ["UnitData", "calibration_list", "call_order", "forward_fn", "layer_data", "unit_data"]
@@ -150,25 +148,8 @@ def call_order(model, layers, example, forward) -> list:
 
 
 # ---------------------------------------------------------------------------------------
-# Units, by standing in for them
+# Units, through trquant's capture_module (a stand-in for the sub-module)
 # ---------------------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-  """Ends a forward pass once the recorded unit has run."""
-
-
-class _UnitRecorder(nnx.Module):
-  """Stands in for a unit of the model during one eager pass: runs it and records."""
-
-  def __init__(self, unit, record):
-    self.unit = unit
-    self.record = record
-
-  def __call__(self, *args, **kwargs):
-    output = self.unit(*args, **kwargs)
-    self.record(args, kwargs, output)
-    raise _StopForward
 
 
 def _is_array(value) -> bool:
@@ -199,10 +180,10 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit",
               apply_fn: Optional[Callable] = None) -> UnitData:
   """The inputs, outputs and keyword arguments of the sub-module at ``path`` over ``batches``.
 
-  Each batch runs ``apply_fn(model, batch)`` (default ``model(batch)``) eagerly, with
-  the sub-module temporarily replaced in its parent by a recorder that runs it, keeps
-  its single positional input, its keyword arguments and its output, and ends the
-  pass. Works for any sub-module (a residual block, a layer, an attention projection
+  Each batch runs ``apply_fn(model, batch)`` (default ``model(batch)``) eagerly inside
+  ``capture_module(model, path, stop=True)``, which stands in for the sub-module in its
+  parent, records its single positional input, its keyword arguments and its output, and
+  ends the pass. Works for any sub-module (a residual block, a layer, an attention projection
   that ``nnx.MultiHeadAttention`` calls with ``out_sharding=``); the model's code is
   not changed.
 
@@ -240,39 +221,31 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit",
     inputs = list(batches)
     outputs = [forward(model, b) for b in inputs]
     return UnitData(jnp.concatenate(inputs, 0), jnp.concatenate(outputs, 0), {})
-  unit = graph.module_at(model, path)
   inputs, outputs = [], []
   seen_kwargs: list[dict] = []
-
-  def record(args, kwargs, output):
-    if len(args) != 1:
-      raise ValueError(f"{name} is called with {len(args)} positional arguments; a"
-                       " reconstruction unit must take one input. Name smaller units"
-                       " (blocks=...) or reconstruct layer by layer (granularity='layer').")
-    if isinstance(args[0], jax.core.Tracer):
-      raise ValueError(f"{name} ran on traced values. {_EAGER_ONLY}")
-    _check_unit_kwargs(kwargs, name)
-    if seen_kwargs and not _same_kwargs(seen_kwargs[0], kwargs):
-      raise ValueError(f"{name} is called with different keyword arguments across the"
-                       f" calibration batches ({seen_kwargs[0]!r}, then {kwargs!r}); a"
-                       " reconstruction unit is replayed with one set of them.")
-    seen_kwargs.append(dict(kwargs))
-    inputs.append(args[0])
-    outputs.append(output)
-
   for batch in batches:
-    count = len(inputs)
-    graph.set_at(model, path, _UnitRecorder(unit, record))
-    try:
+    with capturing.capture_module(model, path, stop=True) as captured:
       forward(model, batch)
-    except _StopForward:
-      pass
-    finally:
-      graph.set_at(model, path, unit)
-    if len(inputs) == count:
+    if not captured.calls:
+      if captured.missed:
+        raise ValueError(f"{name} ran on traced values. {_EAGER_ONLY}")
       raise ValueError(f"{name} was not called eagerly by the model's forward pass,"
                        f" model(batch). If the model's __call__ is wrapped in nnx.jit / jax.jit:"
                        f" {_EAGER_ONLY} Otherwise the forward pass does not call this unit.")
+    call = captured.calls[0]
+    if call.extra_args or call.input is None:
+      count = len(call.extra_args) + (call.input is not None)
+      raise ValueError(f"{name} is called with {count} positional arguments; a"
+                       " reconstruction unit must take one input. Name smaller units"
+                       " (blocks=...) or reconstruct layer by layer (granularity='layer').")
+    _check_unit_kwargs(call.kwargs, name)
+    if seen_kwargs and not _same_kwargs(seen_kwargs[0], call.kwargs):
+      raise ValueError(f"{name} is called with different keyword arguments across the"
+                       f" calibration batches ({seen_kwargs[0]!r}, then {call.kwargs!r}); a"
+                       " reconstruction unit is replayed with one set of them.")
+    seen_kwargs.append(dict(call.kwargs))
+    inputs.append(call.input)
+    outputs.append(call.output)
   for what, values in (("inputs", inputs), ("outputs", outputs)):
     if len({tuple(v.shape[1:]) for v in values}) > 1:
       raise ValueError(f"the {what} of {name} have different shapes across the calibration"

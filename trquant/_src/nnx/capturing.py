@@ -1,10 +1,17 @@
-"""Recording the inputs and outputs of a model's quantized layers during forward passes.
+"""Recording the calls of a model's layers and sub-modules during forward passes.
 
-Every trquant layer calls its ``capture_hook`` attribute (when set) after computing
-its output. :func:`capture_layers` sets that attribute on the layers it records, for the
-duration of a ``with`` block, and restores it afterwards: nothing else about the
-model changes (no class swapping, no wrapped methods), and the model's own
-``__call__`` runs as written.
+One recorder for all of trquant: a :class:`Capture` collects :class:`Call` records
+``(path, input, output, kwargs, extra_args)`` for a ``with`` block and, with ``stop=True``,
+ends the forward pass (:class:`StopForward`, swallowed by the block) once every recorded
+module has run. Two ways in:
+
+* :func:`capture_layers`, for trquant layers: every trquant layer calls its
+  ``capture_hook`` attribute (when set) after computing its output; the block sets that
+  attribute on the layers it records and restores it afterwards. Nothing else about the
+  model changes, and a layer reached through several references is recorded on each call.
+* :func:`capture_module`, for any sub-module (a residual block, a transformer block, a
+  plain NNX layer) at a path of the model: for the block, a stand-in that runs the
+  sub-module and records the call takes its place in its parent.
 
     >>> import jax.numpy as jnp, trquant
     >>> from flax import nnx
@@ -31,6 +38,7 @@ from typing import Any, Iterable, Iterator, NamedTuple, Optional, Union
 import jax
 from flax import nnx
 
+from trquant._src.nnx import graph
 from trquant._src.nnx.traversal import path_name
 from trquant._src.nnx.traversal import quant_layers
 from trquant._src.nnx.layers import QUANT_LAYERS
@@ -43,6 +51,7 @@ class Call(NamedTuple):
   input: Any  # the input as given to the layer (before its own input quantization)
   output: Any  # the layer's output
   kwargs: dict  # extra call arguments that change the result, e.g. {"einsum_str": ...}
+  extra_args: tuple = ()  # positional arguments after the first (capture_module only)
 
 
 class StopForward(Exception):
@@ -85,11 +94,12 @@ class Capture:
     path = self._path_of(layer)
     return [call.output for call in self.calls if call.path == path]
 
-  def _record(self, path, inputs, output, kwargs) -> None:
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((inputs, output))):
+  def _record(self, path, inputs, output, kwargs, extra_args: tuple = ()) -> None:
+    if any(isinstance(leaf, jax.core.Tracer)
+           for leaf in jax.tree.leaves((inputs, extra_args, output))):
       self.missed.append(f"{path} (traced: it ran inside a jax transform)")
       return
-    self.calls.append(Call(path, inputs, output, kwargs))
+    self.calls.append(Call(path, inputs, output, kwargs, extra_args))
     if self._stop and {call.path for call in self.calls} >= {p for p, _ in self._layers.values()}:
       raise StopForward
 
@@ -184,4 +194,67 @@ def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
       layer.capture_hook = hook
 
 
-__all__ = ["Call", "Capture", "StopForward", "capture_layers", "record_call"]
+class _StandIn(nnx.Module):
+  """Takes a sub-module's place during :func:`capture_module`: runs it, records the call.
+
+  Holds the capture's key, not the capture, so that it stays a plain static attribute
+  if the model is split (e.g. by an NNX transform) while the block runs.
+  """
+
+  def __init__(self, module, path: str, key: int):
+    self.module = module
+    self.path = path
+    self.key = key
+
+  def __call__(self, *args, **kwargs):
+    output = self.module(*args, **kwargs)
+    capture = _MODULE_CAPTURES.get(self.key)
+    if capture is not None:
+      first = args[0] if args else None
+      capture._record(self.path, first, output, dict(kwargs), tuple(args[1:]))
+    return output
+
+
+# id(capture) -> capture, for the stand-ins of capture_module.
+_MODULE_CAPTURES: dict[int, Capture] = {}
+
+
+@contextlib.contextmanager
+def capture_module(model: nnx.Module, path: tuple, *, stop: bool = False) -> Iterator[Capture]:
+  """Records the calls of the sub-module at ``path`` (any ``nnx.Module``) in a ``with`` block.
+
+  For the block, the sub-module's place in its parent holds a stand-in that runs it and
+  records each call (its first positional argument as ``input``, the others as
+  ``extra_args``, its keyword arguments and its output); on exit the sub-module is put
+  back. Calls on traced values (inside a jax or NNX transform) are listed in
+  ``missed``.
+
+  Args:
+    model: an NNX model.
+    path: the sub-module's path below ``model``, a non-empty tuple of attribute names
+      and indices.
+    stop: end the forward pass (quietly, at the end of the block) after the first call.
+
+  Yields:
+    A :class:`Capture` whose calls carry the path joined by ``"/"``.
+  """
+  path = tuple(path)
+  if not path:
+    raise ValueError("capture_module: `path` must name a sub-module below the model, got ().")
+  module = graph.module_at(model, path)
+  recording = Capture({id(module): (path_name(path), module)}, stop)
+  key = id(recording)
+  _MODULE_CAPTURES[key] = recording
+  graph.set_at(model, path, _StandIn(module, path_name(path), key))
+  try:
+    try:
+      yield recording
+    except StopForward:
+      if not stop:
+        raise
+  finally:
+    graph.set_at(model, path, module)
+    _MODULE_CAPTURES.pop(key, None)
+
+
+__all__ = ["Call", "Capture", "StopForward", "capture_layers", "capture_module", "record_call"]
