@@ -11,6 +11,9 @@ import numpy as np
 from trquant_examples import training
 from trquant_examples.config import TrainConfig, run_name
 
+# Fields whose None is a setting (full precision), not "keep the default".
+_NONE_IS_A_VALUE = ("weight_bits", "act_bits")
+
 
 def train_config(args, out, **overrides) -> TrainConfig:
   """The TrainConfig of one benchmark run.
@@ -20,7 +23,8 @@ def train_config(args, out, **overrides) -> TrainConfig:
       ``batch_size``, ``max_steps_per_epoch`` (0 or None: full epochs) and, if present
       and not None, ``bn_reestimate``.
     out: the folder of the run's results JSON (the config's ``out``).
-    **overrides: further TrainConfig fields; a None or False value keeps the default.
+    **overrides: further TrainConfig fields; a None or False value keeps the default,
+      except ``weight_bits=None`` / ``act_bits=None``: full precision.
 
   Returns:
     The config, without progress bar or plot.
@@ -34,7 +38,7 @@ def train_config(args, out, **overrides) -> TrainConfig:
   if args.max_steps_per_epoch:
     settings["max_steps_per_epoch"] = args.max_steps_per_epoch
   settings.update({key: value for key, value in overrides.items()
-                   if value is not None and value is not False})
+                   if (value is not None and value is not False) or key in _NONE_IS_A_VALUE})
   return TrainConfig(**settings)
 
 
@@ -45,7 +49,7 @@ def train(args, out, *, resume=False, **overrides):
     args: the benchmark's shared settings (see :func:`train_config`).
     out: the folder of the run's JSON.
     resume: read a run whose JSON is already in ``out`` back instead of training it again.
-    **overrides: further TrainConfig fields (None or False: the default).
+    **overrides: further TrainConfig fields (see :func:`train_config`).
 
   Returns:
     The run's results (:func:`trquant_examples.training.train`); the JSON holds them with
@@ -87,8 +91,8 @@ def fp_checkpoint(args):
       accuracy = json.load(f)["final_test_accuracy"]
     print(f"FP {args.model} on {args.dataset}: {accuracy:.4f} (reused {checkpoint})", flush=True)
     return checkpoint, accuracy
-  fp = train(args, args.out, weight_bits=0, act_bits=0, optimizer="adam", epochs=args.fp_epochs,
-             save=checkpoint, tag=f"fp-{args.model}")
+  fp = train(args, args.out, weight_bits=None, act_bits=None, optimizer="adam",
+             epochs=args.fp_epochs, save=checkpoint, tag=f"fp-{args.model}")
   print(f"FP {args.model} on {args.dataset}: {fp['final_test_accuracy']:.4f}", flush=True)
   return checkpoint, fp["final_test_accuracy"]
 

@@ -73,12 +73,13 @@ def parse_args(argv=None):
   parser.add_argument("--lr", default="3:0.01,4:0.0033", help="SGD LR per bit width (bits:lr,...)")
   parser.add_argument("--weight-decay", type=float, default=5e-5)
   parser.add_argument("--dampening", type=float, default=0.1, help="final dampening-loss weight")
-  parser.add_argument("--freeze-final", default="3:0.011,4:0.01",
+  parser.add_argument("--freeze-threshold-end", default="3:0.011,4:0.01",
                       help="final freezing threshold per bit width (bits:threshold,...)")
   parser.add_argument("--target-tr", default="auto", type=_target_rate,
                       help="TR scheduling's R_0, or 'auto' (measured over a warm-up)")
-  parser.add_argument("--osc-momentum", type=float, default=None,
-                      help="frequency EMA momentum (default: TrainConfig's, 1e-3 or more for short runs)")
+  parser.add_argument("--osc-decay", type=float, default=None,
+                      help="decay of the oscillation EMAs (default: TrainConfig's, 0.999 or less for"
+                           " short runs)")
   parser.add_argument("--max-steps-per-epoch", type=int, default=None)
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--bn-reestimate", type=int, default=50)
@@ -107,13 +108,13 @@ def method_overrides(args, method, bits):
   """TrainConfig fields of one method at one bit width."""
   flags = dict(weight_bits=bits, act_bits=bits, optimizer="sgd", lr=_per_bits(args.lr)[bits],
                weight_decay=args.weight_decay, track_oscillations=True,
-               osc_momentum=args.osc_momentum, schedule="tr" if method.startswith("tr") else "lr",
+               osc_decay=args.osc_decay, schedule="tr" if method.startswith("tr") else "lr",
                target_tr=args.target_tr, bn_divergence=args.bn_divergence)
   if method == "damp":
     flags["dampening"] = args.dampening
   if method.endswith("freeze"):
-    flags.update(freeze=True, freeze_threshold=0.1,
-                 freeze_threshold_final=_per_bits(args.freeze_final)[bits])
+    flags.update(freeze=True, freeze_threshold_init=0.1,
+                 freeze_threshold_end=_per_bits(args.freeze_threshold_end)[bits])
   return flags
 
 
@@ -141,6 +142,12 @@ def _kind_mean(values, names, kinds, kind, weights=None):
   values = np.asarray(values, float)[:, index]
   w = None if weights is None else np.asarray(weights, float)[index]
   return np.average(values, axis=-1, weights=w).tolist()
+
+
+def _decay(oscillations):
+  """The oscillation EMAs' decay of a run; run JSONs written before it was stored as a decay
+  hold the momentum 1 - decay (read back with --resume)."""
+  return oscillations["decay"] if "decay" in oscillations else 1.0 - oscillations["momentum"]
 
 
 def run_curves(result, kinds):
@@ -204,7 +211,7 @@ def main(argv=None):
           "oscillations_per_weight_last_epoch": _runs.mean_std(
               [o["oscillations_per_weight_last_epoch"] for o in oscillation]),
           "final_by_kind": final,
-          "momentum": oscillation[0]["momentum"],
+          "decay": _decay(oscillation[0]),
           "runs": [r["final_test_accuracy"] for r in runs],
           "runs_bn_reestimated": [r.get("final_test_accuracy_bn_reestimated", np.nan) for r in runs],
           "seconds": float(np.mean([r["train_seconds"] for r in runs])),
@@ -239,7 +246,7 @@ def _markdown(args, fp_accuracy, table, per_layer, kinds, bits_list, methods, el
            f" test accuracy **{fp_accuracy:.4f}**; QAT {args.epochs} epochs from it{steps}, SGD"
            f" (momentum 0.9, LR {args.lr}, weight decay {args.weight_decay:g}, cosine), batch"
            f" {args.batch_size}, {args.seeds} seed(s), first conv and last linear in FP, frozen"
-           f" MSE weight scales, LSQ activations. Oscillation EMA momentum {first['momentum']:g}; a"
+           f" MSE weight scales, LSQ activations. Oscillation EMA decay {first['decay']:g}; a"
            " weight counts as oscillating when its frequency exceeds 0.005. Accuracies in %, mean ±"
            f" std over seeds. {first['steps']} steps, {first['seconds']:.0f} s per run; training"
            f" {sum(row['seconds'] * args.seeds for row in table.values()) / 60:.1f} min in all"

@@ -36,6 +36,16 @@ import trquant
 from trquant.nnx import QuantLinear
 
 
+def _bits(text):
+  """--act-bits: a bit width, or "fp" for full precision (None)."""
+  if text == "fp":
+    return None
+  if not text.isdigit() or int(text) < 1:
+    raise argparse.ArgumentTypeError(
+        f'a bit width such as 4, or "fp" for full precision, got {text!r}')
+  return int(text)
+
+
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--epochs", type=int, default=60, help="QAT epochs per run")
@@ -43,7 +53,8 @@ def parse_args(argv=None):
   parser.add_argument("--batch-size", type=int, default=32)
   parser.add_argument("--hidden", type=int, default=256, help="width of the two hidden layers")
   parser.add_argument("--weight-bits", type=int, default=2)
-  parser.add_argument("--act-bits", type=int, default=4, help="0 keeps activations in full precision")
+  parser.add_argument("--act-bits", type=_bits, default=4,
+                      help='"fp" keeps activations in full precision')
   parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (initial)")
   parser.add_argument("--target-tr", type=float, default=3e-3, help="initial target transition rate")
   parser.add_argument("--controller", default="log", choices=["log", "additive", "momentum"])
@@ -145,10 +156,10 @@ def train(model, tx, train_data, test_data, *, epochs, batch_size, seed, noise, 
   return history, records
 
 
-def running_average(values, initial, momentum=0.99):
+def running_average(values, initial, decay=0.99):
   out, current = np.empty_like(values), initial
   for t, value in enumerate(values):
-    current = momentum * current + (1 - momentum) * value
+    current = decay * current + (1 - decay) * value
     out[t] = current
   return out
 
@@ -169,7 +180,7 @@ def run_seed(args, seed, progress):
   checkpoint = nnx.state(fp_model, nnx.Param)
 
   def quantized_model():
-    model = MLP(args.hidden, weight_bits=args.weight_bits, act_bits=args.act_bits or None,
+    model = MLP(args.hidden, weight_bits=args.weight_bits, act_bits=args.act_bits,
                 rngs=nnx.Rngs(seed))
     trquant.nnx.load_float_weights(model, checkpoint)  # keeps the QuantWeight bits
     trquant.nnx.init_weight_scales(model, method="mse")  # frozen from the FP weights
@@ -241,7 +252,8 @@ def main(argv=None):
   names = {"fp": "full precision", "lr": "Adam + cosine LR",
            "tr": f"Adam + TR ({args.controller}, R0={args.target_tr:g})"}
   steps = args.epochs * (1400 // args.batch_size)
-  print(f"\nW{args.weight_bits}A{args.act_bits or 32} MLP on digits (397 test images),"
+  act_bits = 32 if args.act_bits is None else args.act_bits
+  print(f"\nW{args.weight_bits}A{act_bits} MLP on digits (397 test images),"
         f" {args.epochs} epochs ({steps} steps), {args.seeds} seed(s), {elapsed:.0f} s")
   print(f"{'method':34s} {'final acc (mean +- std)':>24s} {'best acc':>9s} {'TR last epoch':>14s}")
   summary = {}

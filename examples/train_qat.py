@@ -4,7 +4,7 @@ Examples:
 
     # full-precision checkpoint, then W2A2 QAT from it with TR scheduling
     python examples/train_qat.py --model cnn --dataset fashion-mnist --data-dir DIR \
-        --weight-bits 0 --act-bits 0 --epochs 5 --save fp_cnn.npz
+        --weight-bits fp --act-bits fp --epochs 5 --save fp_cnn.npz
     python examples/train_qat.py --model cnn --dataset fashion-mnist --data-dir DIR \
         --init-from fp_cnn.npz --weight-bits 2 --act-bits 2 --optimizer adam \
         --schedule tr --target-tr 5e-3 --epochs 5
@@ -17,10 +17,10 @@ full-precision layers) the cosine LR. Weight scales are frozen in both modes
 (``weight_quantizer="fixed"``), so the two schedules are compared on equal terms.
 
 Against weight oscillations (either schedule): ``--dampening LAMBDA`` adds the
-dampening loss with a weight that is 0 for the first ``--osc-start`` fraction of
+dampening loss with a weight that is 0 for the first ``--osc-warmup-fraction`` of
 the steps, then ramps (cosine) to LAMBDA; ``--freeze`` appends
 ``trquant.freeze_oscillations`` (threshold cosine-annealed from
-``--freeze-threshold`` to ``--freeze-threshold-final`` after the same warm-up);
+``--freeze-threshold-init`` to ``--freeze-threshold-end`` after the same warm-up);
 ``--track-oscillations`` appends ``trquant.track_oscillations`` to report the
 fraction of oscillating weights per layer (implied by ``--freeze``).
 
@@ -73,8 +73,10 @@ def build_parser():
   parser.add_argument("--model", default=d.model, choices=models.MODEL_NAMES)
   parser.add_argument("--dataset", default=d.dataset, choices=datasets.DATASET_NAMES)
   parser.add_argument("--data-dir", default=d.data_dir, help="dataset folder (default: $TRQUANT_DATA_DIR)")
-  parser.add_argument("--weight-bits", type=int, default=d.weight_bits, help="0 = full precision")
-  parser.add_argument("--act-bits", type=int, default=d.act_bits, help="0 = full precision")
+  parser.add_argument("--weight-bits", type=train_config.parse_bits, default=d.weight_bits,
+                      help='a bit width, or "fp" for full precision')
+  parser.add_argument("--act-bits", type=train_config.parse_bits, default=d.act_bits,
+                      help='a bit width, or "fp" for full precision')
   parser.add_argument("--first-last", type=train_config.parse_first_last, default=d.first_last,
                       help='first conv and last linear layer: "fp", "same" or a bit width (8)')
   parser.add_argument("--per-channel", action="store_true", help="per-output-channel weight scales")
@@ -88,8 +90,8 @@ def build_parser():
                       " warm-up at the optimizer's own LR (trquant.measured_target)")
   parser.add_argument("--controller", default=d.controller, choices=train_config.CONTROLLERS)
   parser.add_argument("--eta", type=float, default=d.eta, help="controller gain (default: its own)")
-  parser.add_argument("--tr-momentum", type=float, default=d.tr_momentum,
-                      help="EMA momentum of the running TR (time constant 1/(1-m) steps)")
+  parser.add_argument("--tr-decay", type=float, default=d.tr_decay,
+                      help="decay of the running TR's EMA (time constant 1/(1-decay) steps)")
   parser.add_argument("--epochs", type=int, default=d.epochs)
   parser.add_argument("--batch-size", type=int, default=d.batch_size)
   parser.add_argument("--max-steps-per-epoch", type=int, default=d.max_steps_per_epoch,
@@ -100,15 +102,15 @@ def build_parser():
   parser.add_argument("--dampening", type=float, default=d.dampening,
                       help="final weight of the oscillation-dampening loss (0: off; the paper: 0.1)")
   parser.add_argument("--freeze", action="store_true", help="iterative freezing of oscillating weights")
-  parser.add_argument("--freeze-threshold", type=float, default=d.freeze_threshold,
+  parser.add_argument("--freeze-threshold-init", type=float, default=d.freeze_threshold_init,
                       help="freezing threshold at the start")
-  parser.add_argument("--freeze-threshold-final", type=float, default=d.freeze_threshold_final,
+  parser.add_argument("--freeze-threshold-end", type=float, default=d.freeze_threshold_end,
                       help="freezing threshold at the end (cosine annealed)")
-  parser.add_argument("--osc-start", type=float, default=d.osc_start,
+  parser.add_argument("--osc-warmup-fraction", type=float, default=d.osc_warmup_fraction,
                       help="fraction of the steps before dampening / freezing starts")
-  parser.add_argument("--osc-momentum", type=float, default=d.osc_momentum,
-                      help="EMA momentum of the oscillation frequency (default: 1e-3, raised for"
-                           " short runs to 5 / warm-up steps)")
+  parser.add_argument("--osc-decay", type=float, default=d.osc_decay,
+                      help="decay of the oscillation frequency and code EMAs (default: 0.999,"
+                           " lowered for short runs to 1 - 5 / warm-up steps, at least 0.95)")
   parser.add_argument("--osc-threshold", type=float, default=d.osc_threshold,
                       help="frequency above which a weight counts as oscillating (reports)")
   parser.add_argument("--track-oscillations", action="store_true",

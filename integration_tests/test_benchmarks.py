@@ -29,11 +29,14 @@ def test_benchmark_runs_share_settings_and_keep_the_defaults_they_do_not_set():
   args = argparse.Namespace(model="cnn", dataset="digits", data_dir="", epochs=2, batch_size=64,
                             max_steps_per_epoch=0, bn_reestimate=None)
   config = runs.train_config(args, "out", weight_bits=3, act_bits=3, schedule="tr",
-                             target_tr=2e-3, osc_momentum=None, freeze=False, lr=0.01)
+                             target_tr=2e-3, osc_decay=None, freeze=False, lr=0.01)
   assert config == TrainConfig(model="cnn", dataset="digits", epochs=2, batch_size=64, out="out",
                                weight_bits=3, act_bits=3, schedule="tr", target_tr=2e-3,
                                lr=0.01, no_progress=True, no_plot=True)
   assert run_name(config) == "cnn-digits-W3A3-adam-tr-R0.002-s0"
+  # None bit widths are full precision, not "the default" (the FP checkpoint's run).
+  fp = runs.train_config(args, "out", weight_bits=None, act_bits=None)
+  assert fp.weight_bits is None and fp.act_bits is None and not fp.quantized
 
 
 def test_ptq_plans_no_qdrop_for_weight_only_settings():

@@ -53,7 +53,7 @@ def test_train_qat_checkpoint_round_trip(tmp_path):
   train_qat = _load("train_qat")
   common = ["--model", "cnn", "--dataset", "digits", "--epochs", "1", "--batch-size", "64",
             "--max-steps-per-epoch", "5", "--no-progress", "--out", str(tmp_path)]
-  fp = train_qat.main(common + ["--weight-bits", "0", "--act-bits", "0",
+  fp = train_qat.main(common + ["--weight-bits", "fp", "--act-bits", "fp",
                                 "--save", str(tmp_path / "fp.npz")])
   assert (tmp_path / "fp.npz").exists() and fp["final_test_accuracy"] > 0.1
   qat = train_qat.main(common + ["--weight-bits", "2", "--act-bits", "2", "--schedule", "tr",
@@ -88,7 +88,21 @@ def test_train_qat_flags_are_the_train_config_fields():
   assert run_name(config) == "cnn-digits-W4A2-adam-tr-R0.005-freeze-s3"
   assert run_name(dataclasses.replace(config, tag="mine")) == "mine"
   with pytest.raises(SystemExit):  # TrainConfig's own checks reach the command line
-    train_qat.parse_args(["--weight-bits", "0", "--schedule", "tr"])
+    train_qat.parse_args(["--weight-bits", "fp", "--schedule", "tr"])
+  # Full precision is "fp" (None), on both bit-width flags; 0 is no bit width.
+  fp = train_qat.parse_args(["--weight-bits", "fp", "--act-bits", "fp"])
+  assert fp.weight_bits is None and fp.act_bits is None and not fp.quantized
+  assert run_name(fp) == "cnn-digits-W32A32-adam-lr-s0"
+  for flag in ("--weight-bits", "--act-bits"):
+    for bad in ("0", "-1", "two"):
+      with pytest.raises(SystemExit):
+        train_qat.parse_args([flag, bad])
+  # The flags follow the field names; the decays are the library's (decay, not 1 - decay).
+  config = train_qat.parse_args(["--tr-decay", "0.9", "--osc-decay", "0.95",
+                                 "--osc-warmup-fraction", "0.3", "--freeze-threshold-init", "0.2",
+                                 "--freeze-threshold-end", "0.02"])
+  assert config == TrainConfig(tr_decay=0.9, osc_decay=0.95, osc_warmup_fraction=0.3,
+                               freeze_threshold_init=0.2, freeze_threshold_end=0.02)
   # The first/last-layer policy, as the AdaRound drivers take it: "fp", "same" or bits.
   assert train_qat.parse_args(["--first-last", "8"]).first_last == 8
   assert train_qat.parse_args(["--first-last", "same"]).first_last == "same"
@@ -104,11 +118,15 @@ def test_train_qat_flags_are_the_train_config_fields():
     (dict(lr=-1e-3), "lr must be a number in"),
     (dict(momentum=1.0), "momentum must be a number in"),
     (dict(target_tr=0.0), "target_tr must be a positive number"),
-    (dict(osc_start=1.0), "osc_start must be a number in"),
+    (dict(osc_warmup_fraction=1.0), "osc_warmup_fraction must be a number in"),
+    (dict(osc_decay=1.0), "osc_decay must be a number in"),
+    (dict(tr_decay=1.0), "tr_decay must be a number in"),
+    (dict(weight_bits=0), r"weight_bits must be an integer >= 1 \(None = full precision\)"),
+    (dict(act_bits=0), r"act_bits must be an integer >= 1 \(None = full precision\)"),
     (dict(per_channel=1), "per_channel must be True or False"),
     (dict(first_last="8bit"), 'first_last must be "fp", "same" or a bit width'),
-    (dict(weight_bits=0, schedule="tr"), "set weight_bits > 0"),
-    (dict(weight_bits=0, freeze=True), "freeze acts on quantized weights"),
+    (dict(weight_bits=None, schedule="tr"), r"set weight_bits \(None is full precision\)"),
+    (dict(weight_bits=None, freeze=True), "freeze acts on quantized weights"),
 ])
 def test_train_config_rejects_bad_values_naming_the_field(fields, message):
   with pytest.raises(ValueError, match=message):
@@ -120,7 +138,8 @@ def test_train_config_stores_numbers_as_the_command_line_does():
   assert type(config.lr) is float and type(config.target_tr) is float
   assert config.data_dir == "data"
   assert config.learning_rate == 1.0 and TrainConfig(optimizer="sgd").learning_rate == 0.1
-  assert not TrainConfig(weight_bits=0, act_bits=0).quantized
+  assert not TrainConfig(weight_bits=None, act_bits=None).quantized
+  assert TrainConfig(weight_bits=None, act_bits=8).quantized
 
 
 def test_checkpoint_loads_into_a_quantized_model_of_the_same_architecture(tmp_path):

@@ -152,12 +152,12 @@ def _make_runner(problem):
   return run
 
 
-def _ema(values, initial, momentum=0.99):
-  """Running average with the transform's momentum, along axis 0."""
+def _ema(values, initial, decay=0.99):
+  """Running average with the transform's decay, along axis 0."""
   out = np.empty(np.shape(values), np.float64)
   current = np.asarray(initial, np.float64)
   for t, value in enumerate(values):
-    current = momentum * current + (1 - momentum) * value
+    current = decay * current + (1 - decay) * value
     out[t] = current
   return out
 

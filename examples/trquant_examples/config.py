@@ -33,7 +33,7 @@ _CHOICES = {
 }
 # field -> (smallest allowed value, what the value means), for integer fields.
 _INTEGERS = {
-    "weight_bits": (0, "0 = full precision"), "act_bits": (0, "0 = full precision"),
+    "weight_bits": (1, "None = full precision"), "act_bits": (1, "None = full precision"),
     "epochs": (1, "train at least one epoch"), "batch_size": (1, "at least one example"),
     "max_steps_per_epoch": (1, "None for full epochs"), "seed": (0, "numpy seeds are >= 0"),
     "bn_reestimate": (0, "0 = no BatchNorm re-estimation"),
@@ -43,13 +43,13 @@ _INTEGERS = {
 _FLOATS = {
     "lr": (0.0, None, False, False), "momentum": (0.0, 1.0, True, False),
     "weight_decay": (0.0, None, True, False), "eta": (0.0, None, False, False),
-    "tr_momentum": (0.0, 1.0, True, False), "dampening": (0.0, None, True, False),
-    "freeze_threshold": (0.0, None, False, False),
-    "freeze_threshold_final": (0.0, None, False, False),
-    "osc_start": (0.0, 1.0, True, False), "osc_momentum": (0.0, 1.0, False, True),
+    "tr_decay": (0.0, 1.0, True, False), "dampening": (0.0, None, True, False),
+    "freeze_threshold_init": (0.0, None, False, False),
+    "freeze_threshold_end": (0.0, None, False, False),
+    "osc_warmup_fraction": (0.0, 1.0, True, False), "osc_decay": (0.0, 1.0, True, False),
     "osc_threshold": (0.0, None, False, False),
 }
-_OPTIONAL = {"max_steps_per_epoch", "lr", "eta", "osc_momentum"}
+_OPTIONAL = {"weight_bits", "act_bits", "max_steps_per_epoch", "lr", "eta", "osc_decay"}
 _PATHS = {"data_dir": True, "init_from": True, "save": True, "tag": True, "out": False}
 _SWITCHES = ("per_channel", "freeze", "track_oscillations", "no_progress", "no_plot")
 
@@ -71,8 +71,8 @@ class TrainConfig:
   model: str = "cnn"
   dataset: str = "digits"
   data_dir: Optional[str] = None  # the dataset's folder; None: $TRQUANT_DATA_DIR
-  weight_bits: int = 2  # 0 = full precision
-  act_bits: int = 2  # 0 = full precision
+  weight_bits: Optional[int] = 2  # None = full precision
+  act_bits: Optional[int] = 2  # None = full precision
   first_last: Union[str, int] = "fp"  # the first and last layers: "fp", "same" or bits (8)
   per_channel: bool = False  # per-output-channel weight scales
   optimizer: str = "adam"
@@ -83,7 +83,7 @@ class TrainConfig:
   target_tr: Union[float, str] = 5e-3  # R_0, or "auto": trquant.measured_target
   controller: str = "log"  # the TR controller
   eta: Optional[float] = None  # the controller gain; None: the controller's own
-  tr_momentum: float = 0.99  # decay of the running TR (tr_schedule(decay=))
+  tr_decay: float = 0.99  # decay of the running TR (tr_schedule(decay=))
   epochs: int = 5
   batch_size: int = 128
   max_steps_per_epoch: Optional[int] = None  # truncate epochs (quick runs)
@@ -92,10 +92,10 @@ class TrainConfig:
   save: Optional[str] = None  # write the trained model's weights here (.npz)
   dampening: float = 0.0  # final weight of the oscillation-dampening loss (0: off)
   freeze: bool = False  # iterative freezing of oscillating weights
-  freeze_threshold: float = 0.1  # freezing threshold at the start
-  freeze_threshold_final: float = 0.01  # freezing threshold at the end (cosine annealed)
-  osc_start: float = 0.25  # fraction of the steps before dampening / freezing starts
-  osc_momentum: Optional[float] = None  # None: optimizers.oscillation_momentum
+  freeze_threshold_init: float = 0.1  # freezing threshold at the start (init_value)
+  freeze_threshold_end: float = 0.01  # freezing threshold at the end, cosine annealed (end_value)
+  osc_warmup_fraction: float = 0.25  # fraction of the steps before dampening / freezing starts
+  osc_decay: Optional[float] = None  # the EMAs' decay; None: optimizers.oscillation_decay
   osc_threshold: float = 0.005  # frequency above which a weight counts as oscillating
   track_oscillations: bool = False  # report the fraction of oscillating weights per layer
   bn_reestimate: int = 50  # batches for BatchNorm re-estimation at the end (0: off)
@@ -158,18 +158,19 @@ class TrainConfig:
     object.__setattr__(self, "target_tr", float(self.target_tr))
 
   def _check_combinations(self):
-    if self.schedule == "tr" and not self.weight_bits:
+    if self.schedule == "tr" and self.weight_bits is None:
       raise ValueError("TrainConfig.schedule='tr' schedules quantized weights: set weight_bits"
-                       " > 0, or use schedule='lr' for a full-precision run.")
+                       " (None is full precision), or use schedule='lr' for a full-precision"
+                       " run.")
     for name in ("dampening", "freeze", "track_oscillations"):
-      if getattr(self, name) and not self.weight_bits:
-        raise ValueError(f"TrainConfig.{name} acts on quantized weights: set weight_bits > 0,"
-                         f" or turn {name} off for a full-precision run.")
+      if getattr(self, name) and self.weight_bits is None:
+        raise ValueError(f"TrainConfig.{name} acts on quantized weights: set weight_bits (None is"
+                         f" full precision), or turn {name} off for a full-precision run.")
 
   @property
   def quantized(self) -> bool:
     """Whether weights or activations are quantized."""
-    return bool(self.weight_bits or self.act_bits)
+    return self.weight_bits is not None or self.act_bits is not None
 
   @property
   def learning_rate(self) -> float:
@@ -185,12 +186,12 @@ def run_name(config: TrainConfig) -> str:
 
   Returns:
     ``tag`` if set, else e.g. ``"cnn-digits-W2A2-adam-tr-R0.005-s0"``: model, dataset,
-    bit widths (32 = full precision), optimizer, schedule (with R_0, dampening and
+    bit widths (32 for full precision, None), optimizer, schedule (with R_0, dampening and
     freezing where used) and seed.
   """
   if config.tag:
     return config.tag
-  bits = f"W{config.weight_bits or 32}A{config.act_bits or 32}"
+  bits = f"W{_bits_name(config.weight_bits)}A{_bits_name(config.act_bits)}"
   rate = config.target_tr if config.target_tr == "auto" else f"{config.target_tr:g}"
   schedule = config.schedule + (f"-R{rate}" if config.schedule == "tr" else "")
   if config.dampening:
@@ -200,12 +201,30 @@ def run_name(config: TrainConfig) -> str:
   return f"{config.model}-{config.dataset}-{bits}-{config.optimizer}-{schedule}-s{config.seed}"
 
 
+def _bits_name(bits: Optional[int]) -> int:
+  return 32 if bits is None else bits
+
+
 def _is_integer(value) -> bool:
   return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def parse_bits(text: str) -> Optional[int]:
+  """A ``--weight-bits`` / ``--act-bits`` flag's value: a bit width (``"4"`` -> 4) or
+  ``"fp"`` for full precision (None)."""
+  if text.strip() == "fp":
+    return None
+  if not text.strip().isdigit():
+    raise argparse.ArgumentTypeError(f'a bit width such as 4, or "fp" for full precision, got'
+                                     f" {text!r}")
+  if int(text) < 1:
+    raise argparse.ArgumentTypeError(f'full precision is "fp", got {text!r}; a bit width is'
+                                     " at least 1")
+  return int(text)
 
 
 def parse_first_last(text: str):

@@ -76,7 +76,7 @@ def make_transform(config: TrainConfig, model: nnx.Module,
               else optax.cosine_decay_schedule(config.target_tr, total_steps))
     quant = optax.chain(optimizer(learning_rate), trquant.tr_schedule(
         target, codes_fn=trquant.nnx.codes_fn(model), controller=config.controller,
-        eta=config.eta, decay=config.tr_momentum))
+        eta=config.eta, decay=config.tr_decay))
     tx = optax.partition({"quant": quant, "float": optimizer(cosine_lr)},
                          trquant.nnx.param_labels(model))
   oscillations = oscillation_transform(config, model, total_steps)
@@ -84,26 +84,27 @@ def make_transform(config: TrainConfig, model: nnx.Module,
   return tx if oscillations is None else optax.chain(tx, oscillations)
 
 
-def oscillation_momentum(config: TrainConfig, total_steps: int) -> float:
-  """The EMA momentum of the oscillation frequency.
+def oscillation_decay(config: TrainConfig, total_steps: int) -> float:
+  """The decay of the oscillation frequency and code EMAs (optax's: the weight of the old value).
 
   Args:
-    config: the run's settings; its ``osc_momentum`` wins when given.
+    config: the run's settings; its ``osc_decay`` wins when given.
     total_steps: the run's length.
 
   Returns:
-    ``config.osc_momentum``, or the paper's 1e-3 raised so that the warm-up (the first
-    ``osc_start`` fraction of the steps) spans at least 5 EMA time constants, at most 0.05.
+    ``config.osc_decay``, or ``1 - m``: the paper's decay 0.999 (``m = 1e-3``) lowered so
+    that the warm-up (the first ``osc_warmup_fraction`` of the steps) spans at least 5 EMA
+    time constants ``1 / m``, down to 0.95.
   """
-  if config.osc_momentum is not None:
-    return config.osc_momentum
-  warmup = max(config.osc_start * total_steps, 1.0)
-  return min(max(1e-3, 5.0 / warmup), 0.05)
+  if config.osc_decay is not None:
+    return config.osc_decay
+  warmup = max(config.osc_warmup_fraction * total_steps, 1.0)
+  return 1.0 - min(max(1e-3, 5.0 / warmup), 0.05)
 
 
 def oscillation_warmup_steps(config: TrainConfig, total_steps: int) -> int:
-  """The steps before freezing and dampening start: the ``osc_start`` fraction of the run."""
-  return min(math.ceil(config.osc_start * total_steps), total_steps - 1)
+  """The steps before freezing and dampening start: the ``osc_warmup_fraction`` of the run."""
+  return min(math.ceil(config.osc_warmup_fraction * total_steps), total_steps - 1)
 
 
 def oscillation_transform(config: TrainConfig, model: nnx.Module,
@@ -112,20 +113,19 @@ def oscillation_transform(config: TrainConfig, model: nnx.Module,
 
   Args:
     config: the run's settings (``freeze``, ``track_oscillations`` and the ``osc_*`` and
-      ``freeze_*`` fields).
+      ``freeze_threshold_*`` fields).
     model: the model to train.
     total_steps: the run's length.
 
   Returns:
     The transform, or None when the config neither freezes nor tracks oscillations.
   """
-  # The transforms take optax's decay: the weight of the old value, 1 - momentum.
-  decay = 1.0 - oscillation_momentum(config, total_steps)
+  decay = oscillation_decay(config, total_steps)
   warmup_steps = oscillation_warmup_steps(config, total_steps)
   if config.freeze:
     threshold = trquant.freeze_threshold_schedule(
-        total_steps, init_value=config.freeze_threshold, end_value=config.freeze_threshold_final,
-        warmup_steps=warmup_steps)
+        total_steps, init_value=config.freeze_threshold_init,
+        end_value=config.freeze_threshold_end, warmup_steps=warmup_steps)
     return trquant.freeze_oscillations(
         codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scales_fn(model),
         total_steps=total_steps, threshold=threshold, decay=decay, warmup_steps=warmup_steps,

@@ -38,7 +38,7 @@ from trquant_examples import checkpoints
 from trquant_examples import datasets
 from trquant_examples import models
 from trquant_examples.config import TrainConfig, run_name
-from trquant_examples.optimizers import make_transform, oscillation_momentum, oscillation_warmup_steps
+from trquant_examples.optimizers import make_transform, oscillation_decay, oscillation_warmup_steps
 
 
 @nnx.jit
@@ -130,7 +130,7 @@ def build_model(config: TrainConfig, dataset: datasets.Dataset) -> nnx.Module:
   """
   return models.build_model(
       config.model, num_classes=dataset.num_classes, in_channels=dataset.image_shape[-1],
-      weight_bits=config.weight_bits or None, act_bits=config.act_bits or None,
+      weight_bits=config.weight_bits, act_bits=config.act_bits,
       first_last=config.first_last, per_channel=config.per_channel,
       image_size=dataset.image_shape[0], rngs=nnx.Rngs(config.seed))
 
@@ -148,7 +148,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     ``total_steps``; for quantized models with BatchNorm ``final_bn_divergence``; with
     BatchNorm re-estimation ``final_test_accuracy_bn_reestimated``; under TR scheduling
     ``transitions`` (per-step TR statistics); when oscillations are tracked or frozen
-    ``oscillations`` (:func:`oscillation_results` and the EMA ``momentum``). With
+    ``oscillations`` (:func:`oscillation_results` and the EMAs' ``decay``). With
     ``config.save`` the trained weights are written there.
   """
   dataset = datasets.normalize(datasets.load_dataset(config.dataset, config.data_dir))
@@ -216,7 +216,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
   if tracks_osc:
     results["oscillations"] = oscillation_results(jax.device_get(steps), layer_names, layer_sizes,
                                                   steps_per_epoch)
-    results["oscillations"]["momentum"] = oscillation_momentum(config, total_steps)
+    results["oscillations"]["decay"] = oscillation_decay(config, total_steps)
   if config.save:
     checkpoints.save_checkpoint(model, config.save)
   return results
