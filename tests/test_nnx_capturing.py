@@ -1,5 +1,5 @@
-"""trquant.nnx.capturing: the quantized layers' inputs and outputs, without touching the
-layers' classes."""
+"""trquant._src.nnx.capturing: the inputs and outputs of quantized layers (capture_layers,
+without touching their classes) and of any sub-module (capture_module, a stand-in)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 import trquant
+from trquant._src.nnx import capturing
 from trquant.nnx import QuantLinear
 
 
@@ -77,3 +78,58 @@ def test_capture_hook_is_a_documented_attribute():
   einsum.capture_hook = lambda layer, x, y, kwargs: seen.append(kwargs)
   einsum(jnp.ones((3, 4)), "ab,bc->ac")
   assert seen[-1] == {"einsum_str": "ab,bc->ac"}
+
+
+class _Block(nnx.Module):
+  def __init__(self):
+    self.fc = nnx.Linear(6, 6, rngs=nnx.Rngs(0))
+
+  def __call__(self, x, scale=None, *, shift=0.0):
+    y = self.fc(x) + shift
+    return y if scale is None else y * scale
+
+
+_AFTER_FIRST_BLOCK: list = []  # what _TwoBlocks ran after its first block
+
+
+class _TwoBlocks(nnx.Module):
+  def __init__(self):
+    self.blocks = nnx.List([_Block(), _Block()])
+
+  def __call__(self, x, *, extra=False):
+    x = self.blocks[0](x, shift=1.0)
+    _AFTER_FIRST_BLOCK.append("first block done")
+    return self.blocks[1](x, 2.0) if extra else self.blocks[1](x)
+
+
+def test_capture_module_records_any_sub_module_and_puts_it_back():
+  model = _TwoBlocks()
+  block = model.blocks[0]
+  x = jax.random.normal(jax.random.key(0), (3, 6))
+  with capturing.capture_module(model, ("blocks", 0)) as captured:
+    y = model(x)
+  assert model.blocks[0] is block and type(model.blocks[0]) is _Block
+  [call] = captured.calls
+  assert call.path == "blocks/0" and call.kwargs == {"shift": 1.0} and call.extra_args == ()
+  np.testing.assert_array_equal(call.input, x)
+  np.testing.assert_array_equal(call.output, block(x, shift=1.0))
+  np.testing.assert_array_equal(y, _TwoBlocks.__call__(model, x))
+  # A second positional argument is kept apart from the input.
+  with capturing.capture_module(model, ("blocks", 1)) as captured:
+    model(x, extra=True)
+  assert captured.calls[0].extra_args == (2.0,)
+  # stop=True ends the pass right after the sub-module: the code after it does not run.
+  _AFTER_FIRST_BLOCK.clear()
+  with capturing.capture_module(model, ("blocks", 0), stop=True) as captured:
+    model(x)
+  assert len(captured.calls) == 1 and _AFTER_FIRST_BLOCK == [] and model.blocks[0] is block
+
+
+def test_capture_module_lists_traced_calls_as_missed():
+  model = _TwoBlocks()
+  with capturing.capture_module(model, ("blocks", 0)) as captured:
+    jax.jit(lambda x: model(x))(jnp.ones((2, 6)))
+  assert captured.calls == [] and captured.missed and "traced" in captured.missed[0]
+  with pytest.raises(ValueError, match="sub-module below the model"):
+    with capturing.capture_module(model, ()):
+      pass
