@@ -124,6 +124,16 @@ def record_call(layer, inputs, output, kwargs) -> None:
 
 
 @contextlib.contextmanager
+def _stop_quietly(stop: bool) -> Iterator[None]:
+  """Ends a ``with`` block's forward pass quietly at :class:`StopForward` when ``stop``."""
+  try:
+    yield
+  except StopForward:
+    if not stop:
+      raise
+
+
+@contextlib.contextmanager
 def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
                    stop: bool = False) -> Iterator[Capture]:
   """Records the inputs and outputs of a model's quantized layers in a ``with`` block.
@@ -183,11 +193,8 @@ def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
       previous[key] = (layer, getattr(layer, "capture_hook", None))
       layer.capture_hook = record_call
       _ACTIVE[key] = (recording, name, layer)
-    try:
+    with _stop_quietly(stop):
       yield recording
-    except StopForward:
-      if not stop:
-        raise
   finally:
     for key, (layer, hook) in previous.items():
       _ACTIVE.pop(key, None)
@@ -247,11 +254,8 @@ def capture_module(model: nnx.Module, path: tuple, *, stop: bool = False) -> Ite
   _MODULE_CAPTURES[key] = recording
   graph.set_at(model, path, _StandIn(module, path_name(path), key))
   try:
-    try:
+    with _stop_quietly(stop):
       yield recording
-    except StopForward:
-      if not stop:
-        raise
   finally:
     graph.set_at(model, path, module)
     _MODULE_CAPTURES.pop(key, None)
