@@ -32,6 +32,10 @@ from flax import nnx
 import _runs  # benchmarks/_runs.py, next to this script
 import trquant
 from trquant import adaround
+# The per-layer timing below drives one reconstruction problem itself: private pieces.
+from trquant._src.adaround import data as adaround_data
+from trquant._src.adaround import reconstruction as adaround_reconstruction
+from trquant._src.adaround import units as adaround_units
 from trquant_examples import datasets
 from trquant_examples import models
 from trquant_examples.checkpoints import load_checkpoint
@@ -131,8 +135,8 @@ def calibration_batches(dataset, size, seed, batch=256):
 def _time_loops(apply_fn, w, scale, x, y, *, bits, iters, batch_size):
   """Iterations/s of the fused scan and of a Python loop over a jitted step, compile excluded."""
   config = adaround.AdaRoundConfig(iters=iters, batch_size=batch_size)  # paper defaults otherwise
-  problem, arrays = adaround.reconstruction_problem(
-      adaround.LayerAsBlock(apply_fn), w, scale, x, y, weight_bits=bits, config=config,
+  problem, arrays = adaround_reconstruction.reconstruction_problem(
+      adaround_reconstruction.LayerAsBlock(apply_fn), w, scale, x, y, weight_bits=bits, config=config,
       key=jax.random.key(0))
   fused = jax.jit(problem.run).lower(arrays).compile()
   jax.block_until_ready(fused(arrays))  # warm
@@ -154,16 +158,16 @@ def _time_loops(apply_fn, w, scale, x, y, *, bits, iters, batch_size):
 
 def timing(args, model, dataset, bits):
   """Fused vs eager reconstruction of the model's largest conv and of its last layer."""
-  fp = adaround.float_copy(model)
+  fp = adaround_units.float_copy(model)
   batches = calibration_batches(dataset, args.calibration, 0)
   layers = dict(trquant.nnx.quant_layers(fp))
   convs = [(path, layer) for path, layer in layers.items() if isinstance(layer, trquant.nnx.QuantConv)]
   big_path, big = max(convs, key=lambda item: item[1].kernel.get_value().size)
   head_path = [path for path, layer in layers.items() if isinstance(layer, trquant.nnx.QuantLinear)][-1]
   rows = []
-  cases = [(big_path, big, adaround.layer_apply_fn(big, patches=True), "conv as patches @ kernel",
+  cases = [(big_path, big, adaround_units.layer_apply_fn(big, patches=True), "conv as patches @ kernel",
             args.timing_iters),
-           (head_path, layers[head_path], adaround.layer_apply_fn(layers[head_path]), "linear",
+           (head_path, layers[head_path], adaround_units.layer_apply_fn(layers[head_path]), "linear",
             args.timing_iters)]
   # The plain lax.conv form: XLA:CPU runs its kernel gradient ~30x slower inside a loop.
   graphdef, kernel_state, rest = nnx.split(big, trquant.nnx.QuantWeight, ...)
@@ -171,8 +175,8 @@ def timing(args, model, dataset, bits):
   cases.append((big_path, big, native, "conv via lax.conv_general_dilated",
                 max(args.timing_iters // 5, 10)))
   for path, layer, apply_fn, form, iters in cases:
-    x = adaround.layer_data(fp, layer, batches, output=False)
-    y = adaround.layer_data(fp, layer, batches, output=True)
+    x = adaround_data.layer_data(fp, layer, batches, output=False)
+    y = adaround_data.layer_data(fp, layer, batches, output=True)
     w = layer.kernel.get_value()
     scale = trquant.init_scale(w, bits=bits, method="mse")
     row = _time_loops(apply_fn, w, scale, x, y, bits=bits, iters=iters,

@@ -39,13 +39,15 @@ import numpy as np
 
 import trquant
 from trquant import adaround
+from trquant._src.adaround import config as adaround_config  # the paper's constants
+from trquant._src.adaround import loop as adaround_loop  # how the loop runs: measured here
 
 CASES = {  # name: (kind, input shape per example, output features)
     "linear": ("linear", (256,), 128),
     "conv8": ("conv", (8, 8, 32), 32),
     "conv16": ("conv", (16, 16, 32), 32),
 }
-ZETA, GAMMA = adaround.ZETA, adaround.GAMMA
+ZETA, GAMMA = adaround_config.ZETA, adaround_config.GAMMA
 
 
 def parse_args(argv=None):
@@ -154,7 +156,7 @@ def run(args):
         config = adaround.AdaRoundConfig(iters=args.iters, batch_size=args.batch_size)
         common = dict(weight_bits=bits, key=jax.random.key(seed))
         row = {"case": name, "bits": bits, "seed": seed, "iters": args.iters,
-               "loop_auto": adaround.loop.resolve_loop("auto", apply_fn, w, x[:1])}
+               "loop_auto": adaround_loop.resolve_loop("auto", apply_fn, w, x[:1])}
         forms = [("trquant", apply_fn, "auto"),
                  ("trquant_scan", patches_apply_fn if kind == "conv" else apply_fn, "scan")]
         forms = forms[:1] if args.no_scan else forms

@@ -9,7 +9,7 @@
      (c) chain(Adam, tr_schedule, track_oscillations),
      (d) chain(Adam, tr_schedule, freeze_oscillations),
    on weight-heavy models (a 3-layer 1024-wide MLP, batch 256, and a small ViT: patch
-   embedding, 4 blocks, width 256, quantized by ``trquant.nnx.quantize``; 2-bit weights,
+   embedding, 4 blocks, width 256, quantized by ``trquant.nnx.quantize_model``; 2-bit weights,
    full-precision activations) and on the small CNN and ResNet-20 (W2A2). Random data:
    throughput only. Variants are timed interleaved, in a new random order in every
    round, and each round's time per step is kept; the table gives the median, the

@@ -13,7 +13,7 @@ and one jitted inference step (forward only, eval mode) of the float and the W4A
 
 Models: the plain-NNX ViT of examples/train_vit.py (``trquant_examples.vit``; its default
 size: 28x28x1 images, patch 7, width 64, 4 blocks, MLP 128) quantized by
-``trquant.nnx.quantize`` (first and last layer FP by ``first_last_rule``, the rest W4A8);
+``trquant.nnx.quantize_model`` (first and last layer FP by ``first_last_rule``, the rest W4A8);
 the byte LM of examples/train_lm.py (``trquant_examples.lm``; its default size: 2 layers,
 width 128, context 128) quantized by the example's own rules (embedding FP, head W8A8,
 the rest W4A8); ``trquant_examples.models`` ResNet-20 on 32x32x3 images,

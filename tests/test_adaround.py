@@ -561,7 +561,7 @@ def test_reconstruct_model_runs_a_model_called_with_keyword_arguments_through_ap
                 key=jax.random.key(0), progress=False)
   with pytest.raises(TypeError, match="segment_ids"):
     adaround.reconstruct_model(fp, x, **common)
-  q, reports = adaround.reconstruct_model(fp, x, apply_fn=apply_fn, **common)
+  q, reports = adaround.reconstruct_model(fp, x, forward_fn=apply_fn, **common)
   assert [(r.name, r.weight_bits) for r in reports] == [("fc1", (8,)), ("fc2", (8,))]
   assert q.fc1.weight_bits == 8 and np.isfinite(np.asarray(apply_fn(q, x))).all()
 

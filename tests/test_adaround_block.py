@@ -12,14 +12,14 @@ from trquant import adaround
 from nnx_fixture_models import BasicBlock, ConvBN
 
 
-def _rule(model, x, weight_bits, act_bits=None, first_last=None, apply_fn=None):
+def _rule(model, x, weight_bits, act_bits=None, first_last=None, forward_fn=None):
   """``model`` quantized by rules: ``weight_bits`` / ``act_bits``, and the first and last
   layer called at ``first_last`` bits (weights, and inputs where ``act_bits``)."""
   rules = []
   if first_last is not None:
     rules.append(trquant.nnx.first_last_rule(
         model, x[:1], weight_bits=first_last,
-        act_bits=first_last if act_bits is not None else None, apply_fn=apply_fn))
+        act_bits=first_last if act_bits is not None else None, forward_fn=forward_fn))
   rules.append(trquant.nnx.QuantRule(weight_bits=weight_bits, act_bits=act_bits))
   return trquant.nnx.quantize_model(model, rules)
 
@@ -397,7 +397,7 @@ def test_round_to_nearest_with_activations_is_reconstruct_models_start(digits_re
 
 
 # ---------------------------------------------------------------------------------------
-# Units called with keyword arguments; models called with keyword arguments (apply_fn)
+# Units called with keyword arguments; models called with keyword arguments (forward_fn)
 # ---------------------------------------------------------------------------------------
 
 
@@ -452,12 +452,12 @@ def keyword_net():
 
 
 @pytest.mark.integration
-def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
+def test_forward_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
   fp, x = keyword_net
   with pytest.raises(TypeError, match="deterministic"):  # model(x) is not how it is called
     fp(x)
-  model = _rule(fp, x, 4, 8, 8, apply_fn=_evaluate)
-  nearest = adaround.round_to_nearest(model, x, apply_fn=_evaluate).model
+  model = _rule(fp, x, 4, 8, 8, forward_fn=_evaluate)
+  nearest = adaround.round_to_nearest(model, x, forward_fn=_evaluate).model
   layers = _layers(nearest)
   assert layers["embed"].weight_bits == layers["head"].weight_bits == 8
   assert layers["blocks/0/fc"].weight_bits == 4 and layers["blocks/0/fc"].act_bits == 8
@@ -467,12 +467,12 @@ def test_apply_fn_drives_a_model_called_with_keyword_arguments(keyword_net):
                                           config=adaround.AdaRoundConfig(iters=1, lr=1e-12,
                                                                          act_lr=1e-12),
                                           key=jax.random.key(0), progress=False,
-                                          apply_fn=_evaluate)
+                                          forward_fn=_evaluate)
   assert [r.name for r in reports] == ["embed", "blocks/0", "head"]
   np.testing.assert_allclose(_evaluate(q, x), _evaluate(nearest, x), rtol=1e-4, atol=1e-5)
-  with pytest.raises(ValueError, match="apply_fn"):
+  with pytest.raises(ValueError, match="forward_fn"):
     adaround.reconstruct_model(model, x, key=jax.random.key(0), progress=False,
-                               apply_fn="model(x)", config=adaround.AdaRoundConfig(iters=1))
+                               forward_fn="model(x)", config=adaround.AdaRoundConfig(iters=1))
 
 
 @pytest.mark.integration

@@ -64,7 +64,7 @@ class AdaRoundConfig:
       place of a quantized input while learning (0.5 in the paper); 0 is BRECQ /
       AdaRound. Needs full-precision inputs (``x_fp`` / ``act_bits``).
     loop: how the iterations run: ``"auto"``, ``"scan"`` or ``"steps"`` (see
-      :mod:`trquant.adaround.loop`; same result up to float summation order).
+      :mod:`trquant._src.adaround.loop`; same result up to float summation order).
 
   Example:
     >>> import trquant

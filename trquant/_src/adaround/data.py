@@ -1,7 +1,7 @@
 """Calibration data for reconstruction: what a layer or a unit of an NNX model sees.
 
 * :func:`calibration_list`: the calibration batches, checked, as a list of arrays;
-* :func:`forward_fn`: how a batch runs through the model (``apply_fn`` or ``model(batch)``);
+* :func:`model_forward`: how a batch runs through the model (``forward_fn`` or ``model(batch)``);
 * :func:`layer_data`: a trquant layer's inputs or outputs over the batches, recorded with
   :func:`trquant.nnx.capture_layers` during eager passes stopped right after the layer;
 * :func:`unit_data`: a sub-module's inputs, outputs and keyword arguments, recorded by
@@ -21,7 +21,7 @@ from trquant._src import checks
 from trquant._src.nnx import capturing
 from trquant._src.nnx import traversal as nnx_traversal
 
-__all__ = ["UnitData", "calibration_list", "call_order", "forward_fn", "layer_data", "unit_data"]
+__all__ = ["UnitData", "calibration_list", "call_order", "model_forward", "layer_data", "unit_data"]
 
 _EAGER_ONLY = (
     "adaround captures each layer's inputs and outputs during eager forward passes, so the"
@@ -39,14 +39,14 @@ class UnitData(NamedTuple):
   kwargs: dict  # the (non-array) keyword arguments it was called with
 
 
-def forward_fn(apply_fn) -> Callable:
-  """``apply_fn`` checked, or ``model(batch)`` when it is None."""
-  if apply_fn is None:
+def model_forward(forward_fn) -> Callable:
+  """``forward_fn`` checked, or ``model(batch)`` when it is None."""
+  if forward_fn is None:
     return lambda model, batch: model(batch)
-  if not callable(apply_fn):
-    raise ValueError(f"`apply_fn` must be a callable (model, batch) -> output, e.g."
-                     f" lambda m, x: m(x, rngs=None), got {apply_fn!r}.")
-  return apply_fn
+  if not callable(forward_fn):
+    raise ValueError(f"`forward_fn` must be a callable (model, batch) -> output, e.g."
+                     f" lambda m, x: m(x, rngs=None), got {forward_fn!r}.")
+  return forward_fn
 
 
 def calibration_list(calibration_batches) -> list:
@@ -92,10 +92,10 @@ def calibration_list(calibration_batches) -> list:
 
 
 def layer_data(model, layer, batches, *, output: bool, name: str = "the layer",
-               apply_fn: Optional[Callable] = None):
+               forward_fn: Optional[Callable] = None):
   """The inputs (or, with ``output=True``, outputs) of ``layer`` over ``batches``.
 
-  Each batch runs ``apply_fn(model, batch)`` (default ``model(batch)``) eagerly up to
+  Each batch runs ``forward_fn(model, batch)`` (default ``model(batch)``) eagerly up to
   the layer (:func:`trquant.nnx.capture_layers` with ``stop=True``); the inputs are the
   layer's before its own input quantization.
 
@@ -106,7 +106,7 @@ def layer_data(model, layer, batches, *, output: bool, name: str = "the layer",
     ValueError: when the forward pass does not call the layer eagerly (e.g. a jitted
       ``__call__``), or the batches give values of different shapes.
   """
-  forward = forward_fn(apply_fn)
+  forward = model_forward(forward_fn)
   chunks = []
   for batch in batches:
     with capturing.capture_layers(model, [layer], stop=True) as captured:
@@ -177,10 +177,10 @@ def _same_kwargs(a: dict, b: dict) -> bool:
 
 
 def unit_data(model, path: tuple, batches, *, name: str = "the unit",
-              apply_fn: Optional[Callable] = None) -> UnitData:
+              forward_fn: Optional[Callable] = None) -> UnitData:
   """The inputs, outputs and keyword arguments of the sub-module at ``path`` over ``batches``.
 
-  Each batch runs ``apply_fn(model, batch)`` (default ``model(batch)``) eagerly inside
+  Each batch runs ``forward_fn(model, batch)`` (default ``model(batch)``) eagerly inside
   ``capture_module(model, path, stop=True)``, which stands in for the sub-module in its
   parent, records its single positional input, its keyword arguments and its output, and
   ends the pass. Works for any sub-module (a residual block, a layer, an attention projection
@@ -190,10 +190,10 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit",
   Args:
     model: the NNX model.
     path: the sub-module's path, a tuple of attribute names and indices (``()``:
-      the model itself, run by ``apply_fn``).
+      the model itself, run by ``forward_fn``).
     batches: a list of model inputs.
     name: how errors name the sub-module.
-    apply_fn: ``(model, batch) -> output``; default ``model(batch)``.
+    forward_fn: ``(model, batch) -> output``; default ``model(batch)``.
 
   Returns:
     A :class:`UnitData` ``(inputs, outputs, kwargs)``: inputs and outputs concatenated over
@@ -215,7 +215,7 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit",
     >>> data.inputs.shape, data.outputs.shape, data.kwargs
     ((3, 8), (3, 2), {})
   """
-  forward = forward_fn(apply_fn)
+  forward = model_forward(forward_fn)
   path = tuple(path)
   if not path:
     inputs = list(batches)

@@ -69,6 +69,9 @@ def _check_no_rule_arguments(driver: str, arguments: dict) -> None:
   if not arguments:
     return
   names = sorted(arguments)
+  if "apply_fn" in names:
+    raise TypeError(f"{driver}() takes forward_fn=(model, batch) -> output, not apply_fn (the"
+                    " name trquant keeps for pure functions of arrays, as in reconstruct_layer).")
   ruled = [name for name in names if name in _RULE_ARGUMENTS]
   if not ruled:
     raise TypeError(f"{driver}() got unexpected keyword arguments {names}.")
@@ -115,7 +118,7 @@ def _without_float_units(units, plan) -> list:
 
 def round_to_nearest(model: nnx.Module,
                      calibration_batches: Optional[CalibrationBatches] = None, *,
-                     apply_fn: Optional[Callable] = None, **retired: Any) -> ModelResult:
+                     forward_fn: Optional[Callable] = None, **retired: Any) -> ModelResult:
   """Post-training round-to-nearest quantization of a quantized NNX model (the baseline).
 
   What is quantized is the model's, as :func:`trquant.nnx.quantize_model` set it from the
@@ -134,7 +137,7 @@ def round_to_nearest(model: nnx.Module,
     calibration_batches: model inputs ``(N, ...)`` or an iterable of batches; needed when
       a layer quantizes its inputs with a learned step size (only the first batch is used),
       otherwise optional.
-    apply_fn: ``(model, batch) -> output``, how the forward pass is run on a calibration
+    forward_fn: ``(model, batch) -> output``, how the forward pass is run on a calibration
       batch; default ``model(batch)``. E.g. ``lambda m, x: m(x, rngs=None)``.
 
   Returns:
@@ -143,7 +146,7 @@ def round_to_nearest(model: nnx.Module,
 
   Raises:
     ValueError: for a model without trquant layer or without a layer whose weights are
-      quantized, bad bits, a non-callable ``apply_fn``, input quantization without
+      quantized, bad bits, a non-callable ``forward_fn``, input quantization without
       calibration data, or the quantization arguments drivers took before the rules
       (``weight_bits``, ``first_last``...: the message says how to write it now).
 
@@ -158,7 +161,7 @@ def round_to_nearest(model: nnx.Module,
     (4, True)
   """
   _check_no_rule_arguments("round_to_nearest", retired)
-  forward = data.forward_fn(apply_fn)
+  forward = data.model_forward(forward_fn)
   batches = None if calibration_batches is None else data.calibration_list(calibration_batches)
   learned_inputs = unit_lib.needs_act_scales(model)
   if batches is None and learned_inputs:
@@ -175,7 +178,7 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
                       blocks: Optional[Sequence[str]] = None,
                       activation: Optional[Callable] = None,
                       fallback_to_nearest: bool = True, key: jax.Array, progress: bool = True,
-                      apply_fn: Optional[Callable] = None, **retired: Any) -> ModelResult:
+                      forward_fn: Optional[Callable] = None, **retired: Any) -> ModelResult:
   """Post-training quantization by reconstruction: AdaRound, BRECQ, QDrop.
 
   What is quantized is the model's, as :func:`trquant.nnx.quantize_model` set it from the
@@ -212,7 +215,7 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
   ``nnx.MultiHeadAttention`` calls its projections; ``deterministic=True``) are
   recorded and passed again during reconstruction. A model called with keyword
   arguments itself (``rngs=None``, ``cache=``, ``segment_ids=``) is run through
-  ``apply_fn``; a model whose only child holds all the layers (a wrapper) is opened up
+  ``forward_fn``; a model whose only child holds all the layers (a wrapper) is opened up
   into that child's units.
 
   Args:
@@ -229,7 +232,7 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
     fallback_to_nearest: never leave a unit worse than nearest rounding (step 4).
     key: a jax PRNG key; unit ``i`` uses ``fold_in(key, i)``.
     progress: a tqdm progress bar over the units (if tqdm is installed).
-    apply_fn: ``(model, batch) -> output``, how the forward pass is run on a
+    forward_fn: ``(model, batch) -> output``, how the forward pass is run on a
       calibration batch; default ``model(batch)``. E.g. ``lambda m, x: m(x,
       rngs=None)``, or ``lambda m, tokens: m(tokens, cache=None, segment_ids=None)``.
 
@@ -243,7 +246,7 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
       granularity, blocks (a path that is not a module, holds no trquant layer, overlaps
       another, or holds full-precision and quantized layers together), ``drop_prob > 0``
       without quantized inputs, calibration data, a unit not called eagerly, called with
-      several inputs or an array keyword argument, a non-callable ``apply_fn``, a
+      several inputs or an array keyword argument, a non-callable ``forward_fn``, a
       ``config`` that is not an :class:`trquant.adaround.AdaRoundConfig`, or the
       quantization arguments drivers took before the rules (``weight_bits``,
       ``first_last``...: the message says how to write it now).
@@ -271,7 +274,7 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
   _check_no_rule_arguments("reconstruct_model", retired)
   config = check_config(config)
   batches = data.calibration_list(calibration_batches)
-  forward = data.forward_fn(apply_fn)
+  forward = data.model_forward(forward_fn)
   if granularity not in unit_lib.GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {unit_lib.GRANULARITIES}, got"
                      f" {granularity!r}.")
@@ -300,12 +303,12 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
       if bar is not None:
         bar.set_postfix_str(name)
       start = time.perf_counter()
-      x_q = data.unit_data(work, unit, batches, name=f"unit {name}", apply_fn=forward).inputs
+      x_q = data.unit_data(work, unit, batches, name=f"unit {name}", forward_fn=forward).inputs
       x_fp, y_fp, unit_kwargs = data.unit_data(fp, unit, batches, name=f"unit {name}",
-                                               apply_fn=forward)
+                                               forward_fn=forward)
       captured_at = time.perf_counter()
       work_unit = graph.module_at(work, unit)
-      # The model itself as a unit runs as apply_fn runs it; a sub-module as its parent
+      # The model itself as a unit runs as forward_fn runs it; a sub-module as its parent
       # called it, with the keyword arguments recorded.
       call = forward if not unit else (
           lambda module, x, kwargs=unit_kwargs: module(x, **kwargs))

@@ -20,7 +20,7 @@ key ``k`` per step for dropping inside the block. The final rounding of each wei
   :class:`Reconstruction` (pure ``init`` / ``step`` / ``run`` / ``finish``) and its
   :class:`ReconstructionArrays`, for callers that drive the loop themselves;
 * :func:`reconstruct_block` solves it (one jitted ``lax.scan``, or one jitted step per
-  iteration, see :mod:`trquant.adaround.loop`) and returns a :class:`ReconstructionResult`;
+  iteration, see :mod:`trquant._src.adaround.loop`) and returns a :class:`ReconstructionResult`;
 * :func:`reconstruct_layer` is the one-weight case for a layer ``apply_fn(w, x)``
   (:class:`LayerAsBlock`), returning the same result for one weight;
 * :func:`block_error` / :func:`block_errors` and :func:`reconstruction_error` /

@@ -1,7 +1,7 @@
 """AdaRound's rounding relaxation on arrays: the pieces of the reconstruction problem.
 
 Pure functions of weights, step sizes and rounding variables ``V``, with no model or data
-in sight; :mod:`trquant.adaround.reconstruction` optimises them, :mod:`trquant.adaround.drivers`
+in sight; :mod:`trquant._src.adaround.reconstruction` optimises them, :mod:`trquant._src.adaround.drivers`
 drives that over an NNX model.
 
 * :func:`rectified_sigmoid`, :func:`init_alpha`, :func:`rounding_regularizer`,

@@ -9,7 +9,7 @@
   or named ``blocks``);
 * :func:`layer_apply_fn` and :func:`unit_apply_fn`: a layer as ``(w, x) -> output`` and a
   unit as ``(weights, act_scales, x, key) -> output`` (QDrop through
-  :func:`qdrop_hook`), the pure functions :mod:`trquant.adaround.reconstruction` learns.
+  :func:`qdrop_hook`), the pure functions :mod:`trquant._src.adaround.reconstruction` learns.
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ def calibrate_activations(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
 
 
 def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int = 50,
-                         apply_fn: Optional[Callable] = None) -> int:
+                         forward_fn: Optional[Callable] = None) -> int:
   """Replaces BatchNorm running statistics by the plain average of per-batch statistics.
 
   Runs the model in training mode on up to ``num_batches`` batches (each either
@@ -149,7 +149,7 @@ def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int 
     model: an NNX model containing ``nnx.BatchNorm`` layers.
     batches: iterable of batches.
     num_batches: maximum number of batches to use (positive).
-    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+    forward_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
 
   Returns:
     The number of batches used.
@@ -158,7 +158,7 @@ def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int 
   norms = _batchnorms(model)
   if not norms:
     raise ValueError("the model has no nnx.BatchNorm layer to re-estimate.")
-  apply_fn = apply_fn or (lambda m, x: m(x))
+  forward_fn = forward_fn or (lambda m, x: m(x))
   saved_momentum = [norm.momentum for norm in norms]
   # With momentum 0 each forward pass leaves exactly that batch's statistics.
   for norm in norms:
@@ -167,7 +167,7 @@ def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int 
 
   @nnx.jit
   def batch_statistics(model, inputs):
-    apply_fn(model, inputs)
+    forward_fn(model, inputs)
     return [(norm.mean.get_value(), norm.var.get_value()) for norm in _batchnorms(model)]
 
   sums, used = None, 0
@@ -194,7 +194,7 @@ def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int 
 
 
 def batchnorm_divergence(model: nnx.Module, batches: Iterable, num_batches: int = 50,
-                         apply_fn: Optional[Callable] = None) -> dict[str, float]:
+                         forward_fn: Optional[Callable] = None) -> dict[str, float]:
   """How far each BatchNorm's running statistics are from those of the current weights.
 
   Oscillating quantized weights corrupt BatchNorm running statistics: the running
@@ -210,7 +210,7 @@ def batchnorm_divergence(model: nnx.Module, batches: Iterable, num_batches: int 
     model: an NNX model containing ``nnx.BatchNorm`` layers.
     batches: iterable of batches (arrays, or tuples whose first element is the input).
     num_batches: maximum number of batches for the population statistics (positive).
-    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+    forward_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
 
   Returns:
     ``{layer path ("blocks/0/bn"): mean KL divergence over its channels}``, in
@@ -229,7 +229,7 @@ def batchnorm_divergence(model: nnx.Module, batches: Iterable, num_batches: int 
   if not _batchnorms(model):
     raise ValueError("the model has no nnx.BatchNorm layer to compare.")
   population = nnx.clone(model)
-  reestimate_batchnorm(population, batches, num_batches, apply_fn)
+  reestimate_batchnorm(population, batches, num_batches, forward_fn)
   divergence = {}
   for (path, running), (_, reestimated) in zip(_named_batchnorms(model),
                                                _named_batchnorms(population)):
@@ -247,7 +247,7 @@ class BatchNormDivergenceWarning(UserWarning):
 
 
 def check_batchnorm(model: nnx.Module, batches: Iterable, *, threshold: float = 0.01,
-                    num_batches: int = 20, apply_fn: Optional[Callable] = None,
+                    num_batches: int = 20, forward_fn: Optional[Callable] = None,
                     reestimate: bool = False) -> dict[str, float]:
   """After QAT: are the BatchNorm running statistics those of the quantized weights?
 
@@ -267,7 +267,7 @@ def check_batchnorm(model: nnx.Module, batches: Iterable, *, threshold: float = 
       the input); the first ``num_batches`` are used.
     threshold: the mean KL per layer above which a layer counts as diverged (positive).
     num_batches: batches for the population statistics (positive).
-    apply_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
+    forward_fn: ``(model, inputs) -> outputs``; default ``model(inputs)``.
     reestimate: re-estimate the statistics when a layer diverged instead of warning.
 
   Returns:
@@ -293,11 +293,11 @@ def check_batchnorm(model: nnx.Module, batches: Iterable, *, threshold: float = 
   batches = list(itertools.islice(iter(batches), num_batches))  # used twice
   if not batches:
     raise ValueError("`batches` yielded no batch.")
-  divergence = batchnorm_divergence(model, batches, num_batches, apply_fn)
+  divergence = batchnorm_divergence(model, batches, num_batches, forward_fn)
   diverged = {name: kl for name, kl in divergence.items() if not kl <= threshold}
   if diverged:
     if reestimate:
-      reestimate_batchnorm(model, batches, num_batches, apply_fn)
+      reestimate_batchnorm(model, batches, num_batches, forward_fn)
     else:
       worst = sorted(diverged.items(), key=lambda item: -item[1])[:5]
       warnings.warn(

@@ -530,7 +530,7 @@ def quantize_model(model: nnx.Module, rules: Union[QuantRule, Sequence[QuantRule
 def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optional[int] = None,
                     act_bits: Optional[int] = None, signed_act: bool = False,
                     per_channel: bool = False, skip: bool = False,
-                    apply_fn: Optional[Callable] = None) -> QuantRule:
+                    forward_fn: Optional[Callable] = None) -> QuantRule:
   """The paper's usual choice in one rule: the first and last layer the forward pass calls.
 
   Quantization papers keep the first and the last layer in full precision or at 8
@@ -555,7 +555,7 @@ def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optio
       negative values (a normalised image; :func:`trquant.nnx.calibrate_activations`
       raises otherwise).
     skip: leave the two layers as plain NNX layers instead.
-    apply_fn: ``(model, example_input) -> output`` if the model is not called as
+    forward_fn: ``(model, example_input) -> output`` if the model is not called as
       ``model(example_input)``.
 
   Returns:
@@ -587,7 +587,7 @@ def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optio
                      " replace.")
   root.eval()
   with capture_layers(root, new_layers) as captured:
-    (apply_fn or (lambda m, x: m(x)))(root, example_input)
+    (forward_fn or (lambda m, x: m(x)))(root, example_input)
   order = captured.order
   if not order:
     detail = (" It ran inside a transform (e.g. an nnx.jit-decorated __call__): call the model"
