@@ -157,7 +157,7 @@ def make_transform(variant, model, total_steps):
     chain.append(trquant.track_oscillations(codes_fn=codes_fn))
   elif variant == "adam_tr_freeze":
     chain.append(trquant.freeze_oscillations(codes_fn=codes_fn,
-                                             scale_fn=trquant.nnx.scales_fn(model),
+                                             scale_fn=trquant.nnx.scale_fn(model),
                                              total_steps=total_steps))
   return optax.chain(*chain)
 

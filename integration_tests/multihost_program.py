@@ -135,11 +135,11 @@ def main(argv=None):
 
   def make_optimizer(model):
     codes_fn = trquant.nnx.codes_fn(model, max_bits=4)
-    scales_fn = trquant.nnx.scales_fn(model, max_bits=4)
+    scale_fn = trquant.nnx.scale_fn(model, max_bits=4)
     quant = optax.chain(
         optax.adam(2e-2),
         trquant.tr_schedule(optax.cosine_decay_schedule(2e-2, STEPS), codes_fn=codes_fn),
-        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=STEPS,
+        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scale_fn, total_steps=STEPS,
                                     decay=0.7, warmup_steps=2, threshold=0.05))
     tx = optax.partition({"quant": quant, "float": optax.adam(1e-2)},
                          trquant.nnx.param_labels(model, max_bits=4))

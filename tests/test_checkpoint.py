@@ -162,7 +162,7 @@ def test_restore_into_a_different_layout_fails_clearly(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------
-# NNX: codes_fn / scales_fn read the scales a restore puts into the model
+# NNX: codes_fn / scale_fn read the scales a restore puts into the model
 # ---------------------------------------------------------------------------------------
 
 
@@ -170,15 +170,15 @@ def _nnx_model_and_transforms(seed):
   model = nnx.Sequential(QuantLinear(12, 32, weight_bits=BITS, rngs=nnx.Rngs(seed)), nnx.relu,
                          QuantLinear(32, 4, weight_bits=BITS, per_channel=True,
                                      rngs=nnx.Rngs(seed + 1)))
-  return model, trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+  return model, trquant.nnx.codes_fn(model), trquant.nnx.scale_fn(model)
 
 
-def _nnx_optimizer(model, codes_fn, scales_fn):
+def _nnx_optimizer(model, codes_fn, scale_fn):
   tx = optax.partition(
       {"quant": optax.chain(optax.adam(1e-2), trquant.tr_schedule(5e-2, codes_fn=codes_fn)),
        "float": optax.adam(1e-2)},
       trquant.nnx.param_labels(model))
-  freeze = trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=100, threshold=0.5)
+  freeze = trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scale_fn, total_steps=100, threshold=0.5)
   return nnx.Optimizer(model, optax.chain(tx, freeze), wrt=nnx.Param)
 
 
@@ -186,10 +186,10 @@ def _nnx_optimizer(model, codes_fn, scales_fn):
 @pytest.mark.parametrize("order", ["optimizer_first", "restore_first", "traced_before_restore"])
 def test_codes_fn_and_scales_fn_follow_a_restore(tmp_path, order):
   # The checkpoint's scales differ clearly from those a fresh model starts with.
-  source, codes_fn, scales_fn = _nnx_model_and_transforms(seed=0)
+  source, codes_fn, scale_fn = _nnx_model_and_transforms(seed=0)
   for layer in (source.layers[0], source.layers[2]):
     layer.weight_scale.set_value(layer.weight_scale.get_value() * 1.7)
-  source_optimizer = _nnx_optimizer(source, codes_fn, scales_fn)
+  source_optimizer = _nnx_optimizer(source, codes_fn, scale_fn)
   _nnx_train(source, source_optimizer, 3)
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp_path / "ckpt", {
@@ -205,15 +205,15 @@ def test_codes_fn_and_scales_fn_follow_a_restore(tmp_path, order):
     nnx.update(model, restored["model"])
     nnx.update(optimizer, restored["optimizer"])
 
-  model, codes_fn, scales_fn = _nnx_model_and_transforms(seed=5)
+  model, codes_fn, scale_fn = _nnx_model_and_transforms(seed=5)
   if order == "restore_first":
     # Restore the model, then build the optimizer (the restore needs one of its structure).
     probe = _nnx_optimizer(*_nnx_model_and_transforms(seed=5))
     restore(model, probe)
-    optimizer = _nnx_optimizer(model, codes_fn, scales_fn)
+    optimizer = _nnx_optimizer(model, codes_fn, scale_fn)
     nnx.update(optimizer, nnx.state(probe))
   else:
-    optimizer = _nnx_optimizer(model, codes_fn, scales_fn)
+    optimizer = _nnx_optimizer(model, codes_fn, scale_fn)
     if order == "traced_before_restore":
       _nnx_train(model, optimizer, 1)  # the jitted step is traced with the old scales
     restore(model, optimizer)
@@ -225,7 +225,7 @@ def test_codes_fn_and_scales_fn_follow_a_restore(tmp_path, order):
   for index, layer in zip((0, 2), layers):
     np.testing.assert_array_equal(layer.weight_scale.get_value(),
                                   source.layers[index].weight_scale.get_value())
-    np.testing.assert_array_equal(scales_fn(params)["layers"][index]["kernel"],
+    np.testing.assert_array_equal(scale_fn(params)["layers"][index]["kernel"],
                                   layer.weight_scale.get_value())
     np.testing.assert_array_equal(codes_fn(params)["layers"][index]["kernel"],
                                   layer.weight_codes())

@@ -1,4 +1,4 @@
-"""trquant.nnx.quant_layers names and the max_bits selection of codes_fn / scales_fn / param_labels."""
+"""trquant.nnx.quant_layers names and the max_bits selection of codes_fn / scale_fn / param_labels."""
 
 import re
 
@@ -52,7 +52,7 @@ def test_max_bits_leaves_8_bit_layers_out_of_tr_scheduling():
   q, _ = _w2_with_8bit_edges()
   params = trquant.nnx.values(nnx.state(q, nnx.Param))
   codes = trquant.nnx.codes_fn(q, max_bits=4)(params)
-  scales = trquant.nnx.scales_fn(q, max_bits=4)(params)
+  scales = trquant.nnx.scale_fn(q, max_bits=4)(params)
   assert codes["stem"]["kernel"] is None and codes["head"]["kernel"] is None
   assert codes["blocks"][0]["kernel"] is not None and scales["blocks"][1]["kernel"] is not None
   assert scales["stem"]["kernel"] is None

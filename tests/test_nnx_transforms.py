@@ -1,4 +1,4 @@
-"""trquant.nnx.transforms: codes_fn, scales_fn, param_labels, partition and transition_stats
+"""trquant.nnx.transforms: codes_fn, scale_fn, param_labels, partition and transition_stats
 with nnx.Optimizer."""
 
 import textwrap
@@ -105,12 +105,12 @@ def test_codes_fn_needs_a_quantized_layer():
 
 def test_codes_fn_and_scales_fn_read_the_current_scales():
   model = small_mlp()
-  codes_fn, scales_fn = trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+  codes_fn, scale_fn = trquant.nnx.codes_fn(model), trquant.nnx.scale_fn(model)
   params = trquant.nnx.values(nnx.state(model, nnx.Param))
   layer = model.layers[2]
   layer.weight_scale.set_value(layer.weight_scale.get_value() * 3.0)  # e.g. a restore
   np.testing.assert_array_equal(codes_fn(params)["layers"][2]["kernel"], layer.weight_codes())
-  np.testing.assert_array_equal(scales_fn(params)["layers"][2]["kernel"],
+  np.testing.assert_array_equal(scale_fn(params)["layers"][2]["kernel"],
                                 layer.weight_scale.get_value())
 
 
@@ -235,10 +235,10 @@ def test_stats_keyed_by_layer_name():
 def _scaled_step_model():
   model = nnx.Sequential(QuantLinear(8, 4, weight_bits=2, rngs=nnx.Rngs(0)))
   codes_fn = trquant.nnx.codes_fn(model)
-  scales_fn = trquant.nnx.scales_fn(model)
+  scale_fn = trquant.nnx.scale_fn(model)
   tx = optax.partition(
       {"quant": optax.chain(optax.sgd(0.5), trquant.tr_schedule(1e-2, codes_fn=codes_fn),
-                            trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn,
+                            trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scale_fn,
                                                         total_steps=10)),
        "float": optax.sgd(1e-2)}, trquant.nnx.param_labels(model))
   return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -301,12 +301,12 @@ def test_group_scales_with_tr_schedule_and_freezing():
   codes = trquant.nnx.codes_fn(model)(params)["layers"][0]["kernel"]
   np.testing.assert_array_equal(codes, layer.weight_codes())
   # The freezing scale broadcasts to the kernel: code * scale is the bin centre.
-  scale = trquant.nnx.scales_fn(model)(params)["layers"][0]["kernel"]
+  scale = trquant.nnx.scale_fn(model)(params)["layers"][0]["kernel"]
   assert scale.shape == (16, 4)
   np.testing.assert_array_equal(codes * scale, layer.quantized_kernel())
-  codes_fn, scales_fn = trquant.nnx.codes_fn(model), trquant.nnx.scales_fn(model)
+  codes_fn, scale_fn = trquant.nnx.codes_fn(model), trquant.nnx.scale_fn(model)
   tx = optax.chain(optax.sgd(0.5), trquant.tr_schedule(1e-2, codes_fn=codes_fn),
-                   trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn,
+                   trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scale_fn,
                                                total_steps=4, warmup_steps=1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jnp.ones((2, 16))

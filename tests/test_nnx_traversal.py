@@ -19,7 +19,7 @@ def test_helpers_refuse_a_model_without_trquant_layers():
       "calibrate_activations": lambda: trquant.nnx.calibrate_activations(plain, x),
       "model_dampening_loss": lambda: trquant.nnx.model_dampening_loss(plain),
       "TR scheduling": lambda: trquant.nnx.codes_fn(plain),
-      "freezing": lambda: trquant.nnx.scales_fn(plain),
+      "freezing": lambda: trquant.nnx.scale_fn(plain),
   }
   for name, call in helpers.items():
     with pytest.raises(ValueError, match=f"{name}: the model has no trquant.nnx layer.*"

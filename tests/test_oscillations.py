@@ -547,7 +547,7 @@ def test_freeze_rejects_codes_outside_its_ema_range():
 
 def test_freeze_rejects_a_wide_nnx_layer_at_init():
   model = nnx.Sequential(QuantLinear(16, 8, weight_bits=10, rngs=nnx.Rngs(0)))
-  tx = trquant.freeze_oscillations(codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scales_fn(model),
+  tx = trquant.freeze_oscillations(codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scale_fn(model),
                                    total_steps=10)
   with pytest.raises(ValueError, match="outside \\[-128, 127\\].*8 bits or fewer"):
     nnx.Optimizer(model, optax.chain(optax.sgd(0.1), tx), wrt=nnx.Param)
@@ -673,7 +673,7 @@ def test_nnx_optimizer_with_freezing_and_dampening():
   np.testing.assert_allclose(trquant.nnx.model_dampening_loss(model), expected, rtol=1e-6)
   steps = 40
   tx = optax.chain(optax.adam(5e-2), trquant.freeze_oscillations(
-      codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scales_fn(model), total_steps=steps,
+      codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scale_fn(model), total_steps=steps,
       threshold=0.05, decay=0.95))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   lam = trquant.dampening_weight_schedule(steps, end_value=0.01)
@@ -711,14 +711,14 @@ def test_nnx_optimizer_with_freezing_and_dampening():
 def test_nnx_scales_fn():
   model = _nnx_model()
   params = trquant.nnx.values(nnx.state(model, nnx.Param))  # arrays, as nnx.Optimizer passes
-  scales = trquant.nnx.scales_fn(model)(params)
+  scales = trquant.nnx.scale_fn(model)(params)
   np.testing.assert_array_equal(scales["layers"][2]["kernel"], model.layers[2].weight_scale.get_value())
   assert scales["layers"][2]["kernel"].shape == (1, 4)  # per channel, broadcasts to the kernel
   assert scales["layers"][0]["bias"] is None
   with pytest.raises(ValueError, match="learns its weight scale"):
-    trquant.nnx.scales_fn(_nnx_model("lsq"))
+    trquant.nnx.scale_fn(_nnx_model("lsq"))
   with pytest.raises(ValueError, match="no quantized"):
-    trquant.nnx.scales_fn(nnx.Sequential(QuantLinear(4, 4, weight_bits=None, rngs=nnx.Rngs(0))))
+    trquant.nnx.scale_fn(nnx.Sequential(QuantLinear(4, 4, weight_bits=None, rngs=nnx.Rngs(0))))
   optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
   with pytest.raises(ValueError, match="no trquant.track_oscillations"):
     trquant.nnx.oscillation_stats(optimizer)

@@ -128,10 +128,10 @@ _FULLY_SHARDED = _COMMON + textwrap.dedent("""
 _FULLY_SHARDED_OSCILLATIONS = _COMMON + textwrap.dedent("""
     # chain(adam, tr_schedule, freeze_oscillations): a fast frequency EMA and an early
     # start, so that weights oscillate and freeze within the 20 steps.
-    scales_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
+    scale_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
     osc_tx = optax.chain(optax.adam(3e-3), trquant.tr_schedule(
         optax.cosine_decay_schedule(2e-2, 40), codes_fn=codes_fn),
-        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=20, decay=0.7,
+        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scale_fn, total_steps=20, decay=0.7,
                                     warmup_steps=5, threshold=0.05))
     osc_reference = train(init_params(), tx=osc_tx)
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -194,10 +194,10 @@ _EXPLICIT_SHARDING = _SETUP + textwrap.dedent("""
       out = h.reshape(h.shape[0], -1) @ kernel("head")
       return jnp.mean((out + params["head"]["bias"] - y) ** 2)
 
-    scales_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
+    scale_fn = lambda p: {name: {"kernel": SCALES[name], "bias": None} for name in p}
     osc_tx = optax.chain(optax.adam(3e-3), trquant.tr_schedule(
         optax.cosine_decay_schedule(2e-2, 40), codes_fn=codes_fn),
-        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scales_fn, total_steps=20, decay=0.7,
+        trquant.freeze_oscillations(codes_fn=codes_fn, scale_fn=scale_fn, total_steps=20, decay=0.7,
                                     warmup_steps=5, threshold=0.05))
     reference = train(init_params(), tx=osc_tx)
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))

@@ -341,7 +341,7 @@ def test_oscillation_helpers_and_batchnorm_reestimation_on_a_quantized_cnn():
   y = jax.random.randint(jax.random.key(2), (32,), 0, 10)
   trquant.nnx.calibrate_activations(q, x)
   tx = optax.chain(optax.sgd(0.05, momentum=0.9), trquant.freeze_oscillations(
-      codes_fn=trquant.nnx.codes_fn(q), scale_fn=trquant.nnx.scales_fn(q), total_steps=8, decay=0.7,
+      codes_fn=trquant.nnx.codes_fn(q), scale_fn=trquant.nnx.scale_fn(q), total_steps=8, decay=0.7,
       warmup_steps=2, threshold=0.05))
   optimizer = nnx.Optimizer(q, tx, wrt=nnx.Param)
 

@@ -21,6 +21,7 @@ RETIRED = {
     "nnx.partition": "optax.partition(transforms, trquant.nnx.param_labels(model))",
     "nnx.saturation_fn": "trquant.nnx.codes_fn(model).saturation_fn",
     "nnx.dampening_loss": "trquant.nnx.model_dampening_loss",
+    "nnx.scales_fn": "trquant.nnx.scale_fn (it makes the scale_fn of freeze_oscillations)",
     "trquant.tr_scheduling": "the names exported by trquant",
     "trquant.oscillations": "the names exported by trquant",
     "trquant.checks": "trquant._src.checks (private)",

@@ -20,7 +20,7 @@ activation scales are :class:`ActScale` params. Then:
 
 * :func:`codes_fn` and :func:`param_labels` give the ``codes_fn`` of
   :func:`trquant.tr_schedule` and the label tree of ``optax.partition``;
-  :func:`scales_fn`, :func:`model_dampening_loss`,
+  :func:`scale_fn`, :func:`model_dampening_loss`,
   :func:`oscillation_stats` and :func:`transition_stats` serve the oscillation
   transforms and TR scheduling;
 * :func:`calibrate_activations`, :func:`init_weight_scales`,
@@ -70,7 +70,7 @@ from trquant._src.nnx.transforms import layer_names
 from trquant._src.nnx.transforms import model_dampening_loss
 from trquant._src.nnx.transforms import oscillation_stats
 from trquant._src.nnx.transforms import param_labels
-from trquant._src.nnx.transforms import scales_fn
+from trquant._src.nnx.transforms import scale_fn
 from trquant._src.nnx.transforms import transition_stats
 from trquant._src.nnx.transforms import weight_scales
 from trquant._src.nnx.traversal import quant_layers
@@ -103,7 +103,7 @@ __all__ = [
     "quant_layers",
     "quantize_model",
     "reestimate_batchnorm",
-    "scales_fn",
+    "scale_fn",
     "transition_stats",
     "values",
     "weight_scales",

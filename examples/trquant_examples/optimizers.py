@@ -127,7 +127,7 @@ def oscillation_transform(config: TrainConfig, model: nnx.Module,
         total_steps, init_value=config.freeze_threshold_init,
         end_value=config.freeze_threshold_end, warmup_steps=warmup_steps)
     return trquant.freeze_oscillations(
-        codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scales_fn(model),
+        codes_fn=trquant.nnx.codes_fn(model), scale_fn=trquant.nnx.scale_fn(model),
         total_steps=total_steps, threshold=threshold, decay=decay, warmup_steps=warmup_steps,
         report_threshold=config.osc_threshold)
   if config.track_oscillations:

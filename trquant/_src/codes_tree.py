@@ -31,7 +31,7 @@ def is_none(x) -> bool:
 def with_extra_args(fn, extra_args):
   """``fn`` with the update's extra arguments it declares it takes, bound.
 
-  The functions of :mod:`trquant.nnx` (``codes_fn``, ``saturation_fn``, ``scales_fn``)
+  The functions of :mod:`trquant.nnx` (``codes_fn``, ``saturation_fn``, ``scale_fn``)
   take the model's frozen weight scales as ``weight_scales`` (an argument of the jitted
   step: ``optimizer.update(model, grads, weight_scales=trquant.nnx.weight_scales(model))``)
   and mark themselves with ``takes_weight_scales``; other functions are returned as they

@@ -2,7 +2,7 @@
 
 * :func:`codes_fn` and :func:`param_labels` turn a model into the ``codes_fn`` of
   :func:`trquant.tr_schedule` and the label tree of ``optax.partition``;
-* :func:`scales_fn` gives the ``scale_fn`` of :func:`trquant.freeze_oscillations`
+* :func:`scale_fn` gives the ``scale_fn`` of :func:`trquant.freeze_oscillations`
   and :func:`model_dampening_loss` the model's oscillation-dampening loss;
 * :func:`transition_stats` and :func:`oscillation_stats` read the transforms' state
   out of an ``nnx.Optimizer``.
@@ -59,7 +59,7 @@ def _check_frozen_scale(path, layer, purpose: str) -> None:
   if layer.kernel.bits is None:
     raise ValueError(f"layer {name} no longer quantizes its weights (weight_bits=None);"
                      f" {purpose} needs quantized weights with frozen scales. Make the"
-                     " codes_fn / scales_fn again after changing the model's layers.")
+                     " codes_fn / scale_fn again after changing the model's layers.")
   if layer.weight_quantizer != "fixed":
     raise ValueError(
         f"layer {name} learns its weight scale (weight_quantizer='lsq'); {purpose} needs"
@@ -70,7 +70,7 @@ def _check_frozen_scale(path, layer, purpose: str) -> None:
 def _per_kernel_fn(scales, leaf_fn) -> Callable[..., Any]:
   """``(params, weight_scales=None) -> tree``: ``leaf_fn(leaf, layer, scale)`` at each
   kernel `scales` holds, None elsewhere (the walk shared by :func:`codes_fn`,
-  ``codes_fn.saturation_fn`` and :func:`scales_fn`). ``weight_scales`` (from
+  ``codes_fn.saturation_fn`` and :func:`scale_fn`). ``weight_scales`` (from
   :func:`weight_scales`, passed by the transforms from the update's extra arguments)
   gives the scales as arguments; without it they are read from the model."""
 
@@ -128,7 +128,7 @@ def weight_scales(model: nnx.Module) -> dict:
   """The frozen weight scales of a model's quantized layers: ``{layer name: scale}``.
 
   Pass them to the update inside the jitted train step, where ``model`` is the step's
-  argument, so that :func:`codes_fn`, ``codes_fn.saturation_fn`` and :func:`scales_fn` count
+  argument, so that :func:`codes_fn`, ``codes_fn.saturation_fn`` and :func:`scale_fn` count
   and freeze on the model's current grid as values of the step rather than as constants
   captured when it was traced::
 
@@ -232,7 +232,7 @@ def _beyond_grid(leaf, layer, scale):
   return (ratio < lo) | (ratio > hi)
 
 
-def scales_fn(model: nnx.Module, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
+def scale_fn(model: nnx.Module, *, max_bits: Optional[int] = None) -> Callable[[Any], Any]:
   """Returns ``scale_fn`` for :func:`trquant.freeze_oscillations` from an NNX model.
 
   The companion of :func:`codes_fn`: the same tree (the structure of the params

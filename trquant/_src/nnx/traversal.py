@@ -13,6 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from trquant._src import checks
 from trquant._src.nnx.layers import QUANT_LAYERS
 
 
@@ -38,8 +39,7 @@ def quant_layers(model: nnx.Module, *, joined: bool = False) -> list[tuple[Any, 
     >>> [name for name, _ in trquant.nnx.quant_layers(model, joined=True)]
     ['layers/0']
   """
-  if not isinstance(joined, bool):
-    raise ValueError(f"`joined` must be a bool, got {joined!r}.")
+  checks.check_bool("joined", joined)
   layers = [(tuple(path), module) for path, module in nnx.iter_modules(model)
             if isinstance(module, QUANT_LAYERS)]
   if joined:

@@ -141,7 +141,7 @@ def freeze_oscillations(
       step size of each quantized leaf (a scalar or an array that broadcasts to
       the leaf, e.g. per-channel), None elsewhere; the bin centre of code ``c`` is
       ``c * scale``. It must agree with ``codes_fn`` (e.g.
-      ``trquant.nnx.scales_fn(model)``). Scales should be frozen: a moving scale
+      ``trquant.nnx.scale_fn(model)``). Scales should be frozen: a moving scale
       moves frozen weights with it.
     total_steps: number of training steps (positive), for the warm-up.
     threshold: freezing threshold on ``f``, a float in ``(0, 1]`` or a schedule

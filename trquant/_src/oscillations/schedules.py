@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import jax
@@ -94,8 +93,7 @@ def dampening_weight_schedule(
     [0.0, 0.0, 0.05, 0.1]
   """
   total_steps = checks.check_int("total_steps", total_steps)
-  if not checks.is_number(end_value) or not (math.isfinite(end_value) and end_value >= 0):
-    raise ValueError(f"`end_value` must be a non-negative number, got {end_value!r}.")
+  end_value = checks.check_positive("end_value", end_value, allow_zero=True)
   start_step = checks.check_warmup_steps(warmup_steps, total_steps,
                                          default_fraction=DEFAULT_WARMUP_FRACTION)
 
