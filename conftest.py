@@ -32,3 +32,14 @@ def pytest_sessionfinish(session):
   # The controlling process made the folder (the workers inherit it) and removes it.
   if _SESSION_CACHE is not None and not hasattr(session.config, "workerinput"):
     shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+# Property tests (hypothesis) draw 30 examples each unless a test says otherwise; most draw
+# new shapes, and each shape compiles. `--hypothesis-profile=thorough` draws 300.
+try:
+  from hypothesis import settings
+except ImportError:  # the test extra installs it; a bare checkout can still import this
+  settings = None
+if settings is not None:
+  settings.register_profile("default-run", max_examples=30, deadline=None)
+  settings.register_profile("thorough", max_examples=300, deadline=None)
+  settings.load_profile("default-run")
