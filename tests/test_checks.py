@@ -21,3 +21,11 @@ def test_check_first_last_min_bits():
   assert checks.check_first_last(2, min_bits=2) == 2
   with pytest.raises(ValueError, match=r"\[2, 16\]"):
     checks.check_first_last(1, min_bits=2)
+
+
+def test_check_forward_fn_defaults_to_calling_the_model_and_names_a_bad_one():
+  assert checks.check_forward_fn(None)(lambda x: x + 1, 2) == 3
+  forward = lambda model, batch: model(batch, rngs=None)
+  assert checks.check_forward_fn(forward) is forward
+  with pytest.raises(ValueError, match=r"`forward_fn` must be a callable \(model, batch\)"):
+    checks.check_forward_fn("model(x)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,16 @@ def check_callable(name: str, value, what: str = "a callable params -> tree") ->
   """Raises a ValueError unless `value` is callable."""
   if not callable(value):
     raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
+def check_forward_fn(forward_fn: Optional[Callable]) -> Callable:
+  """``forward_fn``, a ``(model, batch) -> output`` that runs a model, checked; None gives
+  ``model(batch)``."""
+  if forward_fn is None:
+    return lambda model, batch: model(batch)
+  check_callable("forward_fn", forward_fn,
+                 "a callable (model, batch) -> output, e.g. lambda m, x: m(x, rngs=None)")
+  return forward_fn
 
 
 def check_bool(name: str, value) -> None:

@@ -7,7 +7,7 @@ import json
 import numbers
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, TypeGuard, Union
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +186,7 @@ def quantize_to_integer(x, scale, *, bits: int, signed: bool = True,
                        group_size=group.get("group_size"), group_axis=group.get("group_axis", -2))
 
 
-def _is_exported(x) -> bool:
+def _is_exported(x) -> TypeGuard[IntegerTensor]:
   return isinstance(x, IntegerTensor)
 
 
@@ -356,7 +356,7 @@ def load_integer(model: nnx.Module, exported: PyTree) -> list[tuple]:
   for path, layer in layers:
     kernel_path = path + ("kernel",)
     tensor = entries.get(kernel_path)
-    if not isinstance(tensor, IntegerTensor):
+    if not _is_exported(tensor):
       found = "nothing" if tensor is None else f"a {type(tensor).__name__}"
       raise ValueError(f"{name(kernel_path)}: the model quantizes this kernel to"
                        f" {layer.kernel.bits} bits, but the export holds {found} there, not"

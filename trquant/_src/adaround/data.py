@@ -1,7 +1,6 @@
 """Calibration data for reconstruction: what a layer or a unit of an NNX model sees.
 
 * :func:`calibration_list`: the calibration batches, checked, as a list of arrays;
-* :func:`model_forward`: how a batch runs through the model (``forward_fn`` or ``model(batch)``);
 * :func:`layer_data`: a trquant layer's inputs or outputs over the batches, recorded with
   :func:`trquant.nnx.capture_layers` during eager passes stopped right after the layer;
 * :func:`unit_data`: a sub-module's inputs, outputs and keyword arguments, recorded by
@@ -21,7 +20,7 @@ from trquant._src import checks
 from trquant._src.nnx import capturing
 from trquant._src.nnx import traversal as nnx_traversal
 
-__all__ = ["UnitData", "calibration_list", "call_order", "model_forward", "layer_data", "unit_data"]
+__all__ = ["UnitData", "calibration_list", "call_order", "layer_data", "unit_data"]
 
 _EAGER_ONLY = (
     "adaround captures each layer's inputs and outputs during eager forward passes, so the"
@@ -37,16 +36,6 @@ class UnitData(NamedTuple):
   inputs: jax.Array  # its single positional input, concatenated over the batches
   outputs: jax.Array  # its output, concatenated over the batches
   kwargs: dict  # the (non-array) keyword arguments it was called with
-
-
-def model_forward(forward_fn) -> Callable:
-  """``forward_fn`` checked, or ``model(batch)`` when it is None."""
-  if forward_fn is None:
-    return lambda model, batch: model(batch)
-  if not callable(forward_fn):
-    raise ValueError(f"`forward_fn` must be a callable (model, batch) -> output, e.g."
-                     f" lambda m, x: m(x, rngs=None), got {forward_fn!r}.")
-  return forward_fn
 
 
 def calibration_list(calibration_batches) -> list:
@@ -106,7 +95,7 @@ def layer_data(model, layer, batches, *, output: bool, name: str = "the layer",
     ValueError: when the forward pass does not call the layer eagerly (e.g. a jitted
       ``__call__``), or the batches give values of different shapes.
   """
-  forward = model_forward(forward_fn)
+  forward = checks.check_forward_fn(forward_fn)
   chunks = []
   for batch in batches:
     with capturing.capture_layers(model, [layer], stop=True) as captured:
@@ -215,7 +204,7 @@ def unit_data(model, path: tuple, batches, *, name: str = "the unit",
     >>> data.inputs.shape, data.outputs.shape, data.kwargs
     ((3, 8), (3, 2), {})
   """
-  forward = model_forward(forward_fn)
+  forward = checks.check_forward_fn(forward_fn)
   path = tuple(path)
   if not path:
     inputs = list(batches)

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.typing import ArrayLike
 
+from trquant._src import checks
 from trquant._src import quantizers
 from trquant._src.adaround import data
 from trquant._src.adaround import reconstruction
@@ -161,7 +162,7 @@ def round_to_nearest(model: nnx.Module,
     (4, True)
   """
   _check_no_rule_arguments("round_to_nearest", retired)
-  forward = data.model_forward(forward_fn)
+  forward = checks.check_forward_fn(forward_fn)
   batches = None if calibration_batches is None else data.calibration_list(calibration_batches)
   learned_inputs = unit_lib.needs_act_scales(model)
   if batches is None and learned_inputs:
@@ -274,7 +275,7 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
   _check_no_rule_arguments("reconstruct_model", retired)
   config = check_config(config)
   batches = data.calibration_list(calibration_batches)
-  forward = data.model_forward(forward_fn)
+  forward = checks.check_forward_fn(forward_fn)
   if granularity not in unit_lib.GRANULARITIES:
     raise ValueError(f"`granularity` must be one of {unit_lib.GRANULARITIES}, got"
                      f" {granularity!r}.")

@@ -158,7 +158,7 @@ def reestimate_batchnorm(model: nnx.Module, batches: Iterable, num_batches: int 
   norms = _batchnorms(model)
   if not norms:
     raise ValueError("the model has no nnx.BatchNorm layer to re-estimate.")
-  forward_fn = forward_fn or (lambda m, x: m(x))
+  forward_fn = checks.check_forward_fn(forward_fn)
   saved_momentum = [norm.momentum for norm in norms]
   # With momentum 0 each forward pass leaves exactly that batch's statistics.
   for norm in norms:

@@ -587,7 +587,7 @@ def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optio
                      " replace.")
   root.eval()
   with capture_layers(root, new_layers) as captured:
-    (forward_fn or (lambda m, x: m(x)))(root, example_input)
+    checks.check_forward_fn(forward_fn)(root, example_input)
   order = captured.order
   if not order:
     detail = (" It ran inside a transform (e.g. an nnx.jit-decorated __call__): call the model"
