@@ -63,6 +63,53 @@ def test_calibrate_activations_rejects_negative_inputs_on_an_unsigned_grid():
                                     signed_input)
 
 
+def test_signed_act_auto_is_decided_by_the_calibration_pass():
+  image = jax.random.normal(jax.random.key(1), (64, 16))  # negative values: a signed grid
+  model = nnx.Sequential(
+      QuantLinear(16, 8, weight_bits=2, act_bits=4, signed_act="auto", rngs=nnx.Rngs(0)),
+      nnx.relu,
+      QuantLinear(8, 4, weight_bits=2, act_bits=4, signed_act="auto", rngs=nnx.Rngs(1)))
+  with pytest.raises(ValueError, match="calibrate_activations"):
+    model(image)  # undecided until calibration
+  trquant.nnx.calibrate_activations(model, image)
+  assert model.layers[0].signed_act is True and model.layers[2].signed_act is False
+  # Decided as if built so: the same scales and outputs as explicit signedness.
+  explicit = nnx.Sequential(
+      QuantLinear(16, 8, weight_bits=2, act_bits=4, signed_act=True, rngs=nnx.Rngs(0)),
+      nnx.relu,
+      QuantLinear(8, 4, weight_bits=2, act_bits=4, signed_act=False, rngs=nnx.Rngs(1)))
+  trquant.nnx.calibrate_activations(explicit, image)
+  np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(model, image), explicit(image))
+
+
+def test_signed_act_auto_rules_and_bad_values():
+  model = nnx.Sequential(nnx.Linear(16, 8, rngs=nnx.Rngs(0)), nnx.relu,
+                         nnx.Linear(8, 4, rngs=nnx.Rngs(1)))
+  image = jax.random.normal(jax.random.key(1), (8, 16))
+  rules = [trquant.nnx.first_last_rule(model, image[:1], weight_bits=8, act_bits=8,
+                                       signed_act="auto")]
+  q = trquant.nnx.quantize_model(model, rules)
+  trquant.nnx.calibrate_activations(q, image)
+  assert (q.layers[0].signed_act, q.layers[2].signed_act) == (True, False)
+  with pytest.raises(ValueError, match=r"QuantRule: `signed_act` must be True, False or \"auto\""):
+    trquant.nnx.QuantRule(act_bits=4, signed_act="yes")
+  with pytest.raises(ValueError, match="`signed_act` must be"):
+    QuantLinear(16, 8, act_bits=4, signed_act=None, rngs=nnx.Rngs(0))
+
+
+def test_signed_act_auto_needs_an_eager_calibration_pass():
+  class JittedCall(nnx.Module):
+    def __init__(self):
+      self.layer = QuantLinear(16, 8, act_bits=4, signed_act="auto", rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def __call__(self, x):
+      return self.layer(x)
+
+  with pytest.raises(ValueError, match="eagerly"):
+    trquant.nnx.calibrate_activations(JittedCall(), jnp.ones((4, 16)))
+
+
 def test_capture_hooks_survive_calibration():
   layer = QuantLinear(16, 8, weight_bits=2, act_bits=4, rngs=nnx.Rngs(0))
   x = jnp.ones((4, 16))

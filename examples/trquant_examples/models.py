@@ -33,11 +33,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import trquant.nnx
 from trquant.nnx import QuantConv, QuantLinear
 
 MODEL_NAMES = ("cnn", "resnet20", "mobilenetv2", "mobilenetv2_tiny")
-# The first/last-layer policy, as trquant.nnx.first_last_rule spells it: "fp", "same", or an
-# int bit width for their weights and inputs.
+# The first/last-layer policy: "fp", "same", or an int bit width for their weights and inputs;
+# build_model turns it into a trquant.nnx.first_last_rule.
 FIRST_LAST_MODES = ("fp", "same", 8)  # 8: any bit width in [1, 16]
 
 # PyTorch's BatchNorm defaults (running-average weight 0.1 on each new batch).
@@ -76,31 +77,6 @@ class LayerQuant:
                 scale_method=self.scale_method, signed_act=signed_act)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelQuant:
-  """Quantization settings of a model: the first layer, the hidden layers, the last layer."""
-
-  first: LayerQuant
-  body: LayerQuant
-  last: LayerQuant
-
-  @classmethod
-  def create(cls, *, weight_bits, act_bits, first_last="fp", weight_quantizer="fixed",
-             per_channel=False, scale_method="mse") -> "ModelQuant":
-    first_last = check_first_last(first_last)
-    body = LayerQuant(weight_bits, act_bits, weight_quantizer, per_channel, scale_method)
-    if first_last == "same":
-      edge = body
-    elif isinstance(first_last, int):
-      # Those bits only where the body is quantized: the FP model stays FP everywhere.
-      edge = LayerQuant(first_last if weight_bits is not None else None,
-                        first_last if act_bits is not None else None, weight_quantizer,
-                        per_channel, scale_method)
-    else:
-      edge = LayerQuant(None, None, weight_quantizer, per_channel, scale_method)
-    return cls(first=edge, body=body, last=edge)
-
-
 class ConvBN(nnx.Module):
   """QuantConv (no bias: BatchNorm's shift replaces it) followed by BatchNorm."""
 
@@ -135,14 +111,14 @@ class SmallCNN(nnx.Module):
   tells Fashion-MNIST classes apart (one FP epoch: 80.5% pooled vs 87.5% flattened).
   """
 
-  def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs,
+  def __init__(self, *, num_classes: int, in_channels: int, quant: LayerQuant, rngs: nnx.Rngs,
                image_size: int = 28):
-    self.conv1 = ConvBN(in_channels, 32, 3, quant=quant.first, signed_input=True, rngs=rngs)
-    self.conv2 = ConvBN(32, 64, 3, strides=2, quant=quant.body, signed_input=False, rngs=rngs)
-    self.conv3 = ConvBN(64, 128, 3, strides=2, quant=quant.body, signed_input=False, rngs=rngs)
+    self.conv1 = ConvBN(in_channels, 32, 3, quant=quant, signed_input=True, rngs=rngs)
+    self.conv2 = ConvBN(32, 64, 3, strides=2, quant=quant, signed_input=False, rngs=rngs)
+    self.conv3 = ConvBN(64, 128, 3, strides=2, quant=quant, signed_input=False, rngs=rngs)
     feature_size = math.ceil(math.ceil(image_size / 2) / 2)  # after two stride-2 convs
     self.head = QuantLinear(feature_size * feature_size * 128, num_classes, rngs=rngs,
-                            **quant.last.kwargs(signed_act=False))
+                            **quant.kwargs(signed_act=False))
 
   def __call__(self, x):
     x = nnx.relu(self.conv1(x))
@@ -183,17 +159,17 @@ class ResNet20(nnx.Module):
   STAGE_CHANNELS = (16, 32, 64)
   BLOCKS_PER_STAGE = 3
 
-  def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs):
-    self.stem = ConvBN(in_channels, 16, 3, quant=quant.first, signed_input=True, rngs=rngs)
+  def __init__(self, *, num_classes: int, in_channels: int, quant: LayerQuant, rngs: nnx.Rngs):
+    self.stem = ConvBN(in_channels, 16, 3, quant=quant, signed_input=True, rngs=rngs)
     blocks, channels = [], 16
     for stage, out_channels in enumerate(self.STAGE_CHANNELS):
       for index in range(self.BLOCKS_PER_STAGE):
         strides = 2 if stage > 0 and index == 0 else 1
-        blocks.append(BasicBlock(channels, out_channels, strides=strides, quant=quant.body,
+        blocks.append(BasicBlock(channels, out_channels, strides=strides, quant=quant,
                                  rngs=rngs))
         channels = out_channels
     self.blocks = nnx.List(blocks)
-    self.head = QuantLinear(channels, num_classes, rngs=rngs, **quant.last.kwargs(signed_act=False))
+    self.head = QuantLinear(channels, num_classes, rngs=rngs, **quant.kwargs(signed_act=False))
 
   def __call__(self, x):
     x = nnx.relu(self.stem(x))
@@ -244,22 +220,22 @@ class MobileNetV2(nnx.Module):
   STEM_KERNEL, STEM_STRIDES, STEM_PADDING = 3, 1, 1
   HEAD_CHANNELS = 256
 
-  def __init__(self, *, num_classes: int, in_channels: int, quant: ModelQuant, rngs: nnx.Rngs,
+  def __init__(self, *, num_classes: int, in_channels: int, quant: LayerQuant, rngs: nnx.Rngs,
                block_config: Optional[Sequence[tuple[int, int, int, int]]] = None):
     self.stem = ConvBN(in_channels, self.STEM_CHANNELS, self.STEM_KERNEL, strides=self.STEM_STRIDES,
-                       padding=self.STEM_PADDING, quant=quant.first, signed_input=True, rngs=rngs)
+                       padding=self.STEM_PADDING, quant=quant, signed_input=True, rngs=rngs)
     blocks, channels, signed = [], self.STEM_CHANNELS, False  # the stem output is post-ReLU6
     for expansion, out_channels, num_blocks, first_stride in block_config or self.BLOCK_CONFIG:
       for index in range(num_blocks):
         blocks.append(InvertedResidual(channels, out_channels, expansion=expansion,
                                        strides=first_stride if index == 0 else 1,
-                                       signed_input=signed, quant=quant.body, rngs=rngs))
+                                       signed_input=signed, quant=quant, rngs=rngs))
         channels, signed = out_channels, True  # a block output is a linear bottleneck
     self.blocks = nnx.List(blocks)
-    self.head_conv = ConvBN(channels, self.HEAD_CHANNELS, 1, quant=quant.body,
+    self.head_conv = ConvBN(channels, self.HEAD_CHANNELS, 1, quant=quant,
                             signed_input=signed, rngs=rngs)
     self.head = QuantLinear(self.HEAD_CHANNELS, num_classes, rngs=rngs,
-                            **quant.last.kwargs(signed_act=False))
+                            **quant.kwargs(signed_act=False))
 
   def __call__(self, x):
     x = nnx.relu6(self.stem(x))
@@ -300,10 +276,11 @@ def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: O
     in_channels: image channels (1 for (Fashion-)MNIST, 3 for CIFAR).
     weight_bits: bit width of the weights of the hidden layers; None = full precision.
     act_bits: bit width of the inputs of the hidden layers (LSQ); None = full precision.
-    first_last: the first conv and the last linear layer are "fp" (full precision),
-      "same" (quantized like the other layers) or an int bit width (e.g. 8: 8-bit
-      weights and inputs, where the body quantizes weights / inputs), the policy the
-      AdaRound drivers take too.
+    first_last: the first and the last layer the forward pass calls are "fp" (full
+      precision), "same" (quantized like the other layers) or an int bit width (e.g. 8:
+      8-bit weights and inputs, where the body quantizes weights / inputs), set by one
+      :func:`trquant.nnx.first_last_rule` whose input grids
+      :func:`trquant.nnx.calibrate_activations` decides (``signed_act="auto"``).
     weight_quantizer: "fixed" (frozen weight scales, needed by TR scheduling) or "lsq".
     per_channel: one weight scale per output channel.
     scale_method: initialiser of the weight scales (see :func:`trquant.init_scale`):
@@ -317,12 +294,23 @@ def build_model(name: str, *, num_classes: int, in_channels: int, weight_bits: O
   """
   if name not in _MODEL_CLASSES:
     raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}.")
-  quant = ModelQuant.create(weight_bits=weight_bits, act_bits=act_bits, first_last=first_last,
-                            weight_quantizer=weight_quantizer, per_channel=per_channel,
-                            scale_method=scale_method)
+  first_last = check_first_last(first_last)
+  quant = LayerQuant(weight_bits, act_bits, weight_quantizer, per_channel, scale_method)
   extra = {"image_size": image_size} if name == "cnn" else {}
-  return _MODEL_CLASSES[name](num_classes=num_classes, in_channels=in_channels, quant=quant,
-                              rngs=rngs, **extra)
+  model = _MODEL_CLASSES[name](num_classes=num_classes, in_channels=in_channels, quant=quant,
+                               rngs=rngs, **extra)
+  if first_last == "same":
+    return model
+  # The library's spelling of the policy: the first and last layer the forward pass calls,
+  # re-quantized by one rule; the rest stay as built. Their edge bits apply only where the
+  # body quantizes (the FP model stays FP), their input grids are decided by calibration.
+  edge_bits = None if first_last == "fp" else first_last
+  example = jnp.zeros((1, image_size, image_size, in_channels))
+  edges = trquant.nnx.first_last_rule(
+      model, example, weight_bits=edge_bits if weight_bits is not None else None,
+      act_bits=edge_bits if act_bits is not None else None, signed_act="auto",
+      per_channel=per_channel, weight_quantizer=weight_quantizer, scale_method=scale_method)
+  return trquant.nnx.quantize_model(model, [edges, trquant.nnx.QuantRule(skip=True)])
 
 
 def count_params(model: nnx.Module) -> int:

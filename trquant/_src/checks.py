@@ -30,6 +30,7 @@ __all__ = [
     "check_positive",
     "check_scale",
     "check_scale_values",
+    "check_signed_act",
     "check_warmup_steps",
     "concrete_values",
     "is_number",
@@ -143,6 +144,17 @@ def check_bool(name: str, value) -> None:
   """Raises a ValueError unless `value` is a bool."""
   if not isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{name}` must be a bool, got {value!r}.")
+
+
+def check_signed_act(value, name: str = "signed_act") -> Union[bool, str]:
+  """An input grid's signedness: True, False, or ``"auto"`` (decided from the data by
+  the calibration pass); a ValueError naming ``name`` otherwise."""
+  if isinstance(value, (bool, np.bool_)):
+    return bool(value)
+  if isinstance(value, str) and value == "auto":
+    return value
+  raise ValueError(f"`{name}` must be True, False or \"auto\" (signed if the calibration data"
+                   f" has negative values), got {value!r}.")
 
 
 FIRST_LAST_POLICIES = ("fp", "same")

@@ -191,7 +191,7 @@ def quantize_activations(fp, plan, batch, *, forward) -> None:
     if not inputs:
       continue  # never called: its step size stays as it is
     x = inputs[0]
-    signed = bool(layer.signed_act) or bool(jnp.min(x) < 0)
+    signed = layer.signed_act is True or bool(jnp.min(x) < 0)  # False and "auto" alike
     scale = quantizers.init_scale(x, bits=layer.act_bits, method="mse", signed=signed)
     _set_act_scale(layer, signed=signed, scale=scale)
 

@@ -94,7 +94,10 @@ def calibrate_activations(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
   Runs ``model(*args, **kwargs)`` eagerly once with calibration on, and returns its output.
   Layers with full-precision inputs (``act_bits=None``) are left as they are. It also
   checks each layer's grid against the data: an unsigned grid (``signed_act=False``, the
-  default) would clip negative inputs to 0, so a layer that sees any raises.
+  default) would clip negative inputs to 0, so a layer that sees any raises. A layer built
+  with ``signed_act="auto"`` takes its grid here: signed if its first input in this pass
+  has a negative value (a layer this pass never calls stays undecided and raises when
+  it next quantizes an input).
 
   Raises:
     ValueError: if the model has no trquant layer (there would be no activation scale to
@@ -114,8 +117,8 @@ def calibrate_activations(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
   saved_hooks = [layer.capture_hook for _, layer in named]
   for _, layer in named:
     layer.calibrating = True
-    # Only layers whose inputs quantize on an unsigned grid need their minimum.
-    if layer.act_bits is not None and not layer.signed_act:
+    # Only layers whose inputs may quantize on an unsigned grid need their minimum.
+    if layer.act_bits is not None and layer.signed_act is not True:
       layer.capture_hook = functools.partial(record_minimum, previous=layer.capture_hook)
   try:
     output = model(*args, **kwargs)
@@ -123,15 +126,16 @@ def calibrate_activations(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     for (_, layer), hook in zip(named, saved_hooks):
       layer.calibrating = False
       layer.capture_hook = hook
+  # A signed_act="auto" layer decided on its first call; a later call may still go negative.
   clipped = [(traversal.path_name(path), minima[id(layer)]) for path, layer in named
-             if minima.get(id(layer), 0.0) < 0.0]
+             if layer.signed_act is False and minima.get(id(layer), 0.0) < 0.0]
   if clipped:
     listed = ", ".join(f"{name!r} (min {minimum:.3g})" for name, minimum in clipped[:5])
     raise ValueError(
         f"calibrate_activations: {len(clipped)} layer(s) quantize their inputs on an unsigned"
         f" grid (signed_act=False) but see negative inputs, which would clip to 0: {listed}."
-        " Build them with signed_act=True (the layer's argument, or"
-        " QuantRule(..., signed_act=True) for trquant.nnx.quantize_model).")
+        " Build them with signed_act=True or \"auto\" (the layer's argument, or"
+        " QuantRule(..., signed_act=...) for trquant.nnx.quantize_model).")
   return output
 
 

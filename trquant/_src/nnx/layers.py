@@ -34,6 +34,7 @@ from flax.core.frozen_dict import FrozenDict
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import Dtype, Initializer, PrecisionLike
 
+from trquant._src import checks
 from trquant._src import quantizers
 
 WEIGHT_QUANTIZERS = ("fixed", "lsq")
@@ -72,8 +73,9 @@ class _QuantMixin:
                          signed_act, scale_method, group_size=None, act_quantizer="lsq"):
     if weight_bits is not None:
       quantizers.quant_range(weight_bits, signed=True)  # validates the bit width
+    signed_act = checks.check_signed_act(signed_act)
     if act_bits is not None:
-      quantizers.quant_range(act_bits, signed=signed_act)
+      checks.check_bits(act_bits, "act_bits")
     if weight_quantizer not in WEIGHT_QUANTIZERS:
       raise ValueError(
           f"`weight_quantizer` must be one of {WEIGHT_QUANTIZERS}, got {weight_quantizer!r}."
@@ -98,10 +100,11 @@ class _QuantMixin:
     self.weight_scale = (nnx.data(scale_type(self.initial_weight_scale(kernel, scale_method)))
                          if weight_bits is not None else None)
     self.act_bits = act_bits
-    self.signed_act = bool(signed_act)
+    # True, False, or "auto" until the calibration pass picks the grid from the data.
+    self.signed_act = signed_act
     if act_quantizer not in ACT_QUANTIZERS:
       raise ValueError(f"`act_quantizer` must be one of {ACT_QUANTIZERS}, got {act_quantizer!r}.")
-    if act_quantizer == "dynamic" and act_bits == 1 and signed_act:
+    if act_quantizer == "dynamic" and act_bits == 1 and signed_act is not False:
       raise ValueError("`act_quantizer='dynamic'` needs act_bits >= 2 (binary inputs take no"
                        " scale).")
     self.act_quantizer = act_quantizer
@@ -187,19 +190,38 @@ class _QuantMixin:
   def quantize_input(self, x):
     if self.act_bits is None:
       return x
+    signed = self._input_signed(x)
     if getattr(self, "act_quantizer", "lsq") == "dynamic":
-      quantized = quantizers.fake_quant_dynamic(x, bits=self.act_bits, signed=self.signed_act)
+      quantized = quantizers.fake_quant_dynamic(x, bits=self.act_bits, signed=signed)
       hook = getattr(self, "input_quant_hook", None)
       return quantized if hook is None else hook(self, x, quantized)
     if self.calibrating:
       self.act_scale.set_value(quantizers.init_scale(
-          x, bits=self.act_bits, method="lsq", signed=self.signed_act))
-    _, hi = quantizers.quant_range(self.act_bits, signed=self.signed_act)
+          x, bits=self.act_bits, method="lsq", signed=signed))
+    _, hi = quantizers.quant_range(self.act_bits, signed=signed)
     features = int(np.prod(x.shape[1:])) if x.ndim > 1 else int(x.shape[0])
     quantized = quantizers.lsq(x, self.act_scale.get_value(), bits=self.act_bits,
-                               signed=self.signed_act, grad_scale=1.0 / np.sqrt(features * hi))
+                               signed=signed, grad_scale=1.0 / np.sqrt(features * hi))
     hook = getattr(self, "input_quant_hook", None)
     return quantized if hook is None else hook(self, x, quantized)
+
+  def _input_signed(self, x) -> bool:
+    """The input grid's signedness; ``signed_act="auto"`` is decided here, on the first
+    input of the calibration pass: signed if it has a negative value."""
+    if self.signed_act != "auto":
+      return self.signed_act
+    if not self.calibrating:
+      raise ValueError(
+          "this layer quantizes its inputs with signed_act=\"auto\", which the calibration"
+          " pass decides: run trquant.nnx.calibrate_activations(model, batch) once before"
+          " using the model, or build the layer with signed_act=True / False.")
+    if isinstance(x, jax.core.Tracer):
+      raise ValueError(
+          "signed_act=\"auto\" is decided from concrete inputs, but this layer ran inside a"
+          " transform (e.g. an nnx.jit-decorated __call__) during calibration: call the model"
+          " eagerly in trquant.nnx.calibrate_activations, or set signed_act=True / False.")
+    self.signed_act = bool(jnp.min(x) < 0)
+    return self.signed_act
 
   def _bias(self):
     return self.bias.get_value() if self.bias is not None else None
@@ -241,7 +263,9 @@ class QuantLinear(_QuantMixin, nnx.Module):
     signed_act: signed input grid (e.g. for inputs that are not post-ReLU, or
       binary ``sign`` activations with ``act_bits=1``). Default False, everywhere in
       trquant; :func:`trquant.nnx.calibrate_activations` raises if an unsigned grid
-      sees negative inputs.
+      sees negative inputs. ``"auto"``: the calibration pass decides (signed if the
+      layer's first calibration input has a negative value); until then the layer
+      raises when it quantizes an input.
     scale_method: weight scale initialiser, see :func:`trquant.init_scale`.
   """
 
@@ -249,7 +273,7 @@ class QuantLinear(_QuantMixin, nnx.Module):
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse",
+               signed_act: Union[bool, str] = False, scale_method: str = "mse",
                dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                precision: PrecisionLike = None, preferred_element_type: Optional[Dtype] = None,
                kernel_init: Initializer = nnx.initializers.lecun_normal(),
@@ -305,7 +329,7 @@ class QuantConv(_QuantMixin, nnx.Module):
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse",
+               signed_act: Union[bool, str] = False, scale_method: str = "mse",
                depthwise_impl: str = "auto", dtype: Optional[Dtype] = None,
                param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
                preferred_element_type: Optional[Dtype] = None,
@@ -519,7 +543,7 @@ class QuantLinearGeneral(_QuantMixin, nnx.Module):
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse",
+               signed_act: Union[bool, str] = False, scale_method: str = "mse",
                dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                precision: PrecisionLike = None, preferred_element_type: Optional[Dtype] = None,
                kernel_init: Initializer = nnx.initializers.lecun_normal(),
@@ -616,7 +640,7 @@ class QuantEinsum(_QuantMixin, nnx.Module):
                weight_bits: Optional[int] = None, act_bits: Optional[int] = None,
                per_channel: bool = False, group_size: Optional[int] = None,
                weight_quantizer: str = "fixed", act_quantizer: str = "lsq",
-               signed_act: bool = False, scale_method: str = "mse",
+               signed_act: Union[bool, str] = False, scale_method: str = "mse",
                dtype: Optional[Dtype] = None, param_dtype: Dtype = jnp.float32,
                precision: PrecisionLike = None, preferred_element_type: Optional[Dtype] = None,
                kernel_init: Initializer = nnx.initializers.lecun_normal(),

@@ -129,7 +129,9 @@ class QuantRule:
     weight_quantizer: ``"fixed"`` (frozen scale from the weights, as TR scheduling
       needs) or ``"lsq"`` (learned).
     signed_act: signed input grid (inputs that are not post-ReLU: LayerNorm outputs,
-      attention outputs, GELU outputs).
+      attention outputs, GELU outputs), or ``"auto"``: each matched layer's grid is
+      decided by :func:`trquant.nnx.calibrate_activations`, signed where that layer's
+      calibration input has a negative value.
     scale_method: weight scale initialiser (:func:`trquant.init_scale`).
     skip: leave the matched layers as they are (plain NNX layers); since the first
       matching rule wins, later rules do not touch them.
@@ -152,7 +154,7 @@ class QuantRule:
   group_size: Optional[int] = None
   act_quantizer: str = "lsq"
   weight_quantizer: str = "fixed"
-  signed_act: bool = False
+  signed_act: Union[bool, str] = False
   scale_method: str = "mse"
   skip: bool = False
   allow_unmatched: bool = False
@@ -173,8 +175,12 @@ class QuantRule:
       object.__setattr__(self, "layer_types", types)
     if self.weight_bits is not None:
       quantizers.quant_range(self.weight_bits, signed=True)  # validates
+    try:
+      object.__setattr__(self, "signed_act", checks.check_signed_act(self.signed_act))
+    except ValueError as error:
+      raise ValueError(f"QuantRule: {error}") from None
     if self.act_bits is not None:
-      quantizers.quant_range(self.act_bits, signed=bool(self.signed_act))
+      checks.check_bits(self.act_bits, "act_bits")
     if self.group_size is not None:
       try:
         checks.check_group_size(self.group_size)
@@ -528,8 +534,10 @@ def quantize_model(model: nnx.Module, rules: Union[QuantRule, Sequence[QuantRule
 
 
 def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optional[int] = None,
-                    act_bits: Optional[int] = None, signed_act: bool = False,
-                    per_channel: bool = False, skip: bool = False,
+                    act_bits: Optional[int] = None, signed_act: Union[bool, str] = False,
+                    per_channel: bool = False, group_size: Optional[int] = None,
+                    act_quantizer: str = "lsq", weight_quantizer: str = "fixed",
+                    scale_method: str = "mse", skip: bool = False,
                     forward_fn: Optional[Callable] = None) -> QuantRule:
   """The paper's usual choice in one rule: the first and last layer the forward pass calls.
 
@@ -543,17 +551,19 @@ def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optio
     q = trquant.nnx.quantize_model(model, [
         trquant.nnx.first_last_rule(model, x[:1]),                          # FP
         trquant.nnx.QuantRule(weight_bits=2, act_bits=2, signed_act=True)])  # the rest
-    # or 8-bit weights and inputs (signed: an image input has negative values):
-    #   trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, act_bits=8, signed_act=True)
+    # or 8-bit weights and inputs, each layer's input grid signed where its calibration
+    # data is (the first layer's input is the image; the last one's often post-ReLU):
+    #   trquant.nnx.first_last_rule(model, x[:1], weight_bits=8, act_bits=8, signed_act="auto")
 
   Args:
     model: the NNX model (not modified).
     example_input: a batch of inputs for ``model(example_input)`` (one example is enough).
-    weight_bits, act_bits, signed_act, per_channel: the rule's quantization, with
+    weight_bits, act_bits, signed_act, per_channel, group_size, act_quantizer,
+      weight_quantizer, scale_method: the rule's quantization, with
       :class:`QuantRule`'s defaults: (None, None) makes the two layers trquant layers
       in full precision. With ``act_bits`` pass ``signed_act=True`` for inputs with
       negative values (a normalised image; :func:`trquant.nnx.calibrate_activations`
-      raises otherwise).
+      raises otherwise), or ``"auto"`` to let the calibration pass decide per layer.
     skip: leave the two layers as plain NNX layers instead.
     forward_fn: ``(model, example_input) -> output`` if the model is not called as
       ``model(example_input)``.
@@ -597,7 +607,8 @@ def first_last_rule(model: nnx.Module, example_input: Any, *, weight_bits: Optio
   first, last = order[0], order[-1]
   pattern = re.escape(first) if first == last else f"{re.escape(first)}|{re.escape(last)}"
   return QuantRule(pattern, weight_bits=weight_bits, act_bits=act_bits, signed_act=signed_act,
-                   per_channel=per_channel, skip=skip)
+                   per_channel=per_channel, group_size=group_size, act_quantizer=act_quantizer,
+                   weight_quantizer=weight_quantizer, scale_method=scale_method, skip=skip)
 
 
 __all__ = ["QuantRule", "SUPPORTED_LAYERS", "UNSUPPORTED_LAYERS", "first_last_rule", "quantize_model"]
