@@ -311,3 +311,71 @@ def test_group_scales_export_and_reload_bit_identically(tmp_path):
       trquant.nnx.QuantEinsum("bd,dk->bk", (8, 6), weight_bits=2, group_size=4, rngs=nnx.Rngs(1)))
   with pytest.raises(ValueError, match="group_size=8"):
     trquant.export.load_integer(per_channel, path)
+
+
+def _mixed_model(seed=0):
+  """Conv (per-channel 2-bit, binary), grouped 4-bit linear, 8-bit einsum, an FP layer, a BN."""
+  rngs = nnx.Rngs(seed)
+
+  class Net(nnx.Module):
+    def __init__(self):
+      self.conv = trquant.nnx.QuantConv(3, 8, 3, weight_bits=2, per_channel=True, rngs=rngs)
+      self.binary = trquant.nnx.QuantConv(8, 8, 3, weight_bits=1, act_bits=2, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, rngs=rngs)
+      self.fc = trquant.nnx.QuantLinear(8 * 8 * 8, 32, weight_bits=4, group_size=64, rngs=rngs)
+      self.mix = trquant.nnx.QuantEinsum("bd,dk->bk", (32, 16), weight_bits=8, rngs=rngs)
+      self.head = trquant.nnx.QuantLinear(16, 4, rngs=rngs)  # full precision
+
+    def __call__(self, x):
+      x = nnx.relu(self.bn(self.binary(nnx.relu(self.conv(x)))))
+      return self.head(self.mix(nnx.relu(self.fc(x.reshape(x.shape[0], -1)))))
+
+  model = Net()
+  images = jax.random.normal(jax.random.key(seed + 1), (4, 8, 8, 3))
+  trquant.nnx.calibrate_activations(model, images)
+  model.eval()
+  return model, images
+
+
+def test_packed_model_keeps_codes_and_gives_the_fake_quant_logits():
+  model, images = _mixed_model()
+  packed = trquant.export.packed_model(model)
+  forward = nnx.jit(lambda m, x: m(x))
+  np.testing.assert_array_equal(forward(packed, images), forward(model, images))
+  np.testing.assert_array_equal(packed(images), model(images))  # eagerly too
+  kernels = {name: getattr(packed, name).kernel for name in ("conv", "binary", "fc", "mix")}
+  assert all(isinstance(k, trquant.export.PackedWeight) for k in kernels.values())
+  assert kernels["fc"].get_value().data.dtype == np.uint8
+  assert kernels["fc"].get_value().data.size == 8 * 8 * 8 * 32 // 2  # two 4-bit codes a byte
+  assert kernels["binary"].get_value().data.size == 3 * 3 * 8 * 8 // 8
+  assert kernels["mix"].get_value().data.dtype == np.int8  # 8 bits: one code a byte
+  assert isinstance(model.fc.kernel, trquant.nnx.QuantWeight)  # the source is untouched
+  assert not isinstance(packed.head.kernel, trquant.export.PackedWeight)  # FP stays float
+  assert not nnx.state(packed.fc, trquant.nnx.QuantWeight)  # no latent kernel left to train
+  # Resident bytes: codes + scales instead of float latent weights + scales.
+  quantized = ("conv", "binary", "fc", "mix")
+  float_bytes = sum(nbytes(nnx.state(getattr(model, n), nnx.Any(nnx.Param, nnx.Variable)))
+                    for n in quantized)
+  packed_bytes = sum(nbytes(nnx.state(getattr(packed, n))) for n in quantized)
+  assert packed_bytes < 0.2 * float_bytes
+  # Exporting the packed copy gives the model's own export, and reloads.
+  exported, from_packed = to_integer(model), to_integer(packed)
+  assert jax.tree.structure(exported) == jax.tree.structure(from_packed)
+  for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(from_packed)):
+    np.testing.assert_array_equal(a, b)
+  fresh, _ = _mixed_model(seed=5)
+  load_integer(fresh, from_packed)
+  np.testing.assert_array_equal(trquant.export.packed_model(fresh)(images), packed(images))
+
+
+def test_packed_model_in_bfloat16_and_errors():
+  layer = trquant.nnx.QuantLinear(64, 8, weight_bits=4, group_size=32, param_dtype=jnp.bfloat16,
+                                  dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (3, 64), jnp.bfloat16)
+  packed = trquant.export.packed_model(layer)
+  assert packed(x).dtype == jnp.bfloat16
+  np.testing.assert_array_equal(packed(x), layer(x))
+  with pytest.raises(ValueError, match="packed_model: the model has no quantized weights"):
+    trquant.export.packed_model(QuantLinear(4, 2, rngs=nnx.Rngs(0)))
+  with pytest.raises(ValueError, match="packed_model: the model has no trquant.nnx layer"):
+    trquant.export.packed_model(nnx.Linear(4, 2, rngs=nnx.Rngs(0)))

@@ -24,15 +24,19 @@ from trquant._src.export import IntegerTensor
 from trquant._src.export import from_integer
 from trquant._src.export import load_integer
 from trquant._src.export import nbytes
+from trquant._src.export import packed_model
 from trquant._src.export import read_integer
 from trquant._src.export import save_integer
 from trquant._src.export import to_integer
+from trquant._src.nnx.layers import PackedWeight
 
 __all__ = [
     "IntegerTensor",
+    "PackedWeight",
     "from_integer",
     "load_integer",
     "nbytes",
+    "packed_model",
     "read_integer",
     "save_integer",
     "to_integer",

@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # the NNX layers are optional for plain pytrees
 PyTree = Any
 
 __all__ = ["IntegerTensor", "from_integer", "load_integer", "nbytes", "read_integer",
-           "save_integer", "to_integer"]
+           "packed_model", "save_integer", "to_integer"]
 
 # Bit widths whose codes are packed several to a byte.
 _PACKED_BITS = (1, 2, 4)
@@ -253,17 +253,78 @@ def _model_to_integer(model):
 
   from trquant._src.nnx import traversal as nnx_traversal
 
+  from trquant._src.nnx.layers import PackedWeight
+
   layers = nnx_traversal.require_quant_layers(model, "to_integer", quantized_weights=True)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
   for path, layer in layers:
     node = state
     for key in path:
-      node = node[key]
+      node = node.setdefault(key, {})
+    if isinstance(layer.kernel, PackedWeight):  # a packed_model's kernels are exported already
+      node["kernel"] = layer.kernel.get_value()
+      continue
     node["kernel"] = quantize_to_integer(
         layer.kernel.get_value(), layer.weight_scale.get_value(), bits=layer.kernel.bits,
         signed=layer.kernel.signed, narrow=layer.kernel.narrow, **layer.weight_group)
     node.pop("weight_scale", None)  # carried by the IntegerTensor
   return state
+
+
+def packed_model(model: nnx.Module) -> nnx.Module:
+  """A copy of a quantized NNX model for inference, its quantized kernels kept packed.
+
+  Every trquant layer with quantized weights holds a :class:`PackedWeight` (the
+  :class:`IntegerTensor` of :func:`to_integer`: two 4-bit or four 2-bit codes per
+  byte, with the per-tensor, per-channel or per-group step sizes) instead of its float
+  latent weight and scale, and dequantizes it inside the forward pass, so the model's
+  resident state is the packed codes. The logits equal the fake-quantized model's
+  (the dequantized codes are ``fake_quant``'s output bit for bit). Input quantization,
+  BatchNorm statistics, biases and full-precision layers are copied as they are.
+
+  The copy is for inference: its kernels are no ``nnx.Param`` (an optimizer has
+  nothing to train) and a kernel sharded over devices is gathered, since the packing
+  is flat. :func:`to_integer` / :func:`save_integer` export it as they export the
+  model it came from.
+
+  Args:
+    model: an NNX model with trquant layers whose weights are quantized (not modified).
+
+  Returns:
+    The packed copy.
+
+  Raises:
+    ValueError: if the model has no trquant layer with quantized weights.
+
+  Example:
+    >>> import jax.numpy as jnp, trquant
+    >>> from flax import nnx
+    >>> layer = trquant.nnx.QuantLinear(64, 8, weight_bits=4, group_size=32, rngs=nnx.Rngs(0))
+    >>> packed = trquant.export.packed_model(layer)
+    >>> packed.kernel.get_value().data.dtype, packed.kernel.get_value().data.size  # 2 per byte
+    (dtype('uint8'), 256)
+    >>> x = jnp.ones((1, 64))
+    >>> bool((packed(x) == layer(x)).all())
+    True
+  """
+  from flax import nnx
+
+  from trquant._src.nnx import traversal as nnx_traversal
+  from trquant._src.nnx.layers import PackedWeight
+
+  nnx_traversal.require_quant_layers(model, "packed_model", quantized_weights=True)
+  packed = nnx.clone(model)
+  for _, layer in nnx_traversal.quant_layers(packed):
+    kernel = layer.kernel
+    if kernel.bits is None or isinstance(kernel, PackedWeight):
+      continue
+    tensor = quantize_to_integer(
+        kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
+        signed=kernel.signed, narrow=kernel.narrow, **layer.weight_group)
+    layer.kernel = PackedWeight(tensor, bits=kernel.bits, signed=kernel.signed,
+                                narrow=kernel.narrow)
+    layer.weight_scale = None  # carried by the IntegerTensor
+  return packed
 
 
 def from_integer(tree: PyTree) -> PyTree:

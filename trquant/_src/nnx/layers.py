@@ -46,6 +46,13 @@ class QuantWeight(nnx.Param):
   """A quantized kernel. Metadata: ``bits`` (None = full precision), ``signed``, ``narrow``."""
 
 
+class PackedWeight(nnx.Variable):
+  """A quantized kernel kept as packed integer codes, for inference: its value is a
+  :class:`trquant.export.IntegerTensor` (codes packed several per byte, and their step
+  sizes), which the forward pass dequantizes. Made by :func:`trquant.export.packed_model`.
+  Metadata: ``bits``, ``signed``, ``narrow``."""
+
+
 class WeightScale(nnx.Variable):
   """Frozen weight step size (not an ``nnx.Param``: optimizers over ``nnx.Param`` skip it)."""
 
@@ -169,6 +176,8 @@ class _QuantMixin:
 
   def quantized_kernel(self):
     """The fake-quantized kernel used in the forward pass."""
+    if isinstance(self.kernel, PackedWeight):  # the same values, from the stored codes
+      return self.kernel.get_value().dequantize()
     kernel = self.kernel.get_value()
     bits = self.kernel.bits
     if bits is None:
