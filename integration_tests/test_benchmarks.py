@@ -225,3 +225,14 @@ def test_quant_speed_quick(tmp_path):
   summary = (tmp_path / "summary.md").read_text()
   assert "| vit_tiny | 8 | (c) W4A8 + tr_schedule |" in summary
   assert json.loads((tmp_path / "summary.json").read_text())["cpu_affinity"]
+
+
+def test_lm_serving_quick():
+  serving = _load("benchmarks/lm_serving.py", "trquant_bench_lm_serving")
+  summary = serving.main(["--quick"])
+  assert summary["packed_logits_bit_identical_to_fq"]
+  bytes_ = summary["state_bytes"]
+  assert bytes_["packed"] < 0.5 * bytes_["fq"]  # the quantized layers' kernels packed
+  for form in serving.VARIANTS:
+    for workload in ("prefill", "one_token"):
+      assert summary["rows"][form][workload]["tokens_per_s"] > 0

@@ -1,0 +1,165 @@
+"""Serving a low-bit LM: resident bytes and tokens/s of packed vs fake-quantized vs float.
+
+The byte LM of examples/train_lm.py (``trquant_examples.lm``, plain Flax NNX) in three
+forms:
+  float   the plain model;
+  fq      quantized by ``trquant.nnx.quantize_model``: every projection W4 with per-group
+          scales (groups of 32 along the input features), the head W8 per channel, the
+          embedding float (``nnx.Embed`` is not quantized); float latent weights + scales,
+          fake-quantized in each forward pass (what QAT trains);
+  packed  ``trquant.export.packed_model(fq)``: the same layers holding packed codes (two
+          4-bit codes per byte, one 8-bit code per byte) and their scales, dequantized
+          inside the jitted forward.
+It checks that packed and fq give the same logits (bit for bit), then times, interleaved
+round by round (compilation excluded), a jitted forward of batch 1 over ``--context``
+tokens (prefill) and of batch 1 over one token (the weight-bound matrix-vector part of a
+decode step; the example LM has no KV cache, so this is not a full decode step).
+Random weights: bytes and throughput do not depend on training.
+
+    python benchmarks/lm_serving.py            # ~2 min on this 2-core CPU
+    python benchmarks/lm_serving.py --quick    # a tiny LM, 2 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+import flax
+import numpy as np
+from flax import nnx
+
+import trquant
+from trquant.nnx import QuantRule
+from trquant_examples.lm import LM
+
+VARIANTS = ("float", "fq", "packed")
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--kv-heads", type=int, default=4)
+  parser.add_argument("--hidden", type=int, default=1536)
+  parser.add_argument("--context", type=int, default=256)
+  parser.add_argument("--group-size", type=int, default=32)
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--calls-per-round", type=int, default=5)
+  parser.add_argument("--out", default="benchmarks/results/lm_serving")
+  parser.add_argument("--quick", action="store_true", help="a tiny LM, 2 rounds")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.dim, args.layers, args.heads, args.kv_heads, args.hidden = 64, 1, 4, 2, 128
+    args.context, args.rounds, args.calls_per_round, args.group_size = 16, 2, 1, 16
+  return args
+
+
+def rules(group_size):
+  """W4 per-group projections, W8 per-channel head, float embedding."""
+  return [QuantRule("embed", skip=True), QuantRule("lm_head", weight_bits=8, per_channel=True),
+          QuantRule(".*", weight_bits=4, group_size=group_size)]
+
+
+def build(args):
+  model = LM(dim=args.dim, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,
+             hidden=args.hidden, rngs=nnx.Rngs(0))
+  fq = trquant.nnx.quantize_model(model, rules(args.group_size))
+  return {"float": model, "fq": fq, "packed": trquant.export.packed_model(fq)}
+
+
+def provenance() -> dict:
+  def git(*command):
+    try:
+      return subprocess.run(["git", *command], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+  return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
+                                                                  "trquant", "benchmarks")),
+          "jax": jax.__version__, "flax": flax.__version__,
+          "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or None,
+          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  forms = build(args)
+  tokens = {"prefill": jax.random.randint(jax.random.key(1), (1, args.context), 0, 256),
+            "one_token": jax.random.randint(jax.random.key(2), (1, 1), 0, 256)}
+  forward = nnx.jit(lambda model, t: model(t))
+  logits = {name: forward(model, tokens["prefill"]) for name, model in forms.items()}
+  identical = bool((logits["packed"] == logits["fq"]).all())
+  print(f"packed vs fake-quant logits bit-identical: {identical}"
+        f" (max |diff| {float(jnp.abs(logits['packed'] - logits['fq']).max()):.3g});"
+        f" fq vs float max |diff| {float(jnp.abs(logits['fq'] - logits['float']).max()):.3g}")
+  state_bytes = {name: trquant.export.nbytes(nnx.state(model)) for name, model in forms.items()}
+  # Split the models once: the timed calls take the graph and state, as a server would.
+  calls = {}
+  for name, model in forms.items():
+    graph, state = nnx.split(model)
+    step = jax.jit(lambda state, t, graph=graph: nnx.merge(graph, state)(t))
+    for workload, t in tokens.items():
+      jax.block_until_ready(step(state, t))  # compile and warm up
+      calls[(name, workload)] = (step, state, t)
+  per_round = {key: [] for key in calls}
+  for _ in range(args.rounds):
+    for key, (step, state, t) in calls.items():
+      start = time.perf_counter()
+      for _ in range(args.calls_per_round):
+        out = step(state, t)
+      jax.block_until_ready(out)
+      per_round[key].append((time.perf_counter() - start) / args.calls_per_round)
+  rows = {}
+  for (name, workload), times in per_round.items():
+    times = np.asarray(times)
+    base = np.asarray(per_round[("float", workload)])
+    n_tokens = tokens[workload].size
+    ratios = times / base
+    rows.setdefault(name, {})[workload] = {
+        "median_ms": 1e3 * float(np.median(times)),
+        "tokens_per_s": float(n_tokens / np.median(times)),
+        "time_vs_float": float(np.median(times) / np.median(base)),
+        "time_vs_float_iqr": [float(q) for q in np.percentile(ratios, [25, 75])],
+        "round_ms": (1e3 * times).tolist()}
+  summary = {"settings": vars(args), "provenance": provenance(),
+             "packed_logits_bit_identical_to_fq": identical,
+             "state_bytes": state_bytes,
+             "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(forms["float"])))),
+             "rows": rows}
+  lines = [f"LM: dim {args.dim}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv),"
+           f" MLP {args.hidden}, {summary['params']:,} parameters; projections W4 g"
+           f"{args.group_size}, head W8 per channel, embedding float. Device:"
+           f" {summary['provenance']['device']} ({os.cpu_count()} cores). Medians of"
+           f" {args.rounds} interleaved rounds of {args.calls_per_round} calls; time ratio to"
+           f" float with the interquartile range of the per-round ratios.", "",
+           "| form | resident state (KiB) | prefill (1 x {0}) tokens/s | time vs float | one"
+           " token, batch 1: ms | time vs float |".format(args.context),
+           "|---|---|---|---|---|---|"]
+  for name in VARIANTS:
+    p, o = rows[name]["prefill"], rows[name]["one_token"]
+    lines.append(f"| {name} | {state_bytes[name] / 1024:.0f} | {p['tokens_per_s']:.0f} |"
+                 f" {p['time_vs_float']:.2f} ({p['time_vs_float_iqr'][0]:.2f}-"
+                 f"{p['time_vs_float_iqr'][1]:.2f}) | {o['median_ms']:.2f} |"
+                 f" {o['time_vs_float']:.2f} ({o['time_vs_float_iqr'][0]:.2f}-"
+                 f"{o['time_vs_float_iqr'][1]:.2f}) |")
+  lines += ["", f"packed vs fq logits bit-identical: {identical}."]
+  print("\n".join(lines))
+  if not args.quick:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return summary
+
+
+if __name__ == "__main__":
+  main()
