@@ -10,11 +10,12 @@ forms:
   packed  ``trquant.export.packed_model(fq)``: the same layers holding packed codes (two
           4-bit codes per byte, one 8-bit code per byte) and their scales, dequantized
           inside the jitted forward.
-It checks that packed and fq give the same logits (bit for bit), then times, interleaved
-round by round (compilation excluded), a jitted forward of batch 1 over ``--context``
-tokens (prefill) and of batch 1 over one token (the weight-bound matrix-vector part of a
-decode step; the example LM has no KV cache, so this is not a full decode step).
-Random weights: bytes and throughput do not depend on training.
+It checks that packed and fq give the same logits (bit for bit) and the same greedy
+generation, then times, interleaved round by round (compilation excluded), a jitted
+forward of batch 1 over ``--context`` tokens (prefill) and a jitted decode step of batch 1
+(one token attending over a KV cache of ``--context`` positions: the weight-bound
+matrix-vector products of generation). Random weights: bytes and throughput do not
+depend on training.
 
     python benchmarks/lm_serving.py            # ~2 min on this 2-core CPU
     python benchmarks/lm_serving.py --quick    # a tiny LM, 2 rounds
@@ -37,7 +38,7 @@ from flax import nnx
 
 import trquant
 from trquant.nnx import QuantRule
-from trquant_examples.lm import LM
+from trquant_examples.lm import LM, generate
 
 VARIANTS = ("float", "fq", "packed")
 
@@ -92,36 +93,43 @@ def provenance() -> dict:
 def main(argv=None):
   args = parse_args(argv)
   forms = build(args)
-  tokens = {"prefill": jax.random.randint(jax.random.key(1), (1, args.context), 0, 256),
-            "one_token": jax.random.randint(jax.random.key(2), (1, 1), 0, 256)}
+  prompt = jax.random.randint(jax.random.key(1), (1, args.context), 0, 256)
   forward = nnx.jit(lambda model, t: model(t))
-  logits = {name: forward(model, tokens["prefill"]) for name, model in forms.items()}
+  logits = {name: forward(model, prompt) for name, model in forms.items()}
   identical = bool((logits["packed"] == logits["fq"]).all())
   print(f"packed vs fake-quant logits bit-identical: {identical}"
         f" (max |diff| {float(jnp.abs(logits['packed'] - logits['fq']).max()):.3g});"
         f" fq vs float max |diff| {float(jnp.abs(logits['fq'] - logits['float']).max()):.3g}")
+  same_text = bool((generate(forms["packed"], prompt[:, :16], 16)
+                    == generate(forms["fq"], prompt[:, :16], 16)).all())
+  print(f"packed vs fake-quant greedy generation (16 tokens) identical: {same_text}")
   state_bytes = {name: trquant.export.nbytes(nnx.state(model)) for name, model in forms.items()}
   # Split the models once: the timed calls take the graph and state, as a server would.
   calls = {}
   for name, model in forms.items():
     graph, state = nnx.split(model)
-    step = jax.jit(lambda state, t, graph=graph: nnx.merge(graph, state)(t))
-    for workload, t in tokens.items():
-      jax.block_until_ready(step(state, t))  # compile and warm up
-      calls[(name, workload)] = (step, state, t)
+    prefill = jax.jit(lambda state, t, graph=graph: nnx.merge(graph, state)(t))
+    decode = jax.jit(lambda state, t, cache, graph=graph: nnx.merge(graph, state).decode(
+        t, cache, args.context))
+    cache = model.init_cache(1, args.context + 1)
+    _, cache = nnx.jit(lambda m, t, c: m.decode(t, c, 0))(model, prompt, cache)  # filled
+    calls[(name, "prefill")] = (prefill, (state, prompt))
+    calls[(name, "decode")] = (decode, (state, prompt[:, -1:], cache))
+    for step, step_args in (calls[(name, "prefill")], calls[(name, "decode")]):
+      jax.block_until_ready(step(*step_args))  # compile and warm up
   per_round = {key: [] for key in calls}
   for _ in range(args.rounds):
-    for key, (step, state, t) in calls.items():
+    for key, (step, step_args) in calls.items():
       start = time.perf_counter()
       for _ in range(args.calls_per_round):
-        out = step(state, t)
+        out = step(*step_args)
       jax.block_until_ready(out)
       per_round[key].append((time.perf_counter() - start) / args.calls_per_round)
   rows = {}
   for (name, workload), times in per_round.items():
     times = np.asarray(times)
     base = np.asarray(per_round[("float", workload)])
-    n_tokens = tokens[workload].size
+    n_tokens = args.context if workload == "prefill" else 1
     ratios = times / base
     rows.setdefault(name, {})[workload] = {
         "median_ms": 1e3 * float(np.median(times)),
@@ -131,6 +139,7 @@ def main(argv=None):
         "round_ms": (1e3 * times).tolist()}
   summary = {"settings": vars(args), "provenance": provenance(),
              "packed_logits_bit_identical_to_fq": identical,
+             "packed_generation_identical_to_fq": same_text,
              "state_bytes": state_bytes,
              "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(forms["float"])))),
              "rows": rows}
@@ -140,17 +149,18 @@ def main(argv=None):
            f" {summary['provenance']['device']} ({os.cpu_count()} cores). Medians of"
            f" {args.rounds} interleaved rounds of {args.calls_per_round} calls; time ratio to"
            f" float with the interquartile range of the per-round ratios.", "",
-           "| form | resident state (KiB) | prefill (1 x {0}) tokens/s | time vs float | one"
-           " token, batch 1: ms | time vs float |".format(args.context),
+           "| form | resident state (KiB) | prefill (1 x {0}) tokens/s | time vs float | decode"
+           " (batch 1, cache {0}) tokens/s | time vs float |".format(args.context),
            "|---|---|---|---|---|---|"]
   for name in VARIANTS:
-    p, o = rows[name]["prefill"], rows[name]["one_token"]
+    p, o = rows[name]["prefill"], rows[name]["decode"]
     lines.append(f"| {name} | {state_bytes[name] / 1024:.0f} | {p['tokens_per_s']:.0f} |"
                  f" {p['time_vs_float']:.2f} ({p['time_vs_float_iqr'][0]:.2f}-"
-                 f"{p['time_vs_float_iqr'][1]:.2f}) | {o['median_ms']:.2f} |"
+                 f"{p['time_vs_float_iqr'][1]:.2f}) | {o['tokens_per_s']:.0f} |"
                  f" {o['time_vs_float']:.2f} ({o['time_vs_float_iqr'][0]:.2f}-"
                  f"{o['time_vs_float_iqr'][1]:.2f}) |")
-  lines += ["", f"packed vs fq logits bit-identical: {identical}."]
+  lines += ["", f"packed vs fq: logits bit-identical {identical}; greedy generation (16 tokens)"
+                f" identical {same_text}."]
   print("\n".join(lines))
   if not args.quick:
     os.makedirs(args.out, exist_ok=True)

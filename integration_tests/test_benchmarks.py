@@ -231,8 +231,9 @@ def test_lm_serving_quick():
   serving = _load("benchmarks/lm_serving.py", "trquant_bench_lm_serving")
   summary = serving.main(["--quick"])
   assert summary["packed_logits_bit_identical_to_fq"]
+  assert summary["packed_generation_identical_to_fq"]
   bytes_ = summary["state_bytes"]
   assert bytes_["packed"] < 0.5 * bytes_["fq"]  # the quantized layers' kernels packed
   for form in serving.VARIANTS:
-    for workload in ("prefill", "one_token"):
+    for workload in ("prefill", "decode"):
       assert summary["rows"][form][workload]["tokens_per_s"] > 0

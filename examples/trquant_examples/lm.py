@@ -9,6 +9,7 @@ a SwiGLU MLP (``nnx.Linear``), ``nnx.RMSNorm``, and an untied ``nnx.Linear`` hea
     from flax import nnx
     from trquant_examples.lm import LM, lm_loss
     model = LM(dim=128, layers=2, heads=4, kv_heads=2, hidden=384, rngs=nnx.Rngs(0))
+    text = generate(model, prompt_tokens, num_tokens=64)  # greedy, with a KV cache
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import optax
 from flax import nnx
 
 
-def rope(x, theta=10_000.0):
-  """Rotary position embedding of (batch, time, heads, head_dim), positions 0..time-1."""
+def rope(x, theta=10_000.0, offset=0):
+  """Rotary position embedding of (batch, time, heads, head_dim), positions offset..offset+time-1."""
   time_, dim = x.shape[1], x.shape[-1]
   freqs = theta ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = jnp.arange(time_, dtype=jnp.float32)[:, None] * freqs
+  angles = (offset + jnp.arange(time_, dtype=jnp.float32))[:, None] * freqs
   sin, cos = jnp.sin(angles)[None, :, None], jnp.cos(angles)[None, :, None]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
@@ -49,16 +50,25 @@ class Attention(nnx.Module):
     self.o_proj = nnx.Einsum("bthk,hkd->btd", (heads, head_dim, dim), kernel_init=_init((0, 1), 2),
                              rngs=rngs)
 
-  def __call__(self, x):
+  def __call__(self, x, cache=None, position=0):
+    """Attention of ``x`` (batch, time, dim) over itself, or, given ``cache`` (the keys and
+    values of the positions before ``position``, batch x max_len x kv_heads x head_dim),
+    over the cache and itself; returns the output and the updated cache."""
     b, t, _ = x.shape
-    q, k, v = rope(self.q_proj(x)), rope(self.k_proj(x)), self.v_proj(x)
+    q = rope(self.q_proj(x), offset=position)
+    k, v = rope(self.k_proj(x), offset=position), self.v_proj(x)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, position, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, position, 0, 0))
+      cache = {"k": k, "v": v}
     groups = k.shape[2]
     q = q.reshape(b, t, groups, -1, self.head_dim)  # query head g*r + i reads kv head g
     logits = jnp.einsum("btgrk,bsgk->bgrts", q, k).astype(jnp.float32) / math.sqrt(self.head_dim)
-    causal = jnp.tril(jnp.ones((t, t), bool))
+    # Query i (at position + i) sees keys at positions <= position + i.
+    causal = (position + jnp.arange(t))[:, None] >= jnp.arange(k.shape[1])[None, :]
     weights = jax.nn.softmax(jnp.where(causal, logits, -1e30), axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgk->btgrk", weights, v).reshape(b, t, -1, self.head_dim)
-    return self.o_proj(out)
+    return self.o_proj(out), cache
 
 
 class MLP(nnx.Module):
@@ -82,9 +92,10 @@ class Block(nnx.Module):
     self.post_attention_norm = nnx.RMSNorm(dim, rngs=rngs)
     self.mlp = MLP(dim, hidden, rngs=rngs)
 
-  def __call__(self, x):
-    x = x + self.attn(self.input_norm(x))
-    return x + self.mlp(self.post_attention_norm(x))
+  def __call__(self, x, cache=None, position=0):
+    attended, cache = self.attn(self.input_norm(x), cache, position)
+    x = x + attended
+    return x + self.mlp(self.post_attention_norm(x)), cache
 
 
 class LM(nnx.Module):
@@ -99,8 +110,42 @@ class LM(nnx.Module):
   def __call__(self, tokens):
     x = self.embed(tokens)
     for layer in self.layers:
-      x = layer(x)
+      x, _ = layer(x)
     return self.lm_head(self.norm(x))
+
+  def init_cache(self, batch, max_len, dtype=jnp.float32):
+    """An empty KV cache for ``max_len`` positions: one dict of ``k`` and ``v`` per block."""
+    attn = self.layers[0].attn
+    shape = (batch, max_len, attn.k_proj.kernel_shape[1], attn.head_dim)
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in self.layers]
+
+  def decode(self, tokens, cache, position):
+    """Logits of ``tokens`` (batch, time) at positions ``position``.., attending over the
+    cached keys and values before them; returns the logits and the updated cache."""
+    x = self.embed(tokens)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x, layer_cache = layer(x, layer_cache, position)
+      new_cache.append(layer_cache)
+    return self.lm_head(self.norm(x)), new_cache
+
+
+def generate(model, prompt, num_tokens):
+  """Greedy generation with a KV cache: ``prompt`` (batch, time) and ``num_tokens`` new
+  tokens, (batch, time + num_tokens). One jitted prefill, then one jitted step per token."""
+  batch, length = prompt.shape
+  cache = model.init_cache(batch, length + num_tokens)
+  logits, cache = _decode(model, prompt, cache, 0)
+  tokens = [jnp.argmax(logits[:, -1], axis=-1)]
+  for step in range(num_tokens - 1):
+    logits, cache = _decode(model, tokens[-1][:, None], cache, jnp.int32(length + step))
+    tokens.append(jnp.argmax(logits[:, -1], axis=-1))
+  return jnp.concatenate([prompt, jnp.stack(tokens, axis=1).astype(prompt.dtype)], axis=1)
+
+
+@nnx.jit
+def _decode(model, tokens, cache, position):
+  return model.decode(tokens, cache, position)
 
 
 def lm_loss(model, batch):
