@@ -151,6 +151,25 @@ def test_orbax_resume_nnx_optimizer_is_bit_identical(tmp_path, group_size):
   _assert_trees_equal(nnx.to_pure_dict(nnx.state((model, optimizer))), reference)
 
 
+def test_orbax_round_trip_of_a_packed_model(tmp_path):
+  def packed_model(seed):
+    model = nnx.Sequential(
+        QuantLinear(12, 32, weight_bits=4, group_size=4, rngs=nnx.Rngs(seed)), nnx.relu,
+        QuantLinear(32, 4, weight_bits=2, per_channel=True, rngs=nnx.Rngs(seed + 1)))
+    return trquant.export.packed_model(model)
+
+  packed, x = packed_model(0), _data()[0]
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "packed", nnx.to_pure_dict(nnx.state(packed)))
+  checkpointer.wait_until_finished()
+  fresh = packed_model(9)  # the same structure, other codes
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(nnx.state(fresh)))
+  nnx.update(fresh, checkpointer.restore(tmp_path / "packed", abstract))
+  stored = fresh.layers[0].kernel.get_value()
+  assert stored.data.dtype == np.uint8 and stored.group_size == 4  # still packed, 2 a byte
+  np.testing.assert_array_equal(fresh(x), packed(x))
+
+
 def test_restore_into_a_different_layout_fails_clearly(tmp_path):
   params = _initial_params()
   checkpointer = ocp.StandardCheckpointer()
