@@ -47,8 +47,6 @@ import argparse
 import json
 import math
 import os
-import pathlib
-import sysconfig
 import time
 
 import jax
@@ -60,7 +58,7 @@ from tqdm import tqdm
 
 import trquant
 from trquant.nnx import QuantRule
-from trquant_examples.lm import LM, lm_loss
+from trquant_examples.lm import LM, eval_windows, lm_loss, load_corpus, train_batches
 
 METHODS = ("adamw", "adamw-tr")
 
@@ -129,36 +127,6 @@ def lm_rules(bits):
   return [QuantRule("embed", skip=True),
           QuantRule("lm_head", weight_bits=8, act_bits=8, signed_act=True),
           QuantRule(weight_bits=bits, act_bits=8, signed_act=True)]
-
-
-# ---------------------------------------------------------------------------------------
-# Data: the standard library's source, one token per byte
-# ---------------------------------------------------------------------------------------
-
-
-def load_corpus(max_files=None):
-  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-  files = files[:max_files] if max_files else files
-  train, held = [], []
-  for index, path in enumerate(files):
-    (held if index % 10 == 9 else train).append(path.read_bytes())
-  as_array = lambda chunks: np.frombuffer(b"".join(chunks), np.uint8)
-  return {"root": str(root), "files": len(files), "train": as_array(train), "held": as_array(held)}
-
-
-def eval_windows(data, count, context):
-  """``count`` fixed windows of ``context + 1`` bytes, evenly spaced over the data."""
-  starts = np.linspace(0, len(data) - context - 1, count).astype(np.int64)
-  return np.stack([data[s:s + context + 1] for s in starts]).astype(np.int32)
-
-
-def train_batches(data, batch_size, context, seed):
-  rng = np.random.default_rng(seed)
-  index = np.arange(context + 1)
-  while True:
-    starts = rng.integers(0, len(data) - context - 1, batch_size)
-    yield data[starts[:, None] + index].astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------

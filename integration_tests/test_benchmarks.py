@@ -7,6 +7,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 from trquant_examples.config import TrainConfig, run_name
@@ -237,3 +238,20 @@ def test_lm_serving_quick():
   for form in serving.VARIANTS:
     for workload in ("prefill", "decode"):
       assert summary["rows"][form][workload]["tokens_per_s"] > 0
+
+
+def test_lm_qat_quick(tmp_path):
+  lm_qat = _load("benchmarks/lm_qat.py", "trquant_bench_lm_qat")
+  summary = lm_qat.main(["--quick", "--out", str(tmp_path)])
+  methods = {row["method"] for row in summary["rows"]}
+  assert {"rtn", "adaround", "brecq", "adamw", "adamw-kd", "adamw-tr"} <= methods
+  for row in summary["rows"]:
+    assert row["setting"] == "w4a8" and np.isfinite(row["mean"])
+    if row["method"] not in lm_qat.PTQ_METHODS:
+      assert row["recovery_vs_rtn"] is not None
+  run = json.loads((tmp_path / "w4a8-adamw-tr-s0.json").read_text())
+  assert len(run["provenance"]["fp_checkpoint_sha256"]) == 64
+  assert (tmp_path / "summary.png").exists()
+  # The FP checkpoint is reused: a second call with --summary-only reads the same runs.
+  again = lm_qat.main(["--quick", "--out", str(tmp_path), "--summary-only"])
+  assert again["rows"] == summary["rows"]

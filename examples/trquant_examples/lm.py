@@ -15,9 +15,12 @@ a SwiGLU MLP (``nnx.Linear``), ``nnx.RMSNorm``, and an untied ``nnx.Linear`` hea
 from __future__ import annotations
 
 import math
+import pathlib
+import sysconfig
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -50,7 +53,10 @@ class Attention(nnx.Module):
     self.o_proj = nnx.Einsum("bthk,hkd->btd", (heads, head_dim, dim), kernel_init=_init((0, 1), 2),
                              rngs=rngs)
 
-  def __call__(self, x, cache=None, position=0):
+  def __call__(self, x):
+    return self.decode(x, None, 0)[0]
+
+  def decode(self, x, cache, position):
     """Attention of ``x`` (batch, time, dim) over itself, or, given ``cache`` (the keys and
     values of the positions before ``position``, batch x max_len x kv_heads x head_dim),
     over the cache and itself; returns the output and the updated cache."""
@@ -92,8 +98,13 @@ class Block(nnx.Module):
     self.post_attention_norm = nnx.RMSNorm(dim, rngs=rngs)
     self.mlp = MLP(dim, hidden, rngs=rngs)
 
-  def __call__(self, x, cache=None, position=0):
-    attended, cache = self.attn(self.input_norm(x), cache, position)
+  def __call__(self, x):
+    x = x + self.attn(self.input_norm(x))
+    return x + self.mlp(self.post_attention_norm(x))
+
+  def decode(self, x, cache, position):
+    """:meth:`__call__` with the attention over a KV cache; returns the output and the cache."""
+    attended, cache = self.attn.decode(self.input_norm(x), cache, position)
     x = x + attended
     return x + self.mlp(self.post_attention_norm(x)), cache
 
@@ -110,7 +121,7 @@ class LM(nnx.Module):
   def __call__(self, tokens):
     x = self.embed(tokens)
     for layer in self.layers:
-      x, _ = layer(x)
+      x = layer(x)
     return self.lm_head(self.norm(x))
 
   def init_cache(self, batch, max_len, dtype=jnp.float32):
@@ -125,7 +136,7 @@ class LM(nnx.Module):
     x = self.embed(tokens)
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
-      x, layer_cache = layer(x, layer_cache, position)
+      x, layer_cache = layer.decode(x, layer_cache, position)
       new_cache.append(layer_cache)
     return self.lm_head(self.norm(x)), new_cache
 
@@ -153,3 +164,34 @@ def lm_loss(model, batch):
   logits = model(batch[:, :-1])
   return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          batch[:, 1:]).mean()
+
+
+# Data: the standard library's source, one token per byte.
+
+
+def load_corpus(max_files=None):
+  """The Python standard library's own ``.py`` files (``site-packages`` left out), sorted
+  by path, as bytes: every 10th file held out. Nothing is downloaded."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+  files = files[:max_files] if max_files else files
+  train, held = [], []
+  for index, path in enumerate(files):
+    (held if index % 10 == 9 else train).append(path.read_bytes())
+  as_array = lambda chunks: np.frombuffer(b"".join(chunks), np.uint8)
+  return {"root": str(root), "files": len(files), "train": as_array(train), "held": as_array(held)}
+
+
+def eval_windows(data, count, context):
+  """``count`` fixed windows of ``context + 1`` bytes, evenly spaced over the data."""
+  starts = np.linspace(0, len(data) - context - 1, count).astype(np.int64)
+  return np.stack([data[s:s + context + 1] for s in starts]).astype(np.int32)
+
+
+def train_batches(data, batch_size, context, seed):
+  """Endless random windows of ``context + 1`` bytes (batch_size of them), seeded."""
+  rng = np.random.default_rng(seed)
+  index = np.arange(context + 1)
+  while True:
+    starts = rng.integers(0, len(data) - context - 1, batch_size)
+    yield data[starts[:, None] + index].astype(np.int32)
