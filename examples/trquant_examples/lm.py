@@ -144,6 +144,7 @@ class LM(nnx.Module):
 def generate(model, prompt, num_tokens):
   """Greedy generation with a KV cache: ``prompt`` (batch, time) and ``num_tokens`` new
   tokens, (batch, time + num_tokens). One jitted prefill, then one jitted step per token."""
+  prompt = jnp.asarray(prompt)
   batch, length = prompt.shape
   cache = model.init_cache(batch, length + num_tokens)
   logits, cache = _decode(model, prompt, cache, 0)
