@@ -52,7 +52,8 @@ from flax import nnx
 
 import trquant
 from trquant.nnx import QuantRule
-from trquant_examples.lm import LM, eval_windows, lm_loss, load_corpus, train_batches
+from trquant_examples.lm import (LM, adamw, eval_windows, lm_loss, load_corpus, qat_optimizer,
+                                 train_batches)
 
 SETTINGS = {"w4g32": (4, False), "w4a8": (4, True), "w3g32": (3, False), "w2g32": (2, False)}
 PTQ_METHODS = ("rtn", "adaround", "brecq")
@@ -116,10 +117,6 @@ def rules(setting, group_size):
 # ---------------------------------------------------------------------------------------
 
 
-def adamw(lr, wd):
-  return optax.adamw(lr, weight_decay=wd, mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
-
-
 @nnx.jit
 def _eval_loss(model, batch):
   return lm_loss(model, batch)
@@ -157,19 +154,6 @@ def train(model, tx, data, *, args, steps, seed, teacher=None, stats_fn=None):
             for _ in range(steps)]
   curve = [float(np.mean(losses[i:i + 10])) for i in range(0, steps, 10)]
   return curve, (stats_fn(optimizer) if stats_fn else {})
-
-
-def qat_tx(args, model, method):
-  cosine = optax.cosine_decay_schedule(args.lr, args.steps)
-  codes = trquant.nnx.codes_fn(model, max_bits=4)
-  track = trquant.track_oscillations(codes_fn=codes, decay=1.0 - min(1e-2, 20 / args.steps))
-  if method != "adamw-tr":
-    return optax.chain(adamw(cosine, args.weight_decay), track)
-  quant = optax.chain(adamw(args.lr, args.weight_decay),
-                      trquant.tr_schedule(trquant.measured_target(args.steps), codes_fn=codes))
-  tx = optax.partition({"quant": quant, "float": adamw(cosine, args.weight_decay)},
-                       trquant.nnx.param_labels(model, max_bits=4))
-  return optax.chain(tx, track)
 
 
 def oscillation_summary(optimizer):
@@ -308,7 +292,9 @@ def run_all(args):
         else:
           model = nnx.clone(ruled)
           row["start_loss"] = evaluate(model, windows)
-          curve, stats = train(model, qat_tx(args, model, method), corpus["train"], args=args,
+          tx = qat_optimizer(model, lr=args.lr, steps=args.steps, weight_decay=args.weight_decay,
+                             tr=method == "adamw-tr")
+          curve, stats = train(model, tx, corpus["train"], args=args,
                                steps=args.steps, seed=seed,
                                teacher=fp if method == "adamw-kd" else None,
                                stats_fn=oscillation_summary)

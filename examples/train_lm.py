@@ -58,7 +58,8 @@ from tqdm import tqdm
 
 import trquant
 from trquant.nnx import QuantRule
-from trquant_examples.lm import LM, eval_windows, lm_loss, load_corpus, train_batches
+from trquant_examples.lm import (LM, adamw, eval_windows, lm_loss, load_corpus, qat_optimizer,
+                                 train_batches)
 
 METHODS = ("adamw", "adamw-tr")
 
@@ -149,14 +150,6 @@ def evaluate(model, windows, batch_size=64):
   return total / len(windows), sum(batch[:, 1:].size for batch in batches) / seconds
 
 
-def _decay_mask(params):
-  return jax.tree.map(lambda leaf: jnp.ndim(leaf) >= 2, params)
-
-
-def adamw(lr, wd):
-  return optax.adamw(lr, weight_decay=wd, mask=_decay_mask)
-
-
 def train(model, tx, data, *, args, steps, seed, desc, curve_windows, stats_fn=None):
   """Trains ``model`` in place; returns the loss history and training tokens/s."""
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -196,19 +189,6 @@ def train(model, tx, data, *, args, steps, seed, desc, curve_windows, stats_fn=N
   history["train_tokens_per_s"] = (steps - 1) * args.batch_size * args.context / train_seconds
   history["seconds"] = time.perf_counter() - wall
   return history
-
-
-def qat_transform(args, model, method):
-  cosine = optax.cosine_decay_schedule(args.lr, args.steps)
-  codes = trquant.nnx.codes_fn(model, max_bits=4)
-  track = trquant.track_oscillations(codes_fn=codes, decay=1.0 - min(1e-2, 20 / args.steps))
-  if method == "adamw":
-    return optax.chain(adamw(cosine, args.weight_decay), track)
-  quant = optax.chain(adamw(args.lr, args.weight_decay),
-                      trquant.tr_schedule(trquant.measured_target(args.steps), codes_fn=codes))
-  tx = optax.partition({"quant": quant, "float": adamw(cosine, args.weight_decay)},
-                       trquant.nnx.param_labels(model, max_bits=4))
-  return optax.chain(tx, track)
 
 
 def stats_fn_for(method):
@@ -385,7 +365,9 @@ def main(argv=None):
     for method in args.methods:
       for seed in args.seeds:
         model = nnx.clone(base)
-        history = train(model, qat_transform(args, model, method), corpus["train"], args=args,
+        tx = qat_optimizer(model, lr=args.lr, steps=args.steps, weight_decay=args.weight_decay,
+                           tr=method == "adamw-tr")
+        history = train(model, tx, corpus["train"], args=args,
                         steps=args.steps, seed=seed, desc=f"W{bits}A8 {method} s{seed}",
                         curve_windows=curve_windows, stats_fn=stats_fn_for(method))
         loss, tokens_per_s = evaluate(model, final_windows)

@@ -160,6 +160,31 @@ def _decode(model, tokens, cache, position):
   return model.decode(tokens, cache, position)
 
 
+def adamw(learning_rate, weight_decay):
+  """AdamW with weight decay on the matrices only (not on norms' scales or biases)."""
+  return optax.adamw(learning_rate, weight_decay=weight_decay,
+                     mask=lambda params: jax.tree.map(lambda leaf: jnp.ndim(leaf) >= 2, params))
+
+
+def qat_optimizer(model, *, lr, steps, weight_decay, tr=False):
+  """The examples' QAT recipe for a model quantized by rules: AdamW with a cosine LR over
+  ``steps``, or (``tr=True``) AdamW then ``trquant.tr_schedule(measured_target)`` on the
+  kernels of at most 4 bits (an 8-bit head keeps the cosine LR of every other parameter);
+  oscillations tracked on those kernels either way (``trquant.nnx.oscillation_stats``)."""
+  import trquant  # the model code above needs none of it
+
+  cosine = optax.cosine_decay_schedule(lr, steps)
+  codes = trquant.nnx.codes_fn(model, max_bits=4)
+  track = trquant.track_oscillations(codes_fn=codes, decay=1.0 - min(1e-2, 20 / steps))
+  if not tr:
+    return optax.chain(adamw(cosine, weight_decay), track)
+  quant = optax.chain(adamw(lr, weight_decay),
+                      trquant.tr_schedule(trquant.measured_target(steps), codes_fn=codes))
+  tx = optax.partition({"quant": quant, "float": adamw(cosine, weight_decay)},
+                       trquant.nnx.param_labels(model, max_bits=4))
+  return optax.chain(tx, track)
+
+
 def lm_loss(model, batch):
   """Mean next-byte cross-entropy (nats) of (batch, context + 1) token windows."""
   logits = model(batch[:, :-1])
