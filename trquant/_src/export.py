@@ -253,22 +253,27 @@ def _model_to_integer(model):
 
   from trquant._src.nnx import traversal as nnx_traversal
 
-  from trquant._src.nnx.layers import PackedWeight
-
   layers = nnx_traversal.require_quant_layers(model, "to_integer", quantized_weights=True)
   state = nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))
   for path, layer in layers:
     node = state
     for key in path:
       node = node.setdefault(key, {})
-    if isinstance(layer.kernel, PackedWeight):  # a packed_model's kernels are exported already
-      node["kernel"] = layer.kernel.get_value()
-      continue
-    node["kernel"] = quantize_to_integer(
-        layer.kernel.get_value(), layer.weight_scale.get_value(), bits=layer.kernel.bits,
-        signed=layer.kernel.signed, narrow=layer.kernel.narrow, **layer.weight_group)
+    node["kernel"] = _layer_kernel_to_integer(layer)
     node.pop("weight_scale", None)  # carried by the IntegerTensor
   return state
+
+
+def _layer_kernel_to_integer(layer) -> IntegerTensor:
+  """A trquant layer's quantized kernel as an :class:`IntegerTensor` (a packed_model's
+  layer holds it already)."""
+  from trquant._src.nnx.layers import PackedWeight
+
+  kernel = layer.kernel
+  if isinstance(kernel, PackedWeight):
+    return kernel.get_value()
+  return quantize_to_integer(kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
+                             signed=kernel.signed, narrow=kernel.narrow, **layer.weight_group)
 
 
 def packed_model(model: nnx.Module) -> nnx.Module:
@@ -318,11 +323,8 @@ def packed_model(model: nnx.Module) -> nnx.Module:
     kernel = layer.kernel
     if kernel.bits is None or isinstance(kernel, PackedWeight):
       continue
-    tensor = quantize_to_integer(
-        kernel.get_value(), layer.weight_scale.get_value(), bits=kernel.bits,
-        signed=kernel.signed, narrow=kernel.narrow, **layer.weight_group)
-    layer.kernel = PackedWeight(tensor, bits=kernel.bits, signed=kernel.signed,
-                                narrow=kernel.narrow)
+    layer.kernel = PackedWeight(_layer_kernel_to_integer(layer), bits=kernel.bits,
+                                signed=kernel.signed, narrow=kernel.narrow)
     layer.weight_scale = None  # carried by the IntegerTensor
   return packed
 
