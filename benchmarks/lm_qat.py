@@ -12,7 +12,8 @@ Everywhere the embedding stays in float (a table lookup) and the head is W8 per 
 Rows, at one budget (``--steps``, batch and data order fixed per seed):
   PTQ   round-to-nearest (the QAT starting point), AdaRound (layer by layer) and BRECQ
         (block by block), ``trquant.adaround.reconstruct_model`` on ``--calibration``
-        training windows;
+        training windows; ``qwix-gptq`` and ``qwix-awq`` (``qwix.contrib``, the same
+        rules and windows);
   QAT   ``adamw`` (AdamW, cosine LR), ``adamw-kd`` (the same, the loss the KL divergence
         to the FP model's next-byte distribution: distillation, as ModelOpt's QAD),
         ``adamw-tr`` (AdamW then ``trquant.tr_schedule(measured_target)`` on the low-bit
@@ -31,6 +32,8 @@ Every run writes a JSON (provenance: commit, versions, CPU, FP checkpoint hash).
     python benchmarks/lm_qat.py --settings w4g32 --seeds 0 --methods adamw,adamw-kd
     python benchmarks/lm_qat.py --quick              # the whole pipeline on a tiny LM
     python benchmarks/lm_qat.py --summary-only       # tables and plot from the run JSONs
+A run already in ``--out`` from the same clean commit, checkpoint and recipe is skipped,
+so an interrupted sweep resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from trquant_examples.lm import (LM, adamw, eval_windows, lm_loss, load_corpus, 
                                  train_batches)
 
 SETTINGS = {"w4g32": (4, False), "w4a8": (4, True), "w3g32": (3, False), "w2g32": (2, False)}
-PTQ_METHODS = ("rtn", "adaround", "brecq")
+PTQ_METHODS = ("rtn", "adaround", "brecq", "qwix-gptq", "qwix-awq")
 QAT_METHODS = ("adamw", "adamw-kd", "adamw-tr", "qwix")
 
 
@@ -161,16 +164,63 @@ def oscillation_summary(optimizer):
   return {"oscillating_fraction_mean": float(np.mean(np.asarray(fractions)))}
 
 
-def qwix_model(fp, setting, group_size, example):
-  import qwix
-
+def qwix_rules(rule_type, setting, group_size):
+  """qwix rules for ``setting``: the same layers, bits and group size as ``rules``."""
   bits, act8 = SETTINGS[setting]
   act = jnp.int8 if act8 else None
   # qwix matches the ops inside a module: name the projections, not the attention einsums.
-  qt_rules = [qwix.QtRule(module_path="lm_head", weight_qtype=jnp.int8, act_qtype=act),
-              qwix.QtRule(module_path="layers/.*_proj", weight_qtype=getattr(jnp, f"int{bits}"),
-                          act_qtype=act, tile_size=group_size)]
-  return qwix.quantize_model(nnx.clone(fp), qwix.QtProvider(qt_rules), jnp.asarray(example))
+  return [rule_type(module_path="lm_head", weight_qtype=jnp.int8, act_qtype=act),
+          rule_type(module_path="layers/.*_proj", weight_qtype=getattr(jnp, f"int{bits}"),
+                    act_qtype=act, tile_size=group_size)]
+
+
+def qwix_model(fp, setting, group_size, example):
+  import qwix
+
+  provider = qwix.QtProvider(qwix_rules(qwix.QtRule, setting, group_size))
+  return qwix.quantize_model(nnx.clone(fp), provider, jnp.asarray(example))
+
+
+def qwix_ptq_model(fp, setting, group_size, method, batches):
+  """qwix GPTQ or AWQ: statistics from ``batches``, then the weights quantized from them.
+
+  qwix calibrates ops with one contracting axis; the attention output projection
+  (``bthk,hkd->btd``) contracts two, so qwix rounds it to nearest (its PTQ fallback).
+  """
+  import qwix
+  from qwix._src.providers import ptq  # qwix 0.1.8 exports these two types only here
+  from qwix._src.utils import flax_util
+  from qwix.contrib import awq, gptq
+
+  if method == "qwix-gptq":
+    qt_rules = qwix_rules(gptq.GptqRule, setting, group_size)
+    calibration, serving, quantize_params = (gptq.GptqCalibrationProvider(qt_rules),
+                                             qwix.PtqProvider(qt_rules), gptq.quantize_params)
+  else:
+    qt_rules = qwix_rules(awq.AwqRule, setting, group_size)
+    calibration, serving, quantize_params = (awq.AwqCalibrationProvider(qt_rules),
+                                             awq.AwqInferenceProvider(qt_rules),
+                                             awq.quantize_params)
+  example = jnp.asarray(batches[0])
+  calibrating = qwix.quantize_model(nnx.clone(fp), calibration, example)
+  for batch in batches:
+    calibrating(jnp.asarray(batch))
+  model = qwix.quantize_model(nnx.clone(fp), serving, example)
+  # The layers qwix quantized, and an abstract tree of their kernels: qwix 0.1.8 cannot
+  # nnx.update a WithAux kernel into AWQ's WithAwqScale, so each kernel is set directly.
+  layers = {path: node for path, node in nnx.iter_graph(model)
+            if isinstance(getattr(node, "kernel", None), ptq.WithAux)}
+  abstract = flax.traverse_util.unflatten_dict(
+      {(*path, "kernel"): node.kernel for path, node in layers.items()})
+  quantized = quantize_params(nnx.to_pure_dict(nnx.state(calibrating, nnx.Param)), abstract,
+                              nnx.to_pure_dict(nnx.state(calibrating, flax_util.QuantStat)),
+                              allow_extra_params=True)
+  for path, node in layers.items():
+    kernel = quantized
+    for key in (*path, "kernel"):
+      kernel = kernel[key]
+    node.kernel = jax.tree.map(nnx.Param, kernel)
+  return model
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,6 +285,21 @@ def fp_checkpoint(args, corpus, windows):
 # ---------------------------------------------------------------------------------------
 
 
+def finished(args, name, base):
+  """Whether ``name`` was already run from this commit and FP checkpoint (a resumed sweep)."""
+  path = os.path.join(args.out, f"{name}.json")
+  if not os.path.exists(path):
+    return False
+  done = json.load(open(path))
+  selection = ("settings", "methods", "seeds")  # which runs, not how each one runs
+
+  def recipe(run):
+    return {k: v for k, v in run["settings"].items() if k not in selection}
+
+  return (done["provenance"] == base["provenance"] and recipe(done) == recipe(base)
+          and not done["provenance"]["dirty"])
+
+
 def write_run(args, name, row):
   with open(os.path.join(args.out, f"{name}.json"), "w") as f:
     json.dump(row, f)
@@ -253,6 +318,8 @@ def run_all(args):
   calibration = eval_windows(corpus["train"], args.calibration, args.context)[:, :-1]
   batches = [calibration[i:i + 16] for i in range(0, len(calibration), 16)]
   for seed in args.seeds:  # FP': the same extra steps, the same optimizer
+    if finished(args, f"fp-continued-s{seed}", base):
+      continue
     model = nnx.clone(fp)
     curve, _ = train(model, adamw(optax.cosine_decay_schedule(args.lr, args.steps),
                                   args.weight_decay), corpus["train"], args=args,
@@ -264,9 +331,19 @@ def run_all(args):
     ruled = trquant.nnx.quantize_model(fp, rules(setting, args.group_size))
     config = trquant.adaround.AdaRoundConfig(iters=args.ptq_iters)
     for method in [m for m in PTQ_METHODS if m in args.methods]:
+      if finished(args, f"{setting}-{method}", base):
+        continue
       start = time.perf_counter()
       if method == "rtn":
         model = trquant.adaround.round_to_nearest(ruled).model
+      elif method.startswith("qwix-"):
+        try:
+          model = qwix_ptq_model(fp, setting, args.group_size, method, batches)
+        except Exception as error:  # qwix missing, or without this bit width: recorded
+          write_run(args, f"{setting}-{method}", {
+              **base, "setting": setting, "method": method, "held_loss": float("nan"),
+              "error": f"{type(error).__name__}: {error}"})
+          continue
       else:
         model, _ = trquant.adaround.reconstruct_model(
             ruled, batches, granularity="layer" if method == "adaround" else "block",
@@ -276,6 +353,8 @@ def run_all(args):
           "seconds": time.perf_counter() - start})
     for method in [m for m in QAT_METHODS if m in args.methods]:
       for seed in args.seeds:
+        if finished(args, f"{setting}-{method}-s{seed}", base):
+          continue
         start = time.perf_counter()
         row = {**base, "setting": setting, "method": method, "seed": seed}
         if method == "qwix":
