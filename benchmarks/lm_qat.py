@@ -245,7 +245,9 @@ def provenance(fp_hash):
              if line.startswith("model name")]
     cpu = names[0] if names else cpu
   return {"commit": git("rev-parse", "HEAD"),
-          "dirty": bool(git("status", "--porcelain", "trquant", "benchmarks", "examples")),
+          # Tracked changes only: a sweep's own untracked result files must not mark it dirty.
+          "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "trquant",
+                            "benchmarks", "examples")),
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
           "qwix": qwix_version, "cpu": cpu, "cpu_count": os.cpu_count(),
           "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -84,6 +84,7 @@ def provenance() -> dict:
     except (OSError, subprocess.CalledProcessError):
       return None
   return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
+                                                                  "--untracked-files=no", "--",
                                                                   "trquant", "benchmarks")),
           "jax": jax.__version__, "flax": flax.__version__,
           "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or None,
