@@ -31,6 +31,7 @@ def _step(fields, *, u, tracking, stalled, window_done=True, finite=True):
     ("u up, rate falling", 3.0, 0.3, 0.2, True),
     ("u doubled, weights stopping", 3.0, 0.8, 0.3, True),
     ("u up, most weights stopped", 3.0, 0.8, 0.95, True),
+    ("u creeping up, most weights stopped", 1.26, 0.8, 0.95, True),
     ("u steady, most weights stopped", 1.1, 0.8, 0.95, False),
 ])
 def test_a_window_end_lowers_the_ceiling_only_where_raising_u_no_longer_pays(

@@ -136,9 +136,10 @@ def tr_schedule(
   those beyond the grid). Raising ``u`` no longer pays when, over a window, ``u``
   rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
   below 0.01); or ``u`` at least doubled while the stalled fraction grew by more
-  than 5 points; or ``u`` rose by more than 25% while more than 90% of the
-  layer's weights are stalled or beyond the grid (the rate it buys comes from the
-  few weights still inside the grid, which a larger step only shakes). Which
+  than 5 points; or ``u`` rose at all while more than 90% of the layer's
+  weights are stalled or beyond the grid (the rate it buys comes from the few
+  weights still inside the grid, which a larger step only shakes; the additive
+  controller's linear rise is caught here). Which
   weights are beyond the grid the transform learns from ``saturation_fn``;
   ``trquant.nnx.codes_fn`` carries its model's, so an NNX model needs nothing
   more. Without one, the stalled fraction stands in for it (it misses weights

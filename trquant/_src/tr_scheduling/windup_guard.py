@@ -104,13 +104,17 @@ def guard_step(state: GuardState, *, window_done, multiplier, running, target, s
   # that at least doubled in the window is taken to be the cause.
   doubled = multiplier >= 2.0 * start_u
   held = (start_u >= 0.99 * ceiling) & (multiplier >= 0.99 * ceiling)
-  # Most weights beyond the grid: the rate the multiplier buys comes from the rest.
+  # Most weights beyond the grid: the rate the multiplier buys comes from the rest, so any
+  # rise counts. (The additive controller raises u by eta * (R - K) per step: linearly, so
+  # its rise per window shrinks below 25% of u and would never count as `rose`.)
   stopped = stalled if beyond is None else jnp.maximum(stalled, beyond)
   mostly_stalled = stopped > MOSTLY_STALLED
+  crept = mostly_stalled & (multiplier > start_u)
   lower = window_done & finite & ((fell & (rose | held)) | (stalling & (doubled | held))
-                                  | (mostly_stalled & (rose | held)))
+                                  | crept | (mostly_stalled & held))
   floor = jnp.float32(floor)
-  new_ceiling = jnp.where(rose, jnp.maximum(start_u, floor), jnp.maximum(0.5 * ceiling, floor))
+  new_ceiling = jnp.where(rose | crept, jnp.maximum(start_u, floor),
+                          jnp.maximum(0.5 * ceiling, floor))
   ceiling = jnp.where(lower, jnp.minimum(new_ceiling, ceiling), ceiling)
   refresh = window_done & finite
   return GuardState(
