@@ -11,7 +11,9 @@ forms:
           4-bit codes per byte, one 8-bit code per byte) and their scales, dequantized
           inside the jitted forward.
 It checks that packed and fq give the same logits (bit for bit) and the same greedy
-generation, then times, interleaved round by round (compilation excluded), a jitted
+generation, measures each form's peak process memory when served as a server would (a
+fresh process restores the form's Orbax checkpoint into its abstract structure, never
+building the float model, and runs a prefill and a decode step), then times, interleaved round by round (compilation excluded), a jitted
 forward of batch 1 over ``--context`` tokens (prefill) and a jitted decode step of batch 1
 (one token attending over a KV cache of ``--context`` positions: the weight-bound
 matrix-vector products of generation). Random weights: bytes and throughput do not
@@ -19,6 +21,7 @@ depend on training.
 
     python benchmarks/lm_serving.py            # ~2 min on this 2-core CPU
     python benchmarks/lm_serving.py --quick    # a tiny LM, 2 rounds
+    python benchmarks/lm_serving.py --memory-only   # bytes and peak memory, no timing
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -56,6 +61,11 @@ def parse_args(argv=None):
   parser.add_argument("--calls-per-round", type=int, default=5)
   parser.add_argument("--out", default="benchmarks/results/lm_serving")
   parser.add_argument("--quick", action="store_true", help="a tiny LM, 2 rounds")
+  parser.add_argument("--memory-only", action="store_true",
+                      help="bytes and peak memory, no timing (can run beside other jobs)")
+  # Internal: the fresh process that serves one form from its checkpoint (peak memory).
+  parser.add_argument("--serve", choices=VARIANTS, help=argparse.SUPPRESS)
+  parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if args.quick:
     args.dim, args.layers, args.heads, args.kv_heads, args.hidden = 64, 1, 4, 2, 128
@@ -76,6 +86,61 @@ def build(args):
   return {"float": model, "fq": fq, "packed": trquant.export.packed_model(fq)}
 
 
+def _rss_mib(field):
+  """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in MiB."""
+  with open("/proc/self/status") as status:
+    return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+
+
+def _reset_peak_rss():
+  # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0): the peak that
+  # follows is the serving's, not the imports'.
+  with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")
+
+
+def serve_from_checkpoint(args):
+  """The child process: restore one form into its abstract structure, prefill, decode."""
+  import orbax.checkpoint as ocp
+
+  graph, state = nnx.split(nnx.eval_shape(lambda: build(args)[args.serve]))
+  prompt = jax.random.randint(jax.random.key(1), (1, args.context), 0, 256)
+  _reset_peak_rss()
+  before = _rss_mib("VmRSS")  # jax, the program and its abstract model: no weights yet
+  restored = ocp.StandardCheckpointer().restore(args.checkpoint, nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, restored)
+  model = nnx.merge(graph, state)
+  cache = model.init_cache(1, args.context + 1)
+  logits, cache = nnx.jit(lambda m, t, c: m.decode(t, c, 0))(model, prompt, cache)
+  step, _ = nnx.jit(lambda m, t, c: m.decode(t, c, args.context))(model, prompt[:, -1:], cache)
+  jax.block_until_ready((logits, step))
+  print(json.dumps({"before_restore_mib": before, "peak_mib": _rss_mib("VmHWM"),
+                    "logits_checksum": float(jnp.sum(logits[0, -1]))}))
+
+
+def peak_memory(args, forms):
+  """Each form's peak RSS in a fresh process serving it from an Orbax checkpoint."""
+  import orbax.checkpoint as ocp
+
+  rows = {}
+  with tempfile.TemporaryDirectory() as directory:
+    checkpointer = ocp.StandardCheckpointer()
+    for name, model in forms.items():
+      checkpointer.save(os.path.join(directory, name), nnx.to_pure_dict(nnx.state(model)))
+    checkpointer.wait_until_finished()
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+             ("dim", "layers", "heads", "kv_heads", "hidden", "context", "group_size")]
+    for name in forms:
+      child = subprocess.run(
+          [sys.executable, os.path.abspath(__file__), *flags, f"--serve={name}",
+           f"--checkpoint={os.path.join(directory, name)}"],
+          capture_output=True, text=True, check=False)
+      if child.returncode:
+        raise RuntimeError(f"serving {name} from its checkpoint failed:\n{child.stderr[-3000:]}")
+      rows[name] = json.loads(child.stdout.strip().splitlines()[-1])
+  return rows
+
+
 def provenance() -> dict:
   def git(*command):
     try:
@@ -91,8 +156,22 @@ def provenance() -> dict:
           "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
+def memory_lines(memory, state_bytes):
+  lines = ["Peak process memory (RSS) serving each form from its Orbax checkpoint in a fresh"
+           " process (restore, one prefill and one decode step, compilation included):", "",
+           "| form | resident state (KiB) | RSS before restore (MiB) | peak (MiB) |"
+           " peak - before (MiB) |", "|---|---|---|---|---|"]
+  for name in VARIANTS:
+    m = memory[name]
+    lines.append(f"| {name} | {state_bytes[name] / 1024:.0f} | {m['before_restore_mib']:.0f} |"
+                 f" {m['peak_mib']:.0f} | {m['peak_mib'] - m['before_restore_mib']:.0f} |")
+  return lines
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.serve:
+    return serve_from_checkpoint(args)
   forms = build(args)
   prompt = jax.random.randint(jax.random.key(1), (1, args.context), 0, 256)
   forward = nnx.jit(lambda model, t: model(t))
@@ -105,6 +184,18 @@ def main(argv=None):
                     == generate(forms["fq"], prompt[:, :16], 16)).all())
   print(f"packed vs fake-quant greedy generation (16 tokens) identical: {same_text}")
   state_bytes = {name: trquant.export.nbytes(nnx.state(model)) for name, model in forms.items()}
+  memory = peak_memory(args, forms)
+  if args.memory_only:
+    summary = {"settings": vars(args), "provenance": provenance(), "state_bytes": state_bytes,
+               "peak_memory_mib": memory}
+    print("\n".join(memory_lines(memory, state_bytes)))
+    if not args.quick:
+      os.makedirs(args.out, exist_ok=True)
+      with open(os.path.join(args.out, "memory.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+      with open(os.path.join(args.out, "memory.md"), "w") as f:
+        f.write("\n".join(memory_lines(memory, state_bytes)) + "\n")
+    return summary
   # Split the models once: the timed calls take the graph and state, as a server would.
   calls = {}
   for name, model in forms.items():
@@ -141,7 +232,7 @@ def main(argv=None):
   summary = {"settings": vars(args), "provenance": provenance(),
              "packed_logits_bit_identical_to_fq": identical,
              "packed_generation_identical_to_fq": same_text,
-             "state_bytes": state_bytes,
+             "state_bytes": state_bytes, "peak_memory_mib": memory,
              "params": int(sum(x.size for x in jax.tree.leaves(nnx.state(forms["float"])))),
              "rows": rows}
   lines = [f"LM: dim {args.dim}, {args.layers} layers, {args.heads} heads ({args.kv_heads} kv),"
@@ -161,7 +252,7 @@ def main(argv=None):
                  f" {o['time_vs_float']:.2f} ({o['time_vs_float_iqr'][0]:.2f}-"
                  f"{o['time_vs_float_iqr'][1]:.2f}) |")
   lines += ["", f"packed vs fq: logits bit-identical {identical}; greedy generation (16 tokens)"
-                f" identical {same_text}."]
+                f" identical {same_text}.", "", *memory_lines(memory, state_bytes)]
   print("\n".join(lines))
   if not args.quick:
     os.makedirs(args.out, exist_ok=True)

@@ -238,6 +238,8 @@ def test_lm_serving_quick():
   for form in serving.VARIANTS:
     for workload in ("prefill", "decode"):
       assert summary["rows"][form][workload]["tokens_per_s"] > 0
+    memory = summary["peak_memory_mib"][form]  # served from its checkpoint, fresh process
+    assert 0 < memory["before_restore_mib"] <= memory["peak_mib"]
 
 
 def test_lm_qat_quick(tmp_path):
