@@ -353,8 +353,9 @@ def run_all(args):
       write_run(args, f"{setting}-{method}", {
           **base, "setting": setting, "method": method, "held_loss": evaluate(model, windows),
           "seconds": time.perf_counter() - start})
-    for method in [m for m in QAT_METHODS if m in args.methods]:
-      for seed in args.seeds:
+    # Seed by seed, every method within a seed: an interrupted sweep leaves paired rows.
+    for seed in args.seeds:
+      for method in [m for m in QAT_METHODS if m in args.methods]:
         if finished(args, f"{setting}-{method}-s{seed}", base):
           continue
         start = time.perf_counter()
