@@ -640,9 +640,12 @@ def init_scale(
   if method not in INIT_METHODS:
     raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
   if group_size is not None:
-    return _init_group_scale(x, bits=bits, method=method, axis=-1 if axis is None else axis,
-                             signed=signed, narrow=narrow, num_candidates=num_candidates,
-                             group_size=group_size, group_axis=group_axis)
+    axis = -1 if axis is None else axis
+    return _init_group_scale(
+        x, bits=bits, method=method,
+        axis=int(axis) if isinstance(axis, numbers.Integral) else tuple(axis), signed=signed,
+        narrow=narrow, num_candidates=checks.check_int("num_candidates", num_candidates),
+        group_size=checks.check_group_size(group_size), group_axis=group_axis)
   num_candidates = checks.check_int("num_candidates", num_candidates)
   x = jnp.asarray(x, jnp.float32)
   if x.size == 0:
@@ -668,22 +671,40 @@ def init_scale(
   elif method == "absmax":
     scale = reduce(jnp.max, abs_x) / hi
   else:
-    absmax = reduce(jnp.max, abs_x)
-    fractions = jnp.arange(1, num_candidates + 1, dtype=jnp.float32) / num_candidates
-
-    def error(fraction):
-      step = jnp.maximum(fraction * absmax / hi, tiny)
-      x_q = step * jnp.clip(jnp.round(x / step), lo, hi)
-      return reduce(jnp.mean, jnp.square(x_q - x))
-
-    errors = jax.lax.map(error, fractions)  # (num_candidates, *scale_shape)
-    best = jnp.argmin(errors, axis=0)
-    # fractions[best], computed instead of gathered: a gather with indices sharded over
-    # explicit mesh axes needs an output sharding; this is the same float32 arithmetic.
-    scale = (best + 1).astype(jnp.float32) / num_candidates * absmax / hi
+    scale = _mse_step_size(x, lo=lo, hi=hi, axes=axes, keep=keep,
+                           num_candidates=num_candidates)
   return jnp.maximum(scale, tiny).astype(jnp.float32)
 
 
+# Jitted once per shape and grid: called eagerly (e.g. by each layer's constructor) the
+# search would otherwise trace and compile its loop anew on every call.
+@functools.partial(jax.jit, static_argnames=("lo", "hi", "axes", "keep", "num_candidates"))
+def _mse_step_size(x, *, lo, hi, axes, keep, num_candidates):
+  """The ``"mse"`` step size of :func:`init_scale`: the best of ``num_candidates`` clips."""
+  tiny = jnp.finfo(jnp.float32).tiny
+
+  def reduce(fn, value):
+    out = fn(value, axis=axes, keepdims=keep)
+    return out if keep else out.reshape(())
+
+  absmax = reduce(jnp.max, jnp.abs(x))
+  fractions = jnp.arange(1, num_candidates + 1, dtype=jnp.float32) / num_candidates
+
+  def error(fraction):
+    step = jnp.maximum(fraction * absmax / hi, tiny)
+    x_q = step * jnp.clip(jnp.round(x / step), lo, hi)
+    return reduce(jnp.mean, jnp.square(x_q - x))
+
+  errors = jax.lax.map(error, fractions)  # (num_candidates, *scale_shape)
+  best = jnp.argmin(errors, axis=0)
+  # fractions[best], computed instead of gathered: a gather with indices sharded over
+  # explicit mesh axes needs an output sharding; this is the same float32 arithmetic.
+  return (best + 1).astype(jnp.float32) / num_candidates * absmax / hi
+
+
+# Jitted for the same reason as _mse_step_size (its arguments but x are static).
+@functools.partial(jax.jit, static_argnames=("bits", "method", "axis", "signed", "narrow",
+                                             "num_candidates", "group_size", "group_axis"))
 def _init_group_scale(x, *, bits, method, axis, signed, narrow, num_candidates, group_size,
                       group_axis):
   """:func:`init_scale` per group: the method on each group of the grouped array."""
