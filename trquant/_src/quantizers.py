@@ -639,14 +639,14 @@ def init_scale(
   lo, hi = grid.lo, grid.hi
   if method not in INIT_METHODS:
     raise ValueError(f"`method` must be one of {INIT_METHODS}, got {method!r}.")
+  num_candidates = checks.check_int("num_candidates", num_candidates)
   if group_size is not None:
     axis = -1 if axis is None else axis
     return _init_group_scale(
         x, bits=bits, method=method,
-        axis=int(axis) if isinstance(axis, numbers.Integral) else tuple(axis), signed=signed,
-        narrow=narrow, num_candidates=checks.check_int("num_candidates", num_candidates),
+        axis=tuple(axis) if isinstance(axis, Sequence) else int(axis), signed=signed,
+        narrow=narrow, num_candidates=num_candidates,
         group_size=checks.check_group_size(group_size), group_axis=group_axis)
-  num_candidates = checks.check_int("num_candidates", num_candidates)
   x = jnp.asarray(x, jnp.float32)
   if x.size == 0:
     raise ValueError("`x` is empty: cannot initialise a scale from no values.")
