@@ -764,7 +764,7 @@ def test_settling_warmup_invalid_arguments(kwargs, match):
 # ---------------------------------------------------------------------------------------
 
 
-def _runaway_problem(target, *, guard, steps=2000, controller="log"):
+def _runaway_problem(target, *, guard, steps=2000):
   """Binary weights (scale mean|w|: ~40% start outside the straight-through window),
   Adam without weight decay, a target far above the optimizer's own rate. Returns per-step
   (rate, multiplier, fraction beyond the grid) and the final transform state."""
@@ -775,8 +775,7 @@ def _runaway_problem(target, *, guard, steps=2000, controller="log"):
   scale = trquant.init_scale(params["w"], bits=1)
   codes_fn = lambda p: {"w": trquant.quantize(p["w"], scale, bits=1)}
   tx = optax.chain(optax.adam(1e-2), trquant.tr_schedule(
-      target, codes_fn=codes_fn, decay=0.9, windup_guard=guard, guard_window=50,
-      controller=controller))
+      target, codes_fn=codes_fn, decay=0.9, windup_guard=guard, guard_window=50))
 
   def loss(p, idx):
     return jnp.mean((x[idx] @ trquant.fake_quant(p["w"], scale, bits=1) - y[idx]) ** 2)
