@@ -1,10 +1,14 @@
 """Shared by the benchmarks: one training run per call (trquant_examples.training.train),
-the FP checkpoint, and writing a summary table with its results."""
+the FP checkpoint, writing a summary table with its results, and the code and machine a
+run records."""
 
 from __future__ import annotations
 
 import json
 import os
+import pathlib
+import platform
+import subprocess
 
 import numpy as np
 
@@ -112,3 +116,32 @@ def write_summary(out, lines, results, stem="summary"):
     json.dump(results, f, indent=2)
   print("\n" + text)
   return text
+
+
+def git_state() -> dict:
+  """``{"commit", "dirty"}`` of the checkout these benchmarks run from (None outside git).
+
+  ``dirty``: tracked changes under trquant/, benchmarks/ or examples/; a sweep's own
+  untracked result files do not count."""
+  root = pathlib.Path(__file__).resolve().parent.parent
+
+  def git(*command):
+    try:
+      return subprocess.run(["git", *command], cwd=root, capture_output=True, text=True,
+                            check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+      return None
+
+  changes = git("status", "--porcelain", "--untracked-files=no", "--", "trquant", "benchmarks",
+                "examples")
+  return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changes)}
+
+
+def cpu_model() -> str | None:
+  """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` says."""
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as cpuinfo:
+      for line in cpuinfo:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  return platform.processor() or None

@@ -42,8 +42,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import subprocess
 import time
 
 import flax
@@ -53,6 +51,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+import _runs  # benchmarks/_runs.py, next to this script
 import trquant
 from trquant.nnx import QuantRule
 from trquant_examples.lm import (LM, adamw, eval_windows, lm_loss, load_corpus, qat_optimizer,
@@ -229,27 +228,14 @@ def qwix_ptq_model(fp, setting, group_size, method, batches):
 
 
 def provenance(fp_hash):
-  def git(*command):
-    try:
-      return subprocess.run(["git", *command], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
   try:
     import qwix
     qwix_version = getattr(qwix, "__version__", "installed")
   except ImportError:
     qwix_version = None
-  cpu = platform.processor()
-  if os.path.exists("/proc/cpuinfo"):
-    names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-             if line.startswith("model name")]
-    cpu = names[0] if names else cpu
-  return {"commit": git("rev-parse", "HEAD"),
-          # Tracked changes only: a sweep's own untracked result files must not mark it dirty.
-          "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "trquant",
-                            "benchmarks", "examples")),
+  return {**_runs.git_state(),
           "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "qwix": qwix_version, "cpu": cpu, "cpu_count": os.cpu_count(),
+          "qwix": qwix_version, "cpu": _runs.cpu_model(), "cpu_count": os.cpu_count(),
           "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "fp_checkpoint_sha256": fp_hash}
 

@@ -13,10 +13,10 @@ forms:
 It checks that packed and fq give the same logits (bit for bit) and the same greedy
 generation, measures each form's peak process memory when served as a server would (a
 fresh process restores the form's Orbax checkpoint into its abstract structure, never
-building the float model, and runs a prefill and a decode step), then times, interleaved round by round (compilation excluded), a jitted
-forward of batch 1 over ``--context`` tokens (prefill) and a jitted decode step of batch 1
-(one token attending over a KV cache of ``--context`` positions: the weight-bound
-matrix-vector products of generation). Random weights: bytes and throughput do not
+building the float model, and runs a prefill and a decode step), then times, interleaved
+round by round (compilation excluded), a jitted forward of batch 1 over ``--context``
+tokens (prefill) and a jitted decode step of batch 1 (one token attending over a KV cache
+of ``--context`` positions: the weight-bound matrix-vector products of generation). Random weights: bytes and throughput do not
 depend on training.
 
     python benchmarks/lm_serving.py            # ~2 min on this 2-core CPU
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,6 +40,7 @@ import flax
 import numpy as np
 from flax import nnx
 
+import _runs  # benchmarks/_runs.py, next to this script
 import trquant
 from trquant.nnx import QuantRule
 from trquant_examples.lm import LM, generate
@@ -142,17 +142,8 @@ def peak_memory(args, forms):
 
 
 def provenance() -> dict:
-  def git(*command):
-    try:
-      return subprocess.run(["git", *command], capture_output=True, text=True,
-                            check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-      return None
-  return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain",
-                                                                  "--untracked-files=no", "--",
-                                                                  "trquant", "benchmarks")),
-          "jax": jax.__version__, "flax": flax.__version__,
-          "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or None,
+  return {**_runs.git_state(), "jax": jax.__version__, "flax": flax.__version__,
+          "device": str(jax.devices()[0].device_kind), "cpu": _runs.cpu_model(),
           "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
