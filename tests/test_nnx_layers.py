@@ -71,11 +71,12 @@ def test_shifted_depthwise_conv_matches_xla_conv_and_its_gradients(strides, padd
   def loss(layer, x):
     return jnp.sum(jnp.sin(layer(x)))
 
-  out_shift, out_conv = shift(x), conv(x)
+  forward = nnx.jit(lambda layer, x: layer(x))  # one program each (eager: one per op)
+  out_shift, out_conv = forward(shift, x), forward(conv, x)
   assert out_shift.shape == out_conv.shape
   np.testing.assert_allclose(out_shift, out_conv, rtol=1e-5, atol=1e-5)
-  grads_shift = nnx.grad(loss, argnums=(0, 1))(shift, x)
-  grads_conv = nnx.grad(loss, argnums=(0, 1))(conv, x)
+  grad = nnx.jit(nnx.grad(loss, argnums=(0, 1)))
+  grads_shift, grads_conv = grad(shift, x), grad(conv, x)
   for a, b in zip(jax.tree.leaves(grads_shift), jax.tree.leaves(grads_conv)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 

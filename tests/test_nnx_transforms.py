@@ -290,7 +290,8 @@ def test_unknown_extra_arguments_leave_plain_codes_fns_alone():
   tx = trquant.tr_schedule(1e-2, codes_fn=codes_fn)
   params = {"w": jnp.linspace(-0.3, 0.3, 8)}
   state = tx.init(params)
-  updates, _ = tx.update({"w": jnp.ones(8)}, state, params, weight_scales={"w": 1.0}, other=3)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p, weight_scales={"w": 1.0}, other=3))
+  updates, _ = update({"w": jnp.ones(8)}, state, params)
   assert updates["w"].shape == (8,)
 
 
@@ -310,7 +311,12 @@ def test_group_scales_with_tr_schedule_and_freezing():
                                                total_steps=4, warmup_steps=1))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   x = jnp.ones((2, 16))
-  for _ in range(3):
+
+  @nnx.jit
+  def train_step(model, optimizer):
     grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2) + trquant.nnx.model_dampening_loss(m))(model)
     optimizer.update(model, grads)
+
+  for _ in range(3):
+    train_step(model, optimizer)
   assert float(trquant.nnx.transition_stats(optimizer)["tr_step"]) == 3

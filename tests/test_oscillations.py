@@ -106,13 +106,14 @@ def test_track_oscillation_definition():
   codes_fn = lambda p: {"w": trquant.quantize(p["w"], 1.0, bits=4)}
   tx = trquant.track_oscillations(codes_fn=codes_fn, decay=0.0, threshold=0.5)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   # Codes: w0 0,1,0,1; w1 0,1,2,1; w2 0,1,1,0; w3 0,-1,-2,-2; w4 constant 0.
   steps = [[1, 1, 1, -1, 0], [-1, 1, 0, -1, 0], [1, -1, -1, 0, 0]]
   counts = []
   for step in steps:
     updates = {"w": jnp.asarray(step, jnp.float32)}
-    out, state = tx.update(updates, state, params)
-    assert out is updates
+    out, state = update(updates, state, params)
+    np.testing.assert_array_equal(out["w"], updates["w"])
     params = optax.apply_updates(params, updates)
     counts.append(int(state.oscillation_count[0]))
   assert counts == [0, 1, 3]
@@ -164,7 +165,7 @@ def test_track_matches_float64_reference():
 def test_frequency_is_unbiased_at_small_momentum_where_half_precision_fails():
   """Weights flip between codes 0 and 1 at random (every flip after the first oscillates);
   with momentum 1e-3 the uint16 frequency stays unbiased, where a bfloat16 EMA never decays."""
-  n, steps, momentum, rate = 4096, 3000, 1e-3, 0.02
+  n, steps, momentum, rate = 1024, 3000, 1e-3, 0.02
   params = {"w": jnp.zeros(n)}
   codes_fn = lambda p: {"w": trquant.quantize(p["w"], 1.0, bits=4)}
   tx = trquant.track_oscillations(codes_fn=codes_fn, decay=1 - momentum)

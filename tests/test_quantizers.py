@@ -1137,10 +1137,13 @@ def test_group_scale_of_the_wrong_shape_is_named():
     trquant.fake_quant(jnp.ones((16, 4)), jnp.ones((1, 4)), bits=4, group_size=4)
 
 
+# One shape (each new shape compiles every eager op again); rows of very different
+# magnitudes, drawn per example.
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]), rows=st.integers(1, 6))
-def test_dynamic_quantization_is_per_row_absmax(seed, bits, rows):
-  x = jax.random.normal(jax.random.key(seed), (rows, 12)) * jnp.arange(1, rows + 1)[:, None]
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([4, 8]))
+def test_dynamic_quantization_is_per_row_absmax(seed, bits):
+  rows = jnp.exp(3 * jax.random.normal(jax.random.key(seed + 1), (6, 1)))
+  x = jax.random.normal(jax.random.key(seed), (6, 12)) * rows
   q = trquant.fake_quant_dynamic(x, bits=bits)
   hi = 2 ** (bits - 1) - 1
   scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / hi

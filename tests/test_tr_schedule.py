@@ -174,8 +174,9 @@ def test_zero_target_freezes():
   params = _params()
   tx = _tx(lr=0.3, target_tr=0.0)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   for seed in range(200):
-    _, state = tx.update(_grads(params, seed), state, params)
+    _, state = update(_grads(params, seed), state, params)
   assert np.all(np.asarray(optax.tree.get(state, "talr_multiplier")) < 0.5)
 
 
@@ -183,8 +184,9 @@ def test_max_multiplier_bounds_multiplier():
   params = _params()
   tx = _tx(lr=1e-6, target_tr=0.5, controller="momentum", max_multiplier=3.0)
   state = tx.init(params)
+  update = jax.jit(tx.update)
   for seed in range(50):
-    _, state = tx.update(_grads(params, seed), state, params)
+    _, state = update(_grads(params, seed), state, params)
   u = np.asarray(optax.tree.get(state, "talr_multiplier"))
   assert np.all(u <= 3.0) and np.all(np.isfinite(u))
 
@@ -839,18 +841,16 @@ def _beyond_grid_run(saturation_fn, steps=600):
   params = {"w": w0}
   state = tx.init(params)
 
-  @jax.jit
-  def step(params, state, key):
+  def step(carry, t):
+    params, state = carry
     inside = jnp.abs(params["w"]) <= scale
-    grads = {"w": jnp.where(inside, jax.random.normal(key, w0.shape), 0.0)}
+    grads = {"w": jnp.where(inside, jax.random.normal(jax.random.key(t + 1), w0.shape), 0.0)}
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
+    return (optax.apply_updates(params, updates), state), optax.tree.get(state, "talr_multiplier")[0]
 
-  multipliers = []
-  for t in range(steps):
-    params, state = step(params, state, jax.random.key(t + 1))
-    multipliers.append(float(optax.tree.get(state, "talr_multiplier")[0]))
-  return np.array(multipliers), state
+  run = jax.jit(lambda carry: jax.lax.scan(step, carry, jnp.arange(steps)))
+  (_, state), multipliers = run((params, state))
+  return np.asarray(multipliers), state
 
 
 def test_guard_reads_beyond_grid_weights_from_saturation_fn():
