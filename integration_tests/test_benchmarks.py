@@ -242,6 +242,19 @@ def test_lm_serving_quick():
     assert 0 < memory["before_restore_mib"] <= memory["peak_mib"]
 
 
+def test_a8_matmul_quick(tmp_path):
+  bench = _load("benchmarks/a8_matmul.py", "trquant_bench_a8_matmul")
+  rows = bench.main(["--quick", "--out", str(tmp_path)])
+  assert [(r["group_size"], r["tokens"]) for r in rows] == [(32, 1), (32, 8), (None, 1), (None, 8)]
+  for row in rows:
+    assert row["max_relative_difference"] < 1e-5  # exact int32 sums, float scaling only
+    assert set(row["seconds_per_call"]) == {"float, packed", "int8, packed",
+                                            "float, resident f32", "int8, resident int8"}
+    assert all(t > 0 for t in row["seconds_per_call"].values())
+  assert json.loads((tmp_path / "a8_matmul.json").read_text())["rows"] == rows
+  assert "| 64x96 | 32 | 1 |" in (tmp_path / "summary.md").read_text()
+
+
 def test_lm_qat_quick(tmp_path):
   lm_qat = _load("benchmarks/lm_qat.py", "trquant_bench_lm_qat")
   summary = lm_qat.main(["--quick", "--out", str(tmp_path)])

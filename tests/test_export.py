@@ -313,6 +313,21 @@ def test_group_scales_export_and_reload_bit_identically(tmp_path):
     trquant.export.load_integer(per_channel, path)
 
 
+def test_pytree_with_group_scales():
+  params = {"w": _weights((32, 6)), "b": jnp.ones(6)}
+  scale = trquant.init_scale(params["w"], bits=4, method="mse", group_size=8)
+  exported = to_integer(params, {"w": scale, "b": None}, bits=4, group_size=8)
+  assert (exported["w"].group_size, exported["w"].data.size) == (8, 32 * 6 // 2)
+  np.testing.assert_array_equal(from_integer(exported)["w"],
+                                trquant.fake_quant(params["w"], scale, bits=4, group_size=8))
+  np.testing.assert_array_equal(exported["w"].codes,
+                                trquant.quantize(params["w"], scale, bits=4, group_size=8))
+  with pytest.raises(ValueError, match=r"\['w'\].*per-group scales: pass `group_size`"):
+    to_integer(params, {"w": scale, "b": None}, bits=4)
+  with pytest.raises(ValueError, match="group sizes come from its layers"):
+    to_integer(QuantLinear(4, 2, weight_bits=2, rngs=nnx.Rngs(0)), group_size=8)
+
+
 def _mixed_model(seed=0):
   """Conv (per-channel 2-bit, binary), grouped 4-bit linear, 8-bit einsum, an FP layer, a BN."""
   rngs = nnx.Rngs(seed)

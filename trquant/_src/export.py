@@ -192,7 +192,8 @@ def _is_exported(x) -> TypeGuard[IntegerTensor]:
 
 def to_integer(params: Union[PyTree, nnx.Module], scales: Optional[PyTree] = None, *,
                bits: Optional[Union[int, PyTree]] = None, signed: bool = True,
-               narrow: bool = False) -> PyTree:
+               narrow: bool = False, group_size: Optional[int] = None,
+               group_axis: int = -2) -> PyTree:
   """Exports quantized weights as :class:`IntegerTensor` leaves.
 
   Args:
@@ -204,6 +205,9 @@ def to_integer(params: Union[PyTree, nnx.Module], scales: Optional[PyTree] = Non
       quantized leaf's step size and ``None`` for leaves kept in float.
     bits: an int for every quantized leaf, or a tree like ``scales``.
     signed, narrow: the weight grid (see :func:`trquant.quantize`).
+    group_size, group_axis: per-group scales (see :func:`trquant.quantize`) for every
+      quantized leaf of a pytree; each scale then has the shape
+      :func:`trquant.group_scale_shape` gives.
 
   Returns:
     ``params``' tree with every quantized leaf replaced by its
@@ -218,8 +222,9 @@ def to_integer(params: Union[PyTree, nnx.Module], scales: Optional[PyTree] = Non
   from flax import nnx  # the NNX layers are optional for plain pytrees
 
   if isinstance(params, nnx.Module):
-    if scales is not None or bits is not None:
-      raise ValueError("for an NNX model, scales and bits come from its layers; pass neither.")
+    if scales is not None or bits is not None or group_size is not None:
+      raise ValueError("for an NNX model, scales, bits and group sizes come from its layers;"
+                       " pass none of them.")
     return _model_to_integer(params)
   if scales is None or bits is None:
     raise ValueError("`scales` and `bits` are required for a pytree of weights (a tree of"
@@ -240,9 +245,12 @@ def to_integer(params: Union[PyTree, nnx.Module], scales: Optional[PyTree] = Non
     if scale is None:
       return leaf
     try:
-      return quantize_to_integer(leaf, scale, bits=leaf_bits, signed=signed, narrow=narrow)
+      return quantize_to_integer(leaf, scale, bits=leaf_bits, signed=signed, narrow=narrow,
+                                 group_size=group_size, group_axis=group_axis)
     except ValueError as error:
-      raise ValueError(f"{jax.tree_util.keystr(path)}: {error}") from None
+      hint = ("" if group_size is not None or np.ndim(scale) == 0 else
+              " (per-group scales: pass `group_size`)")
+      raise ValueError(f"{jax.tree_util.keystr(path)}: {error}{hint}") from None
 
   return jax.tree_util.tree_map_with_path(export_leaf, params, scale_leaves, bit_leaves,
                                           is_leaf=lambda s: s is None)
