@@ -5,12 +5,14 @@
      (a) Adam + cosine LR,
      (a') Adam + cosine LR + a bare transition count (``jnp.sum(codes(p) != codes(p + u))``
           per layer, nothing else: the floor of any transform that counts transitions),
-     (b) chain(Adam, tr_schedule),
+     (b') chain(Adam, tr_schedule(..., windup_guard=False)),
+     (b) chain(Adam, tr_schedule) (the windup guard on, as by default),
      (c) chain(Adam, tr_schedule, track_oscillations),
      (d) chain(Adam, tr_schedule, freeze_oscillations),
    on weight-heavy models (a 3-layer 1024-wide MLP, batch 256, and a small ViT: patch
    embedding, 4 blocks, width 256, quantized by ``trquant.nnx.quantize_model``; 2-bit weights,
-   full-precision activations) and on the small CNN and ResNet-20 (W2A2). Random data:
+   full-precision activations), the example LM (``--models lm``: 12.8M parameters, W4 in
+   groups of 32, batch 8 x 256 tokens) and on the small CNN and ResNet-20 (W2A2). Random data:
    throughput only. Variants are timed interleaved, in a new random order in every
    round, and each round's time per step is kept; the table gives the median, the
    spread (interquartile range) and the ratio of medians to (a). The optimizer update
@@ -48,15 +50,20 @@ import optax
 from flax import nnx
 
 import trquant
+from _runs import cpu_model, git_state
 from trquant_examples import models
+from trquant_examples.lm import LM
 from trquant_examples.vit import ViT
 
-VARIANTS = ("adam_cosine", "adam_count", "adam_tr", "adam_tr_track", "adam_tr_freeze")
+VARIANTS = ("adam_cosine", "adam_count", "adam_tr_noguard", "adam_tr", "adam_tr_track",
+            "adam_tr_freeze")
 LABELS = {"adam_cosine": "(a) Adam + cosine LR", "adam_count": "(a') (a) + bare transition count",
+          "adam_tr_noguard": "(b') + tr_schedule, windup_guard=False",
           "adam_tr": "(b) + tr_schedule", "adam_tr_track": "(c) + track_oscillations",
           "adam_tr_freeze": "(d) + freeze_oscillations"}
-# Models whose step is dominated by weight-sized work: 2-bit weights, FP activations.
-WEIGHT_HEAVY = ("mlp", "vit")
+# Models whose step is dominated by weight-sized work: 2-bit weights, FP activations; the LM:
+# 4-bit weights in groups of 32, the head 8-bit, the embedding float.
+WEIGHT_HEAVY = ("mlp", "vit", "lm")
 
 
 def parse_args(argv=None):
@@ -81,7 +88,8 @@ def parse_args(argv=None):
   return args
 
 
-DEFAULT_BATCH = {"mlp": 256, "mlp_small": 32, "vit": 32}
+DEFAULT_BATCH = {"mlp": 256, "mlp_small": 32, "vit": 32, "lm": 8}
+LM_CONTEXT = 256
 
 
 # ---------------------------------------------------------------------------------------
@@ -118,6 +126,17 @@ def build(model_name, *, bits, batch_size, rngs):
     x = jax.random.normal(key_x, (batch_size, 32, 32, 3))
     # Every linear layer gets 2-bit weights, the patch embedding and the head included.
     model = trquant.nnx.quantize_model(fp, [trquant.nnx.QuantRule(weight_bits=bits)])
+  elif model_name == "lm":
+    # The example LM (trquant_examples.lm) at the serving benchmark's size (12.8M
+    # parameters), quantized by rules as lm_serving.py quantizes it; next-byte labels.
+    fp = LM(dim=512, layers=4, heads=8, kv_heads=4, hidden=1536, rngs=rngs)
+    model = trquant.nnx.quantize_model(fp, [
+        trquant.nnx.QuantRule("embed", skip=True),
+        trquant.nnx.QuantRule("lm_head", weight_bits=8, per_channel=True),
+        trquant.nnx.QuantRule(weight_bits=4, group_size=32)])
+    tokens = jax.random.randint(key_x, (batch_size, LM_CONTEXT + 1), 0, 256)
+    model.train()
+    return model, (tokens[:, :-1], tokens[:, 1:])
   else:
     model = models.build_model(model_name, num_classes=10, in_channels=3, weight_bits=bits,
                                act_bits=bits, image_size=32, rngs=rngs)
@@ -152,7 +171,8 @@ def make_transform(variant, model, total_steps):
     return optax.chain(optax.adam(optax.cosine_decay_schedule(1e-3, total_steps)), bare_count(model))
   codes_fn = trquant.nnx.codes_fn(model)
   chain = [optax.adam(1e-3),
-           trquant.tr_schedule(optax.cosine_decay_schedule(5e-3, total_steps), codes_fn=codes_fn)]
+           trquant.tr_schedule(optax.cosine_decay_schedule(5e-3, total_steps), codes_fn=codes_fn,
+                               windup_guard=variant != "adam_tr_noguard")]
   if variant == "adam_tr_track":
     chain.append(trquant.track_oscillations(codes_fn=codes_fn))
   elif variant == "adam_tr_freeze":
@@ -424,7 +444,8 @@ def main(argv=None):
   device = f"{jax.devices()[0].platform} ({jax.devices()[0].device_kind}, {jax.device_count()} device(s))"
   # Other processes on the machine disturb the timings: the load is recorded with them.
   results = {"device": device, "cpu_count": os.cpu_count(), "args": vars(args), "steps": {},
-             "scaling": [], "loops": {}, "load_average_start": os.getloadavg()}
+             "scaling": [], "loops": {}, "load_average_start": os.getloadavg(),
+             "code": git_state(), "cpu": cpu_model(), "jax": jax.__version__}
   lines = [f"Device: {device}, {os.cpu_count()} CPU cores. {args.rounds} interleaved rounds of"
            f" {args.steps_per_round} steps.", ""]
   for model_name in args.models.split(","):
@@ -434,7 +455,8 @@ def main(argv=None):
     quantized = rows["adam_cosine"]["quantized_weights"]
     batch_size = args.batch_size or DEFAULT_BATCH.get(model_name, 128)
     acts = "FP activations" if model_name in WEIGHT_HEAVY + ("mlp_small",) else f"A{args.bits}"
-    lines += [f"**{model_name}** ({quantized:,} quantized weights; W{args.bits}, {acts},"
+    weights = "W4 in groups of 32, head W8" if model_name == "lm" else f"W{args.bits}"
+    lines += [f"**{model_name}** ({quantized:,} quantized weights; {weights}, {acts},"
               f" batch {batch_size})", "",
               "| variant | step time (median) | IQR | ratio to (a) | optimizer update alone |"
               " update cost beyond (a), % of (a)'s step | extra state bytes / quantized weight |",
