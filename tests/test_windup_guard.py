@@ -1,9 +1,12 @@
 """The windup guard's rules (trquant._src.tr_scheduling.windup_guard), one window end at a time."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import trquant
 from trquant._src.tr_scheduling import windup_guard
 
 
@@ -71,3 +74,31 @@ def test_nothing_changes_between_window_ends_or_on_a_non_finite_step():
 def test_default_window_is_five_time_constants():
   assert windup_guard.default_guard_window(0.99) == 500
   assert windup_guard.default_guard_window(0.9) == 50
+
+
+def test_statistics_stride_keeps_fifty_measurements_per_window():
+  assert [windup_guard.statistics_stride(w) for w in (2, 50, 99, 100, 500, 1000)] == [
+      1, 1, 1, 2, 10, 20]
+  traced = jax.jit(windup_guard.statistics_stride)(jnp.int32(500))
+  assert int(traced) == 10
+
+
+@pytest.mark.parametrize("guard_window", [20, 500])  # stride 1 and stride 10
+def test_strided_stalled_fraction_has_the_per_update_time_constant(guard_window):
+  # 95% of the weights get a tiny update every step: stalled. Measured every stride
+  # updates with the decay to the power stride, the EMA after 300 updates is the
+  # per-update EMA's, 0.95 * (1 - 0.99**300), and it changes only on measured updates.
+  n = 2000
+  params = {"w": jnp.linspace(-1.0, 1.0, n)}
+  update = {"w": jnp.where(jnp.arange(n) < 0.95 * n, 1e-6, 1e-2)}
+  codes_fn = lambda p: {"w": trquant.quantize(p["w"], 0.1, bits=4)}
+  tx = trquant.tr_schedule(1e-3, codes_fn=codes_fn, decay=0.99, guard_window=guard_window)
+  step = jax.jit(lambda s: tx.update(update, s, params)[1])
+  state, history = tx.init(params), []
+  for _ in range(301):
+    state = step(state)
+    history.append(float(optax.tree.get(state, "stalled_fraction")[0]))
+  np.testing.assert_allclose(history[299], 0.95 * (1 - 0.99**300), rtol=1e-4)
+  stride = windup_guard.statistics_stride(guard_window)
+  changed = [t for t in range(1, 301) if history[t] != history[t - 1]]
+  assert changed == [t for t in range(1, 301) if t % stride == 0]

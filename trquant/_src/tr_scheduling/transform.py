@@ -133,7 +133,8 @@ def tr_schedule(
   of ``guard_window`` updates (per group), together with ``stalled_fraction``:
   the running fraction of quantized weights whose incoming update is below 1% of
   the layer's RMS update (weights that have stopped; with Adam or momentum SGD,
-  those beyond the grid). Raising ``u`` no longer pays when, over a window, ``u``
+  those beyond the grid), measured every ``guard_window // 50`` updates (10 at the
+  defaults; an EMA with the same time constant as ``K``). Raising ``u`` no longer pays when, over a window, ``u``
   rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
   below 0.01); or ``u`` at least doubled while the stalled fraction grew by more
   than 5 points; or ``u`` rose at all while more than 90% of the layer's
@@ -373,24 +374,29 @@ def tr_schedule(
     # 3. Count the transitions this update causes, with the arithmetic of apply_updates.
     new_params = optax.apply_updates(params, scaled_updates)
     codes_after = codes_def.flatten_up_to(step_codes_fn(new_params))
-    changed, total, stalled_count, beyond_count = [], [], [], []
-    use_saturation = windup_guard and saturation_fn is not None
-    masks = (codes_tree.flatten_like(codes_def, step_saturation_fn(params),
-                                     "saturation_fn(params)")
-             if use_saturation else [None] * len(quantized))
-    for before, after, update, mask, is_quantized in zip(
-        codes_def.flatten_up_to(codes_before), codes_after, update_slots, masks, quantized
+    changed, total = [], []
+    for before, after, update, is_quantized in zip(
+        codes_def.flatten_up_to(codes_before), codes_after, update_slots, quantized
     ):
       if is_quantized:
         # NaN when the layer's update has a non-finite entry: how it is recognised below.
         changed.append(codes_tree.count_transitions(before, after, update))
         total.append(float(np.size(before)))
-        if windup_guard:
-          stalled_count.append(windup_guard_rules.stalled_count(update))
-        if use_saturation:
-          beyond_count.append(codes_tree.count_true(mask).astype(jnp.float32))
     changed = jnp.stack(changed)
     total = np.asarray(total, np.float32)
+    use_saturation = windup_guard and saturation_fn is not None
+
+    def guard_counts():
+      """Per quantized leaf: how many weights stalled, how many beyond the grid (float32)."""
+      stalled_count = jnp.stack([windup_guard_rules.stalled_count(update)
+                                 for update, q in zip(update_slots, quantized) if q])
+      if not use_saturation:
+        return stalled_count, jnp.zeros_like(stalled_count)
+      masks = codes_tree.flatten_like(codes_def, step_saturation_fn(params),
+                                      "saturation_fn(params)")
+      beyond_count = jnp.stack([codes_tree.count_true(mask).astype(jnp.float32)
+                                for mask, q in zip(masks, quantized) if q])
+      return stalled_count, beyond_count
 
     def fraction_overall(counts):  # count-weighted over every quantized weight
       return jnp.sum(counts) / max(total.sum(), 1.0)
@@ -415,13 +421,27 @@ def tr_schedule(
     multiplier = jnp.where(finite, multiplier, state.talr_multiplier)
     guard = state.guard
     if windup_guard:
-      stalled_now = fraction_per_group(jnp.stack(stalled_count))
+      # The stalled and beyond-grid fractions are measured every `stride` updates (they
+      # read every quantized weight again), with the decay raised to the power `stride`:
+      # the same time constant in updates, at a fraction of the cost.
+      stride = windup_guard_rules.statistics_stride(guard_window)
+      if isinstance(stride, int) and stride == 1:
+        measure, stalled_count, beyond_count = True, *guard_counts()
+      else:
+        measure = state.tr_step % stride == 0
+        stalled_count, beyond_count = jax.lax.cond(
+            measure, guard_counts, lambda: (jnp.zeros(total.shape, jnp.float32),) * 2)
+      update_stats = finite & measure
+      stats_decay = decay ** stride
+      stalled_now = fraction_per_group(stalled_count)
       stalled = guard.stalled_fraction
-      stalled = jnp.where(finite, decay * stalled + (1.0 - decay) * stalled_now, stalled)
+      stalled = jnp.where(update_stats, stats_decay * stalled + (1.0 - stats_decay) * stalled_now,
+                          stalled)
       beyond = guard.beyond_grid_fraction
       if use_saturation:
-        beyond_now = fraction_per_group(jnp.stack(beyond_count))
-        beyond = jnp.where(finite, decay * beyond + (1.0 - decay) * beyond_now, beyond)
+        beyond_now = fraction_per_group(beyond_count)
+        beyond = jnp.where(update_stats, stats_decay * beyond + (1.0 - stats_decay) * beyond_now,
+                           beyond)
       window_done = (state.tr_step + 1) % guard_window == 0
       if measured:
         window_done &= state.tr_step >= state.warmup.warmup_end_step

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-__all__ = ["GuardState", "default_guard_window", "guard_step", "stalled_count"]
+__all__ = ["GuardState", "default_guard_window", "guard_step", "stalled_count",
+           "statistics_stride"]
 
 # A weight has stopped when its incoming update is below this fraction of its layer's RMS
 # update.
@@ -35,6 +36,16 @@ def default_guard_window(decay):
     window = jnp.round(5.0 / (1.0 - jnp.asarray(decay, jnp.float32)))
     return jnp.maximum(window, 1.0).astype(jnp.int32)
   return max(int(round(5.0 / (1.0 - float(decay)))), 1)
+
+
+def statistics_stride(window):
+  """Updates between two measurements of the stalled and beyond-grid fractions.
+
+  ``window // 50`` (10 in the default 500-update window, so each window still sees 50
+  measurements), at least 1; an int32 scalar for a traced window."""
+  if isinstance(window, jax.core.Tracer):
+    return jnp.maximum(window // 50, 1)
+  return max(int(window) // 50, 1)
 
 
 def stalled_count(update) -> jax.Array:
@@ -60,7 +71,8 @@ class GuardState(NamedTuple):
   guard_start_tracking: jax.Array
   # shape=(groups,), float32: running fraction (EMA, same decay) of quantized weights whose
   # incoming update is below 1% of the layer's RMS update: weights that have stopped, e.g.
-  # beyond the grid, where the straight-through gradient is 0.
+  # beyond the grid, where the straight-through gradient is 0. Measured every
+  # statistics_stride(window) updates, as is beyond_grid_fraction.
   stalled_fraction: jax.Array
   # shape=(groups,), float32: stalled_fraction at the start of the guard's current window.
   guard_start_stalled: jax.Array
