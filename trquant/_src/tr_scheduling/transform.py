@@ -426,7 +426,8 @@ def tr_schedule(
       # the same time constant in updates, at a fraction of the cost.
       stride = windup_guard_rules.statistics_stride(guard_window)
       if isinstance(stride, int) and stride == 1:
-        measure, stalled_count, beyond_count = True, *guard_counts()
+        measure = True
+        stalled_count, beyond_count = guard_counts()
       else:
         measure = state.tr_step % stride == 0
         stalled_count, beyond_count = jax.lax.cond(
