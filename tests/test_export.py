@@ -143,7 +143,7 @@ def test_bad_inputs():
   with pytest.raises(ValueError, match=r"\['w'\].*floating"):
     to_integer({"w": jnp.ones(3, jnp.int32)}, {"w": 0.1}, bits=2)
   model = nnx.Sequential(QuantLinear(2, 2, weight_bits=2, rngs=nnx.Rngs(0)))
-  with pytest.raises(ValueError, match="pass neither"):
+  with pytest.raises(ValueError, match="pass none of them"):
     to_integer(model, bits=2)
 
 
