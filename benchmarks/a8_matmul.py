@@ -68,9 +68,11 @@ def packed_weight(n_in, n_out, group_size, seed=0):
 
 
 def activation_codes(x):
-  """int8 codes and float scales of ``x``, per token (row) by its absmax."""
-  scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True) / A_HI, 1e-38)
-  return jnp.clip(jnp.round(x / scale), -A_HI, A_HI).astype(jnp.int8), scale
+  """int8 codes and float scales of ``x``, per token (row) by its absmax (the scale
+  ``trquant.fake_quant_dynamic`` uses)."""
+  scale = jnp.maximum(jnp.max(jnp.abs(x), axis=-1, keepdims=True) / A_HI,
+                      jnp.finfo(jnp.float32).tiny)
+  return trquant.quantize(x, scale, bits=A_BITS).astype(jnp.int8), scale
 
 
 def float_matmul(x, kernel):

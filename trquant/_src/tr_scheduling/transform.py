@@ -134,8 +134,8 @@ def tr_schedule(
   the running fraction of quantized weights whose incoming update is below 1% of
   the layer's RMS update (weights that have stopped; with Adam or momentum SGD,
   those beyond the grid), measured every ``guard_window // 50`` updates (10 at the
-  defaults; an EMA with the same time constant as ``K``). Raising ``u`` no longer pays when, over a window, ``u``
-  rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
+  defaults; an EMA with the same time constant as ``K``). Raising ``u`` no longer
+  pays when, over a window, ``u`` rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
   below 0.01); or ``u`` at least doubled while the stalled fraction grew by more
   than 5 points; or ``u`` rose at all while more than 90% of the layer's
   weights are stalled or beyond the grid (the rate it buys comes from the few
@@ -434,15 +434,16 @@ def tr_schedule(
             measure, guard_counts, lambda: (jnp.zeros(total.shape, jnp.float32),) * 2)
       update_stats = finite & measure
       stats_decay = decay ** stride
-      stalled_now = fraction_per_group(stalled_count)
-      stalled = guard.stalled_fraction
-      stalled = jnp.where(update_stats, stats_decay * stalled + (1.0 - stats_decay) * stalled_now,
-                          stalled)
+
+      def running_fraction(previous, counts):  # the EMA, advanced on measured finite updates
+        now = fraction_per_group(counts)
+        return jnp.where(update_stats, stats_decay * previous + (1.0 - stats_decay) * now,
+                         previous)
+
+      stalled = running_fraction(guard.stalled_fraction, stalled_count)
       beyond = guard.beyond_grid_fraction
       if use_saturation:
-        beyond_now = fraction_per_group(beyond_count)
-        beyond = jnp.where(update_stats, stats_decay * beyond + (1.0 - stats_decay) * beyond_now,
-                           beyond)
+        beyond = running_fraction(beyond, beyond_count)
       window_done = (state.tr_step + 1) % guard_window == 0
       if measured:
         window_done &= state.tr_step >= state.warmup.warmup_end_step
