@@ -300,62 +300,73 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
   reports = []
   try:
     for index, unit in enumerate(units):
-      name = unit_lib.unit_name(unit)
       if bar is not None:
-        bar.set_postfix_str(name)
-      start = time.perf_counter()
-      x_q = data.unit_data(work, unit, batches, name=f"unit {name}", forward_fn=forward).inputs
-      x_fp, y_fp, unit_kwargs = data.unit_data(fp, unit, batches, name=f"unit {name}",
-                                               forward_fn=forward)
-      captured_at = time.perf_counter()
-      work_unit = graph.module_at(work, unit)
-      # The model itself as a unit runs as forward_fn runs it; a sub-module as its parent
-      # called it, with the keyword arguments recorded.
-      call = forward if not unit else (
-          lambda module, x, kwargs=unit_kwargs: module(x, **kwargs))
-      unit_fn, kernel_layers, act_layers = unit_lib.unit_apply_fn(
-          work_unit, config.drop_prob, patches=unit_lib.scan_on_cpu(config.loop), call=call)
-      prefix = name + "/" if unit else ""
-      kernel_names = [prefix + "/".join(map(str, p)) if p else name for p in kernel_layers]
-      act_names = [prefix + "/".join(map(str, p)) if p else name for p in act_layers]
-      entries = [by_name[n] for n in kernel_names]
-      weights = [p.fp_layer.kernel.get_value() for p in entries]
-      scales = [p.scale for p in entries]
-      layer_bits = [p.weight_bits for p in entries]
-      act_layers_work = [by_name[n].work_layer for n in act_names]
-      act_scales = [layer.act_scale.get_value() for layer in act_layers_work]
-      nearest_codes = [quantizers.quantize(w, s, bits=b)
-                       for w, s, b in zip(weights, scales, layer_bits)]
-      nearest = [quantizers.dequantize(c, s).astype(w.dtype)
-                 for c, s, w in zip(nearest_codes, scales, weights)]
-      result = reconstruction.reconstruct_block(
-          unit_fn, weights, scales, x_q, y_fp, weight_bits=layer_bits, config=config,
-          act_scales=act_scales if act_scales else None,
-          x_fp=x_fp if config.drop_prob > 0 else None, activation=activation,
-          key=jax.random.fold_in(key, index))
-      jax.block_until_ready(result.weights)
-      done = time.perf_counter()
-      learned = list(result.act_scales) if act_scales else []
-      nearest_error, reconstructed_error = reconstruction.block_errors(
-          unit_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp,
-          activation=activation)
-      keep_nearest = bool(fallback_to_nearest) and reconstructed_error > nearest_error
-      final_weights, final_acts = ((nearest, act_scales) if keep_nearest
-                                   else (result.weights, learned))
-      final_codes = nearest_codes if keep_nearest else result.codes
-      for planned, weight in zip(entries, final_weights):
-        planned.work_layer.kernel.set_value(
-            unit_lib.put_like(weight, planned.work_layer.kernel.get_value()))
-      for layer, scale in zip(act_layers_work, final_acts):
-        layer.act_scale.set_value(scale)
-      flipped = sum(float(jnp.sum(c != n)) for c, n in zip(final_codes, nearest_codes))
-      total = sum(int(np.size(c)) for c in nearest_codes)
-      reports.append(UnitReport(name, tuple(kernel_names), tuple(layer_bits),
-                                 captured_at - start, done - captured_at, nearest_error,
-                                 reconstructed_error, flipped / max(total, 1), keep_nearest))
+        bar.set_postfix_str(unit_lib.unit_name(unit))
+      # One unit at a time, in a function of its own: its captured activations, rounding
+      # variables and candidate weights are freed before the next unit's are captured.
+      reports.append(_reconstruct_unit(
+          fp, work, unit, by_name, batches, config=config, activation=activation,
+          fallback_to_nearest=fallback_to_nearest, key=jax.random.fold_in(key, index),
+          forward=forward))
       if bar is not None:
         bar.update()
   finally:
     if bar is not None:
       bar.close()
   return ModelResult(work, reports)
+
+
+def _reconstruct_unit(fp, work, unit, by_name, batches, *, config, activation,
+                      fallback_to_nearest, key, forward) -> UnitReport:
+  """Reconstructs one unit of ``work`` in place (its kernels and input step sizes)."""
+  name = unit_lib.unit_name(unit)
+  start = time.perf_counter()
+  x_q = data.unit_data(work, unit, batches, name=f"unit {name}", forward_fn=forward).inputs
+  x_fp, y_fp, unit_kwargs = data.unit_data(fp, unit, batches, name=f"unit {name}",
+                                           forward_fn=forward)
+  if config.drop_prob == 0:
+    x_fp = None  # only QDrop reads the full-precision inputs
+  captured_at = time.perf_counter()
+  work_unit = graph.module_at(work, unit)
+  # The model itself as a unit runs as forward_fn runs it; a sub-module as its parent
+  # called it, with the keyword arguments recorded.
+  call = forward if not unit else (lambda module, x, kwargs=unit_kwargs: module(x, **kwargs))
+  unit_fn, kernel_layers, act_layers = unit_lib.unit_apply_fn(
+      work_unit, config.drop_prob, patches=unit_lib.scan_on_cpu(config.loop), call=call)
+  prefix = name + "/" if unit else ""
+  kernel_names = [prefix + "/".join(map(str, p)) if p else name for p in kernel_layers]
+  act_names = [prefix + "/".join(map(str, p)) if p else name for p in act_layers]
+  entries = [by_name[n] for n in kernel_names]
+  weights = [p.fp_layer.kernel.get_value() for p in entries]
+  scales = [p.work_layer.broadcast_weight_scale(p.scale) for p in entries]
+  layer_bits = [p.weight_bits for p in entries]
+  act_layers_work = [by_name[n].work_layer for n in act_names]
+  act_scales = [layer.act_scale.get_value() for layer in act_layers_work]
+  nearest_codes = [quantizers.quantize(w, s, bits=b)
+                   for w, s, b in zip(weights, scales, layer_bits)]
+  nearest = [quantizers.dequantize(c, s).astype(w.dtype)
+             for c, s, w in zip(nearest_codes, scales, weights)]
+  result = reconstruction.reconstruct_block(
+      unit_fn, weights, scales, x_q, y_fp, weight_bits=layer_bits, config=config,
+      act_scales=act_scales if act_scales else None,
+      x_fp=x_fp, activation=activation, key=key)
+  jax.block_until_ready(result.weights)
+  done = time.perf_counter()
+  learned = list(result.act_scales) if act_scales else []
+  nearest_error, reconstructed_error = reconstruction.block_errors(
+      unit_fn, [(nearest, act_scales), (result.weights, learned)], x_q, y_fp,
+      activation=activation)
+  keep_nearest = bool(fallback_to_nearest) and reconstructed_error > nearest_error
+  final_weights, final_acts = ((nearest, act_scales) if keep_nearest
+                               else (result.weights, learned))
+  final_codes = nearest_codes if keep_nearest else result.codes
+  for planned, weight in zip(entries, final_weights):
+    planned.work_layer.kernel.set_value(
+        unit_lib.put_like(weight, planned.work_layer.kernel.get_value()))
+  for layer, scale in zip(act_layers_work, final_acts):
+    layer.act_scale.set_value(scale)
+  flipped = sum(float(jnp.sum(c != n)) for c, n in zip(final_codes, nearest_codes))
+  total = sum(int(np.size(c)) for c in nearest_codes)
+  return UnitReport(name, tuple(kernel_names), tuple(layer_bits), captured_at - start,
+                    done - captured_at, nearest_error, reconstructed_error,
+                    flipped / max(total, 1), keep_nearest)

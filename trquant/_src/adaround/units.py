@@ -48,7 +48,8 @@ class PlannedLayer(NamedTuple):
   fp_layer: Any  # the layer in the full-precision copy
   work_layer: Any  # the layer in the working copy (quantized weights)
   weight_bits: Any  # int, or None for a layer the model keeps in full precision
-  scale: Any  # its weight step size, broadcastable to the kernel; None in full precision
+  scale: Any  # its weight step size as the layer stores it (per-group: one per group, not
+  # repeated over the kernel: a whole-model copy otherwise); None in full precision
 
 
 def unit_name(path) -> str:
@@ -117,10 +118,11 @@ def quantization_plan(model, batches, *, forward):
   precision, planned with ``weight_bits=None`` and no scale), ``per_channel`` and
   ``group_size``, as :func:`trquant.nnx.quantize_model` set them from the rules. The
   working layer gets a frozen step size from its kernel (the layer's ``scale_method``,
-  MSE by default); the plan holds that scale broadcastable to the kernel (per-group scales
-  repeated over their groups), as reconstruction uses it. The layers come in the order one
-  forward pass on ``batches[0]`` calls them (layers it never calls after, in tree order;
-  tree order when ``batches`` is None).
+  MSE by default); the plan holds that scale as the layer stores it (one per group for
+  per-group scales; ``work_layer.broadcast_weight_scale`` repeats it over the kernel when
+  its unit is reconstructed, so the plan never holds a kernel-sized scale per layer). The
+  layers come in the order one forward pass on ``batches[0]`` calls them (layers it never
+  calls after, in tree order; tree order when ``batches`` is None).
   """
   layers = check_model(model)
   if all(layer.weight_bits is None for _, layer in layers):
@@ -152,8 +154,7 @@ def quantization_plan(model, batches, *, forward):
     work_layer.weight_quantizer = "fixed"  # PTQ freezes the scale (an LSQ rule's included)
     scale = work_layer.initial_weight_scale(kernel, work_layer.scale_method)
     _set_quantized(work_layer, scale)
-    plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, layer_bits,
-                             work_layer.broadcast_weight_scale(scale)))
+    plan.append(PlannedLayer(unit_name(path), fp_layer, work_layer, layer_bits, scale))
   return fp, work, plan
 
 
