@@ -242,6 +242,18 @@ def test_lm_serving_quick():
     assert 0 < memory["before_restore_mib"] <= memory["peak_mib"]
 
 
+def test_ptq_memory_quick():
+  bench = _load("benchmarks/ptq_memory.py", "trquant_bench_ptq_memory")
+  rows = {row["method"]: row for row in bench.main(["--quick", "--methods", "rtn,brecq"])}
+  assert set(rows) == {"rtn", "brecq"} and rows["brecq"]["units"] == 3  # 2 blocks + head
+  for row in rows.values():
+    assert row["live_samples"] > 0 and row["live_peak"] >= row["live_before"]
+    assert row["rss_peak_mib"] >= row["rss_before_mib"] > 0
+  # Round-to-nearest adds step sizes only: the result shares the float kernels' arrays
+  # (when PTQ planned per-group scales repeated over each kernel, this was ~0.9 x model).
+  assert rows["rtn"]["live_peak"] - rows["rtn"]["live_before"] < 0.2 * rows["rtn"]["model_bytes"]
+
+
 def test_a8_matmul_quick(tmp_path):
   bench = _load("benchmarks/a8_matmul.py", "trquant_bench_a8_matmul")
   rows = bench.main(["--quick", "--out", str(tmp_path)])

@@ -441,6 +441,19 @@ def test_group_size_rules_give_per_group_grids():
   assert all(r.reconstructed_error <= r.nearest_error * 1.001 for r in reports)
 
 
+def test_the_plan_keeps_per_group_scales_as_the_layer_stores_them():
+  """One step size per group in the plan, not one per weight (a model-sized copy held for
+  the whole reconstruction); the unit's reconstruction repeats it over its own kernel."""
+  model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
+  ruled = _ruled(model, QuantRule(weight_bits=3, group_size=16))
+  x = jnp.ones((4, 64))
+  _, work, plan = units.quantization_plan(ruled, [x], forward=lambda m, b: m(b))
+  (planned,) = plan
+  assert planned.scale.shape == (4, 32)
+  np.testing.assert_array_equal(planned.scale, work.layers[0].weight_scale.get_value())
+  assert planned.work_layer.broadcast_weight_scale(planned.scale).shape == (64, 32)
+
+
 def test_drivers_name_the_rules_route_for_the_arguments_they_took_before():
   model = _ruled(nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))), QuantRule(weight_bits=4))
   x = np.ones((8, 4), np.float32)

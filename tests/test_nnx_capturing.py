@@ -39,6 +39,16 @@ def test_capture_records_inputs_and_outputs_in_call_order():
   assert all(getattr(model, name).capture_hook is None for name in "abc")
 
 
+def test_capture_without_values_records_the_order_and_holds_no_activation():
+  model = _Unordered()
+  x = jax.random.normal(jax.random.key(0), (5, 6))
+  with trquant.nnx.capture_layers(model, values=False) as captured:
+    model(x)
+  assert captured.order == ["c", "a", "b"] and captured.missed == []
+  assert all(call.input is None and call.output is None for call in captured.calls)
+  assert captured.inputs("a") == [None]
+
+
 def test_capture_stop_ends_the_forward_pass_after_the_layer():
   model = _Unordered()
   x = jnp.ones((2, 6))

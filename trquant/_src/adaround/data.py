@@ -130,7 +130,9 @@ def layer_data(model, layer, batches, *, output: bool, name: str = "the layer",
 def call_order(model, layers, example, forward) -> list:
   """The ``layers`` that one forward pass ``forward(model, example)`` calls, in call order
   (first call of each)."""
-  with capturing.capture_layers(model, layers) as captured:
+  # values=False: the order alone; recording every layer's input and output of a whole
+  # batch would hold the activations of the entire model at once.
+  with capturing.capture_layers(model, layers, values=False) as captured:
     forward(model, example)
   by_name = {nnx_traversal.path_name(path): layer for path, layer in nnx_traversal.quant_layers(model)}
   return [by_name[name] for name in captured.order]

@@ -61,9 +61,10 @@ class StopForward(Exception):
 class Capture:
   """What :func:`capture_layers` recorded: concrete calls in call order, and the calls it missed."""
 
-  def __init__(self, layers: dict, stop: bool):
+  def __init__(self, layers: dict, stop: bool, values: bool = True):
     self._layers = layers  # id(layer) -> (path string, layer)
     self._stop = stop
+    self._values = values  # False: record which layers ran, not their inputs and outputs
     self.calls: list[Call] = []
     self.missed: list[str] = []  # layers that ran traced or as copies: nothing recorded
 
@@ -99,6 +100,8 @@ class Capture:
            for leaf in jax.tree.leaves((inputs, extra_args, output))):
       self.missed.append(f"{path} (traced: it ran inside a jax transform)")
       return
+    if not self._values:  # the call order alone: no activation is kept alive
+      inputs, output, extra_args = None, None, ()
     self.calls.append(Call(path, inputs, output, kwargs, extra_args))
     if self._stop and {call.path for call in self.calls} >= {p for p, _ in self._layers.values()}:
       raise StopForward
@@ -135,7 +138,7 @@ def _stop_quietly(stop: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
-                   stop: bool = False) -> Iterator[Capture]:
+                   stop: bool = False, values: bool = True) -> Iterator[Capture]:
   """Records the inputs and outputs of a model's quantized layers in a ``with`` block.
 
   Within the block, each recorded layer calls :func:`record_call` after its
@@ -150,6 +153,10 @@ def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
       as every recorded layer has been called once: collecting the inputs of a
       layer then costs a forward pass up to that layer only. Code after the
       model call inside the block does not run.
+    values: record each call's input and output. False records which layers ran and in
+      what order (``calls`` with ``input=None, output=None``; ``order``) and holds no
+      activation: for a large model or batch, every layer's input and output would be
+      kept alive until the capture is dropped.
 
   Yields:
     A :class:`Capture`: ``calls`` (:class:`Call` records ``(path, input, output,
@@ -186,7 +193,7 @@ def capture_layers(model: nnx.Module, layers: Optional[Iterable] = None, *,
   if busy:
     raise ValueError(f"capture_layers: {busy} are already being captured (nested captures of one"
                      " layer are not supported).")
-  recording = Capture(selected, stop)
+  recording = Capture(selected, stop, values)
   previous = {}
   try:
     for key, (name, layer) in selected.items():
