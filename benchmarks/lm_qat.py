@@ -168,8 +168,10 @@ def qwix_rules(rule_type, setting, group_size):
   bits, act8 = SETTINGS[setting]
   act = jnp.int8 if act8 else None
   # qwix matches the ops inside a module: name the projections, not the attention einsums.
+  # JAX has int2/int4/int8 dtypes but no int3: qwix names that grid by the string "int3".
+  weight_qtype = getattr(jnp, f"int{bits}", f"int{bits}")
   return [rule_type(module_path="lm_head", weight_qtype=jnp.int8, act_qtype=act),
-          rule_type(module_path="layers/.*_proj", weight_qtype=getattr(jnp, f"int{bits}"),
+          rule_type(module_path="layers/.*_proj", weight_qtype=weight_qtype,
                     act_qtype=act, tile_size=group_size)]
 
 
