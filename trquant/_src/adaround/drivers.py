@@ -322,10 +322,11 @@ def _reconstruct_unit(fp, work, unit, by_name, batches, *, config, activation,
   name = unit_lib.unit_name(unit)
   start = time.perf_counter()
   x_q = data.unit_data(work, unit, batches, name=f"unit {name}", forward_fn=forward).inputs
-  x_fp, y_fp, unit_kwargs = data.unit_data(fp, unit, batches, name=f"unit {name}",
-                                           forward_fn=forward)
-  if config.drop_prob == 0:
-    x_fp = None  # only QDrop reads the full-precision inputs
+  fp_data = data.unit_data(fp, unit, batches, name=f"unit {name}", forward_fn=forward)
+  y_fp, unit_kwargs = fp_data.outputs, fp_data.kwargs
+  # Only QDrop reads the full-precision inputs: otherwise they are not kept.
+  x_fp = fp_data.inputs if config.drop_prob > 0 else None
+  del fp_data
   captured_at = time.perf_counter()
   work_unit = graph.module_at(work, unit)
   # The model itself as a unit runs as forward_fn runs it; a sub-module as its parent
