@@ -145,3 +145,37 @@ def cpu_model() -> str | None:
         if line.startswith("model name"):
           return line.split(":", 1)[1].strip()
   return platform.processor() or None
+
+
+def machine_provenance() -> dict:
+  """The code (commit, dirty), versions and machine a single-process benchmark ran on."""
+  import flax
+  import jax
+  return {**git_state(), "jax": jax.__version__, "flax": flax.__version__,
+          "device": str(jax.devices()[0].device_kind), "cpu": cpu_model(),
+          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def add_serving_lm_arguments(parser) -> None:
+  """The size flags of the example LM that the serving and PTQ-memory benchmarks build
+  (12.8M parameters by default) and its weight group size."""
+  parser.add_argument("--dim", type=int, default=512)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--kv-heads", type=int, default=4)
+  parser.add_argument("--hidden", type=int, default=1536)
+  parser.add_argument("--context", type=int, default=256)
+  parser.add_argument("--group-size", type=int, default=32)
+
+
+def rss_mib(field: str) -> float:
+  """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in MiB."""
+  with open("/proc/self/status") as status:
+    return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
+
+
+def reset_peak_rss() -> None:
+  """Resets VmHWM to the current RSS (Linux >= 4.0): the peak that follows is what runs
+  after this call, not the imports' and the set-up's."""
+  with open("/proc/self/clear_refs", "w") as refs:
+    refs.write("5")

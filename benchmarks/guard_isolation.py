@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _runs  # benchmarks/_runs.py, next to this script
 import overhead  # benchmarks/overhead.py, next to this script
 import trquant
 from trquant._src.tr_scheduling import windup_guard
@@ -96,17 +97,11 @@ def main(argv=None):
   print("\n".join(lines))
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "summary.json"), "w") as f:
-    json.dump({"settings": vars(args), "provenance": overhead_provenance(),
+    json.dump({"settings": vars(args), "provenance": _runs.machine_provenance(),
                "update_ms": times}, f, indent=1)
   with open(os.path.join(args.out, "summary.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   return times
-
-
-def overhead_provenance() -> dict:
-  import _runs
-  return {**_runs.git_state(), "jax": jax.__version__, "cpu": _runs.cpu_model(),
-          "cpu_count": os.cpu_count()}
 
 
 if __name__ == "__main__":

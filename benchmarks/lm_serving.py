@@ -36,7 +36,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import flax
 import numpy as np
 from flax import nnx
 
@@ -50,13 +49,7 @@ VARIANTS = ("float", "fq", "packed")
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dim", type=int, default=512)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--kv-heads", type=int, default=4)
-  parser.add_argument("--hidden", type=int, default=1536)
-  parser.add_argument("--context", type=int, default=256)
-  parser.add_argument("--group-size", type=int, default=32)
+  _runs.add_serving_lm_arguments(parser)
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--calls-per-round", type=int, default=5)
   parser.add_argument("--out", default="benchmarks/results/lm_serving")
@@ -86,27 +79,14 @@ def build(args):
   return {"float": model, "fq": fq, "packed": trquant.export.packed_model(fq)}
 
 
-def _rss_mib(field):
-  """VmRSS (resident now) or VmHWM (peak since the last reset) of this process, in MiB."""
-  with open("/proc/self/status") as status:
-    return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
-
-
-def _reset_peak_rss():
-  # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0): the peak that
-  # follows is the serving's, not the imports'.
-  with open("/proc/self/clear_refs", "w") as refs:
-    refs.write("5")
-
-
 def serve_from_checkpoint(args):
   """The child process: restore one form into its abstract structure, prefill, decode."""
   import orbax.checkpoint as ocp
 
   graph, state = nnx.split(nnx.eval_shape(lambda: build(args)[args.serve]))
   prompt = jax.random.randint(jax.random.key(1), (1, args.context), 0, 256)
-  _reset_peak_rss()
-  before = _rss_mib("VmRSS")  # jax, the program and its abstract model: no weights yet
+  _runs.reset_peak_rss()
+  before = _runs.rss_mib("VmRSS")  # jax, the program and its abstract model: no weights yet
   restored = ocp.StandardCheckpointer().restore(args.checkpoint, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, restored)
   model = nnx.merge(graph, state)
@@ -114,7 +94,7 @@ def serve_from_checkpoint(args):
   logits, cache = nnx.jit(lambda m, t, c: m.decode(t, c, 0))(model, prompt, cache)
   step, _ = nnx.jit(lambda m, t, c: m.decode(t, c, args.context))(model, prompt[:, -1:], cache)
   jax.block_until_ready((logits, step))
-  print(json.dumps({"before_restore_mib": before, "peak_mib": _rss_mib("VmHWM"),
+  print(json.dumps({"before_restore_mib": before, "peak_mib": _runs.rss_mib("VmHWM"),
                     "logits_checksum": float(jnp.sum(logits[0, -1]))}))
 
 
@@ -139,12 +119,6 @@ def peak_memory(args, forms):
         raise RuntimeError(f"serving {name} from its checkpoint failed:\n{child.stderr[-3000:]}")
       rows[name] = json.loads(child.stdout.strip().splitlines()[-1])
   return rows
-
-
-def provenance() -> dict:
-  return {**_runs.git_state(), "jax": jax.__version__, "flax": flax.__version__,
-          "device": str(jax.devices()[0].device_kind), "cpu": _runs.cpu_model(),
-          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def memory_lines(memory, state_bytes):
@@ -177,8 +151,8 @@ def main(argv=None):
   state_bytes = {name: trquant.export.nbytes(nnx.state(model)) for name, model in forms.items()}
   memory = peak_memory(args, forms)
   if args.memory_only:
-    summary = {"settings": vars(args), "provenance": provenance(), "state_bytes": state_bytes,
-               "peak_memory_mib": memory}
+    summary = {"settings": vars(args), "provenance": _runs.machine_provenance(),
+               "state_bytes": state_bytes, "peak_memory_mib": memory}
     print("\n".join(memory_lines(memory, state_bytes)))
     if not args.quick:
       os.makedirs(args.out, exist_ok=True)
@@ -220,7 +194,7 @@ def main(argv=None):
         "time_vs_float": float(np.median(times) / np.median(base)),
         "time_vs_float_iqr": [float(q) for q in np.percentile(ratios, [25, 75])],
         "round_ms": (1e3 * times).tolist()}
-  summary = {"settings": vars(args), "provenance": provenance(),
+  summary = {"settings": vars(args), "provenance": _runs.machine_provenance(),
              "packed_logits_bit_identical_to_fq": identical,
              "packed_generation_identical_to_fq": same_text,
              "state_bytes": state_bytes, "peak_memory_mib": memory,

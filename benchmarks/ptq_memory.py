@@ -33,7 +33,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import flax
 import numpy as np
 from flax import nnx
 
@@ -47,13 +46,7 @@ METHODS = ("rtn", "adaround", "brecq")
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--dim", type=int, default=512)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--kv-heads", type=int, default=4)
-  parser.add_argument("--hidden", type=int, default=1536)
-  parser.add_argument("--context", type=int, default=256)
-  parser.add_argument("--group-size", type=int, default=32)
+  _runs.add_serving_lm_arguments(parser)
   parser.add_argument("--calibration", type=int, default=64, help="calibration windows")
   parser.add_argument("--batch-size", type=int, default=16, help="windows per calibration batch")
   parser.add_argument("--iters", type=int, default=20, help="reconstruction iterations per unit")
@@ -74,16 +67,6 @@ def rules(group_size):
   """W4 per-group projections, W8 per-channel head, float embedding (as lm_serving)."""
   return [QuantRule("embed", skip=True), QuantRule("lm_head", weight_bits=8, per_channel=True),
           QuantRule(".*", weight_bits=4, group_size=group_size)]
-
-
-def _rss_mib(field):
-  with open("/proc/self/status") as status:
-    return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
-
-
-def _reset_peak_rss():
-  with open("/proc/self/clear_refs", "w") as refs:  # VmHWM := VmRSS (Linux >= 4.0)
-    refs.write("5")
 
 
 def live_bytes() -> int:
@@ -127,8 +110,8 @@ def run_child(args):
   model_bytes = trquant.export.nbytes(nnx.state(model))
   gc.collect()
   before = live_bytes()
-  _reset_peak_rss()
-  rss_before = _rss_mib("VmRSS")
+  _runs.reset_peak_rss()
+  rss_before = _runs.rss_mib("VmRSS")
   start = time.perf_counter()
   with LiveBytesSampler(args.interval_ms / 1e3) as sampler:
     if args.child == "rtn":
@@ -146,19 +129,13 @@ def run_child(args):
       "calibration_bytes": int(tokens.nbytes), "live_before": before,
       "live_peak": sampler.peak, "live_samples": sampler.samples,
       "result_bytes": result_bytes, "units": len(result.reports),
-      "rss_before_mib": rss_before, "rss_peak_mib": _rss_mib("VmHWM")}))
+      "rss_before_mib": rss_before, "rss_peak_mib": _runs.rss_mib("VmHWM")}))
 
 
 def unit_data_bytes(args) -> int:
   """The largest unit's captured activations: x_q, x_fp, y_fp over the calibration set
   (a transformer block's input and output are (windows, context, dim) float32)."""
   return 3 * args.calibration * args.context * args.dim * 4
-
-
-def provenance() -> dict:
-  return {**_runs.git_state(), "jax": jax.__version__, "flax": flax.__version__,
-          "device": str(jax.devices()[0].device_kind), "cpu": _runs.cpu_model(),
-          "cpu_count": os.cpu_count(), "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def table(rows, args):
@@ -201,8 +178,8 @@ def main(argv=None):
   if not args.quick:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-      json.dump({"settings": vars(args), "provenance": provenance(), "rows": rows,
-                 "unit_data_bytes": unit_data_bytes(args)}, f, indent=1)
+      json.dump({"settings": vars(args), "provenance": _runs.machine_provenance(),
+                 "rows": rows, "unit_data_bytes": unit_data_bytes(args)}, f, indent=1)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
       f.write("\n".join(lines) + "\n")
   return rows
