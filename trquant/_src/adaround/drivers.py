@@ -210,6 +210,13 @@ def reconstruct_model(model: nnx.Module, calibration_batches: CalibrationBatches
      ends larger than with nearest rounding and the initial activation step sizes
      keeps those instead (short budgets, 8-bit layers where nearest is already close).
 
+  Memory: the working copy shares the float kernels of ``model`` until a unit's
+  reconstructed kernels replace them, and one unit is reconstructed at a time, so beside
+  the model and the calibration data the peak is the kernels reconstructed so far, one
+  unit's captured activations over the calibration data (its quantized input and
+  full-precision output; its full-precision input too with QDrop) and one eager forward
+  pass over one calibration batch (smaller batches lower it).
+
   Units are recorded by replacing them in their parent for one eager pass per batch,
   so the model's ``__call__`` must run eagerly and a unit must take one array input;
   keyword arguments that are not arrays (``out_sharding=None``, as
