@@ -135,10 +135,10 @@ def tr_schedule(
   the layer's RMS update (weights that have stopped; with Adam or momentum SGD,
   those beyond the grid), measured every ``guard_window // 50`` updates (10 at the
   defaults; an EMA with the same time constant as ``K``). Raising ``u`` no longer
-  pays when, over a window, ``u`` rose by more than 25% while ``K / R`` (below 1) fell by more than 10% (or is
-  below 0.01); or ``u`` at least doubled while the stalled fraction grew by more
-  than 5 points; or ``u`` rose at all while more than 90% of the layer's
-  weights are stalled or beyond the grid (the rate it buys comes from the few
+  pays when, over a window, ``u`` rose by more than 25% while ``K / R`` (below 1) fell
+  by more than 10% (or is below 0.01); or ``u`` at least doubled while the stalled
+  fraction grew by more than 5 points; or ``u`` rose at all while more than 90% of the
+  layer's weights are stalled or beyond the grid (the rate it buys comes from the few
   weights still inside the grid, which a larger step only shakes; the additive
   controller's linear rise is caught here). Which
   weights are beyond the grid the transform learns from ``saturation_fn``;
